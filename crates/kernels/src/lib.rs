@@ -1,0 +1,130 @@
+//! The op set every backend implements whole, and the batch description a forward step runs on.
+//!
+//! Model code is generic over `B: Backend` and never asks which backend it runs on. Each op states
+//! its shapes; buffers hold f32 activations and are allocated once per workspace, then reused, so
+//! the decode path allocates nothing. Ops read and write the leading `rows * dim` elements of a
+//! buffer, which lets one workspace serve every batch size up to its capacity.
+
+pub mod cpu;
+mod step;
+
+pub use marlin_quant::{DenseFormat, HostWeight};
+pub use step::{KvLayout, SeqSpan, StepBatch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("{0}")]
+    Shape(String),
+    #[error("{backend} backend: {message}")]
+    Device { backend: String, message: String },
+}
+
+pub type Result<T> = std::result::Result<T, KernelError>;
+
+/// Checks a shape condition, naming the op in the error.
+pub(crate) fn check(ok: bool, op: &str, detail: impl FnOnce() -> String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(KernelError::Shape(format!("{op}: {}", detail())))
+    }
+}
+
+pub trait Backend: Send + Sync + 'static {
+    /// f32 activations (or small f32 vectors such as norm weights and rope tables) on the device.
+    type Buffer: Send + Sync;
+    /// A weight matrix in this backend's compute layout, made once by `upload_weight`.
+    type Weight: Send + Sync;
+    /// One layer's keys and values: a pool of fixed-size blocks shared by all sequences.
+    type KvCache: Send + Sync;
+    /// A `StepBatch` in the form this backend's kernels read.
+    type Step: Send + Sync;
+
+    fn name(&self) -> String;
+
+    fn alloc(&self, len: usize) -> Result<Self::Buffer>;
+    /// Copies `src` into the first `src.len()` elements of `dst`.
+    fn write(&self, dst: &mut Self::Buffer, src: &[f32]) -> Result<()>;
+    /// Copies the first `len` elements of `src` to the host.
+    fn read(&self, src: &Self::Buffer, len: usize) -> Result<Vec<f32>>;
+
+    /// Converts a host weight (`rows` output features x `cols` inputs) into the compute layout.
+    fn upload_weight(&self, weight: &HostWeight) -> Result<Self::Weight>;
+    /// (rows, cols) of an uploaded weight.
+    fn weight_shape(&self, weight: &Self::Weight) -> (usize, usize);
+    fn alloc_kv(&self, layout: KvLayout) -> Result<Self::KvCache>;
+    fn prepare_step(&self, batch: &StepBatch) -> Result<Self::Step>;
+
+    /// `out[t, :] = table[token[t], :]` for every token of the step.
+    fn embedding(&self, table: &Self::Weight, step: &Self::Step, out: &mut Self::Buffer)
+        -> Result<()>;
+    /// `out[r, :] = x[r, :] / rms(x[r, :]) * weight` over `rows` rows of `dim`.
+    fn rms_norm(
+        &self,
+        x: &Self::Buffer,
+        weight: &Self::Buffer,
+        eps: f32,
+        rows: usize,
+        dim: usize,
+        out: &mut Self::Buffer,
+    ) -> Result<()>;
+    /// Rotates `x` (tokens x heads x head_dim) in place, pairing element i with i + head_dim/2
+    /// (the Hugging Face convention). `table` holds, for each position p, head_dim/2 cosines
+    /// then head_dim/2 sines at offset p * head_dim.
+    fn rope(
+        &self,
+        x: &mut Self::Buffer,
+        step: &Self::Step,
+        heads: usize,
+        head_dim: usize,
+        table: &Self::Buffer,
+    ) -> Result<()>;
+    /// `out[r, :] = x[r, :] · weightᵀ` for `rows` rows: x is rows x cols, out is rows x weight rows.
+    fn matmul(
+        &self,
+        x: &Self::Buffer,
+        weight: &Self::Weight,
+        rows: usize,
+        out: &mut Self::Buffer,
+    ) -> Result<()>;
+    /// Stores each new token's key and value (tokens x kv_heads x head_dim) at its slot.
+    fn write_kv(
+        &self,
+        cache: &mut Self::KvCache,
+        k: &Self::Buffer,
+        v: &Self::Buffer,
+        step: &Self::Step,
+    ) -> Result<()>;
+    /// Causal attention of each new token's query heads over its sequence's cached keys and
+    /// values up to and including its own position; query head h reads kv head
+    /// h / (heads / kv_heads). q and out are tokens x heads x head_dim.
+    fn attention(
+        &self,
+        q: &Self::Buffer,
+        cache: &Self::KvCache,
+        step: &Self::Step,
+        heads: usize,
+        scale: f32,
+        out: &mut Self::Buffer,
+    ) -> Result<()>;
+    /// `out = silu(gate) * up`, elementwise over `len` elements.
+    fn silu_mul(
+        &self,
+        gate: &Self::Buffer,
+        up: &Self::Buffer,
+        len: usize,
+        out: &mut Self::Buffer,
+    ) -> Result<()>;
+    /// `x += y` over `len` elements.
+    fn add(&self, x: &mut Self::Buffer, y: &Self::Buffer, len: usize) -> Result<()>;
+    /// Softmax of each of `rows` rows of `dim`, in place.
+    fn softmax(&self, x: &mut Self::Buffer, rows: usize, dim: usize) -> Result<()>;
+    /// Copies the rows named by the step's `logit_rows` (rows of `dim`) to the front of `out`.
+    fn gather_logit_rows(
+        &self,
+        x: &Self::Buffer,
+        step: &Self::Step,
+        dim: usize,
+        out: &mut Self::Buffer,
+    ) -> Result<()>;
+}

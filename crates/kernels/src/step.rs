@@ -1,0 +1,115 @@
+//! What one forward step computes: the new tokens of several sequences, concatenated, and where
+//! each one's keys and values live in the paged cache.
+
+use crate::{check, Result};
+
+/// Shape of one layer's paged KV pool: `num_blocks` blocks of `block_size` token slots, each slot
+/// holding `kv_heads * head_dim` keys and as many values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvLayout {
+    pub fn slots(&self) -> usize {
+        self.num_blocks * self.block_size
+    }
+    pub fn slot_width(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+}
+
+/// One sequence's part of a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqSpan {
+    /// Index of its first new token in `StepBatch::tokens`.
+    pub start: usize,
+    /// Number of new tokens (the prompt chunk in prefill, 1 in decode).
+    pub len: usize,
+    /// Tokens in its cache after this step, new ones included.
+    pub context_len: usize,
+    /// Physical block of each logical block of the sequence.
+    pub block_table: Vec<u32>,
+}
+
+/// A batch in the style of paged-attention engines; prefill and decode are the same call with
+/// different token counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepBatch {
+    pub tokens: Vec<u32>,
+    /// Position of each token within its sequence.
+    pub positions: Vec<u32>,
+    /// KV slot each token writes: block index * block size + offset in block.
+    pub slots: Vec<u32>,
+    pub seqs: Vec<SeqSpan>,
+    /// Rows (token indices) whose logits the caller wants, in the order it wants them.
+    pub logit_rows: Vec<u32>,
+}
+
+impl StepBatch {
+    pub fn num_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Checks internal consistency against a cache layout, so kernels can index without checks.
+    pub fn validate(&self, layout: &KvLayout) -> Result<()> {
+        let n = self.tokens.len();
+        check(
+            self.positions.len() == n && self.slots.len() == n,
+            "step",
+            || {
+                format!(
+                    "{n} tokens but {} positions and {} slots",
+                    self.positions.len(),
+                    self.slots.len()
+                )
+            },
+        )?;
+        let mut covered = 0;
+        for (i, seq) in self.seqs.iter().enumerate() {
+            check(seq.start == covered, "step", || {
+                format!("sequence {i} starts at {} but {covered} tokens precede it", seq.start)
+            })?;
+            covered += seq.len;
+            check(seq.len <= seq.context_len, "step", || {
+                format!("sequence {i} has {} new tokens but context {}", seq.len, seq.context_len)
+            })?;
+            check(
+                seq.block_table.len() * layout.block_size >= seq.context_len,
+                "step",
+                || {
+                    format!(
+                        "sequence {i}: {} blocks of {} cannot hold {} tokens",
+                        seq.block_table.len(),
+                        layout.block_size,
+                        seq.context_len
+                    )
+                },
+            )?;
+            for &b in &seq.block_table {
+                check((b as usize) < layout.num_blocks, "step", || {
+                    format!("sequence {i} names block {b} of {}", layout.num_blocks)
+                })?;
+            }
+            for t in 0..seq.len {
+                let pos = seq.context_len - seq.len + t;
+                check(self.positions[seq.start + t] as usize == pos, "step", || {
+                    format!("sequence {i} token {t} has position {} not {pos}", self.positions[seq.start + t])
+                })?;
+                let block = seq.block_table[pos / layout.block_size] as usize;
+                let slot = block * layout.block_size + pos % layout.block_size;
+                check(self.slots[seq.start + t] as usize == slot, "step", || {
+                    format!("sequence {i} token {t} writes slot {} not {slot}", self.slots[seq.start + t])
+                })?;
+            }
+        }
+        check(covered == n, "step", || format!("sequences cover {covered} of {n} tokens"))?;
+        for &r in &self.logit_rows {
+            check((r as usize) < n, "step", || format!("logit row {r} of {n} tokens"))?;
+        }
+        Ok(())
+    }
+}
