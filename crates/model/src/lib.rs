@@ -1,1 +1,7 @@
+//! Models: configuration, loaders (safetensors, GGUF), architectures, tokenizer, chat template.
 
+mod error;
+pub mod gguf;
+pub mod tokenizer;
+
+pub use error::{ModelError, Result};
