@@ -1,0 +1,50 @@
+//! The boundary between the engine and a model on some backend: one object-safe trait, so the
+//! CLI and server pick the backend at run time while the model's hot path stays generic.
+
+use marlin_kernels::{Backend, KvLayout, StepBatch};
+use marlin_model::{KvCache, Model, ModelConfig, Result, Workspace};
+
+pub trait StepRunner: Send {
+    fn config(&self) -> &ModelConfig;
+    fn kv_layout(&self) -> KvLayout;
+    /// Most tokens one step may carry.
+    fn max_step_tokens(&self) -> usize;
+    /// Runs a step and returns the logits of `batch.logit_rows`, row after row.
+    fn step(&mut self, batch: &StepBatch) -> Result<Vec<f32>>;
+}
+
+/// A model with its workspace and KV cache.
+pub struct Runner<B: Backend> {
+    model: Model<B>,
+    workspace: Workspace<B>,
+    kv: KvCache<B>,
+    max_step_tokens: usize,
+}
+
+impl<B: Backend> Runner<B> {
+    pub fn new(model: Model<B>, max_step_tokens: usize, num_blocks: usize, block_size: usize) -> Result<Self> {
+        let workspace = model.workspace(max_step_tokens)?;
+        let kv = model.kv_cache(num_blocks, block_size)?;
+        Ok(Self {
+            model,
+            workspace,
+            kv,
+            max_step_tokens,
+        })
+    }
+}
+
+impl<B: Backend> StepRunner for Runner<B> {
+    fn config(&self) -> &ModelConfig {
+        &self.model.config
+    }
+    fn kv_layout(&self) -> KvLayout {
+        self.kv.layout
+    }
+    fn max_step_tokens(&self) -> usize {
+        self.max_step_tokens
+    }
+    fn step(&mut self, batch: &StepBatch) -> Result<Vec<f32>> {
+        self.model.forward(&mut self.workspace, &mut self.kv, batch)
+    }
+}

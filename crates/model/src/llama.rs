@@ -1,0 +1,213 @@
+//! The Llama family forward pass (Llama 2/3.x, SmolLM2; Qwen3 adds per-head q/k norms), written
+//! once over the `Backend` op set.
+
+use crate::config::ModelConfig;
+use crate::weights::TensorSource;
+use crate::Result;
+use marlin_kernels::{Backend, DenseFormat, KvLayout, StepBatch};
+
+struct Layer<B: Backend> {
+    attn_norm: B::Buffer,
+    q: B::Weight,
+    k: B::Weight,
+    v: B::Weight,
+    o: B::Weight,
+    qk_norms: Option<(B::Buffer, B::Buffer)>,
+    mlp_norm: B::Buffer,
+    gate: B::Weight,
+    up: B::Weight,
+    down: B::Weight,
+}
+
+pub struct Model<B: Backend> {
+    pub config: ModelConfig,
+    backend: B,
+    embed: B::Weight,
+    layers: Vec<Layer<B>>,
+    final_norm: B::Buffer,
+    /// None when the output projection is tied to the embedding.
+    lm_head: Option<B::Weight>,
+    rope_table: B::Buffer,
+}
+
+/// Activation buffers for steps of up to `capacity` tokens, allocated once and reused.
+pub struct Workspace<B: Backend> {
+    capacity: usize,
+    x: B::Buffer,
+    normed: B::Buffer,
+    q: B::Buffer,
+    k: B::Buffer,
+    v: B::Buffer,
+    /// Projection output before the q/k norms (Qwen3).
+    unnormed: B::Buffer,
+    attn: B::Buffer,
+    proj: B::Buffer,
+    gate: B::Buffer,
+    up: B::Buffer,
+    act: B::Buffer,
+    selected: B::Buffer,
+    logits: B::Buffer,
+}
+
+/// Every layer's paged KV pool, all with one layout.
+pub struct KvCache<B: Backend> {
+    pub layout: KvLayout,
+    layers: Vec<B::KvCache>,
+}
+
+impl<B: Backend> Model<B> {
+    pub fn load(backend: B, config: ModelConfig, source: &dyn TensorSource, dtype: DenseFormat) -> Result<Self> {
+        let c = &config;
+        let (hidden, q_dim, kv_dim) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let matrix = |name: &str, rows: usize, cols: usize| -> Result<B::Weight> {
+            let host = source.require(name)?.to_host_weight(rows, cols, dtype)?;
+            Ok(backend.upload_weight(&host)?)
+        };
+        let vector = |name: &str, len: usize| -> Result<B::Buffer> {
+            let values = source.require(name)?.to_vector(len)?;
+            let mut buffer = backend.alloc(len)?;
+            backend.write(&mut buffer, &values)?;
+            Ok(buffer)
+        };
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            let qk_norms = if c.qk_norm {
+                Some((
+                    vector(&format!("{p}.self_attn.q_norm.weight"), c.head_dim)?,
+                    vector(&format!("{p}.self_attn.k_norm.weight"), c.head_dim)?,
+                ))
+            } else {
+                None
+            };
+            layers.push(Layer {
+                attn_norm: vector(&format!("{p}.input_layernorm.weight"), hidden)?,
+                q: matrix(&format!("{p}.self_attn.q_proj.weight"), q_dim, hidden)?,
+                k: matrix(&format!("{p}.self_attn.k_proj.weight"), kv_dim, hidden)?,
+                v: matrix(&format!("{p}.self_attn.v_proj.weight"), kv_dim, hidden)?,
+                o: matrix(&format!("{p}.self_attn.o_proj.weight"), hidden, q_dim)?,
+                qk_norms,
+                mlp_norm: vector(&format!("{p}.post_attention_layernorm.weight"), hidden)?,
+                gate: matrix(&format!("{p}.mlp.gate_proj.weight"), c.intermediate_size, hidden)?,
+                up: matrix(&format!("{p}.mlp.up_proj.weight"), c.intermediate_size, hidden)?,
+                down: matrix(&format!("{p}.mlp.down_proj.weight"), hidden, c.intermediate_size)?,
+            });
+        }
+        let embed = matrix("model.embed_tokens.weight", c.vocab_size, hidden)?;
+        let lm_head = match source.get("lm_head.weight")? {
+            Some(_) if !c.tie_embeddings => Some(matrix("lm_head.weight", c.vocab_size, hidden)?),
+            _ => None,
+        };
+        let final_norm = vector("model.norm.weight", hidden)?;
+        let table = c.rope_table(c.max_context);
+        let mut rope_table = backend.alloc(table.len())?;
+        backend.write(&mut rope_table, &table)?;
+        Ok(Self {
+            config,
+            backend,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            rope_table,
+        })
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn workspace(&self, capacity: usize) -> Result<Workspace<B>> {
+        let c = &self.config;
+        let b = &self.backend;
+        let q_dim = c.num_heads * c.head_dim;
+        let kv_dim = c.num_kv_heads * c.head_dim;
+        Ok(Workspace {
+            capacity,
+            x: b.alloc(capacity * c.hidden_size)?,
+            normed: b.alloc(capacity * c.hidden_size)?,
+            q: b.alloc(capacity * q_dim)?,
+            k: b.alloc(capacity * kv_dim)?,
+            v: b.alloc(capacity * kv_dim)?,
+            unnormed: b.alloc(capacity * q_dim)?,
+            attn: b.alloc(capacity * q_dim)?,
+            proj: b.alloc(capacity * c.hidden_size)?,
+            gate: b.alloc(capacity * c.intermediate_size)?,
+            up: b.alloc(capacity * c.intermediate_size)?,
+            act: b.alloc(capacity * c.intermediate_size)?,
+            selected: b.alloc(capacity * c.hidden_size)?,
+            logits: b.alloc(capacity * c.vocab_size)?,
+        })
+    }
+
+    pub fn kv_cache(&self, num_blocks: usize, block_size: usize) -> Result<KvCache<B>> {
+        let layout = KvLayout {
+            num_blocks,
+            block_size,
+            kv_heads: self.config.num_kv_heads,
+            head_dim: self.config.head_dim,
+        };
+        let layers = (0..self.config.num_layers)
+            .map(|_| self.backend.alloc_kv(layout))
+            .collect::<std::result::Result<_, _>>()?;
+        Ok(KvCache { layout, layers })
+    }
+
+    /// Runs one step and returns the logits of `batch.logit_rows`, row after row.
+    pub fn forward(&self, ws: &mut Workspace<B>, kv: &mut KvCache<B>, batch: &StepBatch) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let b = &self.backend;
+        let n = batch.num_tokens();
+        batch.validate(&kv.layout)?;
+        let too_long = batch.seqs.iter().find(|s| s.context_len > c.max_context);
+        if n > ws.capacity || too_long.is_some() {
+            return Err(marlin_kernels::KernelError::Shape(format!(
+                "step of {n} tokens (workspace holds {}) or context beyond the model's {}",
+                ws.capacity, c.max_context
+            ))
+            .into());
+        }
+        let step = b.prepare_step(batch)?;
+        let (hidden, heads, kv_heads, hd) = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim);
+        let scale = 1.0 / (hd as f32).sqrt();
+        b.embedding(&self.embed, &step, &mut ws.x)?;
+        for (layer, cache) in self.layers.iter().zip(kv.layers.iter_mut()) {
+            b.rms_norm(&ws.x, &layer.attn_norm, c.rms_norm_eps, n, hidden, &mut ws.normed)?;
+            match &layer.qk_norms {
+                Some((q_norm, k_norm)) => {
+                    b.matmul(&ws.normed, &layer.q, n, &mut ws.unnormed)?;
+                    b.rms_norm(&ws.unnormed, q_norm, c.rms_norm_eps, n * heads, hd, &mut ws.q)?;
+                    b.matmul(&ws.normed, &layer.k, n, &mut ws.unnormed)?;
+                    b.rms_norm(&ws.unnormed, k_norm, c.rms_norm_eps, n * kv_heads, hd, &mut ws.k)?;
+                }
+                None => {
+                    b.matmul(&ws.normed, &layer.q, n, &mut ws.q)?;
+                    b.matmul(&ws.normed, &layer.k, n, &mut ws.k)?;
+                }
+            }
+            b.matmul(&ws.normed, &layer.v, n, &mut ws.v)?;
+            b.rope(&mut ws.q, &step, heads, hd, &self.rope_table)?;
+            b.rope(&mut ws.k, &step, kv_heads, hd, &self.rope_table)?;
+            b.write_kv(cache, &ws.k, &ws.v, &step)?;
+            b.attention(&ws.q, cache, &step, heads, scale, &mut ws.attn)?;
+            b.matmul(&ws.attn, &layer.o, n, &mut ws.proj)?;
+            b.add(&mut ws.x, &ws.proj, n * hidden)?;
+
+            b.rms_norm(&ws.x, &layer.mlp_norm, c.rms_norm_eps, n, hidden, &mut ws.normed)?;
+            b.matmul(&ws.normed, &layer.gate, n, &mut ws.gate)?;
+            b.matmul(&ws.normed, &layer.up, n, &mut ws.up)?;
+            b.silu_mul(&ws.gate, &ws.up, n * c.intermediate_size, &mut ws.act)?;
+            b.matmul(&ws.act, &layer.down, n, &mut ws.proj)?;
+            b.add(&mut ws.x, &ws.proj, n * hidden)?;
+        }
+        let rows = batch.logit_rows.len();
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        b.gather_logit_rows(&ws.x, &step, hidden, &mut ws.selected)?;
+        b.rms_norm(&ws.selected, &self.final_norm, c.rms_norm_eps, rows, hidden, &mut ws.normed)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        b.matmul(&ws.normed, head, rows, &mut ws.logits)?;
+        Ok(b.read(&ws.logits, rows * c.vocab_size)?)
+    }
+}
