@@ -219,7 +219,7 @@ impl ModelConfig {
         let half = self.head_dim / 2;
         let inv_freq: Vec<f64> = (0..half)
             .map(|i| {
-                let base = self.rope_theta.powf(-(2 * i) as f64 / self.head_dim as f64);
+                let base = 1.0 / self.rope_theta.powf((2 * i) as f64 / self.head_dim as f64);
                 self.scale_frequency(i, base)
             })
             .collect();

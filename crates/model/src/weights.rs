@@ -194,17 +194,15 @@ impl TensorSource for SafetensorsSource {
 pub struct GgufSource {
     pub file: GgufFile,
     /// llama.cpp's converter interleaves the halves of each q/k head for its rotary kernel;
-    /// with these head counts the rows are put back in Hugging Face order.
-    unpermute_heads: Option<(usize, usize)>,
-    /// Row-reordered q/k weights, kept here so `get` can lend them.
+    /// `new` puts those rows back in Hugging Face order and keeps them here so `get` can lend them.
     unpermuted: BTreeMap<String, Vec<u8>>,
 }
 
 impl GgufSource {
+    /// `unpermute_heads`: (query heads, kv heads) when q/k rows need reordering.
     pub fn new(file: GgufFile, unpermute_heads: Option<(usize, usize)>) -> Result<Self> {
         let mut source = Self {
             file,
-            unpermute_heads,
             unpermuted: BTreeMap::new(),
         };
         if let Some((heads, kv_heads)) = unpermute_heads {

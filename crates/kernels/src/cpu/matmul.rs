@@ -1,0 +1,334 @@
+//! `out[r, n] = sum_k x[r, k] * W[n, k]`, in two regimes that share one register tile.
+//!
+//! Every output element is accumulated by `tile` alone: sixteen lane sums over k in steps of 16
+//! (the tail zero-filled), then `F32x16::hsum`. Decode and prefill differ only in where the tile
+//! reads W from and how the work is cut, so a row's result does not depend on how many rows came
+//! with it, nor on the instruction set.
+
+use super::simd::{dispatch, widen, Elem, F32x16, Isa};
+use super::{SyncPtr, Weight};
+use rayon::prelude::*;
+use rayon::ThreadPool;
+use std::cell::RefCell;
+
+/// Up to this many rows the matmul is a GEMV bound by streaming W; beyond, by FLOPs.
+const DECODE_MAX_ROWS: usize = 16;
+/// Output features one prefill task widens to f32 (64 x 1536 x 4 B = 384 KiB, L2-resident).
+const STRIP: usize = 64;
+/// Rows one prefill task covers; a multiple of every tile height.
+const ROW_BLOCK: usize = 96;
+
+/// Tile heights per instruction set: what fits the register file with four output columns.
+trait Tiles: F32x16 {
+    const PREFILL_ROWS: usize;
+    const DECODE_ROWS: usize;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Tiles for super::simd::Avx512 {
+    // 6 x 4 accumulators + 4 W vectors + 1 x vector of the 32 zmm registers.
+    const PREFILL_ROWS: usize = 6;
+    const DECODE_ROWS: usize = 4;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Tiles for super::simd::Avx2 {
+    const PREFILL_ROWS: usize = 2;
+    const DECODE_ROWS: usize = 2;
+}
+
+impl Tiles for super::simd::Scalar {
+    const PREFILL_ROWS: usize = 1;
+    const DECODE_ROWS: usize = 1;
+}
+
+/// `R` rows of x (stride k) against `C` rows of W (stride k) into `out` (row stride `ldo`).
+#[inline(always)]
+unsafe fn tile<V: F32x16, E: Elem, const R: usize, const C: usize>(
+    x: *const f32,
+    w: *const E,
+    k: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let mut acc = [[V::zero(); C]; R];
+    let mut off = 0;
+    while off + 16 <= k {
+        let mut wv = [V::zero(); C];
+        for (c, wv) in wv.iter_mut().enumerate() {
+            *wv = E::load::<V>(w.add(c * k + off));
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let xv = V::load(x.add(r * k + off));
+            for c in 0..C {
+                acc[c] = V::fma(xv, wv[c], acc[c]);
+            }
+        }
+        off += 16;
+    }
+    if off < k {
+        let n = k - off;
+        let mut wv = [V::zero(); C];
+        for (c, wv) in wv.iter_mut().enumerate() {
+            *wv = E::load_part::<V>(w.add(c * k + off), n);
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let xv = V::load_part(x.add(r * k + off), n);
+            for c in 0..C {
+                acc[c] = V::fma(xv, wv[c], acc[c]);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        let o = out.add(r * ldo);
+        if C == 4 {
+            let s = V::hsum4([acc[0], acc[1], acc[2], acc[3]]);
+            std::ptr::copy_nonoverlapping(s.as_ptr(), o, 4);
+        } else {
+            for (c, a) in acc.iter().enumerate() {
+                *o.add(c) = a.hsum();
+            }
+        }
+    }
+}
+
+/// Runs `tile` with a runtime row count of 1..=6 and a constant column count.
+macro_rules! tile_rows {
+    ($rows:expr, $V:ty, $E:ty, $C:literal, ($($arg:expr),*)) => {
+        match $rows {
+            1 => tile::<$V, $E, 1, $C>($($arg),*),
+            2 => tile::<$V, $E, 2, $C>($($arg),*),
+            3 => tile::<$V, $E, 3, $C>($($arg),*),
+            4 => tile::<$V, $E, 4, $C>($($arg),*),
+            5 => tile::<$V, $E, 5, $C>($($arg),*),
+            6 => tile::<$V, $E, 6, $C>($($arg),*),
+            _ => unreachable!("tile heights are at most 6"),
+        }
+    };
+}
+
+/// Rows `0..rows` of x against features `j0..j1` of `w`, whose rows sit at `w + j * k`.
+/// `rows_outer` keeps a tile of x in L1 while W streams past it (prefill); otherwise a group of
+/// W rows stays in L1 while x streams (decode, so W is read from memory once).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn tiles<V: Tiles, E: Elem>(
+    tile_rows: usize,
+    rows_outer: bool,
+    x: *const f32,
+    rows: usize,
+    k: usize,
+    w: *const E,
+    j0: usize,
+    j1: usize,
+    n: usize,
+    out: *mut f32,
+) {
+    // Plain loops and a force-inlined helper rather than closures: a closure LLVM declines to
+    // inline would be compiled without the caller's target features, intrinsics and all.
+    if rows_outer {
+        for r in (0..rows).step_by(tile_rows) {
+            for j in (j0..j1).step_by(4) {
+                run_tile::<V, E>(
+                    x,
+                    r,
+                    (rows - r).min(tile_rows),
+                    k,
+                    w,
+                    j,
+                    (j1 - j).min(4),
+                    n,
+                    out,
+                );
+            }
+        }
+    } else {
+        for j in (j0..j1).step_by(4) {
+            for r in (0..rows).step_by(tile_rows) {
+                run_tile::<V, E>(
+                    x,
+                    r,
+                    (rows - r).min(tile_rows),
+                    k,
+                    w,
+                    j,
+                    (j1 - j).min(4),
+                    n,
+                    out,
+                );
+            }
+        }
+    }
+}
+
+/// Rows `r..r + rr` against features `j..j + cols` (`cols` <= 4).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn run_tile<V: F32x16, E: Elem>(
+    x: *const f32,
+    r: usize,
+    rr: usize,
+    k: usize,
+    w: *const E,
+    j: usize,
+    cols: usize,
+    n: usize,
+    out: *mut f32,
+) {
+    let xp = x.add(r * k);
+    let op = out.add(r * n + j);
+    if cols == 4 {
+        tile_rows!(rr, V, E, 4, (xp, w.add(j * k), k, op, n));
+    } else {
+        for c in 0..cols {
+            tile_rows!(rr, V, E, 1, (xp, w.add((j + c) * k), k, op.add(c), n));
+        }
+    }
+}
+
+/// GEMV regime: W is read once, in its own format, straight from memory, each 4-feature group
+/// against every row of x (x stays in L1/L2). Bound: W bytes / DRAM bandwidth.
+#[inline(always)]
+unsafe fn decode_body<V: Tiles, E: Elem>(
+    x: *const f32,
+    rows: usize,
+    k: usize,
+    w: *const E,
+    n: usize,
+    j0: usize,
+    j1: usize,
+    out: *mut f32,
+) {
+    tiles::<V, E>(V::DECODE_ROWS, false, x, rows, k, w, j0, j1, n, out)
+}
+
+dispatch!(fn decode_task<E: Elem>(
+    x: *const f32, rows: usize, k: usize, w: *const E, n: usize, j0: usize, j1: usize,
+    out: *mut f32,
+) => decode_body);
+
+/// GEMM regime: features `j0..j1` of W are widened once into `strip` (unless already f32), then
+/// every 6-row tile of x (which stays in L1 across the strip) runs against the L2-resident
+/// strip. Bound: FMA throughput.
+#[inline(always)]
+unsafe fn prefill_body<V: Tiles, E: Elem>(
+    x: *const f32,
+    rows: usize,
+    k: usize,
+    w: *const E,
+    n: usize,
+    j0: usize,
+    j1: usize,
+    strip: *mut f32,
+    out: *mut f32,
+) {
+    let src = w.add(j0 * k);
+    let wide = match E::as_f32(src) {
+        Some(p) => p,
+        None => {
+            widen::<V, E>(src, strip, (j1 - j0) * k);
+            strip as *const f32
+        }
+    };
+    tiles::<V, f32>(
+        V::PREFILL_ROWS,
+        true,
+        x,
+        rows,
+        k,
+        wide,
+        0,
+        j1 - j0,
+        n,
+        out.add(j0),
+    )
+}
+
+dispatch!(fn prefill_task<E: Elem>(
+    x: *const f32, rows: usize, k: usize, w: *const E, n: usize, j0: usize, j1: usize,
+    strip: *mut f32, out: *mut f32,
+) => prefill_body);
+
+thread_local! {
+    /// Each pool thread's widened strip, grown to the largest strip it has seen.
+    static STRIP_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Caller has checked `x.len() >= rows * k` and `out.len() >= rows * n`.
+pub(crate) fn matmul(
+    pool: &ThreadPool,
+    isa: Isa,
+    x: &[f32],
+    weight: &Weight,
+    rows: usize,
+    out: &mut [f32],
+) {
+    match weight {
+        Weight::F32(w) => run(pool, isa, x, w.rows, w.cols, w.data.as_ptr(), rows, out),
+        Weight::F16(w) => run(pool, isa, x, w.rows, w.cols, w.data.as_ptr(), rows, out),
+        Weight::BF16(w) => run(pool, isa, x, w.rows, w.cols, w.data.as_ptr(), rows, out),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run<E: Elem>(
+    pool: &ThreadPool,
+    isa: Isa,
+    x: &[f32],
+    n: usize,
+    k: usize,
+    w: *const E,
+    rows: usize,
+    out: &mut [f32],
+) {
+    if rows == 0 || n == 0 {
+        return;
+    }
+    let x = SyncPtr(x.as_ptr() as *mut f32);
+    let w = SyncPtr(w as *mut E);
+    let out = SyncPtr(out.as_mut_ptr());
+    let threads = pool.current_num_threads();
+    if rows <= DECODE_MAX_ROWS {
+        // Four chunks per thread lets work stealing even out; at least 4 features (one tile),
+        // at most 512 (k = 576 f16: 590 KB, long enough to amortise a task).
+        let chunk = (n.div_ceil(threads * 4).div_ceil(4) * 4).min(512);
+        let tasks = n.div_ceil(chunk);
+        pool.install(|| {
+            (0..tasks).into_par_iter().for_each(|t| {
+                let (j0, j1) = (t * chunk, ((t + 1) * chunk).min(n));
+                // SAFETY: tasks write disjoint feature ranges of out; shapes checked by caller.
+                unsafe { decode_task(isa, x.get(), rows, k, w.get(), n, j0, j1, out.get()) }
+            })
+        });
+    } else {
+        let strips = n.div_ceil(STRIP);
+        let blocks = rows.div_ceil(ROW_BLOCK);
+        pool.install(|| {
+            (0..strips * blocks).into_par_iter().for_each(|t| {
+                let (s, b) = (t / blocks, t % blocks);
+                let (j0, j1) = (s * STRIP, ((s + 1) * STRIP).min(n));
+                let (r0, r1) = (b * ROW_BLOCK, ((b + 1) * ROW_BLOCK).min(rows));
+                STRIP_BUF.with_borrow_mut(|strip| {
+                    if strip.len() < STRIP * k {
+                        strip.resize(STRIP * k, 0.0);
+                    }
+                    // SAFETY: tasks write disjoint (row block, feature strip) rectangles.
+                    unsafe {
+                        prefill_task(
+                            isa,
+                            x.get().add(r0 * k),
+                            r1 - r0,
+                            k,
+                            w.get(),
+                            n,
+                            j0,
+                            j1,
+                            strip.as_mut_ptr(),
+                            out.get().add(r0 * n),
+                        )
+                    }
+                })
+            })
+        });
+    }
+}

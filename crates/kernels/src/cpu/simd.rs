@@ -1,0 +1,512 @@
+//! 16-lane f32 vectors for each instruction set the CPU backend dispatches to at runtime.
+//!
+//! Every reduction in the backend is written against `F32x16`: sixteen lane-wise partial sums,
+//! then the one horizontal tree in `hsum`. The scalar type performs the same fused multiply-adds
+//! and the same tree, so a result does not depend on which instruction set computed it.
+//!
+//! Kernels are generic `#[inline(always)]` bodies over `F32x16`; each instruction set gets one
+//! `#[target_feature]` entry point that instantiates them, so the intrinsics inline into code
+//! compiled for that set.
+
+use half::{bf16, f16};
+
+/// The instruction set the kernels run on, picked once when the backend is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isa {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Scalar,
+}
+
+impl Isa {
+    pub(crate) fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let f = |name| match name {
+                "avx512f" => is_x86_feature_detected!("avx512f"),
+                "avx512bw" => is_x86_feature_detected!("avx512bw"),
+                "avx512vl" => is_x86_feature_detected!("avx512vl"),
+                "avx2" => is_x86_feature_detected!("avx2"),
+                "fma" => is_x86_feature_detected!("fma"),
+                "f16c" => is_x86_feature_detected!("f16c"),
+                _ => false,
+            };
+            if ["avx512f", "avx512bw", "avx512vl", "fma", "f16c"]
+                .iter()
+                .all(|n| f(n))
+            {
+                return Isa::Avx512;
+            }
+            if ["avx2", "fma", "f16c"].iter().all(|n| f(n)) {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Scalar
+    }
+
+    /// Every set this machine can run, for tests that compare them bit for bit.
+    #[cfg(test)]
+    pub(crate) fn available() -> Vec<Isa> {
+        let best = Isa::detect();
+        let mut all = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if best != Isa::Scalar {
+                all.push(Isa::Avx2);
+            }
+            if best == Isa::Avx512 {
+                all.push(Isa::Avx512);
+            }
+        }
+        all
+    }
+}
+
+/// Sixteen f32 lanes. Partial operations take `n < 16` and treat the missing lanes as zero.
+pub(crate) trait F32x16: Copy {
+    unsafe fn zero() -> Self;
+    unsafe fn splat(v: f32) -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    unsafe fn load_part(p: *const f32, n: usize) -> Self;
+    unsafe fn load_f16(p: *const u16) -> Self;
+    unsafe fn load_f16_part(p: *const u16, n: usize) -> Self;
+    unsafe fn load_bf16(p: *const u16) -> Self;
+    unsafe fn load_bf16_part(p: *const u16, n: usize) -> Self;
+    unsafe fn store(self, p: *mut f32);
+    unsafe fn store_part(self, p: *mut f32, n: usize);
+    /// `a * b + c` with one rounding.
+    unsafe fn fma(a: Self, b: Self, c: Self) -> Self;
+    unsafe fn mul(a: Self, b: Self) -> Self;
+    /// The fixed tree: t[i] = a[i] + a[i+8], u[i] = t[i] + t[i+4], v[i] = u[i] + u[i+2],
+    /// result v[0] + v[1].
+    unsafe fn hsum(self) -> f32;
+    /// Four `hsum`s, bit for bit; instruction sets override it with a transposed reduction.
+    #[inline(always)]
+    unsafe fn hsum4(v: [Self; 4]) -> [f32; 4] {
+        [v[0].hsum(), v[1].hsum(), v[2].hsum(), v[3].hsum()]
+    }
+}
+
+/// A weight element type the kernels read sixteen at a time, widening to f32 exactly.
+pub(crate) trait Elem: Copy + Send + Sync + 'static {
+    /// The same pointer when the elements already are f32, so callers can skip widening.
+    fn as_f32(p: *const Self) -> Option<*const f32>;
+    unsafe fn load<V: F32x16>(p: *const Self) -> V;
+    unsafe fn load_part<V: F32x16>(p: *const Self, n: usize) -> V;
+}
+
+impl Elem for f32 {
+    fn as_f32(p: *const Self) -> Option<*const f32> {
+        Some(p)
+    }
+    #[inline(always)]
+    unsafe fn load<V: F32x16>(p: *const Self) -> V {
+        V::load(p)
+    }
+    #[inline(always)]
+    unsafe fn load_part<V: F32x16>(p: *const Self, n: usize) -> V {
+        V::load_part(p, n)
+    }
+}
+
+impl Elem for f16 {
+    fn as_f32(_: *const Self) -> Option<*const f32> {
+        None
+    }
+    #[inline(always)]
+    unsafe fn load<V: F32x16>(p: *const Self) -> V {
+        V::load_f16(p.cast())
+    }
+    #[inline(always)]
+    unsafe fn load_part<V: F32x16>(p: *const Self, n: usize) -> V {
+        V::load_f16_part(p.cast(), n)
+    }
+}
+
+impl Elem for bf16 {
+    fn as_f32(_: *const Self) -> Option<*const f32> {
+        None
+    }
+    #[inline(always)]
+    unsafe fn load<V: F32x16>(p: *const Self) -> V {
+        V::load_bf16(p.cast())
+    }
+    #[inline(always)]
+    unsafe fn load_part<V: F32x16>(p: *const Self, n: usize) -> V {
+        V::load_bf16_part(p.cast(), n)
+    }
+}
+
+/// `sum_k a[k] * b[k]` in the backend's fixed order.
+#[inline(always)]
+pub(crate) unsafe fn dot<V: F32x16>(a: *const f32, b: *const f32, n: usize) -> f32 {
+    let mut acc = V::zero();
+    let mut i = 0;
+    while i + 16 <= n {
+        acc = V::fma(V::load(a.add(i)), V::load(b.add(i)), acc);
+        i += 16;
+    }
+    if i < n {
+        acc = V::fma(
+            V::load_part(a.add(i), n - i),
+            V::load_part(b.add(i), n - i),
+            acc,
+        );
+    }
+    acc.hsum()
+}
+
+/// `y += a * x` over n elements.
+#[inline(always)]
+pub(crate) unsafe fn axpy<V: F32x16>(a: f32, x: *const f32, y: *mut f32, n: usize) {
+    let av = V::splat(a);
+    let mut i = 0;
+    while i + 16 <= n {
+        V::fma(av, V::load(x.add(i)), V::load(y.add(i))).store(y.add(i));
+        i += 16;
+    }
+    if i < n {
+        let r = n - i;
+        V::fma(av, V::load_part(x.add(i), r), V::load_part(y.add(i), r)).store_part(y.add(i), r);
+    }
+}
+
+/// `y *= a` over n elements.
+#[inline(always)]
+pub(crate) unsafe fn scale<V: F32x16>(a: f32, y: *mut f32, n: usize) {
+    let av = V::splat(a);
+    let mut i = 0;
+    while i + 16 <= n {
+        V::mul(av, V::load(y.add(i))).store(y.add(i));
+        i += 16;
+    }
+    if i < n {
+        let r = n - i;
+        V::mul(av, V::load_part(y.add(i), r)).store_part(y.add(i), r);
+    }
+}
+
+/// Widens n elements to f32.
+#[inline(always)]
+pub(crate) unsafe fn widen<V: F32x16, E: Elem>(src: *const E, dst: *mut f32, n: usize) {
+    let mut i = 0;
+    while i + 16 <= n {
+        E::load::<V>(src.add(i)).store(dst.add(i));
+        i += 16;
+    }
+    if i < n {
+        E::load_part::<V>(src.add(i), n - i).store_part(dst.add(i), n - i);
+    }
+}
+
+/// Portable lanes: the reference order, and the whole backend on machines without AVX2.
+#[derive(Clone, Copy)]
+pub(crate) struct Scalar([f32; 16]);
+
+impl Scalar {
+    #[inline(always)]
+    fn from_fn(f: impl FnMut(usize) -> f32) -> Self {
+        Scalar(std::array::from_fn(f))
+    }
+}
+
+impl F32x16 for Scalar {
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        Scalar([0.0; 16])
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        Scalar([v; 16])
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        Scalar(p.cast::<[f32; 16]>().read_unaligned())
+    }
+    #[inline(always)]
+    unsafe fn load_part(p: *const f32, n: usize) -> Self {
+        Self::from_fn(|i| if i < n { *p.add(i) } else { 0.0 })
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> Self {
+        Self::load_f16_part(p, 16)
+    }
+    #[inline(always)]
+    unsafe fn load_f16_part(p: *const u16, n: usize) -> Self {
+        Self::from_fn(|i| {
+            if i < n {
+                f16::from_bits(*p.add(i)).to_f32()
+            } else {
+                0.0
+            }
+        })
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> Self {
+        Self::load_bf16_part(p, 16)
+    }
+    #[inline(always)]
+    unsafe fn load_bf16_part(p: *const u16, n: usize) -> Self {
+        Self::from_fn(|i| {
+            if i < n {
+                f32::from_bits((*p.add(i) as u32) << 16)
+            } else {
+                0.0
+            }
+        })
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        p.cast::<[f32; 16]>().write_unaligned(self.0)
+    }
+    #[inline(always)]
+    unsafe fn store_part(self, p: *mut f32, n: usize) {
+        for i in 0..n {
+            *p.add(i) = self.0[i];
+        }
+    }
+    #[inline(always)]
+    unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
+        Self::from_fn(|i| a.0[i].mul_add(b.0[i], c.0[i]))
+    }
+    #[inline(always)]
+    unsafe fn mul(a: Self, b: Self) -> Self {
+        Self::from_fn(|i| a.0[i] * b.0[i])
+    }
+    #[inline(always)]
+    unsafe fn hsum(self) -> f32 {
+        let a = self.0;
+        let t: [f32; 8] = std::array::from_fn(|i| a[i] + a[i + 8]);
+        let u: [f32; 4] = std::array::from_fn(|i| t[i] + t[i + 4]);
+        let v: [f32; 2] = std::array::from_fn(|i| u[i] + u[i + 2]);
+        v[0] + v[1]
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::{Avx2, Avx512};
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::F32x16;
+    use std::arch::x86_64::*;
+
+    /// Copies n < 16 elements into a zeroed block, for AVX2, which has no 16-bit masked load.
+    #[inline(always)]
+    unsafe fn padded<T: Copy + Default>(p: *const T, n: usize) -> [T; 16] {
+        let mut b = [T::default(); 16];
+        std::ptr::copy_nonoverlapping(p, b.as_mut_ptr(), n);
+        b
+    }
+
+    #[inline(always)]
+    fn mask(n: usize) -> __mmask16 {
+        ((1u32 << n) - 1) as __mmask16
+    }
+
+    #[derive(Clone, Copy)]
+    pub(crate) struct Avx512(__m512);
+
+    impl F32x16 for Avx512 {
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            Avx512(_mm512_setzero_ps())
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> Self {
+            Avx512(_mm512_set1_ps(v))
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            Avx512(_mm512_loadu_ps(p))
+        }
+        #[inline(always)]
+        unsafe fn load_part(p: *const f32, n: usize) -> Self {
+            Avx512(_mm512_maskz_loadu_ps(mask(n), p))
+        }
+        #[inline(always)]
+        unsafe fn load_f16(p: *const u16) -> Self {
+            Avx512(_mm512_cvtph_ps(_mm256_loadu_si256(p.cast())))
+        }
+        #[inline(always)]
+        unsafe fn load_f16_part(p: *const u16, n: usize) -> Self {
+            Avx512(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask(n), p.cast())))
+        }
+        #[inline(always)]
+        unsafe fn load_bf16(p: *const u16) -> Self {
+            let w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
+            Avx512(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(w)))
+        }
+        #[inline(always)]
+        unsafe fn load_bf16_part(p: *const u16, n: usize) -> Self {
+            let w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask(n), p.cast()));
+            Avx512(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(w)))
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            _mm512_storeu_ps(p, self.0)
+        }
+        #[inline(always)]
+        unsafe fn store_part(self, p: *mut f32, n: usize) {
+            _mm512_mask_storeu_ps(p, mask(n), self.0)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
+            Avx512(_mm512_fmadd_ps(a.0, b.0, c.0))
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self, b: Self) -> Self {
+            Avx512(_mm512_mul_ps(a.0, b.0))
+        }
+        #[inline(always)]
+        unsafe fn hsum(self) -> f32 {
+            let lo = _mm512_castps512_ps256(self.0);
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(self.0)));
+            hsum8(_mm256_add_ps(lo, hi))
+        }
+        /// The same tree run on four vectors at once: each level pairs the operands `hsum`
+        /// pairs, so every sum is bitwise `hsum`'s, in about a third of the shuffles.
+        #[inline(always)]
+        unsafe fn hsum4(v: [Self; 4]) -> [f32; 4] {
+            let [a, b, c, d] = v.map(|x| x.0);
+            // t = lanes i + i+8: quarters (0,1) + (2,3) of two vectors.
+            let ab = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(a, b),
+                _mm512_shuffle_f32x4::<0xEE>(a, b),
+            );
+            let cd = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(c, d),
+                _mm512_shuffle_f32x4::<0xEE>(c, d),
+            );
+            // u = t[i] + t[i+4]: quarters (0,2) + (1,3); now one quarter per input.
+            let u = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x88>(ab, cd),
+                _mm512_shuffle_f32x4::<0xDD>(ab, cd),
+            );
+            // v = u[i] + u[i+2], then v[0] + v[1], within each quarter.
+            let v = _mm512_add_ps(u, _mm512_permute_ps::<0b01_00_11_10>(u));
+            let s = _mm512_add_ps(v, _mm512_permute_ps::<0b10_11_00_01>(v));
+            let first = _mm512_permutexvar_ps(
+                _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+                s,
+            );
+            let mut out = [0.0f32; 4];
+            _mm_storeu_ps(out.as_mut_ptr(), _mm512_castps512_ps128(first));
+            out
+        }
+    }
+
+    /// The last three levels of the tree, shared by both x86 sets.
+    #[inline(always)]
+    unsafe fn hsum8(t: __m256) -> f32 {
+        let u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
+        let v = _mm_add_ps(u, _mm_movehl_ps(u, u));
+        _mm_cvtss_f32(_mm_add_ss(v, _mm_shuffle_ps::<1>(v, v)))
+    }
+
+    /// Lanes 0..8 and 8..16.
+    #[derive(Clone, Copy)]
+    pub(crate) struct Avx2(__m256, __m256);
+
+    impl F32x16 for Avx2 {
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            Avx2(_mm256_setzero_ps(), _mm256_setzero_ps())
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> Self {
+            Avx2(_mm256_set1_ps(v), _mm256_set1_ps(v))
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            Avx2(_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+        }
+        #[inline(always)]
+        unsafe fn load_part(p: *const f32, n: usize) -> Self {
+            Self::load(padded(p, n).as_ptr())
+        }
+        #[inline(always)]
+        unsafe fn load_f16(p: *const u16) -> Self {
+            Avx2(
+                _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
+                _mm256_cvtph_ps(_mm_loadu_si128(p.add(8).cast())),
+            )
+        }
+        #[inline(always)]
+        unsafe fn load_f16_part(p: *const u16, n: usize) -> Self {
+            Self::load_f16(padded(p, n).as_ptr())
+        }
+        #[inline(always)]
+        unsafe fn load_bf16(p: *const u16) -> Self {
+            let widen =
+                |h: __m128i| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)));
+            Avx2(
+                widen(_mm_loadu_si128(p.cast())),
+                widen(_mm_loadu_si128(p.add(8).cast())),
+            )
+        }
+        #[inline(always)]
+        unsafe fn load_bf16_part(p: *const u16, n: usize) -> Self {
+            Self::load_bf16(padded(p, n).as_ptr())
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            _mm256_storeu_ps(p, self.0);
+            _mm256_storeu_ps(p.add(8), self.1);
+        }
+        #[inline(always)]
+        unsafe fn store_part(self, p: *mut f32, n: usize) {
+            let mut b = [0.0f32; 16];
+            self.store(b.as_mut_ptr());
+            std::ptr::copy_nonoverlapping(b.as_ptr(), p, n);
+        }
+        #[inline(always)]
+        unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
+            Avx2(
+                _mm256_fmadd_ps(a.0, b.0, c.0),
+                _mm256_fmadd_ps(a.1, b.1, c.1),
+            )
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self, b: Self) -> Self {
+            Avx2(_mm256_mul_ps(a.0, b.0), _mm256_mul_ps(a.1, b.1))
+        }
+        #[inline(always)]
+        unsafe fn hsum(self) -> f32 {
+            hsum8(_mm256_add_ps(self.0, self.1))
+        }
+    }
+}
+
+/// Instantiates a generic kernel body once per instruction set, each under its target
+/// features, and a dispatcher that picks one by `Isa`. The body is `$body::<V>(args)`.
+macro_rules! dispatch {
+    ($(#[$m:meta])* $vis:vis fn $name:ident $(<$($g:ident: $b:path),*>)?
+        ($($arg:ident: $ty:ty),* $(,)?) => $body:ident) => {
+        $(#[$m])*
+        $vis unsafe fn $name $(<$($g: $b),*>)? (isa: $crate::cpu::simd::Isa, $($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+            unsafe fn avx512 $(<$($g: $b),*>)? ($($arg: $ty),*) {
+                $body::<$crate::cpu::simd::Avx512 $($(, $g)*)?>($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn avx2 $(<$($g: $b),*>)? ($($arg: $ty),*) {
+                $body::<$crate::cpu::simd::Avx2 $($(, $g)*)?>($($arg),*)
+            }
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                $crate::cpu::simd::Isa::Avx512 => avx512 $(::<$($g),*>)? ($($arg),*),
+                #[cfg(target_arch = "x86_64")]
+                $crate::cpu::simd::Isa::Avx2 => avx2 $(::<$($g),*>)? ($($arg),*),
+                $crate::cpu::simd::Isa::Scalar => {
+                    $body::<$crate::cpu::simd::Scalar $($(, $g)*)?>($($arg),*)
+                }
+            }
+        }
+    };
+}
+pub(crate) use dispatch;

@@ -1,0 +1,540 @@
+//! Every op against a naive f64 reference on fresh random inputs of odd shapes. Outputs are
+//! poisoned with NaN first, so an element an op forgets to write fails the comparison.
+//!
+//! Error bounds. matmul: |out - ref| <= 1e-5 * sum_k |x_k w_k| per element; with sixteen lane
+//! sums of at most K/16 terms and a four-level tree, f32 accumulation is off by at most
+//! (K/16 + 4) * 2^-24 times that sum, 4e-6 for K = 1000. Other ops: max |err| / max |ref| <= 1e-5
+//! (attention: <= 1e-5 of max |v|, its outputs being convex combinations of v rows).
+
+use super::simd::Isa;
+use super::*;
+use crate::SeqSpan;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn rng() -> StdRng {
+    let seed = rand::random();
+    eprintln!("seed {seed}");
+    StdRng::seed_from_u64(seed)
+}
+
+fn values(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+fn backend(isa: Isa) -> CpuBackend {
+    CpuBackend::with_isa(2, isa).unwrap()
+}
+
+fn buffer(b: &CpuBackend, v: &[f32]) -> Buffer {
+    let mut buf = b.alloc(v.len()).unwrap();
+    b.write(&mut buf, v).unwrap();
+    buf
+}
+
+fn poisoned(b: &CpuBackend, len: usize) -> Buffer {
+    buffer(b, &vec![f32::NAN; len])
+}
+
+/// max |got - want| / max |want|, failing on any NaN.
+fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    assert!(got.iter().all(|v| v.is_finite()), "non-finite output");
+    let err = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w).abs())
+        .fold(0.0, f64::max);
+    err / want
+        .iter()
+        .map(|w| w.abs())
+        .fold(f64::MIN_POSITIVE, f64::max)
+}
+
+/// A weight in `format` and the f32 values it actually holds after rounding.
+fn weight(rng: &mut StdRng, format: DenseFormat, n: usize, k: usize) -> (HostWeight, Vec<f32>) {
+    let host = HostWeight::from_f32(format, n, k, &values(rng, n * k)).unwrap();
+    let rounded = host.to_f32();
+    (host, rounded)
+}
+
+fn run_matmul(b: &CpuBackend, x: &[f32], w: &Weight, rows: usize) -> Vec<f32> {
+    let n = b.weight_shape(w).0;
+    let mut out = poisoned(b, rows * n);
+    b.matmul(
+        &buffer(b, &x[..rows * b.weight_shape(w).1]),
+        w,
+        rows,
+        &mut out,
+    )
+    .unwrap();
+    b.read(&out, rows * n).unwrap()
+}
+
+#[test]
+fn matmul_matches_reference() {
+    let mut rng = rng();
+    let b = CpuBackend::new(0).unwrap();
+    for format in DenseFormat::ALL {
+        for k in [37, 577, 1000] {
+            for n in [5, 129] {
+                let (host, w) = weight(&mut rng, format, n, k);
+                let uploaded = b.upload_weight(&host).unwrap();
+                assert_eq!(b.weight_shape(&uploaded), (n, k));
+                for rows in [1, 3, 16, 33, 300] {
+                    let x = values(&mut rng, rows * k);
+                    let got = run_matmul(&b, &x, &uploaded, rows);
+                    for r in 0..rows {
+                        for j in 0..n {
+                            let terms = (0..k).map(|i| x[r * k + i] as f64 * w[j * k + i] as f64);
+                            let want: f64 = terms.clone().sum();
+                            let bound: f64 = 1e-5 * terms.map(f64::abs).sum::<f64>();
+                            let g = got[r * n + j] as f64;
+                            assert!(
+                                (g - want).abs() <= bound,
+                                "{format} k={k} n={n} rows={rows} [{r},{j}]: {g} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Row r of any matmul is bitwise the same whatever the row count (decode or prefill regime)
+/// and whatever the instruction set.
+#[test]
+fn matmul_is_deterministic_across_rows_and_isas() {
+    let mut rng = rng();
+    let (k, n) = (577, 129);
+    let x = values(&mut rng, 300 * k);
+    for format in DenseFormat::ALL {
+        let (host, _) = weight(&mut rng, format, n, k);
+        let mut first: Option<Vec<f32>> = None;
+        for isa in Isa::available() {
+            let b = backend(isa);
+            let w = b.upload_weight(&host).unwrap();
+            let all = run_matmul(&b, &x, &w, 300);
+            for rows in [1, 7, 16, 17] {
+                let part = run_matmul(&b, &x, &w, rows);
+                assert!(
+                    part.iter()
+                        .zip(&all)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{format} {isa:?}: {rows} rows differ from 300"
+                );
+            }
+            // A late row alone, through the decode path.
+            let r = 211;
+            let alone = run_matmul(&b, &x[r * k..], &w, 1);
+            assert!(
+                alone
+                    .iter()
+                    .zip(&all[r * n..])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{format} {isa:?}: row {r} alone differs"
+            );
+            match &first {
+                None => first = Some(all),
+                Some(f) => assert!(
+                    f.iter().zip(&all).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{format}: {isa:?} differs from scalar"
+                ),
+            }
+        }
+    }
+}
+
+#[test]
+fn embedding_widens_rows() {
+    let mut rng = rng();
+    let b = CpuBackend::new(0).unwrap();
+    for format in DenseFormat::ALL {
+        let (vocab, dim) = (51, 37);
+        let (host, table) = weight(&mut rng, format, vocab, dim);
+        let w = b.upload_weight(&host).unwrap();
+        let tokens: Vec<u32> = (0..9).map(|_| rng.random_range(0..vocab as u32)).collect();
+        let step = b.prepare_step(&decode_batch(&tokens)).unwrap();
+        let mut out = poisoned(&b, tokens.len() * dim);
+        b.embedding(&w, &step, &mut out).unwrap();
+        let want: Vec<f64> = tokens
+            .iter()
+            .flat_map(|&t| table[t as usize * dim..][..dim].iter().map(|&v| v as f64))
+            .collect();
+        assert_eq!(
+            rel_err(&b.read(&out, want.len()).unwrap(), &want),
+            0.0,
+            "{format}"
+        );
+        let bad = b.prepare_step(&decode_batch(&[vocab as u32])).unwrap();
+        assert!(
+            matches!(b.embedding(&w, &bad, &mut out), Err(KernelError::Shape(m)) if m.starts_with("embedding"))
+        );
+    }
+}
+
+/// One single-token sequence per token: enough for the ops that only read tokens or positions.
+fn decode_batch(tokens: &[u32]) -> StepBatch {
+    StepBatch {
+        tokens: tokens.to_vec(),
+        positions: (0..tokens.len() as u32).map(|p| p * 7 % 23).collect(),
+        slots: vec![0; tokens.len()],
+        seqs: vec![],
+        logit_rows: vec![],
+    }
+}
+
+#[test]
+fn rms_norm_matches_reference() {
+    let mut rng = rng();
+    let b = CpuBackend::new(0).unwrap();
+    // 64 rows of 577 exceed PAR_MIN_ELEMS, so the pooled path runs too.
+    for (rows, dim) in [(3, 577), (1, 5), (64, 577)] {
+        let (x, w) = (values(&mut rng, rows * dim), values(&mut rng, dim));
+        let eps = 1e-5;
+        let mut out = poisoned(&b, rows * dim);
+        b.rms_norm(&buffer(&b, &x), &buffer(&b, &w), eps, rows, dim, &mut out)
+            .unwrap();
+        let mut want = vec![0.0f64; rows * dim];
+        for r in 0..rows {
+            let xr = &x[r * dim..(r + 1) * dim];
+            let ms = xr.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / dim as f64;
+            let inv = 1.0 / (ms + eps as f64).sqrt();
+            for i in 0..dim {
+                want[r * dim + i] = xr[i] as f64 * inv * w[i] as f64;
+            }
+        }
+        assert!(rel_err(&b.read(&out, rows * dim).unwrap(), &want) <= 1e-5);
+        let err = b.rms_norm(
+            &buffer(&b, &x),
+            &buffer(&b, &w[..dim - 1]),
+            eps,
+            rows,
+            dim,
+            &mut out,
+        );
+        assert!(matches!(err, Err(KernelError::Shape(m)) if m.starts_with("rms_norm")));
+    }
+}
+
+#[test]
+fn rope_rotates_pairs_half_apart() {
+    let mut rng = rng();
+    let b = CpuBackend::new(0).unwrap();
+    let (heads, hd, positions) = (3, 10, 40);
+    let tokens: Vec<u32> = vec![0; 5];
+    let batch = decode_batch(&tokens);
+    let step = b.prepare_step(&batch).unwrap();
+    let table = values(&mut rng, positions * hd);
+    let x = values(&mut rng, tokens.len() * heads * hd);
+    let mut buf = buffer(&b, &x);
+    b.rope(&mut buf, &step, heads, hd, &buffer(&b, &table))
+        .unwrap();
+    let mut want = vec![0.0f64; x.len()];
+    for (t, &p) in batch.positions.iter().enumerate() {
+        let (cos, sin) = table[p as usize * hd..][..hd].split_at(hd / 2);
+        for h in 0..heads {
+            let base = (t * heads + h) * hd;
+            for i in 0..hd / 2 {
+                let (a, c) = (x[base + i] as f64, x[base + i + hd / 2] as f64);
+                want[base + i] = a * cos[i] as f64 - c * sin[i] as f64;
+                want[base + i + hd / 2] = c * cos[i] as f64 + a * sin[i] as f64;
+            }
+        }
+    }
+    assert!(rel_err(&b.read(&buf, x.len()).unwrap(), &want) <= 1e-6);
+    let short = buffer(&b, &table[..(positions - 20) * hd]);
+    let err = b.rope(&mut buf, &step, heads, hd, &short);
+    assert!(matches!(err, Err(KernelError::Shape(m)) if m.starts_with("rope")));
+    let err = b.rope(&mut buf, &step, heads, 9, &buffer(&b, &table));
+    assert!(matches!(err, Err(KernelError::Shape(m)) if m.starts_with("rope")));
+}
+
+#[test]
+fn elementwise_ops_match_reference() {
+    let mut rng = rng();
+    let b = CpuBackend::new(0).unwrap();
+    // The long length runs on the pool in several chunks.
+    for len in [1, 1000, 100_003] {
+        let (g, u) = (values(&mut rng, len), values(&mut rng, len));
+        let mut out = poisoned(&b, len + 1);
+        b.silu_mul(&buffer(&b, &g), &buffer(&b, &u), len, &mut out)
+            .unwrap();
+        let got = b.read(&out, len + 1).unwrap();
+        assert!(got[len].is_nan(), "silu_mul wrote past len");
+        let want: Vec<f64> = g
+            .iter()
+            .zip(&u)
+            .map(|(&g, &u)| g as f64 / (1.0 + (-g as f64).exp()) * u as f64)
+            .collect();
+        assert!(rel_err(&got[..len], &want) <= 1e-5);
+
+        let mut x = buffer(&b, &g);
+        b.add(&mut x, &buffer(&b, &u), len).unwrap();
+        let want: Vec<f64> = g
+            .iter()
+            .zip(&u)
+            .map(|(&a, &c)| a as f64 + c as f64)
+            .collect();
+        assert!(rel_err(&b.read(&x, len).unwrap(), &want) <= 1e-6);
+        let err = b.add(&mut x, &buffer(&b, &u[..len - 1]), len);
+        assert!(matches!(err, Err(KernelError::Shape(m)) if m.starts_with("add")));
+    }
+}
+
+#[test]
+fn softmax_is_stable() {
+    let mut rng = rng();
+    let b = CpuBackend::new(0).unwrap();
+    for (rows, dim) in [(3, 129), (40, 1001)] {
+        // Large offsets: a softmax that skips the max subtraction overflows.
+        let x: Vec<f32> = values(&mut rng, rows * dim)
+            .iter()
+            .map(|v| v * 30.0 + 100.0)
+            .collect();
+        let mut buf = buffer(&b, &x);
+        b.softmax(&mut buf, rows, dim).unwrap();
+        let mut want = vec![0.0; rows * dim];
+        for r in 0..rows {
+            let row = &x[r * dim..(r + 1) * dim];
+            let max = row.iter().fold(f32::MIN, |m, &v| m.max(v)) as f64;
+            let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+            for i in 0..dim {
+                want[r * dim + i] = (row[i] as f64 - max).exp() / sum;
+            }
+        }
+        assert!(rel_err(&b.read(&buf, rows * dim).unwrap(), &want) <= 1e-5);
+    }
+}
+
+#[test]
+fn gather_logit_rows_picks_in_order() {
+    let mut rng = rng();
+    let b = CpuBackend::new(0).unwrap();
+    let dim = 7;
+    let mut batch = decode_batch(&[0; 6]);
+    batch.logit_rows = vec![5, 0, 3];
+    let x = values(&mut rng, 6 * dim);
+    let mut out = poisoned(&b, 3 * dim);
+    let step = b.prepare_step(&batch).unwrap();
+    b.gather_logit_rows(&buffer(&b, &x), &step, dim, &mut out)
+        .unwrap();
+    let want: Vec<f64> = [5, 0, 3]
+        .iter()
+        .flat_map(|&r| x[r * dim..(r + 1) * dim].iter().map(|&v| v as f64))
+        .collect();
+    assert_eq!(rel_err(&b.read(&out, 3 * dim).unwrap(), &want), 0.0);
+    batch.logit_rows = vec![6];
+    let step = b.prepare_step(&batch).unwrap();
+    let err = b.gather_logit_rows(&buffer(&b, &x), &step, dim, &mut out);
+    assert!(matches!(err, Err(KernelError::Shape(m)) if m.starts_with("gather_logit_rows")));
+}
+
+#[test]
+fn matmul_rejects_short_buffers() {
+    let b = CpuBackend::new(0).unwrap();
+    let w = b
+        .upload_weight(&HostWeight::from_f32(DenseFormat::F16, 4, 8, &[0.0; 32]).unwrap())
+        .unwrap();
+    let err = b.matmul(&b.alloc(15).unwrap(), &w, 2, &mut b.alloc(8).unwrap());
+    assert!(matches!(err, Err(KernelError::Shape(m)) if m.starts_with("matmul")));
+    let err = b.matmul(&b.alloc(16).unwrap(), &w, 2, &mut b.alloc(7).unwrap());
+    assert!(matches!(err, Err(KernelError::Shape(m)) if m.starts_with("matmul")));
+}
+
+/// Sequences given as (tokens already cached, new tokens), keys and values per position.
+struct AttnCase {
+    layout: KvLayout,
+    seqs: Vec<(usize, usize)>,
+    tables: Vec<Vec<u32>>,
+    /// Per sequence: positions x kv_heads x head_dim.
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+impl AttnCase {
+    fn new(rng: &mut StdRng, layout: KvLayout, seqs: Vec<(usize, usize)>) -> Self {
+        let mut blocks: Vec<u32> = (0..layout.num_blocks as u32).collect();
+        // Shuffle so logical and physical block order disagree.
+        for i in (1..blocks.len()).rev() {
+            blocks.swap(i, rng.random_range(0..=i));
+        }
+        let mut free = blocks.into_iter();
+        let sw = layout.slot_width();
+        let mut case = AttnCase {
+            layout,
+            seqs: seqs.clone(),
+            tables: vec![],
+            k: vec![],
+            v: vec![],
+        };
+        for &(cached, new) in &seqs {
+            let ctx = cached + new;
+            case.tables.push(
+                free.by_ref()
+                    .take(ctx.div_ceil(layout.block_size))
+                    .collect(),
+            );
+            case.k.push(values(rng, ctx * sw));
+            case.v.push(values(rng, ctx * sw));
+        }
+        case
+    }
+
+    /// The batch writing positions `from(seq)..to(seq)` of each sequence.
+    fn batch(&self, range: impl Fn(usize, usize) -> (usize, usize)) -> StepBatch {
+        let mut b = StepBatch::default();
+        let bs = self.layout.block_size;
+        for (i, &(cached, new)) in self.seqs.iter().enumerate() {
+            let (from, to) = range(cached, new);
+            b.seqs.push(SeqSpan {
+                start: b.tokens.len(),
+                len: to - from,
+                context_len: to,
+                block_table: self.tables[i].clone(),
+            });
+            for p in from..to {
+                b.tokens.push(0);
+                b.positions.push(p as u32);
+                b.slots
+                    .push(self.tables[i][p / bs] * bs as u32 + (p % bs) as u32);
+            }
+        }
+        b
+    }
+
+    /// Rows of `per_seq` (positions x width) for the tokens of `batch`, concatenated.
+    fn rows(&self, batch: &StepBatch, per_seq: &[Vec<f32>], width: usize) -> Vec<f32> {
+        let mut out = vec![];
+        for (i, s) in batch.seqs.iter().enumerate() {
+            let from = s.context_len - s.len;
+            out.extend_from_slice(&per_seq[i][from * width..s.context_len * width]);
+        }
+        out
+    }
+}
+
+#[test]
+fn attention_matches_contiguous_reference() {
+    let mut rng = rng();
+    let (heads, kv_heads) = (6, 2);
+    // head_dim 20 leaves a partial vector; 64 is SmolLM2's.
+    for head_dim in [20, 64] {
+        let layout = KvLayout {
+            num_blocks: 40,
+            block_size: 4,
+            kv_heads,
+            head_dim,
+        };
+        // Whole prefill, decode after 12 cached, a prefill chunk after 5 cached, decode at 0.
+        let case = AttnCase::new(&mut rng, layout, vec![(0, 11), (12, 1), (5, 9), (0, 1)]);
+        let sw = layout.slot_width();
+        for isa in Isa::available() {
+            let b = backend(isa);
+            let mut cache = b.alloc_kv(layout).unwrap();
+            let cached = case.batch(|cached, _| (0, cached));
+            let cached_step = b.prepare_step(&cached).unwrap();
+            let (k, v) = (
+                case.rows(&cached, &case.k, sw),
+                case.rows(&cached, &case.v, sw),
+            );
+            b.write_kv(&mut cache, &buffer(&b, &k), &buffer(&b, &v), &cached_step)
+                .unwrap();
+
+            let batch = case.batch(|cached, new| (cached, cached + new));
+            let step = b.prepare_step(&batch).unwrap();
+            let (k, v) = (
+                case.rows(&batch, &case.k, sw),
+                case.rows(&batch, &case.v, sw),
+            );
+            b.write_kv(&mut cache, &buffer(&b, &k), &buffer(&b, &v), &step)
+                .unwrap();
+            let n = batch.num_tokens();
+            let q = values(&mut rng, n * heads * head_dim);
+            let scale = 1.0 / (head_dim as f32).sqrt();
+            let mut out = poisoned(&b, n * heads * head_dim);
+            b.attention(&buffer(&b, &q), &cache, &step, heads, scale, &mut out)
+                .unwrap();
+            let got = b.read(&out, n * heads * head_dim).unwrap();
+
+            let mut want = vec![0.0f64; n * heads * head_dim];
+            for (i, s) in batch.seqs.iter().enumerate() {
+                for t in 0..s.len {
+                    let row = s.start + t;
+                    let pos = s.context_len - s.len + t;
+                    for h in 0..heads {
+                        let kvh = h / (heads / kv_heads);
+                        let qh = &q[(row * heads + h) * head_dim..][..head_dim];
+                        let key = |j: usize| &case.k[i][j * sw + kvh * head_dim..][..head_dim];
+                        let val = |j: usize| &case.v[i][j * sw + kvh * head_dim..][..head_dim];
+                        let scores: Vec<f64> = (0..=pos)
+                            .map(|j| {
+                                let d: f64 = qh
+                                    .iter()
+                                    .zip(key(j))
+                                    .map(|(&a, &c)| a as f64 * c as f64)
+                                    .sum();
+                                d * scale as f64
+                            })
+                            .collect();
+                        let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                        let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                        let sum: f64 = w.iter().sum();
+                        for d in 0..head_dim {
+                            want[(row * heads + h) * head_dim + d] =
+                                (0..=pos).map(|j| w[j] * val(j)[d] as f64).sum::<f64>() / sum;
+                        }
+                    }
+                }
+            }
+            let err = got
+                .iter()
+                .zip(&want)
+                .map(|(&g, &w)| (g as f64 - w).abs())
+                .fold(0.0, f64::max);
+            assert!(
+                got.iter().all(|v| v.is_finite()),
+                "{isa:?} hd {head_dim}: NaN"
+            );
+            assert!(err <= 1e-5, "{isa:?} hd {head_dim}: max err {err}");
+
+            // The decode sequence alone gives bitwise the same rows as inside the batch.
+            let s = &batch.seqs[1];
+            let alone = StepBatch {
+                tokens: vec![0],
+                positions: vec![batch.positions[s.start]],
+                slots: vec![batch.slots[s.start]],
+                seqs: vec![SeqSpan {
+                    start: 0,
+                    ..s.clone()
+                }],
+                logit_rows: vec![],
+            };
+            let width = heads * head_dim;
+            let mut out1 = poisoned(&b, width);
+            let q1 = buffer(&b, &q[s.start * width..(s.start + 1) * width]);
+            b.attention(
+                &q1,
+                &cache,
+                &b.prepare_step(&alone).unwrap(),
+                heads,
+                scale,
+                &mut out1,
+            )
+            .unwrap();
+            let alone_out = b.read(&out1, width).unwrap();
+            let in_batch = &got[s.start * width..(s.start + 1) * width];
+            assert!(
+                alone_out
+                    .iter()
+                    .zip(in_batch)
+                    .all(|(a, c)| a.to_bits() == c.to_bits()),
+                "{isa:?}: decode row depends on its batch"
+            );
+
+            let err = b.attention(&buffer(&b, &q), &cache, &step, 5, scale, &mut out);
+            assert!(matches!(err, Err(KernelError::Shape(m)) if m.starts_with("attention")));
+        }
+    }
+}
