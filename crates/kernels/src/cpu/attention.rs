@@ -3,7 +3,7 @@
 //! A task depends only on its own query, position and block table, so its result is the same
 //! whatever else is in the batch.
 
-use super::simd::{axpy, dispatch, dot, scale, F32x16, Isa};
+use super::simd::{dispatch, dot, F32x16, Isa};
 use super::{KvCache, Step, SyncPtr};
 use rayon::prelude::*;
 use rayon::ThreadPool;
@@ -17,9 +17,10 @@ pub(crate) struct Job<'a> {
     pub scale: f32,
 }
 
-/// One (token, head): scores for keys 0..=pos, a stable softmax, then the weighted sum of values
-/// accumulated straight into `out`. Bound: reading pos+1 keys and values (head_dim f32 each) from
-/// L2, one FMA per element loaded, plus one exp per key.
+/// One (token, head): scores for keys 0..=pos, a stable softmax, then the weighted sum of values.
+/// Bound: loading pos+1 keys and values (head_dim f32 each, from L2) with one FMA per element
+/// loaded; scores come four at a time out of one transposed reduction, exps sixteen at a time,
+/// and the output stays in registers while every value row streams past it.
 #[inline(always)]
 unsafe fn head_body<V: F32x16>(
     job: &Job<'_>,
@@ -35,44 +36,106 @@ unsafe fn head_body<V: F32x16>(
     let step = &job.step.batch;
     let table = &step.seqs[job.step.seq_of[token] as usize].block_table;
     let keys = step.positions[token] as usize + 1;
-    let (kp, vp) = (job.cache.k.as_ptr(), job.cache.v.as_ptr());
-    // Slots of keys j..j+len, block by block, so the inner loops are division free.
-    let blocks = || {
-        table
-            .iter()
-            .enumerate()
-            .take(keys.div_ceil(bs))
-            .map(move |(b, &blk)| {
-                let len = (keys - b * bs).min(bs);
-                (b * bs, blk as usize * bs, len)
-            })
-    };
+    let (kp, vp) = (
+        job.cache.k.as_ptr().add(kv_off),
+        job.cache.v.as_ptr().add(kv_off),
+    );
+
     let mut max = f32::NEG_INFINITY;
-    for (j, first_slot, len) in blocks() {
-        for i in 0..len {
-            let s = job.scale * dot::<V>(q, kp.add((first_slot + i) * sw + kv_off), hd);
+    let mut j = 0;
+    while j < keys {
+        // Key j's block ends at the next multiple of bs; within it slots are consecutive.
+        let slot = table[j / bs] as usize * bs + j % bs;
+        let run = (bs - j % bs).min(keys - j);
+        let mut i = 0;
+        while i + 4 <= run {
+            let k4 = kp.add((slot + i) * sw);
+            let s = V::hsum4(dot4::<V>(
+                q,
+                [k4, k4.add(sw), k4.add(2 * sw), k4.add(3 * sw)],
+                hd,
+            ));
+            for (c, s) in s.into_iter().enumerate() {
+                let s = s * job.scale;
+                *scores.add(j + i + c) = s;
+                max = max.max(s);
+            }
+            i += 4;
+        }
+        for i in i..run {
+            let s = dot::<V>(q, kp.add((slot + i) * sw), hd) * job.scale;
             *scores.add(j + i) = s;
             max = max.max(s);
         }
+        j += run;
     }
-    let mut sum = 0.0f64;
-    for j in 0..keys {
-        let e = (*scores.add(j) - max).exp();
-        *scores.add(j) = e;
-        sum += e as f64;
+
+    let (neg_max, mut sum) = (V::splat(-max), V::zero());
+    let mut j = 0;
+    while j < keys {
+        let n = (keys - j).min(16);
+        let e = V::add(V::load_part(scores.add(j), n), neg_max).exp();
+        e.store_part(scores.add(j), n);
+        // Reload so the lanes past the end add zero, not e^-max.
+        sum = V::add(sum, V::load_part(scores.add(j), n));
+        j += 16;
     }
-    std::ptr::write_bytes(out, 0, hd);
-    for (j, first_slot, len) in blocks() {
-        for i in 0..len {
-            axpy::<V>(
-                *scores.add(j + i),
-                vp.add((first_slot + i) * sw + kv_off),
-                out,
-                hd,
-            );
+    let inv = 1.0 / sum.hsum();
+
+    let mut d = 0;
+    while d < hd {
+        let lanes = (hd - d).min(64);
+        let mut acc = [V::zero(); 4];
+        let mut j = 0;
+        while j < keys {
+            let slot = table[j / bs] as usize * bs + j % bs;
+            let run = (bs - j % bs).min(keys - j);
+            for i in 0..run {
+                let p = V::splat(*scores.add(j + i));
+                let v = vp.add((slot + i) * sw + d);
+                for (a, acc) in acc.iter_mut().enumerate() {
+                    let at = a * 16;
+                    if at + 16 <= lanes {
+                        *acc = V::fma(p, V::load(v.add(at)), *acc);
+                    } else if at < lanes {
+                        *acc = V::fma(p, V::load_part(v.add(at), lanes - at), *acc);
+                    }
+                }
+            }
+            j += run;
+        }
+        let inv = V::splat(inv);
+        for (a, acc) in acc.iter().enumerate() {
+            let at = a * 16;
+            if at + 16 <= lanes {
+                V::mul(*acc, inv).store(out.add(d + at));
+            } else if at < lanes {
+                V::mul(*acc, inv).store_part(out.add(d + at), lanes - at);
+            }
+        }
+        d += lanes;
+    }
+}
+
+/// q against four keys: four sixteen-lane partial sums for one `hsum4`.
+#[inline(always)]
+unsafe fn dot4<V: F32x16>(q: *const f32, k: [*const f32; 4], n: usize) -> [V; 4] {
+    let mut acc = [V::zero(); 4];
+    let mut d = 0;
+    while d + 16 <= n {
+        let qv = V::load(q.add(d));
+        for c in 0..4 {
+            acc[c] = V::fma(qv, V::load(k[c].add(d)), acc[c]);
+        }
+        d += 16;
+    }
+    if d < n {
+        let qv = V::load_part(q.add(d), n - d);
+        for c in 0..4 {
+            acc[c] = V::fma(qv, V::load_part(k[c].add(d), n - d), acc[c]);
         }
     }
-    scale::<V>((1.0 / sum) as f32, out, hd);
+    acc
 }
 
 dispatch!(fn head_task(

@@ -79,6 +79,9 @@ pub(crate) trait F32x16: Copy {
     /// `a * b + c` with one rounding.
     unsafe fn fma(a: Self, b: Self, c: Self) -> Self;
     unsafe fn mul(a: Self, b: Self) -> Self;
+    unsafe fn add(a: Self, b: Self) -> Self;
+    /// e^x lane-wise, within 2 ulp for x in [-87, 88]; underflows to (near) zero below.
+    unsafe fn exp(self) -> Self;
     /// The fixed tree: t[i] = a[i] + a[i+8], u[i] = t[i] + t[i+4], v[i] = u[i] + u[i+2],
     /// result v[0] + v[1].
     unsafe fn hsum(self) -> f32;
@@ -156,36 +159,6 @@ pub(crate) unsafe fn dot<V: F32x16>(a: *const f32, b: *const f32, n: usize) -> f
         );
     }
     acc.hsum()
-}
-
-/// `y += a * x` over n elements.
-#[inline(always)]
-pub(crate) unsafe fn axpy<V: F32x16>(a: f32, x: *const f32, y: *mut f32, n: usize) {
-    let av = V::splat(a);
-    let mut i = 0;
-    while i + 16 <= n {
-        V::fma(av, V::load(x.add(i)), V::load(y.add(i))).store(y.add(i));
-        i += 16;
-    }
-    if i < n {
-        let r = n - i;
-        V::fma(av, V::load_part(x.add(i), r), V::load_part(y.add(i), r)).store_part(y.add(i), r);
-    }
-}
-
-/// `y *= a` over n elements.
-#[inline(always)]
-pub(crate) unsafe fn scale<V: F32x16>(a: f32, y: *mut f32, n: usize) {
-    let av = V::splat(a);
-    let mut i = 0;
-    while i + 16 <= n {
-        V::mul(av, V::load(y.add(i))).store(y.add(i));
-        i += 16;
-    }
-    if i < n {
-        let r = n - i;
-        V::mul(av, V::load_part(y.add(i), r)).store_part(y.add(i), r);
-    }
 }
 
 /// Widens n elements to f32.
@@ -276,6 +249,14 @@ impl F32x16 for Scalar {
         Self::from_fn(|i| a.0[i] * b.0[i])
     }
     #[inline(always)]
+    unsafe fn add(a: Self, b: Self) -> Self {
+        Self::from_fn(|i| a.0[i] + b.0[i])
+    }
+    #[inline(always)]
+    unsafe fn exp(self) -> Self {
+        Self::from_fn(|i| self.0[i].exp())
+    }
+    #[inline(always)]
     unsafe fn hsum(self) -> f32 {
         let a = self.0;
         let t: [f32; 8] = std::array::from_fn(|i| a[i] + a[i + 8]);
@@ -300,6 +281,20 @@ mod x86 {
         std::ptr::copy_nonoverlapping(p, b.as_mut_ptr(), n);
         b
     }
+
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    /// ln 2 split so n * LN2_HI is exact for the n that occur.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    /// Cephes' expf polynomial: e^r = 1 + r + r^2 * P(r) on |r| <= ln2/2.
+    const EXP_POLY: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ];
 
     #[inline(always)]
     fn mask(n: usize) -> __mmask16 {
@@ -361,6 +356,31 @@ mod x86 {
             Avx512(_mm512_mul_ps(a.0, b.0))
         }
         #[inline(always)]
+        unsafe fn add(a: Self, b: Self) -> Self {
+            Avx512(_mm512_add_ps(a.0, b.0))
+        }
+        #[inline(always)]
+        unsafe fn exp(self) -> Self {
+            let x = _mm512_max_ps(self.0, _mm512_set1_ps(-104.0));
+            let x = _mm512_min_ps(x, _mm512_set1_ps(88.7));
+            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
+            );
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+            let mut p = _mm512_set1_ps(EXP_POLY[0]);
+            for &c in &EXP_POLY[1..] {
+                p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+            }
+            let y = _mm512_fmadd_ps(
+                p,
+                _mm512_mul_ps(r, r),
+                _mm512_add_ps(r, _mm512_set1_ps(1.0)),
+            );
+            // scalef multiplies by 2^n and flushes to zero where n is below the range.
+            Avx512(_mm512_scalef_ps(y, n))
+        }
+        #[inline(always)]
         unsafe fn hsum(self) -> f32 {
             let lo = _mm512_castps512_ps256(self.0);
             let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(self.0)));
@@ -404,6 +424,32 @@ mod x86 {
         let u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
         let v = _mm_add_ps(u, _mm_movehl_ps(u, u));
         _mm_cvtss_f32(_mm_add_ss(v, _mm_shuffle_ps::<1>(v, v)))
+    }
+
+    /// `Avx512::exp` on eight lanes, building 2^n in the exponent bits, so the clamp is tighter.
+    #[inline(always)]
+    unsafe fn exp8(x: __m256) -> __m256 {
+        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.3));
+        let x = _mm256_min_ps(x, _mm256_set1_ps(88.3));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+        let mut p = _mm256_set1_ps(EXP_POLY[0]);
+        for &c in &EXP_POLY[1..] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let y = _mm256_fmadd_ps(
+            p,
+            _mm256_mul_ps(r, r),
+            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+        );
+        let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(y, _mm256_castsi256_ps(scale))
     }
 
     /// Lanes 0..8 and 8..16.
@@ -472,6 +518,14 @@ mod x86 {
         #[inline(always)]
         unsafe fn mul(a: Self, b: Self) -> Self {
             Avx2(_mm256_mul_ps(a.0, b.0), _mm256_mul_ps(a.1, b.1))
+        }
+        #[inline(always)]
+        unsafe fn add(a: Self, b: Self) -> Self {
+            Avx2(_mm256_add_ps(a.0, b.0), _mm256_add_ps(a.1, b.1))
+        }
+        #[inline(always)]
+        unsafe fn exp(self) -> Self {
+            Avx2(exp8(self.0), exp8(self.1))
         }
         #[inline(always)]
         unsafe fn hsum(self) -> f32 {
