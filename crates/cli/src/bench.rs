@@ -84,7 +84,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let prompt: Vec<u32> = (0..args.prompt_tokens)
         .map(|_| {
-            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
             ((state >> 33) % config.vocab_size as u64) as u32
         })
         .collect();
@@ -98,7 +100,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     }
     let (pp, pp_sd) = mean_sd(&prefill);
-    let (tg, tg_sd) = if decode.is_empty() { (0.0, 0.0) } else { mean_sd(&decode) };
+    let (tg, tg_sd) = if decode.is_empty() {
+        (0.0, 0.0)
+    } else {
+        mean_sd(&decode)
+    };
     let peak = peak_rss();
     let threads = rayon_threads(args.model.threads);
     if args.json {
@@ -118,8 +124,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("model      {}", session.files_path.display());
         println!("dtype      {}   threads {threads}", args.model.dtype);
         println!("load       {:.2} s", session.load_time.as_secs_f64());
-        println!("prefill    {pp:.1} ± {pp_sd:.1} tok/s  ({} tokens)", args.prompt_tokens);
-        println!("decode     {tg:.1} ± {tg_sd:.1} tok/s  ({} tokens)", args.gen_tokens);
+        println!(
+            "prefill    {pp:.1} ± {pp_sd:.1} tok/s  ({} tokens)",
+            args.prompt_tokens
+        );
+        println!(
+            "decode     {tg:.1} ± {tg_sd:.1} tok/s  ({} tokens)",
+            args.gen_tokens
+        );
         if let Some(bytes) = peak {
             println!("peak RSS   {:.0} MiB", bytes as f64 / (1 << 20) as f64);
         }

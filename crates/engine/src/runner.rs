@@ -22,7 +22,12 @@ pub struct Runner<B: Backend> {
 }
 
 impl<B: Backend> Runner<B> {
-    pub fn new(model: Model<B>, max_step_tokens: usize, num_blocks: usize, block_size: usize) -> Result<Self> {
+    pub fn new(
+        model: Model<B>,
+        max_step_tokens: usize,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<Self> {
         let workspace = model.workspace(max_step_tokens)?;
         let kv = model.kv_cache(num_blocks, block_size)?;
         Ok(Self {

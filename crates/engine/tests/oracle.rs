@@ -10,8 +10,11 @@ use serde_json::Value;
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> PathBuf {
-    let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("run through cargo or the device runner");
-    PathBuf::from(manifest).join("../../tests/fixtures").join(name)
+    let manifest =
+        std::env::var("CARGO_MANIFEST_DIR").expect("run through cargo or the device runner");
+    PathBuf::from(manifest)
+        .join("../../tests/fixtures")
+        .join(name)
 }
 
 fn reference(name: &str) -> Value {
@@ -23,17 +26,27 @@ fn engine(name: &str, dtype: DenseFormat, step_tokens: usize) -> (Engine, ModelF
     let files = ModelFiles::open(&fixture(name)).unwrap();
     let model = files.load(CpuBackend::new(2).unwrap(), dtype).unwrap();
     let runner = Runner::new(model, step_tokens, 64, 4).unwrap();
-    (Engine::new(Box::new(runner), files.tokenizer.clone()), files)
+    (
+        Engine::new(Box::new(runner), files.tokenizer.clone()),
+        files,
+    )
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 /// Largest |ours - theirs| over a row, relative to the row's largest |theirs|.
 fn row_error(ours: &[f32], theirs: &[f32]) -> f32 {
     let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let err = ours.iter().zip(theirs).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let err = ours
+        .iter()
+        .zip(theirs)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     err / scale
 }
 
@@ -46,16 +59,34 @@ fn check_logits(name: &str, step_tokens: usize) {
     let reference = reference(name);
     let (mut engine, files) = engine(name, DenseFormat::F32, step_tokens);
     let vocab = files.config.vocab_size;
-    for (seq, logits) in reference["sequences"].as_array().unwrap().iter().zip(reference["logits"].as_array().unwrap()) {
+    for (seq, logits) in reference["sequences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(reference["logits"].as_array().unwrap())
+    {
         let tokens = ids(seq);
         let ours = engine.score(&tokens).unwrap();
         assert_eq!(ours.len(), tokens.len() * vocab);
         for (pos, row) in logits.as_array().unwrap().iter().enumerate() {
-            let theirs: Vec<f32> = row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+            let theirs: Vec<f32> = row
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect();
             let err = row_error(&ours[pos * vocab..(pos + 1) * vocab], &theirs);
-            assert!(err <= F32_BOUND, "{name}: sequence of {} tokens, position {pos}: relative error {err}", tokens.len());
+            assert!(
+                err <= F32_BOUND,
+                "{name}: sequence of {} tokens, position {pos}: relative error {err}",
+                tokens.len()
+            );
         }
-        assert_eq!(engine.blocks().num_free(), engine.blocks().num_blocks(), "score frees its blocks");
+        assert_eq!(
+            engine.blocks().num_free(),
+            engine.blocks().num_blocks(),
+            "score frees its blocks"
+        );
     }
 }
 
@@ -100,7 +131,11 @@ fn greedy_tokens_match_transformers() {
         let reference = reference(name);
         let (mut engine, _) = engine(name, DenseFormat::F32, 64);
         let expected = ids(&reference["greedy"]["tokens"]);
-        let got = greedy(&mut engine, ids(&reference["greedy"]["prompt"]), expected.len());
+        let got = greedy(
+            &mut engine,
+            ids(&reference["greedy"]["prompt"]),
+            expected.len(),
+        );
         assert_eq!(got, expected, "{name}");
     }
 }
@@ -112,9 +147,18 @@ fn chat_template_and_tokenizer_match_transformers() {
         let files = ModelFiles::open(&fixture(name)).unwrap();
         let chat = &reference["chat"];
         let messages: Vec<ChatMessage> = serde_json::from_value(chat["messages"].clone()).unwrap();
-        let rendered = files.chat_template.as_ref().unwrap().render(&messages, true).unwrap();
+        let rendered = files
+            .chat_template
+            .as_ref()
+            .unwrap()
+            .render(&messages, true)
+            .unwrap();
         assert_eq!(rendered, chat["rendered"].as_str().unwrap(), "{name}");
-        assert_eq!(files.tokenizer.encode(&rendered, false).unwrap(), ids(&chat["ids"]), "{name}");
+        assert_eq!(
+            files.tokenizer.encode(&rendered, false).unwrap(),
+            ids(&chat["ids"]),
+            "{name}"
+        );
     }
 }
 
@@ -127,26 +171,53 @@ fn batched_step_is_bitwise_equal_to_separate_steps() {
     let mut alone = Vec::new();
     for p in &prompts {
         let mut seq = Sequence::new(p.clone());
-        let first = engine.step(&mut [&mut seq], false).unwrap().pop().flatten().unwrap();
+        let first = engine
+            .step(&mut [&mut seq], false)
+            .unwrap()
+            .pop()
+            .flatten()
+            .unwrap();
         seq.tokens.push(5);
-        let second = engine.step(&mut [&mut seq], false).unwrap().pop().flatten().unwrap();
+        let second = engine
+            .step(&mut [&mut seq], false)
+            .unwrap()
+            .pop()
+            .flatten()
+            .unwrap();
         engine.release(&mut seq);
         alone.push((first, second));
     }
     // Together: sequence 0 decodes while 1 and 2 prefill in the same step, then all decode.
     let mut seqs: Vec<Sequence> = prompts.iter().map(|p| Sequence::new(p.clone())).collect();
-    let first0 = engine.step(&mut [&mut seqs[0]], false).unwrap().pop().flatten().unwrap();
+    let first0 = engine
+        .step(&mut [&mut seqs[0]], false)
+        .unwrap()
+        .pop()
+        .flatten()
+        .unwrap();
     seqs[0].tokens.push(5);
-    let [s0, s1, s2] = &mut seqs[..] else { unreachable!() };
+    let [s0, s1, s2] = &mut seqs[..] else {
+        unreachable!()
+    };
     let mixed = engine.step(&mut [s0, s1, s2], false).unwrap();
     for s in seqs.iter_mut() {
         s.tokens.push(5);
     }
-    let [s0, s1, s2] = &mut seqs[..] else { unreachable!() };
+    let [s0, s1, s2] = &mut seqs[..] else {
+        unreachable!()
+    };
     let decoded = engine.step(&mut [s1, s2, s0], false).unwrap();
     assert_eq!(first0, alone[0].0);
-    assert_eq!(mixed[0].as_ref().unwrap(), &alone[0].1, "decode next to prefills");
-    assert_eq!(mixed[1].as_ref().unwrap(), &alone[1].0, "prefill next to a decode");
+    assert_eq!(
+        mixed[0].as_ref().unwrap(),
+        &alone[0].1,
+        "decode next to prefills"
+    );
+    assert_eq!(
+        mixed[1].as_ref().unwrap(),
+        &alone[1].0,
+        "prefill next to a decode"
+    );
     assert_eq!(mixed[2].as_ref().unwrap(), &alone[2].0);
     assert_eq!(decoded[0].as_ref().unwrap(), &alone[1].1, "batched decode");
     assert_eq!(decoded[1].as_ref().unwrap(), &alone[2].1);

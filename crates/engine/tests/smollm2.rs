@@ -9,26 +9,43 @@ use serde_json::Value;
 use std::path::PathBuf;
 
 fn default_model() -> PathBuf {
-    let home = std::env::var_os("MARLIN_HOME").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/marlin")
-    });
+    let home = std::env::var_os("MARLIN_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/marlin")
+        });
     let path = home.join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.exists(), "run `marlin pull` first (default model not found at {})", path.display());
+    assert!(
+        path.exists(),
+        "run `marlin pull` first (default model not found at {})",
+        path.display()
+    );
     path
 }
 
 fn fixture(name: &str) -> Value {
-    let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("run through cargo or the device runner");
-    let path = PathBuf::from(manifest).join("../../tests/fixtures/smollm2").join(name);
+    let manifest =
+        std::env::var("CARGO_MANIFEST_DIR").expect("run through cargo or the device runner");
+    let path = PathBuf::from(manifest)
+        .join("../../tests/fixtures/smollm2")
+        .join(name);
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn engine(dtype: DenseFormat) -> Engine {
@@ -54,11 +71,19 @@ fn logit_errors(dtype: DenseFormat) -> (f32, usize) {
         let checks = ids(&position["top_ids"])
             .into_iter()
             .zip(floats(&position["top_logits"]))
-            .chain(probes.iter().copied().zip(floats(&position["probe_logits"])));
+            .chain(
+                probes
+                    .iter()
+                    .copied()
+                    .zip(floats(&position["probe_logits"])),
+            );
         for (id, theirs) in checks {
             worst = worst.max((row[id as usize] - theirs).abs());
         }
-        let ours = row.iter().enumerate().fold(0, |best, (i, v)| if *v > row[best] { i } else { best });
+        let ours = row
+            .iter()
+            .enumerate()
+            .fold(0, |best, (i, v)| if *v > row[best] { i } else { best });
         argmax_differs += usize::from(ours as u32 != ids(&position["top_ids"])[0]);
     }
     (worst, argmax_differs)
@@ -79,8 +104,14 @@ fn f32_logits_match_transformers() {
 fn f16_and_bf16_logits_stay_within_their_bounds() {
     for (dtype, bound, max_flips) in [(DenseFormat::F16, 0.1, 1), (DenseFormat::BF16, 0.6, 3)] {
         let (worst, argmax_differs) = logit_errors(dtype);
-        assert!(worst <= bound, "{dtype}: largest logit error {worst} > {bound}");
-        assert!(argmax_differs <= max_flips, "{dtype}: argmax differs at {argmax_differs} of 64 positions");
+        assert!(
+            worst <= bound,
+            "{dtype}: largest logit error {worst} > {bound}"
+        );
+        assert!(
+            argmax_differs <= max_flips,
+            "{dtype}: argmax differs at {argmax_differs} of 64 positions"
+        );
     }
 }
 

@@ -56,8 +56,12 @@ pub trait Backend: Send + Sync + 'static {
     fn prepare_step(&self, batch: &StepBatch) -> Result<Self::Step>;
 
     /// `out[t, :] = table[token[t], :]` for every token of the step.
-    fn embedding(&self, table: &Self::Weight, step: &Self::Step, out: &mut Self::Buffer)
-        -> Result<()>;
+    fn embedding(
+        &self,
+        table: &Self::Weight,
+        step: &Self::Step,
+        out: &mut Self::Buffer,
+    ) -> Result<()>;
     /// `out[r, :] = x[r, :] / rms(x[r, :]) * weight` over `rows` rows of `dim`.
     fn rms_norm(
         &self,

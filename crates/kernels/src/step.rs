@@ -71,11 +71,17 @@ impl StepBatch {
         let mut covered = 0;
         for (i, seq) in self.seqs.iter().enumerate() {
             check(seq.start == covered, "step", || {
-                format!("sequence {i} starts at {} but {covered} tokens precede it", seq.start)
+                format!(
+                    "sequence {i} starts at {} but {covered} tokens precede it",
+                    seq.start
+                )
             })?;
             covered += seq.len;
             check(seq.len <= seq.context_len, "step", || {
-                format!("sequence {i} has {} new tokens but context {}", seq.len, seq.context_len)
+                format!(
+                    "sequence {i} has {} new tokens but context {}",
+                    seq.len, seq.context_len
+                )
             })?;
             check(
                 seq.block_table.len() * layout.block_size >= seq.context_len,
@@ -96,19 +102,33 @@ impl StepBatch {
             }
             for t in 0..seq.len {
                 let pos = seq.context_len - seq.len + t;
-                check(self.positions[seq.start + t] as usize == pos, "step", || {
-                    format!("sequence {i} token {t} has position {} not {pos}", self.positions[seq.start + t])
-                })?;
+                check(
+                    self.positions[seq.start + t] as usize == pos,
+                    "step",
+                    || {
+                        format!(
+                            "sequence {i} token {t} has position {} not {pos}",
+                            self.positions[seq.start + t]
+                        )
+                    },
+                )?;
                 let block = seq.block_table[pos / layout.block_size] as usize;
                 let slot = block * layout.block_size + pos % layout.block_size;
                 check(self.slots[seq.start + t] as usize == slot, "step", || {
-                    format!("sequence {i} token {t} writes slot {} not {slot}", self.slots[seq.start + t])
+                    format!(
+                        "sequence {i} token {t} writes slot {} not {slot}",
+                        self.slots[seq.start + t]
+                    )
                 })?;
             }
         }
-        check(covered == n, "step", || format!("sequences cover {covered} of {n} tokens"))?;
+        check(covered == n, "step", || {
+            format!("sequences cover {covered} of {n} tokens")
+        })?;
         for &r in &self.logit_rows {
-            check((r as usize) < n, "step", || format!("logit row {r} of {n} tokens"))?;
+            check((r as usize) < n, "step", || {
+                format!("logit row {r} of {n} tokens")
+            })?;
         }
         Ok(())
     }

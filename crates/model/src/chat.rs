@@ -30,14 +30,21 @@ pub struct ChatTemplate {
 const TEMPLATE_NAME: &str = "chat";
 
 impl ChatTemplate {
-    pub fn new(source: String, bos_token: Option<String>, eos_token: Option<String>) -> Result<Self> {
+    pub fn new(
+        source: String,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+    ) -> Result<Self> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |message: String| -> std::result::Result<String, Error> {
-            Err(Error::new(ErrorKind::InvalidOperation, message))
-        });
+        env.add_function(
+            "raise_exception",
+            |message: String| -> std::result::Result<String, Error> {
+                Err(Error::new(ErrorKind::InvalidOperation, message))
+            },
+        );
         env.add_function("strftime_now", |format: String| {
             // Templates use it for a "today's date" line; a fixed-width UTC date is enough.
             let days = std::time::SystemTime::now()
@@ -101,7 +108,10 @@ mod tests {
         let out = t
             .render(&[ChatMessage::new("user", "  hi  ")], true)
             .unwrap();
-        assert_eq!(out, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            out,
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]
@@ -116,11 +126,20 @@ mod tests {
 
     #[test]
     fn tojson_and_bos_are_available() {
-        let t = ChatTemplate::new("{{ bos_token }}{{ messages[0] | tojson }}".into(), Some("<s>".into()), None)
+        let t = ChatTemplate::new(
+            "{{ bos_token }}{{ messages[0] | tojson }}".into(),
+            Some("<s>".into()),
+            None,
+        )
+        .unwrap();
+        let out = t
+            .render(&[ChatMessage::new("user", "a\"b")], false)
             .unwrap();
-        let out = t.render(&[ChatMessage::new("user", "a\"b")], false).unwrap();
         assert!(out.starts_with("<s>{"), "{out}");
-        assert!(out.contains(r#""content":"a\"b""#) || out.contains(r#""content": "a\"b""#), "{out}");
+        assert!(
+            out.contains(r#""content":"a\"b""#) || out.contains(r#""content": "a\"b""#),
+            "{out}"
+        );
     }
 
     #[test]

@@ -32,7 +32,9 @@ impl Architecture {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.x: long wavelengths slowed by `factor`, short ones kept, a smooth blend between.
     Llama3 {
         factor: f64,
@@ -125,7 +127,10 @@ impl ModelConfig {
             rope_theta,
             rope_scaling,
             tie_embeddings: field("tie_word_embeddings")
-                .map(|v| v.as_bool().ok_or("field `tie_word_embeddings` is not a bool"))
+                .map(|v| {
+                    v.as_bool()
+                        .ok_or("field `tie_word_embeddings` is not a bool")
+                })
                 .transpose()?
                 .unwrap_or(false),
             qk_norm: architecture == Architecture::Qwen3,
@@ -161,7 +166,10 @@ impl ModelConfig {
             (None, Some(other)) => {
                 return Err(ModelError::format(
                     gguf.path(),
-                    format!("field `{}`: unsupported rope scaling `{other}`", key("rope.scaling.type")),
+                    format!(
+                        "field `{}`: unsupported rope scaling `{other}`",
+                        key("rope.scaling.type")
+                    ),
                 ))
             }
         };
@@ -208,7 +216,10 @@ impl ModelConfig {
             ));
         }
         if self.head_dim % 2 != 0 {
-            return Err(format!("head_dim {} must be even for rotary embedding", self.head_dim));
+            return Err(format!(
+                "head_dim {} must be even for rotary embedding",
+                self.head_dim
+            ));
         }
         Ok(())
     }

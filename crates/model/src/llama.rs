@@ -56,9 +56,18 @@ pub struct KvCache<B: Backend> {
 }
 
 impl<B: Backend> Model<B> {
-    pub fn load(backend: B, config: ModelConfig, source: &dyn TensorSource, dtype: DenseFormat) -> Result<Self> {
+    pub fn load(
+        backend: B,
+        config: ModelConfig,
+        source: &dyn TensorSource,
+        dtype: DenseFormat,
+    ) -> Result<Self> {
         let c = &config;
-        let (hidden, q_dim, kv_dim) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let (hidden, q_dim, kv_dim) = (
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+        );
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<B::Weight> {
             let host = source.require(name)?.to_host_weight(rows, cols, dtype)?;
             Ok(backend.upload_weight(&host)?)
@@ -88,9 +97,21 @@ impl<B: Backend> Model<B> {
                 o: matrix(&format!("{p}.self_attn.o_proj.weight"), hidden, q_dim)?,
                 qk_norms,
                 mlp_norm: vector(&format!("{p}.post_attention_layernorm.weight"), hidden)?,
-                gate: matrix(&format!("{p}.mlp.gate_proj.weight"), c.intermediate_size, hidden)?,
-                up: matrix(&format!("{p}.mlp.up_proj.weight"), c.intermediate_size, hidden)?,
-                down: matrix(&format!("{p}.mlp.down_proj.weight"), hidden, c.intermediate_size)?,
+                gate: matrix(
+                    &format!("{p}.mlp.gate_proj.weight"),
+                    c.intermediate_size,
+                    hidden,
+                )?,
+                up: matrix(
+                    &format!("{p}.mlp.up_proj.weight"),
+                    c.intermediate_size,
+                    hidden,
+                )?,
+                down: matrix(
+                    &format!("{p}.mlp.down_proj.weight"),
+                    hidden,
+                    c.intermediate_size,
+                )?,
             });
         }
         let embed = matrix("model.embed_tokens.weight", c.vocab_size, hidden)?;
@@ -154,7 +175,12 @@ impl<B: Backend> Model<B> {
     }
 
     /// Runs one step and returns the logits of `batch.logit_rows`, row after row.
-    pub fn forward(&self, ws: &mut Workspace<B>, kv: &mut KvCache<B>, batch: &StepBatch) -> Result<Vec<f32>> {
+    pub fn forward(
+        &self,
+        ws: &mut Workspace<B>,
+        kv: &mut KvCache<B>,
+        batch: &StepBatch,
+    ) -> Result<Vec<f32>> {
         let c = &self.config;
         let b = &self.backend;
         let n = batch.num_tokens();
@@ -168,17 +194,39 @@ impl<B: Backend> Model<B> {
             .into());
         }
         let step = b.prepare_step(batch)?;
-        let (hidden, heads, kv_heads, hd) = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim);
+        let (hidden, heads, kv_heads, hd) =
+            (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim);
         let scale = 1.0 / (hd as f32).sqrt();
         b.embedding(&self.embed, &step, &mut ws.x)?;
         for (layer, cache) in self.layers.iter().zip(kv.layers.iter_mut()) {
-            b.rms_norm(&ws.x, &layer.attn_norm, c.rms_norm_eps, n, hidden, &mut ws.normed)?;
+            b.rms_norm(
+                &ws.x,
+                &layer.attn_norm,
+                c.rms_norm_eps,
+                n,
+                hidden,
+                &mut ws.normed,
+            )?;
             match &layer.qk_norms {
                 Some((q_norm, k_norm)) => {
                     b.matmul(&ws.normed, &layer.q, n, &mut ws.unnormed)?;
-                    b.rms_norm(&ws.unnormed, q_norm, c.rms_norm_eps, n * heads, hd, &mut ws.q)?;
+                    b.rms_norm(
+                        &ws.unnormed,
+                        q_norm,
+                        c.rms_norm_eps,
+                        n * heads,
+                        hd,
+                        &mut ws.q,
+                    )?;
                     b.matmul(&ws.normed, &layer.k, n, &mut ws.unnormed)?;
-                    b.rms_norm(&ws.unnormed, k_norm, c.rms_norm_eps, n * kv_heads, hd, &mut ws.k)?;
+                    b.rms_norm(
+                        &ws.unnormed,
+                        k_norm,
+                        c.rms_norm_eps,
+                        n * kv_heads,
+                        hd,
+                        &mut ws.k,
+                    )?;
                 }
                 None => {
                     b.matmul(&ws.normed, &layer.q, n, &mut ws.q)?;
@@ -193,7 +241,14 @@ impl<B: Backend> Model<B> {
             b.matmul(&ws.attn, &layer.o, n, &mut ws.proj)?;
             b.add(&mut ws.x, &ws.proj, n * hidden)?;
 
-            b.rms_norm(&ws.x, &layer.mlp_norm, c.rms_norm_eps, n, hidden, &mut ws.normed)?;
+            b.rms_norm(
+                &ws.x,
+                &layer.mlp_norm,
+                c.rms_norm_eps,
+                n,
+                hidden,
+                &mut ws.normed,
+            )?;
             b.matmul(&ws.normed, &layer.gate, n, &mut ws.gate)?;
             b.matmul(&ws.normed, &layer.up, n, &mut ws.up)?;
             b.silu_mul(&ws.gate, &ws.up, n * c.intermediate_size, &mut ws.act)?;
@@ -205,7 +260,14 @@ impl<B: Backend> Model<B> {
             return Ok(Vec::new());
         }
         b.gather_logit_rows(&ws.x, &step, hidden, &mut ws.selected)?;
-        b.rms_norm(&ws.selected, &self.final_norm, c.rms_norm_eps, rows, hidden, &mut ws.normed)?;
+        b.rms_norm(
+            &ws.selected,
+            &self.final_norm,
+            c.rms_norm_eps,
+            rows,
+            hidden,
+            &mut ws.normed,
+        )?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         b.matmul(&ws.normed, head, rows, &mut ws.logits)?;
         Ok(b.read(&ws.logits, rows * c.vocab_size)?)

@@ -50,8 +50,14 @@ impl ModelFiles {
             let ggufs = gguf_files_in(path)?;
             return match ggufs.as_slice() {
                 [one] => Self::open_gguf(one),
-                [] => Err(ModelError::format(path, "neither config.json nor a .gguf file here")),
-                _ => Err(ModelError::format(path, "several .gguf files here: name one of them")),
+                [] => Err(ModelError::format(
+                    path,
+                    "neither config.json nor a .gguf file here",
+                )),
+                _ => Err(ModelError::format(
+                    path,
+                    "several .gguf files here: name one of them",
+                )),
             };
         }
         Self::open_gguf(path)
@@ -75,7 +81,8 @@ impl ModelFiles {
         }
         let jinja = dir.join("chat_template.jinja");
         if jinja.exists() {
-            chat_source = Some(std::fs::read_to_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?);
+            chat_source =
+                Some(std::fs::read_to_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?);
         }
         let chat_template = chat_source
             .map(|s| ChatTemplate::new(s, bos, eos))
@@ -98,8 +105,14 @@ impl ModelFiles {
         let file = GgufFile::open(path)?;
         let rope_divisors = match file.tensor("rope_freqs.weight") {
             Some(t) => {
-                let values = marlin_quant::ggml::dequantize(t.ty, file.tensor_bytes(t), t.dims.iter().product::<u64>() as usize)
-                    .map_err(|e| ModelError::format(path, format!("tensor `rope_freqs.weight`: {e}")))?;
+                let values = marlin_quant::ggml::dequantize(
+                    t.ty,
+                    file.tensor_bytes(t),
+                    t.dims.iter().product::<u64>() as usize,
+                )
+                .map_err(|e| {
+                    ModelError::format(path, format!("tensor `rope_freqs.weight`: {e}"))
+                })?;
                 Some(values.into_iter().map(f64::from).collect())
             }
             None => None,
@@ -190,13 +203,19 @@ fn generation_defaults(json: &Value) -> GenerationDefaults {
     let f = |key: &str| json.get(key).and_then(Value::as_f64).map(|v| v as f32);
     let eos_token_ids = match json.get("eos_token_id") {
         Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-        Some(Value::Array(list)) => list.iter().filter_map(|v| v.as_u64().map(|v| v as u32)).collect(),
+        Some(Value::Array(list)) => list
+            .iter()
+            .filter_map(|v| v.as_u64().map(|v| v as u32))
+            .collect(),
         _ => Vec::new(),
     };
     GenerationDefaults {
         do_sample: json.get("do_sample").and_then(Value::as_bool),
         temperature: f("temperature"),
-        top_k: json.get("top_k").and_then(Value::as_u64).map(|v| v as usize),
+        top_k: json
+            .get("top_k")
+            .and_then(Value::as_u64)
+            .map(|v| v as usize),
         top_p: f("top_p"),
         min_p: f("min_p"),
         repetition_penalty: f("repetition_penalty"),

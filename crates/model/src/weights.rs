@@ -60,7 +60,12 @@ impl RawTensor<'_> {
 
     /// A `rows` x `cols` matrix converted to `format`; 16-bit data already in `format` is copied
     /// as is.
-    pub fn to_host_weight(&self, rows: usize, cols: usize, format: DenseFormat) -> Result<HostWeight> {
+    pub fn to_host_weight(
+        &self,
+        rows: usize,
+        cols: usize,
+        format: DenseFormat,
+    ) -> Result<HostWeight> {
         self.check_shape(&[rows, cols])?;
         let weight = match self.encoding {
             Encoding::Dense(stored) if stored == format => {
@@ -78,8 +83,9 @@ pub trait TensorSource: Send + Sync {
 
     /// Like `get`, but a missing tensor is an error naming it.
     fn require(&self, hf_name: &str) -> Result<RawTensor<'_>> {
-        self.get(hf_name)?
-            .ok_or_else(|| ModelError::format(self.location(), format!("missing tensor `{hf_name}`")))
+        self.get(hf_name)?.ok_or_else(|| {
+            ModelError::format(self.location(), format!("missing tensor `{hf_name}`"))
+        })
     }
 
     /// The file or folder to name in errors.
@@ -105,13 +111,16 @@ impl SafetensorsSource {
     pub fn open(dir: &Path) -> Result<Self> {
         let index_path = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
             let json: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| ModelError::format(&index_path, format!("invalid JSON: {e}")))?;
             let map = json
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .ok_or_else(|| ModelError::format(&index_path, "missing object field `weight_map`"))?;
+                .ok_or_else(|| {
+                    ModelError::format(&index_path, "missing object field `weight_map`")
+                })?;
             let mut names: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
             names.sort_unstable();
             names.dedup();
@@ -126,8 +135,9 @@ impl SafetensorsSource {
             // SAFETY: the map is read-only; a file changed underneath us is the user's problem,
             // as with any memory-mapped loader, and every offset is checked before use.
             let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(&path, e))?;
-            let (header_len, metadata) = SafeTensors::read_metadata(&map)
-                .map_err(|e| ModelError::format(&path, format!("invalid safetensors header: {e}")))?;
+            let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| {
+                ModelError::format(&path, format!("invalid safetensors header: {e}"))
+            })?;
             for name in metadata.tensors().keys() {
                 index.insert(name.clone(), shards.len());
             }
@@ -152,20 +162,33 @@ impl TensorSource for SafetensorsSource {
             return Ok(None);
         };
         let shard = &self.shards[shard_index];
-        let info = shard.metadata.info(name).expect("index built from this metadata");
-        let error = |message: String| ModelError::format(&shard.path, format!("tensor `{name}`: {message}"));
+        let info = shard
+            .metadata
+            .info(name)
+            .expect("index built from this metadata");
+        let error = |message: String| {
+            ModelError::format(&shard.path, format!("tensor `{name}`: {message}"))
+        };
         let format = match info.dtype {
             Dtype::F32 => DenseFormat::F32,
             Dtype::F16 => DenseFormat::F16,
             Dtype::BF16 => DenseFormat::BF16,
-            other => return Err(error(format!("unsupported dtype {other:?} (supported: F32, F16, BF16)"))),
+            other => {
+                return Err(error(format!(
+                    "unsupported dtype {other:?} (supported: F32, F16, BF16)"
+                )))
+            }
         };
         let (begin, end) = info.data_offsets;
         let start = 8 + shard.header_len;
         let range = start.checked_add(begin).zip(start.checked_add(end));
         let bytes = match range {
             Some((b, e)) if b <= e && e <= shard.map.len() => &shard.map[b..e],
-            _ => return Err(error(format!("data [{begin}, {end}) lies outside the file"))),
+            _ => {
+                return Err(error(format!(
+                    "data [{begin}, {end}) lies outside the file"
+                )))
+            }
         };
         let elements: usize = info.shape.iter().product();
         if elements * format.bytes_per_element() != bytes.len() {
@@ -318,8 +341,14 @@ mod tests {
 
     #[test]
     fn maps_hf_names_to_gguf() {
-        assert_eq!(gguf_name("model.layers.12.mlp.down_proj.weight").unwrap(), "blk.12.ffn_down.weight");
-        assert_eq!(gguf_name("model.embed_tokens.weight").unwrap(), "token_embd.weight");
+        assert_eq!(
+            gguf_name("model.layers.12.mlp.down_proj.weight").unwrap(),
+            "blk.12.ffn_down.weight"
+        );
+        assert_eq!(
+            gguf_name("model.embed_tokens.weight").unwrap(),
+            "token_embd.weight"
+        );
         assert!(gguf_name("model.layers.1.unknown").is_none());
     }
 }

@@ -188,6 +188,7 @@ unsafe fn run_tile<V: F32x16, E: Elem>(
 
 /// GEMV regime: W is read once, in its own format, straight from memory, each 4-feature group
 /// against every row of x (x stays in L1/L2). Bound: W bytes / DRAM bandwidth.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn decode_body<V: Tiles, E: Elem>(
     x: *const f32,
@@ -210,6 +211,7 @@ dispatch!(fn decode_task<E: Elem>(
 /// GEMM regime: features `j0..j1` of W are widened once into `strip` (unless already f32), then
 /// every 6-row tile of x (which stays in L1 across the strip) runs against the L2-resident
 /// strip. Bound: FMA throughput.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn prefill_body<V: Tiles, E: Elem>(
     x: *const f32,
@@ -309,7 +311,7 @@ fn run<E: Elem>(
                 let (j0, j1) = (s * STRIP, ((s + 1) * STRIP).min(n));
                 let (r0, r1) = (b * ROW_BLOCK, ((b + 1) * ROW_BLOCK).min(rows));
                 STRIP_BUF.with_borrow_mut(|strip| {
-                    if strip.len() < STRIP * k {
+                    if E::as_f32(w.get()).is_none() && strip.len() < STRIP * k {
                         strip.resize(STRIP * k, 0.0);
                     }
                     // SAFETY: tasks write disjoint (row block, feature strip) rectangles.

@@ -80,6 +80,7 @@ pub(crate) trait F32x16: Copy {
     unsafe fn fma(a: Self, b: Self, c: Self) -> Self;
     unsafe fn mul(a: Self, b: Self) -> Self;
     unsafe fn add(a: Self, b: Self) -> Self;
+    unsafe fn div(a: Self, b: Self) -> Self;
     /// e^x lane-wise, within 2 ulp for x in [-87, 88]; underflows to (near) zero below.
     unsafe fn exp(self) -> Self;
     /// The fixed tree: t[i] = a[i] + a[i+8], u[i] = t[i] + t[i+4], v[i] = u[i] + u[i+2],
@@ -160,6 +161,23 @@ pub(crate) unsafe fn dot<V: F32x16>(a: *const f32, b: *const f32, n: usize) -> f
     }
     acc.hsum()
 }
+
+/// `out = gate / (1 + e^-gate) * up` over n elements.
+#[inline(always)]
+unsafe fn silu_mul_body<V: F32x16>(gate: *const f32, up: *const f32, out: *mut f32, n: usize) {
+    let one = V::splat(1.0);
+    let mut i = 0;
+    while i < n {
+        let m = (n - i).min(16);
+        let g = V::load_part(gate.add(i), m);
+        let e = V::mul(g, V::splat(-1.0)).exp();
+        let s = V::div(V::mul(g, V::load_part(up.add(i), m)), V::add(one, e));
+        s.store_part(out.add(i), m);
+        i += 16;
+    }
+}
+
+dispatch!(pub(crate) fn silu_mul(gate: *const f32, up: *const f32, out: *mut f32, n: usize) => silu_mul_body);
 
 /// Widens n elements to f32.
 #[inline(always)]
@@ -251,6 +269,10 @@ impl F32x16 for Scalar {
     #[inline(always)]
     unsafe fn add(a: Self, b: Self) -> Self {
         Self::from_fn(|i| a.0[i] + b.0[i])
+    }
+    #[inline(always)]
+    unsafe fn div(a: Self, b: Self) -> Self {
+        Self::from_fn(|i| a.0[i] / b.0[i])
     }
     #[inline(always)]
     unsafe fn exp(self) -> Self {
@@ -358,6 +380,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn add(a: Self, b: Self) -> Self {
             Avx512(_mm512_add_ps(a.0, b.0))
+        }
+        #[inline(always)]
+        unsafe fn div(a: Self, b: Self) -> Self {
+            Avx512(_mm512_div_ps(a.0, b.0))
         }
         #[inline(always)]
         unsafe fn exp(self) -> Self {
@@ -524,6 +550,10 @@ mod x86 {
             Avx2(_mm256_add_ps(a.0, b.0), _mm256_add_ps(a.1, b.1))
         }
         #[inline(always)]
+        unsafe fn div(a: Self, b: Self) -> Self {
+            Avx2(_mm256_div_ps(a.0, b.0), _mm256_div_ps(a.1, b.1))
+        }
+        #[inline(always)]
         unsafe fn exp(self) -> Self {
             Avx2(exp8(self.0), exp8(self.1))
         }
@@ -540,14 +570,17 @@ macro_rules! dispatch {
     ($(#[$m:meta])* $vis:vis fn $name:ident $(<$($g:ident: $b:path),*>)?
         ($($arg:ident: $ty:ty),* $(,)?) => $body:ident) => {
         $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
         $vis unsafe fn $name $(<$($g: $b),*>)? (isa: $crate::cpu::simd::Isa, $($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+            #[allow(clippy::too_many_arguments)]
             unsafe fn avx512 $(<$($g: $b),*>)? ($($arg: $ty),*) {
                 $body::<$crate::cpu::simd::Avx512 $($(, $g)*)?>($($arg),*)
             }
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma,f16c")]
+            #[allow(clippy::too_many_arguments)]
             unsafe fn avx2 $(<$($g: $b),*>)? ($($arg: $ty),*) {
                 $body::<$crate::cpu::simd::Avx2 $($(, $g)*)?>($($arg),*)
             }

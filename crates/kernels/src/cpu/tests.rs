@@ -254,10 +254,15 @@ fn rope_rotates_pairs_half_apart() {
 #[test]
 fn elementwise_ops_match_reference() {
     let mut rng = rng();
-    let b = CpuBackend::new(0).unwrap();
     // The long length runs on the pool in several chunks.
-    for len in [1, 1000, 100_003] {
-        let (g, u) = (values(&mut rng, len), values(&mut rng, len));
+    for (len, isa) in [1, 1000, 100_003]
+        .into_iter()
+        .flat_map(|len| Isa::available().into_iter().map(move |isa| (len, isa)))
+    {
+        let b = backend(isa);
+        // Gates out to +-100 reach exp's clamps.
+        let g: Vec<f32> = values(&mut rng, len).iter().map(|v| v * 100.0).collect();
+        let u = values(&mut rng, len);
         let mut out = poisoned(&b, len + 1);
         b.silu_mul(&buffer(&b, &g), &buffer(&b, &u), len, &mut out)
             .unwrap();
@@ -531,6 +536,41 @@ fn attention_matches_contiguous_reference() {
                     .zip(in_batch)
                     .all(|(a, c)| a.to_bits() == c.to_bits()),
                 "{isa:?}: decode row depends on its batch"
+            );
+
+            // The last six tokens of the chunked prefill alone: tasks group them differently
+            // (QUERY_TOKENS at a time from the first new token), the results must not change.
+            let s = &batch.seqs[2];
+            let tail = StepBatch {
+                tokens: vec![0; 6],
+                positions: batch.positions[s.start + s.len - 6..s.start + s.len].to_vec(),
+                slots: batch.slots[s.start + s.len - 6..s.start + s.len].to_vec(),
+                seqs: vec![SeqSpan {
+                    start: 0,
+                    len: 6,
+                    ..s.clone()
+                }],
+                logit_rows: vec![],
+            };
+            let rows = (s.start + s.len - 6) * width..(s.start + s.len) * width;
+            let mut out6 = poisoned(&b, 6 * width);
+            let q6 = buffer(&b, &q[rows.clone()]);
+            b.attention(
+                &q6,
+                &cache,
+                &b.prepare_step(&tail).unwrap(),
+                heads,
+                scale,
+                &mut out6,
+            )
+            .unwrap();
+            let tail_out = b.read(&out6, 6 * width).unwrap();
+            assert!(
+                tail_out
+                    .iter()
+                    .zip(&got[rows])
+                    .all(|(a, c)| a.to_bits() == c.to_bits()),
+                "{isa:?}: prefill rows depend on how tokens are grouped"
             );
 
             let err = b.attention(&buffer(&b, &q), &cache, &step, 5, scale, &mut out);
