@@ -2,6 +2,7 @@
 
 mod bench;
 mod chat;
+mod eval;
 mod generate;
 mod models;
 mod session;
@@ -31,6 +32,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Chat interactively with the model's chat template.
     Chat(chat::ChatArgs),
+    /// Perplexity of a text, and KL divergence against a reference model.
+    Eval(eval::EvalArgs),
     /// Measure load time, prefill and decode speed, and peak memory.
     Bench(bench::BenchArgs),
 }
@@ -41,6 +44,7 @@ fn main() -> Result<()> {
         Command::Pull { name } => models::pull(&name).map(|_| ()),
         Command::Generate(args) => generate::run(args),
         Command::Chat(args) => chat::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Bench(args) => bench::run(args),
     }
 }

@@ -22,7 +22,7 @@ pub struct ModelArgs {
     pub threads: usize,
 }
 
-fn parse_dtype(s: &str) -> std::result::Result<DenseFormat, String> {
+pub fn parse_dtype(s: &str) -> std::result::Result<DenseFormat, String> {
     DenseFormat::parse(s).ok_or_else(|| format!("unknown dtype `{s}` (use f32, f16 or bf16)"))
 }
 

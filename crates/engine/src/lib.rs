@@ -2,9 +2,11 @@
 
 pub mod blocks;
 pub mod detok;
+pub mod eval;
 mod generate;
 mod runner;
 pub mod sampler;
+pub mod scheduler;
 
 pub use generate::{Engine, Event, Finish, FinishReason, Generation, Request, Sequence};
 pub use runner::{Runner, StepRunner};
@@ -24,6 +26,8 @@ pub enum EngineError {
     },
     #[error("invalid sampling parameters: {0}")]
     Sampling(#[from] sampler::SamplingError),
+    #[error("evaluation: {0}")]
+    Eval(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error(transparent)]
