@@ -16,7 +16,7 @@ pub struct Sequence {
     pub tokens: Vec<u32>,
     pub prompt_len: usize,
     /// Tokens whose keys and values are in the cache.
-    computed: usize,
+    pub(crate) computed: usize,
     table: BlockTable,
 }
 
@@ -31,7 +31,7 @@ impl Sequence {
     pub fn generated(&self) -> &[u32] {
         &self.tokens[self.prompt_len..]
     }
-    fn pending(&self) -> usize {
+    pub(crate) fn pending(&self) -> usize {
         self.tokens.len() - self.computed
     }
 }
@@ -184,6 +184,47 @@ impl Engine {
         seq.computed = 0;
     }
 
+    /// Runs `tokens` (one window, at most the step budget) through the model up to
+    /// `observer.last_layer()`, showing the observer every linear layer's input.
+    pub fn observe(&mut self, tokens: &[u32], observer: &mut dyn marlin_model::llama::MatmulObserver) -> Result<()> {
+        let budget = self.runner.max_step_tokens();
+        if tokens.is_empty() || tokens.len() > budget {
+            return Err(EngineError::Eval(format!(
+                "a calibration window must hold 1 to {budget} tokens, not {}",
+                tokens.len()
+            )));
+        }
+        let mut table = BlockTable::default();
+        let block_size = self.blocks.block_size();
+        self.blocks
+            .grow(&mut table, tokens.len())
+            .map_err(|_| EngineError::OutOfKvBlocks {
+                needed: tokens.len(),
+                free_blocks: self.blocks.num_free(),
+                block_size,
+            })?;
+        let batch = StepBatch {
+            tokens: tokens.to_vec(),
+            positions: (0..tokens.len() as u32).collect(),
+            slots: (0..tokens.len()).map(|p| table.slot(block_size, p)).collect(),
+            seqs: vec![SeqSpan {
+                start: 0,
+                len: tokens.len(),
+                context_len: tokens.len(),
+                block_table: table.blocks().to_vec(),
+            }],
+            logit_rows: Vec::new(),
+        };
+        let result = self.runner.observe(&batch, observer);
+        self.blocks.free(&mut table);
+        Ok(result?)
+    }
+
+    /// Replaces a projection's weights (by Hugging Face name).
+    pub fn set_weight(&mut self, name: &str, weight: &marlin_kernels::HostWeight) -> Result<()> {
+        Ok(self.runner.set_weight(name, weight)?)
+    }
+
     /// Teacher-forced logits at every position of `tokens` (vocab values per position).
     pub fn score(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         self.check_prompt(tokens.len(), 0)?;
@@ -201,61 +242,102 @@ impl Engine {
     }
 
     fn check_prompt(&self, prompt_len: usize, max_tokens: usize) -> Result<()> {
-        let context = self.max_context();
-        if prompt_len == 0 {
-            return Err(EngineError::EmptyPrompt);
-        }
-        if prompt_len + max_tokens.min(1) > context {
-            return Err(EngineError::PromptTooLong {
-                prompt_len,
-                context,
-            });
-        }
         let capacity = self.blocks.num_blocks() * self.blocks.block_size();
-        if prompt_len + max_tokens.min(1) > capacity {
-            return Err(EngineError::PromptTooLong {
-                prompt_len,
-                context: capacity,
-            });
-        }
-        Ok(())
+        check_prompt_len(prompt_len, max_tokens, self.max_context(), capacity)
     }
 
     /// Starts generating; the returned stream yields text pieces, then one `Finished` event.
     pub fn generate(&mut self, request: Request) -> Result<Generation<'_>> {
         self.check_prompt(request.prompt.len(), request.max_tokens)?;
-        let sampler = Sampler::new(request.sampling.clone())?;
-        let tail_start = request.prompt.len().saturating_sub(4);
+        let decoding = Decoding::new(&request)?;
         Ok(Generation {
-            decoder: IncrementalDecoder::new(&request.prompt[tail_start..]),
-            stops: StopMatcher::new(request.stop.clone()),
-            seq: Sequence::new(request.prompt.clone()),
-            sampler,
-            request,
+            seq: Sequence::new(request.prompt),
+            decoding,
             engine: self,
             finished: false,
         })
     }
+
+    /// Checks a request the way `generate` does, without starting it: an empty prompt, one that
+    /// leaves no room in the context or the KV cache, or invalid sampling parameters.
+    pub fn validate(&self, request: &Request) -> Result<()> {
+        self.check_prompt(request.prompt.len(), request.max_tokens)?;
+        request.sampling.validate()?;
+        Ok(())
+    }
+
+    /// Grows `seq`'s block table to hold `tokens` tokens; false (nothing allocated) when the
+    /// free blocks do not suffice. A scheduler reserves before `step` so the step cannot fail.
+    pub fn reserve(&mut self, seq: &mut Sequence, tokens: usize) -> bool {
+        self.blocks.grow(&mut seq.table, tokens).is_ok()
+    }
 }
 
-/// One request's stream of events. Dropping it frees its KV blocks.
-pub struct Generation<'e> {
-    engine: &'e mut Engine,
-    request: Request,
-    seq: Sequence,
+/// The prompt checks of `Engine::generate`, for a context of `context` tokens and a KV cache of
+/// `capacity` token slots.
+pub(crate) fn check_prompt_len(
+    prompt_len: usize,
+    max_tokens: usize,
+    context: usize,
+    capacity: usize,
+) -> Result<()> {
+    if prompt_len == 0 {
+        return Err(EngineError::EmptyPrompt);
+    }
+    if prompt_len + max_tokens.min(1) > context {
+        return Err(EngineError::PromptTooLong {
+            prompt_len,
+            context,
+        });
+    }
+    if prompt_len + max_tokens.min(1) > capacity {
+        return Err(EngineError::PromptTooLong {
+            prompt_len,
+            context: capacity,
+        });
+    }
+    Ok(())
+}
+
+/// What one generated token did to a request.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(crate) struct Accepted {
+    /// Text that became safe to show (often empty while a character or stop string is pending).
+    pub text: String,
+    /// Set when the token ended the request.
+    pub finish: Option<FinishReason>,
+}
+
+/// The per-request half of generation, shared by `Generation` and the scheduler so both produce
+/// the same tokens and text: the seeded sampler, the incremental detokenizer, the stop-string
+/// matcher, `max_tokens` and the stop token ids.
+pub(crate) struct Decoding {
+    max_tokens: usize,
+    stop_token_ids: Vec<u32>,
     sampler: Sampler,
     decoder: IncrementalDecoder,
     stops: StopMatcher,
-    finished: bool,
 }
 
-impl Generation<'_> {
+impl Decoding {
+    pub fn new(request: &Request) -> Result<Self> {
+        let sampler = Sampler::new(request.sampling.clone())?;
+        let tail_start = request.prompt.len().saturating_sub(4);
+        Ok(Self {
+            max_tokens: request.max_tokens,
+            stop_token_ids: request.stop_token_ids.clone(),
+            sampler,
+            decoder: IncrementalDecoder::new(&request.prompt[tail_start..]),
+            stops: StopMatcher::new(request.stop.clone()),
+        })
+    }
+
     /// Releases whatever text the decoder and the stop matcher still hold; true if a stop string
     /// completed in it.
-    fn drain(&mut self) -> Result<(String, bool)> {
+    fn drain(&mut self, tokenizer: &Tokenizer) -> Result<(String, bool)> {
         let rest = self
             .decoder
-            .flush(&self.engine.tokenizer)
+            .flush(tokenizer)
             .map_err(EngineError::Tokenizer)?;
         let mut outcome = self.stops.push(&rest);
         if !outcome.stopped {
@@ -264,6 +346,74 @@ impl Generation<'_> {
         Ok((outcome.emit, outcome.stopped))
     }
 
+    /// If `seq` may not grow any further (`max_tokens` generated or `context` full), ends the
+    /// request and returns the reason with the last text held back.
+    pub fn check_limits(
+        &mut self,
+        seq: &Sequence,
+        context: usize,
+        tokenizer: &Tokenizer,
+    ) -> Result<Option<(FinishReason, String)>> {
+        if seq.generated().len() < self.max_tokens && seq.tokens.len() < context {
+            return Ok(None);
+        }
+        let (text, stopped) = self.drain(tokenizer)?;
+        let reason = if stopped {
+            FinishReason::Stop
+        } else {
+            FinishReason::Length
+        };
+        Ok(Some((reason, text)))
+    }
+
+    /// Samples the next token from the logits of `seq`'s last token and appends it.
+    pub fn accept(
+        &mut self,
+        seq: &mut Sequence,
+        logits: &mut [f32],
+        tokenizer: &Tokenizer,
+    ) -> Result<Accepted> {
+        let token = self.sampler.sample(logits, &seq.tokens);
+        seq.tokens.push(token);
+        if self.stop_token_ids.contains(&token) {
+            let (text, _) = self.drain(tokenizer)?;
+            return Ok(Accepted {
+                text,
+                finish: Some(FinishReason::Stop),
+            });
+        }
+        let piece = self
+            .decoder
+            .push(tokenizer, token)
+            .map_err(EngineError::Tokenizer)?;
+        let outcome = self.stops.push(&piece);
+        Ok(Accepted {
+            text: outcome.emit,
+            finish: outcome.stopped.then_some(FinishReason::Stop),
+        })
+    }
+}
+
+impl Finish {
+    pub(crate) fn of(seq: &Sequence, reason: FinishReason) -> Self {
+        Finish {
+            reason,
+            prompt_tokens: seq.prompt_len,
+            completion_tokens: seq.generated().len(),
+            token_ids: seq.generated().to_vec(),
+        }
+    }
+}
+
+/// One request's stream of events. Dropping it frees its KV blocks.
+pub struct Generation<'e> {
+    engine: &'e mut Engine,
+    seq: Sequence,
+    decoding: Decoding,
+    finished: bool,
+}
+
+impl Generation<'_> {
     fn finish(&mut self, reason: FinishReason, text: String) -> Result<Vec<Event>> {
         self.finished = true;
         self.engine.release(&mut self.seq);
@@ -271,12 +421,7 @@ impl Generation<'_> {
         if !text.is_empty() {
             events.push(Event::Text(text));
         }
-        events.push(Event::Finished(Finish {
-            reason,
-            prompt_tokens: self.seq.prompt_len,
-            completion_tokens: self.seq.generated().len(),
-            token_ids: self.seq.generated().to_vec(),
-        }));
+        events.push(Event::Finished(Finish::of(&self.seq, reason)));
         Ok(events)
     }
 
@@ -291,15 +436,10 @@ impl Generation<'_> {
     fn advance(&mut self) -> Result<Vec<Event>> {
         let context = self.engine.max_context();
         loop {
-            if self.seq.generated().len() >= self.request.max_tokens
-                || self.seq.tokens.len() >= context
+            if let Some((reason, text)) =
+                self.decoding
+                    .check_limits(&self.seq, context, &self.engine.tokenizer)?
             {
-                let (text, stopped) = self.drain()?;
-                let reason = if stopped {
-                    FinishReason::Stop
-                } else {
-                    FinishReason::Length
-                };
                 return self.finish(reason, text);
             }
             let logits = match self.engine.step(&mut [&mut self.seq], false) {
@@ -311,22 +451,14 @@ impl Generation<'_> {
                 }
             };
             let Some(mut logits) = logits else { continue };
-            let token = self.sampler.sample(&mut logits, &self.seq.tokens);
-            self.seq.tokens.push(token);
-            if self.request.stop_token_ids.contains(&token) {
-                let (text, _) = self.drain()?;
-                return self.finish(FinishReason::Stop, text);
+            let accepted =
+                self.decoding
+                    .accept(&mut self.seq, &mut logits, &self.engine.tokenizer)?;
+            if let Some(reason) = accepted.finish {
+                return self.finish(reason, accepted.text);
             }
-            let piece = self
-                .decoder
-                .push(&self.engine.tokenizer, token)
-                .map_err(EngineError::Tokenizer)?;
-            let outcome = self.stops.push(&piece);
-            if outcome.stopped {
-                return self.finish(FinishReason::Stop, outcome.emit);
-            }
-            if !outcome.emit.is_empty() {
-                return Ok(vec![Event::Text(outcome.emit)]);
+            if !accepted.text.is_empty() {
+                return Ok(vec![Event::Text(accepted.text)]);
             }
         }
     }

@@ -1,7 +1,9 @@
 //! The boundary between the engine and a model on some backend: one object-safe trait, so the
 //! CLI and server pick the backend at run time while the model's hot path stays generic.
 
+use marlin_kernels::HostWeight;
 use marlin_kernels::{Backend, KvLayout, StepBatch};
+use marlin_model::llama::MatmulObserver;
 use marlin_model::{KvCache, Model, ModelConfig, Result, Workspace};
 
 pub trait StepRunner: Send {
@@ -11,6 +13,10 @@ pub trait StepRunner: Send {
     fn max_step_tokens(&self) -> usize;
     /// Runs a step and returns the logits of `batch.logit_rows`, row after row.
     fn step(&mut self, batch: &StepBatch) -> Result<Vec<f32>>;
+    /// Runs a step only up to `observer.last_layer()`, showing it each linear layer's input.
+    fn observe(&mut self, batch: &StepBatch, observer: &mut dyn MatmulObserver) -> Result<()>;
+    /// Replaces a projection's weights (by Hugging Face name).
+    fn set_weight(&mut self, name: &str, weight: &HostWeight) -> Result<()>;
 }
 
 /// A model with its workspace and KV cache.
@@ -51,5 +57,13 @@ impl<B: Backend> StepRunner for Runner<B> {
     }
     fn step(&mut self, batch: &StepBatch) -> Result<Vec<f32>> {
         self.model.forward(&mut self.workspace, &mut self.kv, batch)
+    }
+    fn observe(&mut self, batch: &StepBatch, observer: &mut dyn MatmulObserver) -> Result<()> {
+        self.model
+            .forward_observed(&mut self.workspace, &mut self.kv, batch, Some(observer))
+            .map(drop)
+    }
+    fn set_weight(&mut self, name: &str, weight: &HostWeight) -> Result<()> {
+        self.model.set_weight(name, weight)
     }
 }

@@ -239,3 +239,65 @@ fn prompt_longer_than_context_is_a_clear_error() {
     let err = engine.generate(request).err().unwrap().to_string();
     assert!(err.contains("context"), "{err}");
 }
+
+#[test]
+fn observer_sees_every_linear_input_and_set_weight_takes_effect() {
+    struct Seen(Vec<(usize, Vec<String>, usize, usize)>);
+    impl marlin_model::llama::MatmulObserver for Seen {
+        fn last_layer(&self) -> usize {
+            0
+        }
+        fn observe(
+            &mut self,
+            layer: usize,
+            weights: &[String],
+            input: &[f32],
+            rows: usize,
+            cols: usize,
+        ) {
+            assert_eq!(input.len(), rows * cols);
+            assert!(input.iter().all(|v| v.is_finite()));
+            self.0.push((layer, weights.to_vec(), rows, cols));
+        }
+    }
+    let (mut engine, files) = engine("tiny-llama", DenseFormat::F32, 64);
+    let mut seen = Seen(Vec::new());
+    engine.observe(&[5, 6, 7, 8, 9], &mut seen).unwrap();
+    let c = &files.config;
+    let sites: Vec<(usize, usize)> = seen
+        .0
+        .iter()
+        .map(|(_, w, r, cols)| (w.len() * 1000 + r, *cols))
+        .collect();
+    assert_eq!(
+        sites,
+        vec![
+            (3005, c.hidden_size),
+            (1005, c.num_heads * c.head_dim),
+            (2005, c.hidden_size),
+            (1005, c.intermediate_size)
+        ]
+    );
+    assert!(seen.0.iter().all(|(layer, ..)| *layer == 0));
+    assert_eq!(
+        seen.0[3].1,
+        vec!["model.layers.0.mlp.down_proj.weight".to_string()]
+    );
+    assert_eq!(engine.blocks().num_free(), engine.blocks().num_blocks());
+
+    let before = engine.score(&[5, 6, 7]).unwrap();
+    let zeros = marlin_kernels::HostWeight::from_f32(
+        DenseFormat::F32,
+        c.hidden_size,
+        c.intermediate_size,
+        &vec![0.0; c.hidden_size * c.intermediate_size],
+    )
+    .unwrap();
+    engine
+        .set_weight("model.layers.1.mlp.down_proj.weight", &zeros)
+        .unwrap();
+    assert_ne!(engine.score(&[5, 6, 7]).unwrap(), before);
+    assert!(engine
+        .set_weight("model.layers.1.mlp.nope.weight", &zeros)
+        .is_err());
+}

@@ -6,6 +6,22 @@ use crate::weights::TensorSource;
 use crate::Result;
 use marlin_kernels::{Backend, DenseFormat, KvLayout, StepBatch};
 
+/// Sees the input of each linear layer as the model runs: what data-aware quantizers (GPTQ)
+/// accumulate their Hessians from. `weights` names the projections that share the input
+/// (e.g. q, k and v), by their Hugging Face names.
+pub trait MatmulObserver {
+    /// Layers at and below this one are observed; the step stops after it.
+    fn last_layer(&self) -> usize;
+    fn observe(
+        &mut self,
+        layer: usize,
+        weights: &[String],
+        input: &[f32],
+        rows: usize,
+        cols: usize,
+    );
+}
+
 struct Layer<B: Backend> {
     attn_norm: B::Buffer,
     q: B::Weight,
@@ -134,6 +150,43 @@ impl<B: Backend> Model<B> {
         })
     }
 
+    /// Replaces one projection's weights (by Hugging Face name), e.g. with its quantized form
+    /// while a data-aware quantizer works through the layers.
+    pub fn set_weight(&mut self, name: &str, weight: &marlin_quant::HostWeight) -> Result<()> {
+        let slot = name
+            .strip_prefix("model.layers.")
+            .and_then(|rest| rest.split_once('.'))
+            .and_then(|(i, proj)| {
+                let layer = self.layers.get_mut(i.parse::<usize>().ok()?)?;
+                Some(match proj {
+                    "self_attn.q_proj.weight" => &mut layer.q,
+                    "self_attn.k_proj.weight" => &mut layer.k,
+                    "self_attn.v_proj.weight" => &mut layer.v,
+                    "self_attn.o_proj.weight" => &mut layer.o,
+                    "mlp.gate_proj.weight" => &mut layer.gate,
+                    "mlp.up_proj.weight" => &mut layer.up,
+                    "mlp.down_proj.weight" => &mut layer.down,
+                    _ => return None,
+                })
+            });
+        let Some(slot) = slot else {
+            return Err(marlin_kernels::KernelError::Shape(format!(
+                "no projection named `{name}`"
+            ))
+            .into());
+        };
+        let shape = self.backend.weight_shape(slot);
+        if shape != (weight.rows, weight.cols) {
+            return Err(marlin_kernels::KernelError::Shape(format!(
+                "`{name}` is {}x{}, the replacement {}x{}",
+                shape.0, shape.1, weight.rows, weight.cols
+            ))
+            .into());
+        }
+        *slot = self.backend.upload_weight(weight)?;
+        Ok(())
+    }
+
     pub fn backend(&self) -> &B {
         &self.backend
     }
@@ -181,6 +234,18 @@ impl<B: Backend> Model<B> {
         kv: &mut KvCache<B>,
         batch: &StepBatch,
     ) -> Result<Vec<f32>> {
+        self.forward_observed(ws, kv, batch, None)
+    }
+
+    /// `forward`, showing each linear layer's input to `observer`; with an observer the step
+    /// ends after its last layer and returns no logits.
+    pub fn forward_observed(
+        &self,
+        ws: &mut Workspace<B>,
+        kv: &mut KvCache<B>,
+        batch: &StepBatch,
+        mut observer: Option<&mut dyn MatmulObserver>,
+    ) -> Result<Vec<f32>> {
         let c = &self.config;
         let b = &self.backend;
         let n = batch.num_tokens();
@@ -198,7 +263,19 @@ impl<B: Backend> Model<B> {
             (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim);
         let scale = 1.0 / (hd as f32).sqrt();
         b.embedding(&self.embed, &step, &mut ws.x)?;
-        for (layer, cache) in self.layers.iter().zip(kv.layers.iter_mut()) {
+        let last_layer = observer.as_deref().map(|o| o.last_layer());
+        let mut watch =
+            |i: usize, projections: &[&str], input: &B::Buffer, cols: usize| -> Result<()> {
+                if let Some(o) = observer.as_deref_mut() {
+                    let names: Vec<String> = projections
+                        .iter()
+                        .map(|p| format!("model.layers.{i}.{p}.weight"))
+                        .collect();
+                    o.observe(i, &names, &b.read(input, n * cols)?, n, cols);
+                }
+                Ok(())
+            };
+        for (i, (layer, cache)) in self.layers.iter().zip(kv.layers.iter_mut()).enumerate() {
             b.rms_norm(
                 &ws.x,
                 &layer.attn_norm,
@@ -206,6 +283,12 @@ impl<B: Backend> Model<B> {
                 n,
                 hidden,
                 &mut ws.normed,
+            )?;
+            watch(
+                i,
+                &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                &ws.normed,
+                hidden,
             )?;
             match &layer.qk_norms {
                 Some((q_norm, k_norm)) => {
@@ -238,6 +321,7 @@ impl<B: Backend> Model<B> {
             b.rope(&mut ws.k, &step, kv_heads, hd, &self.rope_table)?;
             b.write_kv(cache, &ws.k, &ws.v, &step)?;
             b.attention(&ws.q, cache, &step, heads, scale, &mut ws.attn)?;
+            watch(i, &["self_attn.o_proj"], &ws.attn, heads * hd)?;
             b.matmul(&ws.attn, &layer.o, n, &mut ws.proj)?;
             b.add(&mut ws.x, &ws.proj, n * hidden)?;
 
@@ -249,11 +333,16 @@ impl<B: Backend> Model<B> {
                 hidden,
                 &mut ws.normed,
             )?;
+            watch(i, &["mlp.gate_proj", "mlp.up_proj"], &ws.normed, hidden)?;
             b.matmul(&ws.normed, &layer.gate, n, &mut ws.gate)?;
             b.matmul(&ws.normed, &layer.up, n, &mut ws.up)?;
             b.silu_mul(&ws.gate, &ws.up, n * c.intermediate_size, &mut ws.act)?;
+            watch(i, &["mlp.down_proj"], &ws.act, c.intermediate_size)?;
             b.matmul(&ws.act, &layer.down, n, &mut ws.proj)?;
             b.add(&mut ws.x, &ws.proj, n * hidden)?;
+            if last_layer == Some(i) {
+                return Ok(Vec::new());
+            }
         }
         let rows = batch.logit_rows.len();
         if rows == 0 {
