@@ -77,6 +77,10 @@ impl StepBatch {
                 )
             })?;
             covered += seq.len;
+            // Before the per-token checks below index positions and slots by it.
+            check(covered <= n, "step", || {
+                format!("sequence {i} ends at token {covered} of {n}")
+            })?;
             check(seq.len <= seq.context_len, "step", || {
                 format!(
                     "sequence {i} has {} new tokens but context {}",

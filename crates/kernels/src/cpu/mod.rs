@@ -32,6 +32,7 @@ pub struct DenseWeight<T> {
 }
 
 /// A weight in the format it was uploaded in; the kernels widen 16-bit elements on the fly.
+/// Quantized formats are meant to join as further variants.
 pub enum Weight {
     F32(DenseWeight<f32>),
     F16(DenseWeight<f16>),
@@ -96,8 +97,9 @@ impl CpuBackend {
     }
 
     /// Runs `f` on one of the backend's threads. Ops called inside it start their parallel work
-    /// directly instead of handing it to the pool and sleeping until it is done, which saves
-    /// about 10 us per op: a whole forward pass wrapped in it decodes measurably faster.
+    /// directly instead of handing it to the pool and sleeping until it is done: on this 2-vCPU
+    /// VM that hand-off costs ~35 us per op, and the f16 SmolLM2-135M decode matmuls go from
+    /// ~41 to ~60 tokens/s when the loop calling them runs inside `install`.
     pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         self.pool.install(f)
     }

@@ -179,6 +179,18 @@ unsafe fn silu_mul_body<V: F32x16>(gate: *const f32, up: *const f32, out: *mut f
 
 dispatch!(pub(crate) fn silu_mul(gate: *const f32, up: *const f32, out: *mut f32, n: usize) => silu_mul_body);
 
+/// Asks for the cache line holding `p` (any address; nothing is read architecturally).
+#[inline(always)]
+pub(crate) fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Widens n elements to f32.
 #[inline(always)]
 pub(crate) unsafe fn widen<V: F32x16, E: Elem>(src: *const E, dst: *mut f32, n: usize) {

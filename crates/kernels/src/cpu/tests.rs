@@ -573,6 +573,13 @@ fn attention_matches_contiguous_reference() {
                 "{isa:?}: prefill rows depend on how tokens are grouped"
             );
 
+            let mut overlong = batch.clone();
+            overlong.seqs[3].len += 1;
+            overlong.seqs[3].context_len += 1;
+            let bad = b.prepare_step(&overlong).unwrap();
+            let err = b.attention(&buffer(&b, &q), &cache, &bad, heads, scale, &mut out);
+            assert!(matches!(err, Err(KernelError::Shape(m)) if m.starts_with("step")));
+
             let err = b.attention(&buffer(&b, &q), &cache, &step, 5, scale, &mut out);
             assert!(matches!(err, Err(KernelError::Shape(m)) if m.starts_with("attention")));
         }
