@@ -34,22 +34,28 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
     let mut session = Session::load(&args.model)?;
     let mut reference = match &args.reference {
-        Some(name) => Some(Session::load(&ModelArgs {
-            model: Some(name.clone()),
-            dtype: args.reference_dtype,
-            threads: args.model.threads,
-        })?),
+        Some(name) => Some(Session::load(&ModelArgs::plain(
+            Some(name.clone()),
+            args.reference_dtype,
+            args.model.threads,
+        ))?),
         None => None,
     };
     let tokens = session.engine.tokenizer().encode(&text, true)?;
     if let Some(r) = &reference {
         let theirs = r.engine.tokenizer().encode(&text, true)?;
-        anyhow::ensure!(theirs == tokens, "the model and the reference tokenize the text differently");
+        anyhow::ensure!(
+            theirs == tokens,
+            "the model and the reference tokenize the text differently"
+        );
     }
-    let bar = ProgressBar::new(0).with_style(ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} windows [{elapsed_precise}]")?);
+    let bar = ProgressBar::new(0).with_style(ProgressStyle::with_template(
+        "{msg} {bar:40} {pos}/{len} windows [{elapsed_precise}]",
+    )?);
     bar.set_message("scoring");
     let stats = evaluate(
         &mut session.engine,
@@ -69,13 +75,28 @@ pub fn run(args: EvalArgs) -> Result<()> {
         return Ok(());
     }
     println!("model          {}", session.files_path.display());
-    println!("scored tokens  {} (ctx {}, {} tokens in the text)", report.scored_tokens, args.ctx, tokens.len());
-    println!("perplexity     {:.4} ± {:.4}", report.perplexity, report.perplexity_se);
-    if let (Some(kld), Some(kld_se), Some(top1), Some(top1_se)) =
-        (report.mean_kld, report.mean_kld_se, report.same_top1, report.same_top1_se)
-    {
+    println!(
+        "scored tokens  {} (ctx {}, {} tokens in the text)",
+        report.scored_tokens,
+        args.ctx,
+        tokens.len()
+    );
+    println!(
+        "perplexity     {:.4} ± {:.4}",
+        report.perplexity, report.perplexity_se
+    );
+    if let (Some(kld), Some(kld_se), Some(top1), Some(top1_se)) = (
+        report.mean_kld,
+        report.mean_kld_se,
+        report.same_top1,
+        report.same_top1_se,
+    ) {
         println!("mean KLD       {kld:.6} ± {kld_se:.6}");
-        println!("same top-1     {:.2} ± {:.2} %", 100.0 * top1, 100.0 * top1_se);
+        println!(
+            "same top-1     {:.2} ± {:.2} %",
+            100.0 * top1,
+            100.0 * top1_se
+        );
     }
     Ok(())
 }

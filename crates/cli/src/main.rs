@@ -5,6 +5,8 @@ mod chat;
 mod eval;
 mod generate;
 mod models;
+mod quantize;
+mod serve;
 mod session;
 
 use anyhow::Result;
@@ -34,8 +36,12 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Perplexity of a text, and KL divergence against a reference model.
     Eval(eval::EvalArgs),
+    /// Quantize a model into a folder of packed weights (RTN or GPTQ).
+    Quantize(quantize::QuantizeArgs),
     /// Measure load time, prefill and decode speed, and peak memory.
     Bench(bench::BenchArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API with continuous batching.
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> Result<()> {
@@ -46,5 +52,7 @@ fn main() -> Result<()> {
         Command::Chat(args) => chat::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Quantize(args) => quantize::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }

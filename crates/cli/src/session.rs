@@ -2,10 +2,11 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use marlin_engine::{Engine, Runner, SamplingParams};
+use marlin_engine::{Engine, Runner, SamplingParams, StepRunner};
 use marlin_kernels::cpu::CpuBackend;
-use marlin_kernels::DenseFormat;
-use marlin_model::{GenerationDefaults, ModelFiles};
+use marlin_kernels::{Backend, DenseFormat};
+use marlin_model::{GenerationDefaults, LoadOptions, ModelFiles, QuantizeSpec};
+use marlin_quant::QuantFormat;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,91 @@ pub struct ModelArgs {
     /// Worker threads (0 = one per core)
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Quantize every linear layer on load (RTN): int8, int4, int3, int2, fp8, fp4, mxfp4, nvfp4
+    /// (the embedding and lm_head get int8 g32)
+    #[arg(long, value_parser = parse_format)]
+    pub quantize: Option<QuantFormat>,
+    /// Largest group for --quantize: 32, 64, 128 or `channel`; rows it does not divide use the
+    /// largest of 128/64/32 that does [default: 32; fp8: channel]
+    #[arg(long, value_parser = parse_group)]
+    pub group_size: Option<usize>,
+    /// Asymmetric integers for --quantize: an f16 offset beside each group's scale
+    #[arg(long)]
+    pub asym: bool,
+    /// Dequantize GGUF's quantized tensors to --dtype instead of running them packed
+    #[arg(long)]
+    pub unpack: bool,
+    /// Where to run: cpu, or cuda[:N] (a build with `--features cuda`)
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: Device,
+}
+
+/// The backend a model runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+pub fn parse_device(s: &str) -> std::result::Result<Device, String> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| format!("device `{s}`: use cpu, cuda or cuda:N")),
+    }
+}
+
+impl ModelArgs {
+    /// Just a model and a precision, nothing quantized on load (e.g. a reference model).
+    pub fn plain(model: Option<String>, dtype: DenseFormat, threads: usize) -> Self {
+        Self {
+            model,
+            dtype,
+            threads,
+            quantize: None,
+            group_size: None,
+            asym: false,
+            unpack: false,
+            device: Device::Cpu,
+        }
+    }
+
+    /// The loader options these flags ask for.
+    pub fn load_options(&self) -> Result<LoadOptions> {
+        let mut options = LoadOptions::new(self.dtype);
+        options.keep_packed = !self.unpack;
+        if let Some(format) = self.quantize {
+            let format = format.with_asym(self.asym || format.is_asym())?;
+            let mut spec = QuantizeSpec::new(format);
+            if let Some(g) = self.group_size {
+                spec.group = g;
+            }
+            options.quantize = Some(spec);
+        } else if self.asym || self.group_size.is_some() {
+            bail!("--asym and --group-size go with --quantize");
+        }
+        Ok(options)
+    }
+}
+
+pub fn parse_format(s: &str) -> std::result::Result<QuantFormat, String> {
+    QuantFormat::parse(s).ok_or_else(|| {
+        format!("unknown format `{s}` (use int8, int4, int3, int2, fp8, fp4, mxfp4 or nvfp4)")
+    })
+}
+
+pub fn parse_group(s: &str) -> std::result::Result<usize, String> {
+    match s {
+        "channel" | "0" => Ok(marlin_quant::PER_CHANNEL),
+        "32" => Ok(32),
+        "64" => Ok(64),
+        "128" => Ok(128),
+        _ => Err(format!("group size `{s}`: use 32, 64, 128 or channel")),
+    }
 }
 
 pub fn parse_dtype(s: &str) -> std::result::Result<DenseFormat, String> {
@@ -39,21 +125,47 @@ pub struct Session {
     pub load_time: Duration,
 }
 
+/// The model's weights on `backend`, behind the engine's one trait object.
+fn runner<B: Backend>(
+    files: &ModelFiles,
+    path: &std::path::Path,
+    backend: B,
+    options: &LoadOptions,
+) -> Result<Box<dyn StepRunner>> {
+    let model = files
+        .load_with(backend, options)
+        .with_context(|| format!("cannot load the weights of {}", path.display()))?;
+    let blocks = model.config.max_context.div_ceil(BLOCK_SIZE);
+    Ok(Box::new(Runner::new(
+        model,
+        STEP_TOKENS,
+        blocks,
+        BLOCK_SIZE,
+    )?))
+}
+
 impl Session {
     pub fn load(args: &ModelArgs) -> Result<Self> {
         let path = crate::models::resolve(args.model.as_deref())?;
         let started = Instant::now();
         let mut files = ModelFiles::open(&path)
             .with_context(|| format!("cannot open model {}", path.display()))?;
-        let backend = CpuBackend::new(args.threads)?;
-        let model = files
-            .load(backend, args.dtype)
-            .with_context(|| format!("cannot load the weights of {}", path.display()))?;
-        let blocks = model.config.max_context.div_ceil(BLOCK_SIZE);
-        let runner = Runner::new(model, STEP_TOKENS, blocks, BLOCK_SIZE)?;
+        let options = args.load_options()?;
+        let runner: Box<dyn StepRunner> = match args.device {
+            Device::Cpu => runner(&files, &path, CpuBackend::new(args.threads)?, &options)?,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => {
+                let backend = marlin_kernels::cuda::CudaBackend::new(n)?;
+                runner(&files, &path, backend, &options)?
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(n) => {
+                bail!("--device cuda:{n}: this marlin was built without CUDA (build it with --features cuda)")
+            }
+        };
         let stop_token_ids = files.stop_token_ids();
         let chat_template = files.chat_template.take();
-        let engine = Engine::new(Box::new(runner), files.tokenizer.clone());
+        let engine = Engine::new(runner, files.tokenizer.clone());
         Ok(Self {
             engine,
             files_path: path,

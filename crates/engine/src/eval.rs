@@ -36,7 +36,9 @@ fn log_softmax(row: &[f32]) -> Vec<f64> {
 }
 
 fn argmax(row: &[f32]) -> usize {
-    row.iter().enumerate().fold(0, |best, (i, v)| if *v > row[best] { i } else { best })
+    row.iter()
+        .enumerate()
+        .fold(0, |best, (i, v)| if *v > row[best] { i } else { best })
 }
 
 impl EvalStats {
@@ -101,7 +103,9 @@ pub fn evaluate(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<EvalStats> {
     if ctx < 4 {
-        return Err(EngineError::Eval(format!("--ctx {ctx} is too small (at least 4)")));
+        return Err(EngineError::Eval(format!(
+            "--ctx {ctx} is too small (at least 4)"
+        )));
     }
     let available = tokens.len() / ctx;
     let chunks = max_chunks.map_or(available, |m| m.min(available));
@@ -130,7 +134,9 @@ pub fn evaluate(
         };
         for pos in ctx / 2..ctx - 1 {
             let row = &logits[pos * vocab..(pos + 1) * vocab];
-            let reference_row = reference_logits.as_ref().map(|l| &l[pos * vocab..(pos + 1) * vocab]);
+            let reference_row = reference_logits
+                .as_ref()
+                .map(|l| &l[pos * vocab..(pos + 1) * vocab]);
             stats.add(row, reference_row, window[pos + 1]);
         }
         progress(chunk + 1, chunks);

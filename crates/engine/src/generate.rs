@@ -186,7 +186,11 @@ impl Engine {
 
     /// Runs `tokens` (one window, at most the step budget) through the model up to
     /// `observer.last_layer()`, showing the observer every linear layer's input.
-    pub fn observe(&mut self, tokens: &[u32], observer: &mut dyn marlin_model::llama::MatmulObserver) -> Result<()> {
+    pub fn observe(
+        &mut self,
+        tokens: &[u32],
+        observer: &mut (dyn marlin_model::llama::MatmulObserver + Send),
+    ) -> Result<()> {
         let budget = self.runner.max_step_tokens();
         if tokens.is_empty() || tokens.len() > budget {
             return Err(EngineError::Eval(format!(
@@ -206,7 +210,9 @@ impl Engine {
         let batch = StepBatch {
             tokens: tokens.to_vec(),
             positions: (0..tokens.len() as u32).collect(),
-            slots: (0..tokens.len()).map(|p| table.slot(block_size, p)).collect(),
+            slots: (0..tokens.len())
+                .map(|p| table.slot(block_size, p))
+                .collect(),
             seqs: vec![SeqSpan {
                 start: 0,
                 len: tokens.len(),

@@ -1,6 +1,7 @@
 //! Sequences, sampling, paged KV blocks and the generation stream.
 
 pub mod blocks;
+pub mod calibrate;
 pub mod detok;
 pub mod eval;
 mod generate;

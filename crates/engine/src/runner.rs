@@ -14,7 +14,11 @@ pub trait StepRunner: Send {
     /// Runs a step and returns the logits of `batch.logit_rows`, row after row.
     fn step(&mut self, batch: &StepBatch) -> Result<Vec<f32>>;
     /// Runs a step only up to `observer.last_layer()`, showing it each linear layer's input.
-    fn observe(&mut self, batch: &StepBatch, observer: &mut dyn MatmulObserver) -> Result<()>;
+    fn observe(
+        &mut self,
+        batch: &StepBatch,
+        observer: &mut (dyn MatmulObserver + Send),
+    ) -> Result<()>;
     /// Replaces a projection's weights (by Hugging Face name).
     fn set_weight(&mut self, name: &str, weight: &HostWeight) -> Result<()>;
 }
@@ -58,7 +62,11 @@ impl<B: Backend> StepRunner for Runner<B> {
     fn step(&mut self, batch: &StepBatch) -> Result<Vec<f32>> {
         self.model.forward(&mut self.workspace, &mut self.kv, batch)
     }
-    fn observe(&mut self, batch: &StepBatch, observer: &mut dyn MatmulObserver) -> Result<()> {
+    fn observe(
+        &mut self,
+        batch: &StepBatch,
+        observer: &mut (dyn MatmulObserver + Send),
+    ) -> Result<()> {
         self.model
             .forward_observed(&mut self.workspace, &mut self.kv, batch, Some(observer))
             .map(drop)

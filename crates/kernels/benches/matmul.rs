@@ -5,7 +5,8 @@
 //! memory as in a real forward pass rather than from L2. `cargo bench -p marlin-kernels`.
 
 use marlin_kernels::cpu::CpuBackend;
-use marlin_kernels::{Backend, DenseFormat, HostWeight};
+use marlin_kernels::{Backend, DenseFormat, HostWeight, QuantFormat};
+use marlin_quant::quantize_rtn;
 use std::time::{Duration, Instant};
 
 const SHAPES: [(usize, usize, &str); 5] = [
@@ -131,6 +132,59 @@ fn main() {
         }
     }
 
+    // Packed formats (default groups) on the same shapes: decode (1 row, weights cycled past
+    // 64 MB) and prefill (512 rows). BENCH_FORMATS=int4,int8-asym,... picks some.
+    let formats: Vec<QuantFormat> = match std::env::var("BENCH_FORMATS") {
+        Ok(list) => list.split(',').filter_map(QuantFormat::parse).collect(),
+        Err(_) => QuantFormat::ALL.to_vec(),
+    };
+    for &(k, n, name) in &SHAPES {
+        for &format in &formats {
+            let group = format.resolve_group(format.default_group(), k).unwrap();
+            let first =
+                HostWeight::quant(quantize_rtn(&values(n * k, 1), n, k, format, group).unwrap())
+                    .unwrap();
+            let wbytes = first.storage_bytes();
+            let copies = (64usize << 20).div_ceil(wbytes).min(max_copies);
+            // Copies share codes (re-uploading one tensor): quantizing 64 MB each time is slow.
+            let weights: Vec<_> = (0..copies)
+                .map(|_| b.upload_weight(&first).unwrap())
+                .collect();
+            for rows in [1, 512] {
+                if (only_rows != 0 && rows != only_rows) || (rows == 512 && n == 49152) {
+                    continue;
+                }
+                let mut x = b.alloc(rows * k).unwrap();
+                b.write(&mut x, &values(rows * k, 99)).unwrap();
+                let mut out = b.alloc(rows * n).unwrap();
+                let mut i = 0;
+                let flops = 2.0 * (rows * k * n) as f64;
+                let iters = ((2e8 / flops) as usize).clamp(1, 200);
+                let (secs, busy) = median(7, iters, threads, || {
+                    let w = if rows > 16 {
+                        &weights[0]
+                    } else {
+                        &weights[i % copies]
+                    };
+                    i += 1;
+                    b.matmul(&x, w, rows, &mut out).unwrap();
+                });
+                println!(
+                    "{:<8} {:>5} {:>6} {:>10} {:>5} {:>8.1}us {:>9.1} {:>8.1} {:>4.0}%",
+                    name,
+                    k,
+                    n,
+                    format!("{format}/{group}"),
+                    rows,
+                    secs * 1e6,
+                    flops / secs / 1e9,
+                    wbytes as f64 / secs / 1e9,
+                    busy * 100.0
+                );
+            }
+        }
+    }
+
     // What a call costs beyond its arithmetic: pool wake-up and task split.
     let tiny = b
         .upload_weight(&HostWeight::from_f32(DenseFormat::F16, 8, 16, &values(128, 3)).unwrap())
@@ -148,7 +202,8 @@ fn main() {
         return;
     }
 
-    // One decode token through every matmul of SmolLM2-135M in f16, each layer its own weights.
+    // One decode token through every matmul of SmolLM2-135M, each layer its own weights: f16,
+    // then each packed format (lm_head int8 g32, as `--quantize` does).
     let layer = [
         (576, 576),
         (576, 192),
@@ -158,38 +213,60 @@ fn main() {
         (576, 1536),
         (1536, 576),
     ];
-    let mut all = vec![];
-    for l in 0..30 {
-        for (i, &(k, n)) in layer.iter().enumerate() {
-            let host =
-                HostWeight::from_f32(DenseFormat::F16, n, k, &values(n * k, (l * 7 + i) as u64))
-                    .unwrap();
-            all.push(b.upload_weight(&host).unwrap());
-        }
-    }
-    let head = HostWeight::from_f32(DenseFormat::F16, 49152, 576, &values(49152 * 576, 7)).unwrap();
-    all.push(b.upload_weight(&head).unwrap());
-    let bytes: usize = all
-        .iter()
-        .map(|w| b.weight_shape(w).0 * b.weight_shape(w).1 * 2)
-        .sum();
     let mut x = b.alloc(1536).unwrap();
     b.write(&mut x, &values(1536, 5)).unwrap();
     let mut out = b.alloc(49152).unwrap();
-    let mut token = || {
-        for w in &all {
-            b.matmul(&x, w, 1, &mut out).unwrap();
+    let model_formats: Vec<Option<QuantFormat>> = match std::env::var("BENCH_MODEL_FORMATS") {
+        Ok(list) => list.split(',').map(QuantFormat::parse).collect(),
+        Err(_) => vec![
+            None,
+            Some(QuantFormat::Int {
+                bits: 8,
+                asym: false,
+            }),
+            Some(QuantFormat::Int {
+                bits: 4,
+                asym: false,
+            }),
+        ],
+    };
+    let host = |format: Option<QuantFormat>, n: usize, k: usize, seed: u64| match format {
+        None => HostWeight::from_f32(DenseFormat::F16, n, k, &values(n * k, seed)).unwrap(),
+        Some(f) => {
+            let g = f.resolve_group(f.default_group(), k).unwrap();
+            HostWeight::quant(quantize_rtn(&values(n * k, seed), n, k, f, g).unwrap()).unwrap()
         }
     };
-    for inside in [false, true] {
-        let (secs, busy) = if inside {
-            b.install(|| median(9, 3, threads, &mut token))
-        } else {
-            median(9, 3, threads, &mut token)
+    for format in model_formats {
+        let mut all = vec![];
+        let mut bytes = 0;
+        for l in 0..30 {
+            for (i, &(k, n)) in layer.iter().enumerate() {
+                let h = host(format, n, k, (l * 7 + i) as u64);
+                bytes += h.storage_bytes();
+                all.push(b.upload_weight(&h).unwrap());
+            }
+        }
+        let head = host(
+            format.map(|_| QuantFormat::Int {
+                bits: 8,
+                asym: false,
+            }),
+            49152,
+            576,
+            7,
+        );
+        bytes += head.storage_bytes();
+        all.push(b.upload_weight(&head).unwrap());
+        let mut token = || {
+            for w in &all {
+                b.matmul(&x, w, 1, &mut out).unwrap();
+            }
         };
+        let (secs, busy) = b.install(|| median(9, 3, threads, &mut token));
         println!(
-            "model decode f16{}: {:.2} ms/token ({:.1} tokens/s), {:.1} GB/s over {:.0} MB, busy {:.0}%",
-            if inside { " inside install" } else { "" },
+            "model decode {} inside install: {:.2} ms/token ({:.1} tokens/s), {:.1} GB/s over {:.0} MB, busy {:.0}%",
+            format.map_or("f16".to_string(), |f| f.to_string()),
             secs * 1e3,
             1.0 / secs,
             bytes as f64 / secs / 1e9,

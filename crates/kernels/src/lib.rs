@@ -6,9 +6,11 @@
 //! buffer, which lets one workspace serve every batch size up to its capacity.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod step;
 
-pub use marlin_quant::{DenseFormat, HostWeight};
+pub use marlin_quant::{DenseFormat, HostWeight, QuantFormat, QuantTensor, WeightData};
 pub use step::{KvLayout, SeqSpan, StepBatch};
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +43,12 @@ pub trait Backend: Send + Sync + 'static {
     type Step: Send + Sync;
 
     fn name(&self) -> String;
+
+    /// Runs a whole step's ops. A backend with a worker pool enters it once here instead of
+    /// once per op (on the CPU that hand-off costs more than a small decode matmul).
+    fn run_step<R: Send>(&self, step: impl FnOnce() -> R + Send) -> R {
+        step()
+    }
 
     fn alloc(&self, len: usize) -> Result<Self::Buffer>;
     /// Copies `src` into the first `src.len()` elements of `dst`.

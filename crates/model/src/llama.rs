@@ -85,7 +85,12 @@ impl<B: Backend> Model<B> {
             c.num_kv_heads * c.head_dim,
         );
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<B::Weight> {
-            let host = source.require(name)?.to_host_weight(rows, cols, dtype)?;
+            let host = match source.packed(name, rows, cols)? {
+                Some(packed) => marlin_quant::HostWeight::quant(packed).map_err(|e| {
+                    crate::ModelError::format(source.location(), format!("tensor `{name}`: {e}"))
+                })?,
+                None => source.require(name)?.to_host_weight(rows, cols, dtype)?,
+            };
             Ok(backend.upload_weight(&host)?)
         };
         let vector = |name: &str, len: usize| -> Result<B::Buffer> {
@@ -131,9 +136,10 @@ impl<B: Backend> Model<B> {
             });
         }
         let embed = matrix("model.embed_tokens.weight", c.vocab_size, hidden)?;
-        let lm_head = match source.get("lm_head.weight")? {
-            Some(_) if !c.tie_embeddings => Some(matrix("lm_head.weight", c.vocab_size, hidden)?),
-            _ => None,
+        let lm_head = if c.tie_embeddings {
+            None
+        } else {
+            Some(matrix("lm_head.weight", c.vocab_size, hidden)?)
         };
         let final_norm = vector("model.norm.weight", hidden)?;
         let table = c.rope_table(c.max_context);
@@ -244,7 +250,18 @@ impl<B: Backend> Model<B> {
         ws: &mut Workspace<B>,
         kv: &mut KvCache<B>,
         batch: &StepBatch,
-        mut observer: Option<&mut dyn MatmulObserver>,
+        observer: Option<&mut (dyn MatmulObserver + Send)>,
+    ) -> Result<Vec<f32>> {
+        self.backend
+            .run_step(|| self.forward_inner(ws, kv, batch, observer))
+    }
+
+    fn forward_inner(
+        &self,
+        ws: &mut Workspace<B>,
+        kv: &mut KvCache<B>,
+        batch: &StepBatch,
+        mut observer: Option<&mut (dyn MatmulObserver + Send)>,
     ) -> Result<Vec<f32>> {
         let c = &self.config;
         let b = &self.backend;

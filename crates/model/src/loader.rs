@@ -6,8 +6,9 @@ use crate::chat::ChatTemplate;
 use crate::config::{Architecture, ModelConfig};
 use crate::gguf::GgufFile;
 use crate::llama::Model;
+use crate::quantized::{check_recipe, LoadOptions, PolicySource};
 use crate::tokenizer::Tokenizer;
-use crate::weights::{GgufSource, SafetensorsSource, TensorSource};
+use crate::weights::{GgufSource, TensorSource};
 use crate::{ModelError, Result};
 use marlin_kernels::{Backend, DenseFormat};
 use serde_json::Value;
@@ -97,7 +98,7 @@ impl ModelFiles {
             tokenizer,
             chat_template,
             generation,
-            source: Box::new(SafetensorsSource::open(dir)?),
+            source: crate::checkpoint::open_source(dir)?,
         })
     }
 
@@ -142,9 +143,30 @@ impl ModelFiles {
         })
     }
 
-    /// Converts every weight to `dtype` and uploads it to `backend`.
+    /// Uploads every weight to `backend`: GGUF's quantized tensors packed, the rest in `dtype`.
     pub fn load<B: Backend>(&self, backend: B, dtype: DenseFormat) -> Result<Model<B>> {
-        Model::load(backend, self.config.clone(), self.source.as_ref(), dtype)
+        self.load_with(backend, &LoadOptions::new(dtype))
+    }
+
+    /// Uploads every weight as `options` say (packed, quantized on load, or dense).
+    pub fn load_with<B: Backend>(&self, backend: B, options: &LoadOptions) -> Result<Model<B>> {
+        let c = &self.config;
+        check_recipe(
+            &self.path,
+            options,
+            &[c.hidden_size, c.num_heads * c.head_dim, c.intermediate_size],
+            c.hidden_size,
+        )?;
+        let source = PolicySource {
+            inner: self.source.as_ref(),
+            options: *options,
+        };
+        Model::load(backend, self.config.clone(), &source, options.dtype)
+    }
+
+    /// Where the weights come from, as stored (for tools that rewrite a checkpoint).
+    pub fn source(&self) -> &dyn TensorSource {
+        self.source.as_ref()
     }
 
     /// The ids that end generation: the tokenizer's and generation_config.json's.

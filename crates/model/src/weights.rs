@@ -3,9 +3,10 @@
 //! and their format, and `to_host_weight` converts them to the dtype the user asked for.
 
 use crate::gguf::GgufFile;
+use crate::quantized::WeightPolicy;
 use crate::{ModelError, Result};
 use marlin_quant::ggml::{self, GgmlType};
-use marlin_quant::{DenseFormat, HostWeight};
+use marlin_quant::{convert, quantize_rtn, DenseFormat, HostWeight};
 use memmap2::Mmap;
 use safetensors::tensor::{Metadata, SafeTensors};
 use safetensors::Dtype;
@@ -26,6 +27,8 @@ pub struct RawTensor<'a> {
     pub shape: Vec<usize>,
     pub encoding: Encoding,
     pub bytes: &'a [u8],
+    /// Packed or quantized on load: set by `quantized::PolicySource`; the default is dense.
+    pub policy: WeightPolicy,
 }
 
 impl RawTensor<'_> {
@@ -58,8 +61,9 @@ impl RawTensor<'_> {
         self.to_f32()
     }
 
-    /// A `rows` x `cols` matrix converted to `format`; 16-bit data already in `format` is copied
-    /// as is.
+    /// A `rows` x `cols` matrix: quantized with RTN when the policy says so, GGML blocks kept
+    /// packed when it says so (converted to Marlin's format), otherwise converted to `format`;
+    /// 16-bit data already in `format` is copied as is.
     pub fn to_host_weight(
         &self,
         rows: usize,
@@ -67,6 +71,26 @@ impl RawTensor<'_> {
         format: DenseFormat,
     ) -> Result<HostWeight> {
         self.check_shape(&[rows, cols])?;
+        if let Some(spec) = self.policy.quantize {
+            let group = spec.group_for(cols).map_err(|e| self.error(e))?;
+            let values = self.to_f32()?;
+            let t =
+                quantize_rtn(&values, rows, cols, spec.format, group).map_err(|e| self.error(e))?;
+            return HostWeight::quant(t).map_err(|e| self.error(e));
+        }
+        if let Encoding::Ggml(ty) = self.encoding {
+            if self.policy.keep_packed && ty.is_quantized() {
+                let c =
+                    convert::from_ggml(ty, self.bytes, rows, cols).map_err(|e| self.error(e))?;
+                if !c.lossless {
+                    eprintln!(
+                        "note: {} {ty} runs as {} g{} (relative RMS error {:.2e})",
+                        self.name, c.tensor.format, c.tensor.group, c.relative_rms
+                    );
+                }
+                return HostWeight::quant(c.tensor).map_err(|e| self.error(e));
+            }
+        }
         let weight = match self.encoding {
             Encoding::Dense(stored) if stored == format => {
                 HostWeight::new(format, rows, cols, self.bytes.to_vec())
@@ -86,6 +110,17 @@ pub trait TensorSource: Send + Sync {
         self.get(hf_name)?.ok_or_else(|| {
             ModelError::format(self.location(), format!("missing tensor `{hf_name}`"))
         })
+    }
+
+    /// The tensor in a Marlin quantized format, for sources that store it packed (quantized
+    /// checkpoints); None means ask `get`.
+    fn packed(
+        &self,
+        _hf_name: &str,
+        _rows: usize,
+        _cols: usize,
+    ) -> Result<Option<marlin_quant::QuantTensor>> {
+        Ok(None)
     }
 
     /// The file or folder to name in errors.
@@ -205,6 +240,7 @@ impl TensorSource for SafetensorsSource {
             shape: info.shape.clone(),
             encoding: Encoding::Dense(format),
             bytes,
+            policy: WeightPolicy::default(),
         }))
     }
 
@@ -327,6 +363,7 @@ impl TensorSource for GgufSource {
             shape,
             encoding,
             bytes,
+            policy: WeightPolicy::default(),
         }))
     }
 

@@ -5,6 +5,7 @@
 //! reads W from and how the work is cut, so a row's result does not depend on how many rows came
 //! with it, nor on the instruction set.
 
+use super::packed::with_codec;
 use super::simd::{dispatch, prefetch, widen, Elem, F32x16, Isa};
 use super::{SyncPtr, Weight};
 use rayon::prelude::*;
@@ -42,28 +43,106 @@ impl Tiles for super::simd::Scalar {
     const DECODE_ROWS: usize = 1;
 }
 
-/// `R` rows of x (stride k) against `C` rows of W (stride k) into `out` (row stride `ldo`).
+/// Where a tile reads W from: rows of k weights, sixteen at a time, widened to f32. Dense
+/// formats widen each element exactly; packed ones decode codes with their group's scale and
+/// offset (`packed.rs`). Both regimes read W only through this, so they see the same bits.
+pub(crate) trait Rows: Copy + Send + Sync {
+    /// A handle on one row (a pointer, for dense weights).
+    type Row: Copy;
+    unsafe fn row(self, j: usize) -> Self::Row;
+    /// Weights `off..off + 16` of the row (`off` a multiple of 16).
+    unsafe fn load<V: F32x16>(row: Self::Row, off: usize) -> V;
+    /// Weights `off..off + n`, n < 16, the other lanes zero.
+    unsafe fn load_part<V: F32x16>(row: Self::Row, off: usize, n: usize) -> V;
+    /// Where weight `off` of the row lives, for prefetching (may lie past the weight).
+    fn addr(row: Self::Row, off: usize) -> *const u8;
+    /// The rows as plain f32 (stride k) when they already are, so prefill need not widen.
+    fn as_f32(self) -> Option<*const f32>;
+    /// Rows `j0..j1` widened into `strip` (stride k).
+    #[inline(always)]
+    unsafe fn widen<V: F32x16>(self, j0: usize, j1: usize, k: usize, strip: *mut f32) {
+        for j in j0..j1 {
+            let (row, dst) = (self.row(j), strip.add((j - j0) * k));
+            let mut off = 0;
+            while off + 16 <= k {
+                Self::load::<V>(row, off).store(dst.add(off));
+                off += 16;
+            }
+            if off < k {
+                Self::load_part::<V>(row, off, k - off).store_part(dst.add(off), k - off);
+            }
+        }
+    }
+}
+
+/// Dense rows of `k` elements.
+pub(crate) struct Dense<E> {
+    w: *const E,
+    k: usize,
+}
+
+impl<E> Clone for Dense<E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<E> Copy for Dense<E> {}
+// SAFETY: a read-only view of a weight (or strip) that outlives the matmul.
+unsafe impl<E> Send for Dense<E> {}
+unsafe impl<E> Sync for Dense<E> {}
+
+impl<E: Elem> Rows for Dense<E> {
+    type Row = *const E;
+    #[inline(always)]
+    unsafe fn row(self, j: usize) -> *const E {
+        self.w.add(j * self.k)
+    }
+    #[inline(always)]
+    unsafe fn load<V: F32x16>(row: *const E, off: usize) -> V {
+        E::load::<V>(row.add(off))
+    }
+    #[inline(always)]
+    unsafe fn load_part<V: F32x16>(row: *const E, off: usize, n: usize) -> V {
+        E::load_part::<V>(row.add(off), n)
+    }
+    #[inline(always)]
+    fn addr(row: *const E, off: usize) -> *const u8 {
+        row.wrapping_add(off).cast()
+    }
+    #[inline(always)]
+    fn as_f32(self) -> Option<*const f32> {
+        E::as_f32(self.w)
+    }
+    #[inline(always)]
+    unsafe fn widen<V: F32x16>(self, j0: usize, j1: usize, k: usize, strip: *mut f32) {
+        widen::<V, E>(self.w.add(j0 * k), strip, (j1 - j0) * k)
+    }
+}
+
+/// `R` rows of x (stride k) against rows `j..j + C` of W into `out` (row stride `ldo`).
 /// A nonzero `ahead` prefetches the W elements that far past the ones being read.
 #[inline(always)]
-unsafe fn tile<V: F32x16, E: Elem, const R: usize, const C: usize>(
+unsafe fn tile<V: F32x16, W: Rows, const R: usize, const C: usize>(
     x: *const f32,
-    w: *const E,
+    w: W,
+    j: usize,
     k: usize,
     out: *mut f32,
     ldo: usize,
     ahead: usize,
 ) {
+    let wr: [W::Row; C] = std::array::from_fn(|c| w.row(j + c));
     let mut acc = [[V::zero(); C]; R];
     let mut off = 0;
     while off + 16 <= k {
         if ahead != 0 {
-            for c in 0..C {
-                prefetch(w.wrapping_add(c * k + off + ahead));
+            for row in wr {
+                prefetch(W::addr(row, off + ahead));
             }
         }
         let mut wv = [V::zero(); C];
         for (c, wv) in wv.iter_mut().enumerate() {
-            *wv = E::load::<V>(w.add(c * k + off));
+            *wv = W::load::<V>(wr[c], off);
         }
         for (r, acc) in acc.iter_mut().enumerate() {
             let xv = V::load(x.add(r * k + off));
@@ -77,7 +156,7 @@ unsafe fn tile<V: F32x16, E: Elem, const R: usize, const C: usize>(
         let n = k - off;
         let mut wv = [V::zero(); C];
         for (c, wv) in wv.iter_mut().enumerate() {
-            *wv = E::load_part::<V>(w.add(c * k + off), n);
+            *wv = W::load_part::<V>(wr[c], off, n);
         }
         for (r, acc) in acc.iter_mut().enumerate() {
             let xv = V::load_part(x.add(r * k + off), n);
@@ -101,14 +180,14 @@ unsafe fn tile<V: F32x16, E: Elem, const R: usize, const C: usize>(
 
 /// Runs `tile` with a runtime row count of 1..=6 and a constant column count.
 macro_rules! tile_rows {
-    ($rows:expr, $V:ty, $E:ty, $C:literal, ($($arg:expr),*)) => {
+    ($rows:expr, $V:ty, $W:ty, $C:literal, ($($arg:expr),*)) => {
         match $rows {
-            1 => tile::<$V, $E, 1, $C>($($arg),*),
-            2 => tile::<$V, $E, 2, $C>($($arg),*),
-            3 => tile::<$V, $E, 3, $C>($($arg),*),
-            4 => tile::<$V, $E, 4, $C>($($arg),*),
-            5 => tile::<$V, $E, 5, $C>($($arg),*),
-            6 => tile::<$V, $E, 6, $C>($($arg),*),
+            1 => tile::<$V, $W, 1, $C>($($arg),*),
+            2 => tile::<$V, $W, 2, $C>($($arg),*),
+            3 => tile::<$V, $W, 3, $C>($($arg),*),
+            4 => tile::<$V, $W, 4, $C>($($arg),*),
+            5 => tile::<$V, $W, 5, $C>($($arg),*),
+            6 => tile::<$V, $W, 6, $C>($($arg),*),
             _ => unreachable!("tile heights are at most 6"),
         }
     };
@@ -119,13 +198,13 @@ macro_rules! tile_rows {
 /// W rows stays in L1 while x streams (decode, so W is read from memory once).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn tiles<V: Tiles, E: Elem>(
+unsafe fn tiles<V: Tiles, W: Rows>(
     tile_rows: usize,
     rows_outer: bool,
     x: *const f32,
     rows: usize,
     k: usize,
-    w: *const E,
+    w: W,
     j0: usize,
     j1: usize,
     n: usize,
@@ -136,7 +215,7 @@ unsafe fn tiles<V: Tiles, E: Elem>(
     if rows_outer {
         for r in (0..rows).step_by(tile_rows) {
             for j in (j0..j1).step_by(4) {
-                run_tile::<V, E>(
+                run_tile::<V, W>(
                     x,
                     r,
                     (rows - r).min(tile_rows),
@@ -153,7 +232,7 @@ unsafe fn tiles<V: Tiles, E: Elem>(
     } else {
         for j in (j0..j1).step_by(4) {
             for r in (0..rows).step_by(tile_rows) {
-                run_tile::<V, E>(
+                run_tile::<V, W>(
                     x,
                     r,
                     (rows - r).min(tile_rows),
@@ -174,12 +253,12 @@ unsafe fn tiles<V: Tiles, E: Elem>(
 /// Rows `r..r + rr` against features `j..j + cols` (`cols` <= 4).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn run_tile<V: F32x16, E: Elem>(
+unsafe fn run_tile<V: F32x16, W: Rows>(
     x: *const f32,
     r: usize,
     rr: usize,
     k: usize,
-    w: *const E,
+    w: W,
     j: usize,
     cols: usize,
     n: usize,
@@ -189,16 +268,10 @@ unsafe fn run_tile<V: F32x16, E: Elem>(
     let xp = x.add(r * k);
     let op = out.add(r * n + j);
     if cols == 4 {
-        tile_rows!(rr, V, E, 4, (xp, w.add(j * k), k, op, n, ahead));
+        tile_rows!(rr, V, W, 4, (xp, w, j, k, op, n, ahead));
     } else {
         for c in 0..cols {
-            tile_rows!(
-                rr,
-                V,
-                E,
-                1,
-                (xp, w.add((j + c) * k), k, op.add(c), n, ahead)
-            );
+            tile_rows!(rr, V, W, 1, (xp, w, j + c, k, op.add(c), n, ahead));
         }
     }
 }
@@ -211,21 +284,21 @@ unsafe fn run_tile<V: F32x16, E: Elem>(
 /// when every call pays the pool hand-off; single shapes 13-26 GB/s.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn decode_body<V: Tiles, E: Elem>(
+unsafe fn decode_body<V: Tiles, W: Rows>(
     x: *const f32,
     rows: usize,
     k: usize,
-    w: *const E,
+    w: W,
     n: usize,
     j0: usize,
     j1: usize,
     out: *mut f32,
 ) {
-    tiles::<V, E>(V::DECODE_ROWS, false, x, rows, k, w, j0, j1, n, out)
+    tiles::<V, W>(V::DECODE_ROWS, false, x, rows, k, w, j0, j1, n, out)
 }
 
-dispatch!(fn decode_task<E: Elem>(
-    x: *const f32, rows: usize, k: usize, w: *const E, n: usize, j0: usize, j1: usize,
+dispatch!(fn decode_task<W: Rows>(
+    x: *const f32, rows: usize, k: usize, w: W, n: usize, j0: usize, j1: usize,
     out: *mut f32,
 ) => decode_body);
 
@@ -237,32 +310,31 @@ dispatch!(fn decode_task<E: Elem>(
 /// K = 1536 is the slowest, its 6-row x tile (36 KiB) nearly filling L1.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn prefill_body<V: Tiles, E: Elem>(
+unsafe fn prefill_body<V: Tiles, W: Rows>(
     x: *const f32,
     rows: usize,
     k: usize,
-    w: *const E,
+    w: W,
     n: usize,
     j0: usize,
     j1: usize,
     strip: *mut f32,
     out: *mut f32,
 ) {
-    let src = w.add(j0 * k);
-    let wide = match E::as_f32(src) {
-        Some(p) => p,
+    let wide = match w.as_f32() {
+        Some(p) => p.add(j0 * k),
         None => {
-            widen::<V, E>(src, strip, (j1 - j0) * k);
+            w.widen::<V>(j0, j1, k, strip);
             strip as *const f32
         }
     };
-    tiles::<V, f32>(
+    tiles::<V, Dense<f32>>(
         V::PREFILL_ROWS,
         true,
         x,
         rows,
         k,
-        wide,
+        Dense { w: wide, k },
         0,
         j1 - j0,
         n,
@@ -270,8 +342,8 @@ unsafe fn prefill_body<V: Tiles, E: Elem>(
     )
 }
 
-dispatch!(fn prefill_task<E: Elem>(
-    x: *const f32, rows: usize, k: usize, w: *const E, n: usize, j0: usize, j1: usize,
+dispatch!(fn prefill_task<W: Rows>(
+    x: *const f32, rows: usize, k: usize, w: W, n: usize, j0: usize, j1: usize,
     strip: *mut f32, out: *mut f32,
 ) => prefill_body);
 
@@ -290,20 +362,69 @@ pub(crate) fn matmul(
     out: &mut [f32],
 ) {
     match weight {
-        Weight::F32(w) => run(pool, isa, x, w.rows, w.cols, w.data.as_ptr(), rows, out),
-        Weight::F16(w) => run(pool, isa, x, w.rows, w.cols, w.data.as_ptr(), rows, out),
-        Weight::BF16(w) => run(pool, isa, x, w.rows, w.cols, w.data.as_ptr(), rows, out),
+        Weight::F32(w) => run(
+            pool,
+            isa,
+            x,
+            w.rows,
+            w.cols,
+            dense(&w.data, w.cols),
+            rows,
+            out,
+        ),
+        Weight::F16(w) => run(
+            pool,
+            isa,
+            x,
+            w.rows,
+            w.cols,
+            dense(&w.data, w.cols),
+            rows,
+            out,
+        ),
+        Weight::BF16(w) => run(
+            pool,
+            isa,
+            x,
+            w.rows,
+            w.cols,
+            dense(&w.data, w.cols),
+            rows,
+            out,
+        ),
+        Weight::Quant(q) => {
+            let (n, k) = (q.rows, q.cols);
+            // Act-order: stored column j holds input column perm[j], so gather x to match.
+            let gathered;
+            let x = match &q.perm {
+                None => x,
+                Some(perm) => {
+                    gathered = (0..rows)
+                        .flat_map(|r| perm.iter().map(move |&p| x[r * k + p as usize]))
+                        .collect::<Vec<f32>>();
+                    &gathered[..]
+                }
+            };
+            with_codec!(q.kind, C => run(pool, isa, x, n, k, q.reader::<C>(), rows, out))
+        }
+    }
+}
+
+fn dense<E>(data: &[E], k: usize) -> Dense<E> {
+    Dense {
+        w: data.as_ptr(),
+        k,
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run<E: Elem>(
+fn run<W: Rows>(
     pool: &ThreadPool,
     isa: Isa,
     x: &[f32],
     n: usize,
     k: usize,
-    w: *const E,
+    w: W,
     rows: usize,
     out: &mut [f32],
 ) {
@@ -311,7 +432,6 @@ fn run<E: Elem>(
         return;
     }
     let x = SyncPtr(x.as_ptr() as *mut f32);
-    let w = SyncPtr(w as *mut E);
     let out = SyncPtr(out.as_mut_ptr());
     let threads = pool.current_num_threads();
     if rows <= DECODE_MAX_ROWS {
@@ -323,7 +443,7 @@ fn run<E: Elem>(
             (0..tasks).into_par_iter().for_each(|t| {
                 let (j0, j1) = (t * chunk, ((t + 1) * chunk).min(n));
                 // SAFETY: tasks write disjoint feature ranges of out; shapes checked by caller.
-                unsafe { decode_task(isa, x.get(), rows, k, w.get(), n, j0, j1, out.get()) }
+                unsafe { decode_task(isa, x.get(), rows, k, w, n, j0, j1, out.get()) }
             })
         });
     } else {
@@ -335,7 +455,7 @@ fn run<E: Elem>(
                 let (j0, j1) = (s * STRIP, ((s + 1) * STRIP).min(n));
                 let (r0, r1) = (b * ROW_BLOCK, ((b + 1) * ROW_BLOCK).min(rows));
                 STRIP_BUF.with_borrow_mut(|strip| {
-                    if E::as_f32(w.get()).is_none() && strip.len() < STRIP * k {
+                    if w.as_f32().is_none() && strip.len() < STRIP * k {
                         strip.resize(STRIP * k, 0.0);
                     }
                     // SAFETY: tasks write disjoint (row block, feature strip) rectangles.
@@ -345,7 +465,7 @@ fn run<E: Elem>(
                             x.get().add(r0 * k),
                             r1 - r0,
                             k,
-                            w.get(),
+                            w,
                             n,
                             j0,
                             j1,

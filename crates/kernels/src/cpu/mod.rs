@@ -3,6 +3,7 @@
 
 mod attention;
 mod matmul;
+mod packed;
 mod simd;
 #[cfg(test)]
 mod tests;
@@ -10,7 +11,8 @@ mod tests;
 use crate::{check, Backend, KernelError, KvLayout, Result, StepBatch};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
-use marlin_quant::{DenseFormat, HostWeight};
+use marlin_quant::{DenseFormat, HostWeight, WeightData};
+pub use packed::QuantWeight;
 use rayon::prelude::*;
 use rayon::ThreadPool;
 use simd::Isa;
@@ -32,11 +34,12 @@ pub struct DenseWeight<T> {
 }
 
 /// A weight in the format it was uploaded in; the kernels widen 16-bit elements on the fly.
-/// Quantized formats are meant to join as further variants.
 pub enum Weight {
     F32(DenseWeight<f32>),
     F16(DenseWeight<f16>),
     BF16(DenseWeight<bf16>),
+    /// Packed codes with per-group scales (`packed.rs`), decoded sixteen at a time in the tile.
+    Quant(QuantWeight),
 }
 
 impl Weight {
@@ -45,6 +48,7 @@ impl Weight {
             Weight::F32(w) => (w.rows, w.cols),
             Weight::F16(w) => (w.rows, w.cols),
             Weight::BF16(w) => (w.rows, w.cols),
+            Weight::Quant(w) => (w.rows, w.cols),
         }
     }
 
@@ -54,6 +58,7 @@ impl Weight {
             Weight::F32(w) => out.copy_from_slice(&w.data[r * w.cols..(r + 1) * w.cols]),
             Weight::F16(w) => w.data[r * w.cols..(r + 1) * w.cols].convert_to_f32_slice(out),
             Weight::BF16(w) => w.data[r * w.cols..(r + 1) * w.cols].convert_to_f32_slice(out),
+            Weight::Quant(w) => w.row_into(r, out),
         }
     }
 }
@@ -156,6 +161,10 @@ impl Backend for CpuBackend {
     type KvCache = KvCache;
     type Step = Step;
 
+    fn run_step<R: Send>(&self, step: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(step)
+    }
+
     fn name(&self) -> String {
         format!(
             "cpu ({:?}, {} threads)",
@@ -181,21 +190,30 @@ impl Backend for CpuBackend {
 
     fn upload_weight(&self, weight: &HostWeight) -> Result<Weight> {
         let (rows, cols) = (weight.rows, weight.cols);
-        let expected = rows * cols * weight.format.bytes_per_element();
-        check(weight.data.len() == expected, "upload_weight", || {
+        let (format, bytes) = match &weight.data {
+            WeightData::Quant(t) => {
+                check(t.rows == rows && t.cols == cols, "upload_weight", || {
+                    format!("{rows}x{cols} weight holds a {}x{} tensor", t.rows, t.cols)
+                })?;
+                return QuantWeight::new(t)
+                    .map(Weight::Quant)
+                    .map_err(|e| KernelError::Shape(format!("upload_weight: {e}")));
+            }
+            WeightData::Dense { format, bytes } => (*format, bytes),
+        };
+        let expected = rows * cols * format.bytes_per_element();
+        check(bytes.len() == expected, "upload_weight", || {
             format!(
-                "{rows}x{cols} {} weight needs {expected} bytes, has {}",
-                weight.format,
-                weight.data.len()
+                "{rows}x{cols} {format} weight needs {expected} bytes, has {}",
+                bytes.len()
             )
         })?;
         let halves = || {
-            weight
-                .data
+            bytes
                 .chunks_exact(2)
                 .map(|b| u16::from_le_bytes([b[0], b[1]]))
         };
-        Ok(match weight.format {
+        Ok(match format {
             DenseFormat::F32 => Weight::F32(DenseWeight {
                 rows,
                 cols,

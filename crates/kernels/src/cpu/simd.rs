@@ -86,6 +86,64 @@ pub(crate) trait F32x16: Copy {
     /// The fixed tree: t[i] = a[i] + a[i+8], u[i] = t[i] + t[i+4], v[i] = u[i] + u[i+2],
     /// result v[0] + v[1].
     unsafe fn hsum(self) -> f32;
+    /// Sixteen 8-bit codes less `bias`, as f32 (`p`: 16 bytes).
+    #[inline(always)]
+    unsafe fn codes_u8(p: *const u8, bias: i32) -> Self {
+        let mut f = [0.0f32; 16];
+        for (i, f) in f.iter_mut().enumerate() {
+            *f = (*p.add(i) as i32 - bias) as f32;
+        }
+        Self::load(f.as_ptr())
+    }
+    /// Sixteen 4-bit codes, low nibble first (`p`: 8 bytes).
+    #[inline(always)]
+    unsafe fn codes_u4(p: *const u8, bias: i32) -> Self {
+        let mut f = [0.0f32; 16];
+        for (i, f) in f.iter_mut().enumerate() {
+            *f = (((*p.add(i / 2) >> (4 * (i & 1))) & 15) as i32 - bias) as f32;
+        }
+        Self::load(f.as_ptr())
+    }
+    /// Sixteen 3-bit codes, a little-endian bit stream (`p`: 6 bytes; 8 may be read).
+    #[inline(always)]
+    unsafe fn codes_u3(p: *const u8, bias: i32) -> Self {
+        let bits = p.cast::<u64>().read_unaligned().to_le();
+        let mut f = [0.0f32; 16];
+        for (i, f) in f.iter_mut().enumerate() {
+            *f = (((bits >> (3 * i)) & 7) as i32 - bias) as f32;
+        }
+        Self::load(f.as_ptr())
+    }
+    /// Sixteen 2-bit codes (`p`: 4 bytes).
+    #[inline(always)]
+    unsafe fn codes_u2(p: *const u8, bias: i32) -> Self {
+        let bits = p.cast::<u32>().read_unaligned().to_le();
+        let mut f = [0.0f32; 16];
+        for (i, f) in f.iter_mut().enumerate() {
+            *f = (((bits >> (2 * i)) & 3) as i32 - bias) as f32;
+        }
+        Self::load(f.as_ptr())
+    }
+    /// Sixteen E4M3 codes times 2^-8 (`p`: 16 bytes): the code's seven magnitude bits shifted
+    /// into an f16 give exactly that, subnormals included.
+    #[inline(always)]
+    unsafe fn codes_e4m3(p: *const u8) -> Self {
+        let mut h = [0u16; 16];
+        for (i, h) in h.iter_mut().enumerate() {
+            let b = *p.add(i) as u16;
+            *h = (b & 0x80) << 8 | (b & 0x7f) << 7;
+        }
+        Self::load_f16(h.as_ptr())
+    }
+    /// Sixteen 4-bit codes (as `codes_u4`) looked up in a 16-entry table.
+    #[inline(always)]
+    unsafe fn codes_lut4(p: *const u8, table: *const f32) -> Self {
+        let mut f = [0.0f32; 16];
+        for (i, f) in f.iter_mut().enumerate() {
+            *f = *table.add(((*p.add(i / 2) >> (4 * (i & 1))) & 15) as usize);
+        }
+        Self::load(f.as_ptr())
+    }
     /// Four `hsum`s, bit for bit; instruction sets override it with a transposed reduction.
     #[inline(always)]
     unsafe fn hsum4(v: [Self; 4]) -> [f32; 4] {
@@ -419,6 +477,52 @@ mod x86 {
             Avx512(_mm512_scalef_ps(y, n))
         }
         #[inline(always)]
+        unsafe fn codes_u8(p: *const u8, bias: i32) -> Self {
+            Avx512(unbias(
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast())),
+                bias,
+            ))
+        }
+        #[inline(always)]
+        unsafe fn codes_u4(p: *const u8, bias: i32) -> Self {
+            Avx512(unbias(nibbles(p), bias))
+        }
+        #[inline(always)]
+        unsafe fn codes_u3(p: *const u8, bias: i32) -> Self {
+            let bits = p.cast::<u64>().read_unaligned();
+            let v = _mm512_inserti64x4::<1>(
+                _mm512_set1_epi32(bits as i32),
+                _mm256_set1_epi32((bits >> 24) as i32),
+            );
+            let shifts = _mm512_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21, 0, 3, 6, 9, 12, 15, 18, 21);
+            let q = _mm512_and_si512(_mm512_srlv_epi32(v, shifts), _mm512_set1_epi32(7));
+            Avx512(unbias(q, bias))
+        }
+        #[inline(always)]
+        unsafe fn codes_u2(p: *const u8, bias: i32) -> Self {
+            let v = _mm512_set1_epi32(p.cast::<u32>().read_unaligned() as i32);
+            let shifts =
+                _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            let q = _mm512_and_si512(_mm512_srlv_epi32(v, shifts), _mm512_set1_epi32(3));
+            Avx512(unbias(q, bias))
+        }
+        #[inline(always)]
+        unsafe fn codes_e4m3(p: *const u8) -> Self {
+            let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(p.cast()));
+            let h = _mm256_or_si256(
+                _mm256_and_si256(
+                    _mm256_slli_epi16::<8>(b),
+                    _mm256_set1_epi16(0x8000u16 as i16),
+                ),
+                _mm256_and_si256(_mm256_slli_epi16::<7>(b), _mm256_set1_epi16(0x3f80)),
+            );
+            Avx512(_mm512_cvtph_ps(h))
+        }
+        #[inline(always)]
+        unsafe fn codes_lut4(p: *const u8, table: *const f32) -> Self {
+            Avx512(_mm512_permutexvar_ps(nibbles(p), _mm512_loadu_ps(table)))
+        }
+        #[inline(always)]
         unsafe fn hsum(self) -> f32 {
             let lo = _mm512_castps512_ps256(self.0);
             let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(self.0)));
@@ -454,6 +558,21 @@ mod x86 {
             _mm_storeu_ps(out.as_mut_ptr(), _mm512_castps512_ps128(first));
             out
         }
+    }
+
+    /// Integer lanes less `bias`, as f32 (exact).
+    #[inline(always)]
+    unsafe fn unbias(q: __m512i, bias: i32) -> __m512 {
+        _mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(bias)))
+    }
+
+    /// Sixteen nibbles from 8 bytes, low nibble first, one per 32-bit lane: each byte widened to
+    /// a 64-bit lane, its high nibble shifted into the upper half.
+    #[inline(always)]
+    unsafe fn nibbles(p: *const u8) -> __m512i {
+        let q = _mm512_cvtepu8_epi64(_mm_loadl_epi64(p.cast()));
+        let t = _mm512_or_si512(q, _mm512_slli_epi64::<28>(q));
+        _mm512_and_si512(t, _mm512_set1_epi32(15))
     }
 
     /// The last three levels of the tree, shared by both x86 sets.

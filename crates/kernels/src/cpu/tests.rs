@@ -9,6 +9,7 @@
 use super::simd::Isa;
 use super::*;
 use crate::SeqSpan;
+use marlin_quant::{QuantFormat, PER_CHANNEL};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -582,6 +583,208 @@ fn attention_matches_contiguous_reference() {
 
             let err = b.attention(&buffer(&b, &q), &cache, &step, 5, scale, &mut out);
             assert!(matches!(err, Err(KernelError::Shape(m)) if m.starts_with("attention")));
+        }
+    }
+}
+
+// ---- Packed formats ---------------------------------------------------------------------------
+
+/// Every packed format, with the group it is tested at, and the variants that change the kernel's
+/// path: per channel with an odd row length (tails), a 128 group, an act-order permutation.
+fn packed_cases() -> Vec<(QuantFormat, usize, bool)> {
+    let mut cases: Vec<(QuantFormat, usize, bool)> = QuantFormat::ALL
+        .into_iter()
+        .map(|f| (f, f.default_group(), false))
+        .collect();
+    cases.push((
+        QuantFormat::Int {
+            bits: 4,
+            asym: false,
+        },
+        PER_CHANNEL,
+        false,
+    ));
+    cases.push((
+        QuantFormat::Int {
+            bits: 3,
+            asym: true,
+        },
+        128,
+        false,
+    ));
+    cases.push((
+        QuantFormat::Int {
+            bits: 4,
+            asym: true,
+        },
+        32,
+        true,
+    ));
+    cases.push((QuantFormat::Fp8, 64, true));
+    cases
+}
+
+/// A packed weight of random values (rows of odd group count), its dequantized values over the
+/// input columns, and its description.
+fn packed_weight(
+    rng: &mut StdRng,
+    format: QuantFormat,
+    group: usize,
+    perm: bool,
+    n: usize,
+    k: usize,
+) -> (HostWeight, Vec<f32>) {
+    let g = format.resolve_group(group, k).unwrap();
+    let mut t = marlin_quant::quantize_rtn(&values(rng, n * k), n, k, format, g).unwrap();
+    if perm {
+        let mut p: Vec<u32> = (0..k as u32).collect();
+        for i in (1..k).rev() {
+            p.swap(i, rng.random_range(0..=i));
+        }
+        t.perm = Some(p);
+    }
+    let w = t.dequantize();
+    (HostWeight::quant(t).unwrap(), w)
+}
+
+/// Row length for a case: an odd number of groups (or, per channel, an odd length).
+fn packed_k(format: QuantFormat, group: usize) -> usize {
+    match (format.fixed_group(), group) {
+        (Some(g), _) => 576 + 3 * g,
+        (None, PER_CHANNEL) => 577,
+        (None, g) => 5 * g.max(32) + if g == 32 { 576 } else { 0 },
+    }
+}
+
+#[test]
+fn packed_matmul_matches_dequantized_reference() {
+    let mut rng = rng();
+    let b = CpuBackend::new(0).unwrap();
+    for (format, group, perm) in packed_cases() {
+        let k = packed_k(format, group);
+        let n = 37;
+        let (host, w) = packed_weight(&mut rng, format, group, perm, n, k);
+        let uploaded = b.upload_weight(&host).unwrap();
+        assert_eq!(b.weight_shape(&uploaded), (n, k));
+        for rows in [1, 3, 16, 33, 300] {
+            let x = values(&mut rng, rows * k);
+            let got = run_matmul(&b, &x, &uploaded, rows);
+            for r in 0..rows {
+                for j in 0..n {
+                    let terms = (0..k).map(|i| x[r * k + i] as f64 * w[j * k + i] as f64);
+                    let want: f64 = terms.clone().sum();
+                    let bound: f64 = 1e-5 * terms.map(f64::abs).sum::<f64>();
+                    let g = got[r * n + j] as f64;
+                    assert!(
+                        (g - want).abs() <= bound,
+                        "{format} g{group} perm {perm} k={k} rows={rows} [{r},{j}]: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_matmul_is_deterministic_across_rows_and_isas() {
+    let mut rng = rng();
+    let n = 37;
+    for (format, group, perm) in packed_cases() {
+        let k = packed_k(format, group);
+        let x = values(&mut rng, 300 * k);
+        let (host, _) = packed_weight(&mut rng, format, group, perm, n, k);
+        let mut first: Option<Vec<f32>> = None;
+        for isa in Isa::available() {
+            let b = backend(isa);
+            let w = b.upload_weight(&host).unwrap();
+            let all = run_matmul(&b, &x, &w, 300);
+            for rows in [1, 16, 17] {
+                let part = run_matmul(&b, &x, &w, rows);
+                assert!(
+                    part.iter()
+                        .zip(&all)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{format} g{group} {isa:?}: {rows} rows differ from 300"
+                );
+            }
+            let r = 211;
+            let alone = run_matmul(&b, &x[r * k..], &w, 1);
+            assert!(
+                alone
+                    .iter()
+                    .zip(&all[r * n..])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{format} g{group} {isa:?}: row {r} alone differs"
+            );
+            match &first {
+                None => first = Some(all),
+                Some(f) => assert!(
+                    f.iter().zip(&all).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{format} g{group}: {isa:?} differs from scalar"
+                ),
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_embedding_rows_are_the_dequantized_rows() {
+    let mut rng = rng();
+    let b = CpuBackend::new(0).unwrap();
+    for (format, group, perm) in packed_cases() {
+        let (vocab, dim) = (51, packed_k(format, group));
+        let (host, table) = packed_weight(&mut rng, format, group, perm, vocab, dim);
+        let w = b.upload_weight(&host).unwrap();
+        let tokens: Vec<u32> = (0..9).map(|_| rng.random_range(0..vocab as u32)).collect();
+        let step = b.prepare_step(&decode_batch(&tokens)).unwrap();
+        let mut out = poisoned(&b, tokens.len() * dim);
+        b.embedding(&w, &step, &mut out).unwrap();
+        let got = b.read(&out, tokens.len() * dim).unwrap();
+        for (i, &t) in tokens.iter().enumerate() {
+            for c in 0..dim {
+                assert_eq!(
+                    got[i * dim + c].to_bits(),
+                    table[t as usize * dim + c].to_bits(),
+                    "{format} g{group} token {t} column {c}"
+                );
+            }
+        }
+    }
+}
+
+/// GGUF's Q8_0/Q4_0/Q4_1 blocks, converted and uploaded, give GGML's values bit for bit.
+#[test]
+fn gguf_blocks_run_losslessly() {
+    use marlin_quant::ggml::{self, GgmlType};
+    let mut rng = rng();
+    let b = CpuBackend::new(0).unwrap();
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
+        let (rows, cols) = (7, 96);
+        let mut bytes = vec![];
+        for _ in 0..rows * cols / 32 {
+            let mut block: Vec<u8> = (0..ty.block_bytes()).map(|_| rng.random()).collect();
+            block[..2]
+                .copy_from_slice(&half::f16::from_f32(rng.random_range(1e-3..0.05)).to_le_bytes());
+            if ty == GgmlType::Q4_1 {
+                block[2..4].copy_from_slice(
+                    &half::f16::from_f32(rng.random_range(-0.5..0.0)).to_le_bytes(),
+                );
+            }
+            bytes.extend(block);
+        }
+        let want = ggml::dequantize(ty, &bytes, rows * cols).unwrap();
+        let conv = marlin_quant::convert::from_ggml(ty, &bytes, rows, cols).unwrap();
+        assert!(conv.lossless);
+        let w = b
+            .upload_weight(&HostWeight::quant(conv.tensor).unwrap())
+            .unwrap();
+        let tokens: Vec<u32> = (0..rows as u32).collect();
+        let step = b.prepare_step(&decode_batch(&tokens)).unwrap();
+        let mut out = poisoned(&b, rows * cols);
+        b.embedding(&w, &step, &mut out).unwrap();
+        let got = b.read(&out, rows * cols).unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "{ty} element {i}");
         }
     }
 }

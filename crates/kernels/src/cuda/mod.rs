@@ -1,0 +1,997 @@
+//! The CUDA backend: bf16 activations with f32 arithmetic, kernels written in CUDA C beside this
+//! file and compiled by NVRTC at first use for the device's architecture (cached on disk, see
+//! `compile.rs`), cuBLAS for matmuls of more than 16 rows.
+//!
+//! Every op is queued on one stream and returns without waiting; only `read` waits. A step's batch
+//! description crosses to the device once, in `prepare_step`. The driver, NVRTC and cuBLAS are
+//! loaded at run time, so the backend builds without a CUDA toolkit, and [`CudaBackend::new`]
+//! answers with an error (not a crash) on a machine without a driver or a device.
+//!
+//! Weights: dense f32/f16/bf16 stay in their format (a GEMV per format reads them at decode);
+//! int4 and int8 `QuantTensor`s without act-order are re-laid for the tensor-core decode kernel
+//! (`qgemv.cu`); other packed formats are dequantized to bf16 at upload (correct, not yet fast).
+//! Above 16 rows, a weight that is not bf16 is expanded to bf16 a slab of features at a time into
+//! a scratch buffer, and cuBLAS multiplies.
+
+mod compile;
+mod quant;
+
+pub use cudarc;
+
+use crate::{check, Backend, KernelError, KvLayout, Result, StepBatch};
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use half::bf16;
+use marlin_quant::{DenseFormat, HostWeight, QuantTensor, WeightData};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+const SOURCES: [&str; 5] = [
+    include_str!("prelude.cuh"),
+    include_str!("ops.cu"),
+    include_str!("attention.cu"),
+    include_str!("gemv.cu"),
+    include_str!("qgemv.cu"),
+];
+
+/// Rows up to which matmul runs the GEMV kernels; above, cuBLAS.
+pub const DECODE_MAX_ROWS: usize = 16;
+/// Elements of the bf16 scratch a non-bf16 weight is expanded into for cuBLAS (64 MiB).
+const SCRATCH_ELEMS: usize = 1 << 25;
+const ATT_THREADS: u32 = 128;
+const ATT_CHUNK: u32 = 512;
+
+/// Queues kernel `$name` on the backend's stream with the given arguments (device pointers as
+/// u64, sizes as i32/u32, floats as f32).
+macro_rules! launch {
+    ($self:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        let f = $self.func($name)?;
+        let mut b = $self.stream.launch_builder(f);
+        $( let a = $arg; b.arg(&a); )+
+        // SAFETY: each kernel's arguments match its CUDA signature, and callers checked that
+        // every buffer holds what the kernel reads or writes.
+        unsafe { b.launch($cfg) }.map_err(dev)?;
+    }};
+}
+
+fn dev(e: impl std::fmt::Debug) -> KernelError {
+    KernelError::Device {
+        backend: "cuda".into(),
+        message: format!("{e:?}"),
+    }
+}
+
+fn len_check(op: &str, what: &str, have: usize, need: usize) -> Result<()> {
+    check(have >= need, op, || {
+        format!("{what} holds {have} elements, needs {need}")
+    })
+}
+
+/// bf16 activations (or small vectors: norm weights, the rotary table) on the device.
+pub struct Buffer {
+    data: CudaSlice<u16>,
+    ptr: u64,
+    len: usize,
+}
+
+impl Buffer {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A dense weight in its upload format, row-major.
+pub struct DenseWeight {
+    format: DenseFormat,
+    rows: usize,
+    cols: usize,
+    data: CudaSlice<u8>,
+    ptr: u64,
+}
+
+/// An int4/int8 weight in the decode kernel's layout.
+pub struct QuantWeight {
+    bits: usize,
+    asym: bool,
+    rows: usize,
+    cols: usize,
+    group: usize,
+    groups: usize,
+    strips: usize,
+    chunks: usize,
+    codes: CudaSlice<u32>,
+    scales: CudaSlice<u16>,
+    offsets: Option<CudaSlice<u16>>,
+}
+
+pub enum Weight {
+    Dense(DenseWeight),
+    Quant(QuantWeight),
+}
+
+impl Weight {
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            Weight::Dense(w) => (w.rows, w.cols),
+            Weight::Quant(w) => (w.rows, w.cols),
+        }
+    }
+
+    /// Bytes the weight occupies on the device (what a decode matmul streams).
+    pub fn device_bytes(&self) -> usize {
+        match self {
+            Weight::Dense(w) => w.data.len(),
+            Weight::Quant(w) => {
+                4 * w.codes.len()
+                    + 2 * w.scales.len()
+                    + w.offsets.as_ref().map_or(0, |o| 2 * o.len())
+            }
+        }
+    }
+}
+
+/// One layer's paged keys and values, each `slots x kv_heads x head_dim` bf16.
+pub struct KvCache {
+    layout: KvLayout,
+    _k: CudaSlice<u16>,
+    _v: CudaSlice<u16>,
+    kp: u64,
+    vp: u64,
+}
+
+/// The step on the device: one u32 array holding tokens, positions, slots, each token's block
+/// table offset and the logit rows (n each, the last `logit_rows.len()`), then the block tables.
+pub struct Step {
+    batch: StepBatch,
+    _data: CudaSlice<u32>,
+    base: u64,
+}
+
+impl Step {
+    fn at(&self, field: usize) -> u64 {
+        self.base + 4 * (field * self.batch.num_tokens()) as u64
+    }
+    fn tokens(&self) -> u64 {
+        self.at(0)
+    }
+    fn positions(&self) -> u64 {
+        self.at(1)
+    }
+    fn slots(&self) -> u64 {
+        self.at(2)
+    }
+    fn table_offsets(&self) -> u64 {
+        self.at(3)
+    }
+    fn logit_rows(&self) -> u64 {
+        self.at(4)
+    }
+    fn tables(&self) -> u64 {
+        self.at(4) + 4 * self.batch.logit_rows.len() as u64
+    }
+}
+
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    funcs: HashMap<String, CudaFunction>,
+    scratch: Mutex<Option<CudaSlice<u16>>>,
+    name: String,
+    arch: (i32, i32),
+}
+
+/// Why no CUDA device can be used here, or `None` if one can.
+pub fn unavailable() -> Option<String> {
+    // SAFETY: these only try to open the shared libraries.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Some("no CUDA driver library (libcuda)".into());
+    }
+    match CudaContext::device_count() {
+        Ok(0) => Some("no CUDA device".into()),
+        Ok(_) => None,
+        Err(e) => Some(format!("CUDA driver: {e:?}")),
+    }
+}
+
+/// Compiles the kernel module for `sm_{major}{minor}` with NVRTC (through the disk cache); needs
+/// the NVRTC library but no device. Returns the CUBIN's size.
+pub fn compile_kernels(arch: (i32, i32)) -> Result<usize> {
+    // SAFETY: only asks whether the library can be opened.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(dev("no NVRTC library (libnvrtc)"));
+    }
+    compile::cubin(&SOURCES.concat(), arch)
+        .map(|c| c.len())
+        .map_err(dev)
+}
+
+impl CudaBackend {
+    /// A backend on device `ordinal`; compiles (or loads from the cache) the kernels.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if let Some(why) = unavailable() {
+            return Err(dev(why));
+        }
+        // SAFETY: only asks whether the libraries can be opened.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err(dev("no NVRTC library (libnvrtc) to compile kernels"));
+        }
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(dev("no cuBLAS library (libcublas)"));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(dev)?;
+        // One stream: ordering is the stream's, so the per-slice event tracking is not needed.
+        // SAFETY: done before any allocation; all work goes to `stream`.
+        unsafe { ctx.disable_event_tracking() };
+        let arch = ctx.compute_capability().map_err(dev)?;
+        if arch.0 < 8 {
+            return Err(dev(format!(
+                "compute capability {}.{}: the kernels need 8.0 or newer (bf16 tensor cores)",
+                arch.0, arch.1
+            )));
+        }
+        let stream = ctx.new_stream().map_err(dev)?;
+        let blas = CudaBlas::new(stream.clone()).map_err(dev)?;
+        let source = SOURCES.concat();
+        let cubin = compile::cubin(&source, arch).map_err(dev)?;
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+            .map_err(dev)?;
+        let mut funcs = HashMap::new();
+        for name in kernel_names() {
+            let f = module.load_function(&name).map_err(dev)?;
+            funcs.insert(name, f);
+        }
+        let name = format!(
+            "cuda:{ordinal} ({}, sm_{}{})",
+            ctx.name().map_err(dev)?,
+            arch.0,
+            arch.1
+        );
+        Ok(Self {
+            ctx,
+            stream,
+            blas,
+            funcs,
+            scratch: Mutex::new(None),
+            name,
+            arch,
+        })
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// (major, minor) compute capability.
+    pub fn arch(&self) -> (i32, i32) {
+        self.arch
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(dev)
+    }
+
+    fn func(&self, name: &str) -> Result<&CudaFunction> {
+        self.funcs
+            .get(name)
+            .ok_or_else(|| dev(format!("kernel {name} missing from the module")))
+    }
+
+    fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        // Event tracking is off, so the guard does nothing.
+        s.device_ptr(&self.stream).0
+    }
+
+    /// A buffer of bf16 values (rounded to nearest even).
+    pub fn upload_bf16(&self, values: &[f32]) -> Result<Buffer> {
+        let mut b = self.alloc(values.len().max(1))?;
+        self.write(&mut b, values)?;
+        Ok(b)
+    }
+
+    /// Uploads a packed tensor: int4/int8 (no act-order) in the tensor-core decode layout, any
+    /// other format dequantized to bf16.
+    pub fn upload_quant(&self, t: &QuantTensor) -> Result<Weight> {
+        t.validate()
+            .map_err(|e| KernelError::Shape(format!("upload_weight: {e}")))?;
+        if !quant::supported(t) {
+            let values = t.dequantize();
+            let w = HostWeight::from_f32(DenseFormat::BF16, t.rows, t.cols, &values)
+                .map_err(|e| KernelError::Shape(format!("upload_weight: {e}")))?;
+            return self.upload_dense(&w);
+        }
+        let r = quant::relay(t);
+        let s = &self.stream;
+        Ok(Weight::Quant(QuantWeight {
+            bits: r.bits,
+            asym: r.asym,
+            rows: t.rows,
+            cols: t.cols,
+            group: t.group,
+            groups: r.groups,
+            strips: r.strips,
+            chunks: r.chunks,
+            codes: s.clone_htod(&r.words).map_err(dev)?,
+            scales: s.clone_htod(&r.scales).map_err(dev)?,
+            offsets: match &r.offsets {
+                Some(o) => Some(s.clone_htod(o).map_err(dev)?),
+                None => None,
+            },
+        }))
+    }
+
+    fn upload_dense(&self, weight: &HostWeight) -> Result<Weight> {
+        let (rows, cols) = (weight.rows, weight.cols);
+        let (format, bytes) = match &weight.data {
+            WeightData::Dense { format, bytes } => (*format, bytes),
+            WeightData::Quant(t) => {
+                check(t.rows == rows && t.cols == cols, "upload_weight", || {
+                    format!("{rows}x{cols} weight holds a {}x{} tensor", t.rows, t.cols)
+                })?;
+                return self.upload_quant(t);
+            }
+        };
+        let expected = rows * cols * format.bytes_per_element();
+        check(bytes.len() == expected, "upload_weight", || {
+            format!(
+                "{rows}x{cols} {format} weight needs {expected} bytes, has {}",
+                bytes.len()
+            )
+        })?;
+        let data = self.stream.clone_htod(bytes).map_err(dev)?;
+        let ptr = self.ptr(&data);
+        Ok(Weight::Dense(DenseWeight {
+            format,
+            rows,
+            cols,
+            data,
+            ptr,
+        }))
+    }
+
+    /// A second device copy of a weight (benchmarks rotate copies to defeat the L2).
+    pub fn duplicate_weight(&self, w: &Weight) -> Result<Weight> {
+        let s = &self.stream;
+        Ok(match w {
+            Weight::Dense(d) => {
+                let data = s.clone_dtod(&d.data).map_err(dev)?;
+                let ptr = self.ptr(&data);
+                Weight::Dense(DenseWeight {
+                    format: d.format,
+                    rows: d.rows,
+                    cols: d.cols,
+                    data,
+                    ptr,
+                })
+            }
+            Weight::Quant(q) => Weight::Quant(QuantWeight {
+                bits: q.bits,
+                asym: q.asym,
+                rows: q.rows,
+                cols: q.cols,
+                group: q.group,
+                groups: q.groups,
+                strips: q.strips,
+                chunks: q.chunks,
+                codes: s.clone_dtod(&q.codes).map_err(dev)?,
+                scales: s.clone_dtod(&q.scales).map_err(dev)?,
+                offsets: match &q.offsets {
+                    Some(o) => Some(s.clone_dtod(o).map_err(dev)?),
+                    None => None,
+                },
+            }),
+        })
+    }
+
+    /// Device-to-device copy of `bytes` (a multiple of 16) with the plain vector copy kernel.
+    pub fn copy_kernel(
+        &self,
+        src: &CudaSlice<u8>,
+        dst: &mut CudaSlice<u8>,
+        bytes: usize,
+    ) -> Result<()> {
+        let n = (bytes / 16) as u64;
+        let (s, d) = (self.ptr(src), self.ptr(dst));
+        let cfg = grid1((n as usize).min(132 * 64 * 256), 256);
+        launch!(self, "copy_u4", cfg, s, n, d);
+        Ok(())
+    }
+
+    /// `out = x · wᵀ` through cuBLAS whatever the row count (bf16 weights only): the baseline of
+    /// the matmul benchmarks.
+    pub fn matmul_cublas(
+        &self,
+        x: &Buffer,
+        w: &Weight,
+        rows: usize,
+        out: &mut Buffer,
+    ) -> Result<()> {
+        match w {
+            Weight::Dense(d) if d.format == DenseFormat::BF16 => {
+                self.gemm(x.ptr, d.ptr, rows, d.rows, d.cols, d.rows, out.ptr)
+            }
+            _ => Err(dev("matmul_cublas takes bf16 weights")),
+        }
+    }
+
+    /// out[rows x ldc] columns 0..n = x[rows x k] · w[n x k]ᵀ, bf16, f32 accumulation.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        x: u64,
+        w: u64,
+        rows: usize,
+        n: usize,
+        k: usize,
+        ldc: usize,
+        out: u64,
+    ) -> Result<()> {
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        self.ctx.bind_to_thread().map_err(dev)?;
+        // Column-major view: out^T (n x rows) = W (k x n)^T · x^T (k x rows).
+        // SAFETY: pointers are device allocations of at least these sizes (checked by callers).
+        unsafe {
+            blas::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                rows as i32,
+                k as i32,
+                &alpha as *const f32 as *const _,
+                w as *const _,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                x as *const _,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                &beta as *const f32 as *const _,
+                out as *mut _,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                ldc as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(dev)
+    }
+
+    /// Prefill with a weight that is not bf16: slabs of features expanded to bf16, then cuBLAS.
+    fn matmul_expanded(&self, x: &Buffer, w: &Weight, rows: usize, out: &Buffer) -> Result<()> {
+        let (n, k) = w.shape();
+        let slab = ((SCRATCH_ELEMS / k.max(1)) / 16 * 16).clamp(16, n.div_ceil(16) * 16);
+        let mut guard = self.scratch.lock().unwrap();
+        if guard.as_ref().is_none_or(|s| s.len() < slab * k) {
+            *guard = None;
+            *guard = Some(self.stream.alloc_zeros::<u16>(slab * k).map_err(dev)?);
+        }
+        let scratch = self.ptr(guard.as_ref().unwrap());
+        for n0 in (0..n).step_by(slab) {
+            let nc = slab.min(n - n0);
+            match w {
+                Weight::Dense(d) => {
+                    let count = (nc * k) as u64;
+                    let src = d.ptr + (n0 * k * d.format.bytes_per_element()) as u64;
+                    let f = match d.format {
+                        DenseFormat::F32 => "f32_to_bf16",
+                        DenseFormat::F16 => "f16_to_bf16",
+                        DenseFormat::BF16 => unreachable!("bf16 weights go to cuBLAS directly"),
+                    };
+                    launch!(
+                        self,
+                        f,
+                        grid1((count as usize).div_ceil(256).min(65536) * 256, 256),
+                        src,
+                        count,
+                        scratch
+                    );
+                }
+                Weight::Quant(q) => {
+                    let f = match (q.bits, q.asym) {
+                        (4, false) => "dequant_int4",
+                        (4, true) => "dequant_int4a",
+                        (8, false) => "dequant_int8",
+                        _ => "dequant_int8a",
+                    };
+                    let cfg = LaunchConfig {
+                        grid_dim: (nc.div_ceil(16) as u32, 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    let (codes, scales) = (self.ptr(&q.codes), self.ptr(&q.scales));
+                    let offsets = q.offsets.as_ref().map_or(0, |o| self.ptr(o));
+                    let np = (q.strips * 16) as i32;
+                    launch!(
+                        self,
+                        f,
+                        cfg,
+                        codes,
+                        scales,
+                        offsets,
+                        (n0 / 16) as i32,
+                        k as i32,
+                        n as i32,
+                        q.group as i32,
+                        q.groups as i32,
+                        np,
+                        q.chunks as i32,
+                        scratch
+                    );
+                }
+            }
+            self.gemm(x.ptr, scratch, rows, nc, k, n, out.ptr + 2 * n0 as u64)?;
+        }
+        Ok(())
+    }
+}
+
+/// Launch config of `threads`-wide blocks covering `items` items with a grid-stride loop.
+fn grid1(items: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            (items.div_ceil(threads as usize)).clamp(1, 1 << 20) as u32,
+            1,
+            1,
+        ),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn cfg2(grid: (usize, usize), threads: u32, smem: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid.0.max(1) as u32, grid.1.max(1) as u32, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}
+
+/// Every kernel of the module.
+fn kernel_names() -> Vec<String> {
+    let mut names: Vec<String> = [
+        "embedding_f32",
+        "embedding_f16",
+        "embedding_bf16",
+        "rms_norm",
+        "rope",
+        "write_kv",
+        "silu_mul",
+        "add",
+        "softmax",
+        "gather_rows",
+        "f32_to_bf16",
+        "f16_to_bf16",
+        "copy_u4",
+        "attention",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for f in ["f32", "f16", "bf16"] {
+        for m in ["1", "2", "4", "8", "16", "any"] {
+            names.push(format!("gemv_{f}_{m}"));
+        }
+    }
+    for q in ["int4", "int4a", "int8", "int8a"] {
+        names.push(format!("qgemv_{q}_8"));
+        names.push(format!("qgemv_{q}_16"));
+        names.push(format!("dequant_{q}"));
+    }
+    names
+}
+
+impl Backend for CudaBackend {
+    type Buffer = Buffer;
+    type Weight = Weight;
+    type KvCache = KvCache;
+    type Step = Step;
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn alloc(&self, len: usize) -> Result<Buffer> {
+        // Zeroed: a buffer nobody wrote reads as zeros, as on the CPU.
+        let data = self.stream.alloc_zeros::<u16>(len.max(1)).map_err(dev)?;
+        let ptr = self.ptr(&data);
+        Ok(Buffer { data, ptr, len })
+    }
+
+    fn write(&self, dst: &mut Buffer, src: &[f32]) -> Result<()> {
+        len_check("write", "destination", dst.len, src.len())?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        let host: Vec<u16> = src.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+        let mut view = dst.data.slice_mut(..src.len());
+        self.stream.memcpy_htod(&host, &mut view).map_err(dev)
+    }
+
+    fn read(&self, src: &Buffer, len: usize) -> Result<Vec<f32>> {
+        len_check("read", "source", src.len, len)?;
+        if len == 0 {
+            return Ok(vec![]);
+        }
+        let mut host = vec![0u16; len];
+        self.stream
+            .memcpy_dtoh(&src.data.slice(..len), &mut host)
+            .map_err(dev)?;
+        self.stream.synchronize().map_err(dev)?;
+        Ok(host
+            .into_iter()
+            .map(|b| bf16::from_bits(b).to_f32())
+            .collect())
+    }
+
+    fn upload_weight(&self, weight: &HostWeight) -> Result<Weight> {
+        self.upload_dense(weight)
+    }
+
+    fn weight_shape(&self, weight: &Weight) -> (usize, usize) {
+        weight.shape()
+    }
+
+    fn alloc_kv(&self, layout: KvLayout) -> Result<KvCache> {
+        let len = (layout.slots() * layout.slot_width()).max(1);
+        let k = self.stream.alloc_zeros::<u16>(len).map_err(dev)?;
+        let v = self.stream.alloc_zeros::<u16>(len).map_err(dev)?;
+        let (kp, vp) = (self.ptr(&k), self.ptr(&v));
+        Ok(KvCache {
+            layout,
+            _k: k,
+            _v: v,
+            kp,
+            vp,
+        })
+    }
+
+    fn prepare_step(&self, batch: &StepBatch) -> Result<Step> {
+        let n = batch.num_tokens();
+        check(
+            batch.positions.len() == n && batch.slots.len() == n,
+            "prepare_step",
+            || {
+                format!(
+                    "{n} tokens, {} positions, {} slots",
+                    batch.positions.len(),
+                    batch.slots.len()
+                )
+            },
+        )?;
+        let mut table_off = vec![0u32; n];
+        let mut tables = vec![];
+        for seq in &batch.seqs {
+            let off = tables.len() as u32;
+            tables.extend_from_slice(&seq.block_table);
+            let end = (seq.start + seq.len).min(n);
+            table_off[seq.start.min(end)..end].fill(off);
+        }
+        let mut host = Vec::with_capacity(4 * n + batch.logit_rows.len() + tables.len() + 1);
+        host.extend_from_slice(&batch.tokens);
+        host.extend_from_slice(&batch.positions);
+        host.extend_from_slice(&batch.slots);
+        host.extend_from_slice(&table_off);
+        host.extend_from_slice(&batch.logit_rows);
+        host.extend_from_slice(&tables);
+        host.push(0);
+        let data = self.stream.clone_htod(&host).map_err(dev)?;
+        let base = self.ptr(&data);
+        Ok(Step {
+            batch: batch.clone(),
+            _data: data,
+            base,
+        })
+    }
+
+    fn embedding(&self, table: &Weight, step: &Step, out: &mut Buffer) -> Result<()> {
+        let (vocab, dim) = table.shape();
+        let tokens = &step.batch.tokens;
+        len_check("embedding", "out", out.len, tokens.len() * dim)?;
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(KernelError::Shape(format!(
+                "embedding: token {t} of vocab {vocab}"
+            )));
+        }
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        let Weight::Dense(d) = table else {
+            return Err(dev("embedding: the table must be a dense weight"));
+        };
+        let f = match d.format {
+            DenseFormat::F32 => "embedding_f32",
+            DenseFormat::F16 => "embedding_f16",
+            DenseFormat::BF16 => "embedding_bf16",
+        };
+        let cfg = cfg2((dim.div_ceil(256), tokens.len()), 256, 0);
+        launch!(self, f, cfg, d.ptr, step.tokens(), dim as i32, out.ptr);
+        Ok(())
+    }
+
+    fn rms_norm(
+        &self,
+        x: &Buffer,
+        weight: &Buffer,
+        eps: f32,
+        rows: usize,
+        dim: usize,
+        out: &mut Buffer,
+    ) -> Result<()> {
+        len_check("rms_norm", "x", x.len, rows * dim)?;
+        len_check("rms_norm", "weight", weight.len, dim)?;
+        len_check("rms_norm", "out", out.len, rows * dim)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let threads = if dim >= 2048 { 512 } else { 256 };
+        launch!(
+            self,
+            "rms_norm",
+            cfg2((rows, 1), threads, 0),
+            x.ptr,
+            weight.ptr,
+            eps,
+            dim as i32,
+            out.ptr
+        );
+        Ok(())
+    }
+
+    fn rope(
+        &self,
+        x: &mut Buffer,
+        step: &Step,
+        heads: usize,
+        head_dim: usize,
+        table: &Buffer,
+    ) -> Result<()> {
+        let tokens = step.batch.num_tokens();
+        check(head_dim.is_multiple_of(2), "rope", || {
+            format!("odd head_dim {head_dim}")
+        })?;
+        len_check("rope", "x", x.len, tokens * heads * head_dim)?;
+        let max_pos = step.batch.positions.iter().max().map_or(0, |&p| p as usize);
+        len_check("rope", "table", table.len, (max_pos + 1) * head_dim)?;
+        if tokens == 0 || heads == 0 {
+            return Ok(());
+        }
+        let threads = (head_dim / 2).clamp(32, 256).next_multiple_of(32) as u32;
+        launch!(
+            self,
+            "rope",
+            cfg2((tokens, heads), threads, 0),
+            x.ptr,
+            step.positions(),
+            heads as i32,
+            head_dim as i32,
+            table.ptr
+        );
+        Ok(())
+    }
+
+    fn matmul(&self, x: &Buffer, weight: &Weight, rows: usize, out: &mut Buffer) -> Result<()> {
+        let (n, k) = weight.shape();
+        len_check("matmul", "x", x.len, rows * k)?;
+        len_check("matmul", "out", out.len, rows * n)?;
+        if rows == 0 || n == 0 {
+            return Ok(());
+        }
+        if rows > DECODE_MAX_ROWS {
+            return match weight {
+                Weight::Dense(d) if d.format == DenseFormat::BF16 => {
+                    self.gemm(x.ptr, d.ptr, rows, n, k, n, out.ptr)
+                }
+                _ => self.matmul_expanded(x, weight, rows, out),
+            };
+        }
+        match weight {
+            Weight::Dense(d) => {
+                let f = match d.format {
+                    DenseFormat::F32 => "f32",
+                    DenseFormat::F16 => "f16",
+                    DenseFormat::BF16 => "bf16",
+                };
+                let (name, blocks) = if k.is_multiple_of(8) {
+                    (
+                        format!("gemv_{f}_{}", rows.next_power_of_two()),
+                        n.div_ceil(16),
+                    )
+                } else {
+                    (format!("gemv_{f}_any"), n.div_ceil(4))
+                };
+                launch!(
+                    self,
+                    &name,
+                    cfg2((blocks, 1), 128, 0),
+                    d.ptr,
+                    x.ptr,
+                    rows as i32,
+                    k as i32,
+                    n as i32,
+                    out.ptr
+                );
+            }
+            Weight::Quant(q) => {
+                let name = format!(
+                    "qgemv_int{}{}_{}",
+                    q.bits,
+                    if q.asym { "a" } else { "" },
+                    if rows <= 8 { 8 } else { 16 }
+                );
+                let (codes, scales) = (self.ptr(&q.codes), self.ptr(&q.scales));
+                let offsets = q.offsets.as_ref().map_or(0, |o| self.ptr(o));
+                launch!(
+                    self,
+                    &name,
+                    cfg2((q.strips, 1), 256, 0),
+                    codes,
+                    scales,
+                    offsets,
+                    x.ptr,
+                    rows as i32,
+                    k as i32,
+                    n as i32,
+                    q.group as i32,
+                    q.groups as i32,
+                    (q.strips * 16) as i32,
+                    q.chunks as i32,
+                    out.ptr
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn write_kv(&self, cache: &mut KvCache, k: &Buffer, v: &Buffer, step: &Step) -> Result<()> {
+        let layout = cache.layout;
+        step.batch.validate(&layout)?;
+        let (n, sw) = (step.batch.num_tokens(), layout.slot_width());
+        len_check("write_kv", "k", k.len, n * sw)?;
+        len_check("write_kv", "v", v.len, n * sw)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let threads = sw.clamp(32, 256).next_multiple_of(32) as u32;
+        launch!(
+            self,
+            "write_kv",
+            cfg2((n, 1), threads, 0),
+            cache.kp,
+            cache.vp,
+            k.ptr,
+            v.ptr,
+            step.slots(),
+            sw as i32
+        );
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        q: &Buffer,
+        cache: &KvCache,
+        step: &Step,
+        heads: usize,
+        scale: f32,
+        out: &mut Buffer,
+    ) -> Result<()> {
+        let layout = cache.layout;
+        step.batch.validate(&layout)?;
+        check(
+            layout.kv_heads > 0 && heads.is_multiple_of(layout.kv_heads),
+            "attention",
+            || format!("{heads} query heads over {} kv heads", layout.kv_heads),
+        )?;
+        check(layout.head_dim <= 256, "attention", || {
+            format!(
+                "head_dim {} (the CUDA kernel takes up to 256)",
+                layout.head_dim
+            )
+        })?;
+        let n = step.batch.num_tokens();
+        let len = n * heads * layout.head_dim;
+        len_check("attention", "q", q.len, len)?;
+        len_check("attention", "out", out.len, len)?;
+        if n == 0 || heads == 0 {
+            return Ok(());
+        }
+        let smem = (256 + 2 * ATT_CHUNK) * 4;
+        launch!(
+            self,
+            "attention",
+            cfg2((n, heads), ATT_THREADS, smem),
+            q.ptr,
+            cache.kp,
+            cache.vp,
+            step.positions(),
+            step.table_offsets(),
+            step.tables(),
+            heads as i32,
+            layout.kv_heads as i32,
+            layout.head_dim as i32,
+            layout.block_size as i32,
+            scale,
+            out.ptr
+        );
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate: &Buffer, up: &Buffer, len: usize, out: &mut Buffer) -> Result<()> {
+        len_check("silu_mul", "gate", gate.len, len)?;
+        len_check("silu_mul", "up", up.len, len)?;
+        len_check("silu_mul", "out", out.len, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        launch!(
+            self,
+            "silu_mul",
+            grid1(len, 256),
+            gate.ptr,
+            up.ptr,
+            len as u32,
+            out.ptr
+        );
+        Ok(())
+    }
+
+    fn add(&self, x: &mut Buffer, y: &Buffer, len: usize) -> Result<()> {
+        len_check("add", "x", x.len, len)?;
+        len_check("add", "y", y.len, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        launch!(self, "add", grid1(len, 256), x.ptr, y.ptr, len as u32);
+        Ok(())
+    }
+
+    fn softmax(&self, x: &mut Buffer, rows: usize, dim: usize) -> Result<()> {
+        len_check("softmax", "x", x.len, rows * dim)?;
+        if rows == 0 || dim == 0 {
+            return Ok(());
+        }
+        launch!(self, "softmax", cfg2((rows, 1), 256, 0), x.ptr, dim as i32);
+        Ok(())
+    }
+
+    fn gather_logit_rows(
+        &self,
+        x: &Buffer,
+        step: &Step,
+        dim: usize,
+        out: &mut Buffer,
+    ) -> Result<()> {
+        let (n, rows) = (step.batch.num_tokens(), &step.batch.logit_rows);
+        len_check("gather_logit_rows", "x", x.len, n * dim)?;
+        len_check("gather_logit_rows", "out", out.len, rows.len() * dim)?;
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= n) {
+            return Err(KernelError::Shape(format!(
+                "gather_logit_rows: row {r} of {n} tokens"
+            )));
+        }
+        if rows.is_empty() || dim == 0 {
+            return Ok(());
+        }
+        launch!(
+            self,
+            "gather_rows",
+            cfg2((dim.div_ceil(256), rows.len()), 256, 0),
+            x.ptr,
+            step.logit_rows(),
+            dim as i32,
+            out.ptr
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,100 @@
+// Row and elementwise ops on bf16 activations, f32 arithmetic.
+
+template <class L>
+__device__ void embedding_impl(const typename L::T* table, const u32* tokens, int dim, bf16_t* out) {
+    int t = blockIdx.y;
+    const typename L::T* row = table + (size_t)tokens[t] * dim;
+    for (int d = blockIdx.x * blockDim.x + threadIdx.x; d < dim; d += gridDim.x * blockDim.x)
+        out[(size_t)t * dim + d] = f2bf(L::ld(row + d));
+}
+extern "C" __global__ void embedding_f32(const float* table, const u32* tokens, int dim, bf16_t* out) {
+    embedding_impl<LdF32>(table, tokens, dim, out);
+}
+extern "C" __global__ void embedding_f16(const f16_t* table, const u32* tokens, int dim, bf16_t* out) {
+    embedding_impl<LdF16>(table, tokens, dim, out);
+}
+extern "C" __global__ void embedding_bf16(const bf16_t* table, const u32* tokens, int dim, bf16_t* out) {
+    embedding_impl<LdBF16>(table, tokens, dim, out);
+}
+
+// One block per row.
+extern "C" __global__ void rms_norm(const bf16_t* x, const bf16_t* w, float eps, int dim, bf16_t* out) {
+    const bf16_t* xr = x + (size_t)blockIdx.x * dim;
+    bf16_t* o = out + (size_t)blockIdx.x * dim;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        float v = bf2f(xr[i]);
+        ss += v * v;
+    }
+    ss = block_reduce(ss, false);
+    float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = f2bf(bf2f(xr[i]) * inv * bf2f(w[i]));
+}
+
+// Grid (tokens, heads); pairs element i with i + head_dim/2.
+extern "C" __global__ void rope(bf16_t* x, const u32* positions, int heads, int hd, const bf16_t* table) {
+    int t = blockIdx.x, h = blockIdx.y, half = hd / 2;
+    bf16_t* p = x + ((size_t)t * heads + h) * hd;
+    const bf16_t* cs = table + (size_t)positions[t] * hd;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float x0 = bf2f(p[i]), x1 = bf2f(p[i + half]);
+        float c = bf2f(cs[i]), s = bf2f(cs[half + i]);
+        p[i] = f2bf(x0 * c - x1 * s);
+        p[i + half] = f2bf(x1 * c + x0 * s);
+    }
+}
+
+// Grid (tokens); each token's keys and values go to its slot.
+extern "C" __global__ void write_kv(bf16_t* kc, bf16_t* vc, const bf16_t* k, const bf16_t* v, const u32* slots, int sw) {
+    int t = blockIdx.x;
+    size_t dst = (size_t)slots[t] * sw, src = (size_t)t * sw;
+    for (int i = threadIdx.x; i < sw; i += blockDim.x) {
+        kc[dst + i] = k[src + i];
+        vc[dst + i] = v[src + i];
+    }
+}
+
+extern "C" __global__ void silu_mul(const bf16_t* gate, const bf16_t* up, u32 n, bf16_t* out) {
+    for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        float g = bf2f(gate[i]);
+        out[i] = f2bf(g / (1.0f + expf(-g)) * bf2f(up[i]));
+    }
+}
+
+extern "C" __global__ void add(bf16_t* x, const bf16_t* y, u32 n) {
+    for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        x[i] = f2bf(bf2f(x[i]) + bf2f(y[i]));
+}
+
+// One block per row, in place.
+extern "C" __global__ void softmax(bf16_t* x, int dim) {
+    bf16_t* r = x + (size_t)blockIdx.x * dim;
+    float m = NEG_INF;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) m = fmaxf(m, bf2f(r[i]));
+    m = block_reduce(m, true);
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) s += expf(bf2f(r[i]) - m);
+    s = block_reduce(s, false);
+    float inv = 1.0f / s;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) r[i] = f2bf(expf(bf2f(r[i]) - m) * inv);
+}
+
+// Grid (ceil(dim / threads), rows).
+extern "C" __global__ void gather_rows(const bf16_t* x, const u32* rows, int dim, bf16_t* out) {
+    int i = blockIdx.y;
+    int d = blockIdx.x * blockDim.x + threadIdx.x;
+    if (d < dim) out[(size_t)i * dim + d] = x[(size_t)rows[i] * dim + d];
+}
+
+// Dense weights to bf16 (rows n0..n1 of a row-major matrix of k columns), for cuBLAS.
+extern "C" __global__ void f32_to_bf16(const float* src, u64 n, bf16_t* dst) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) dst[i] = f2bf(src[i]);
+}
+extern "C" __global__ void f16_to_bf16(const f16_t* src, u64 n, bf16_t* dst) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) dst[i] = f2bf(h2f(src[i]));
+}
+
+// A device-to-device copy at full width, the 100% line of the memory-bound benchmarks.
+extern "C" __global__ void copy_u4(const uint4* src, u64 n, uint4* dst) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) dst[i] = src[i];
+}

@@ -1,0 +1,466 @@
+//! The CUDA backend against the CPU backend (or an f64 host reference), op by op and format by
+//! format, on fresh random inputs of odd shapes. Inputs are rounded to bf16 first so both backends
+//! see the same values; outputs are poisoned with NaN before each run, so an element the kernel
+//! never wrote fails. Bound: relative L2 error under 1e-2 (bf16 outputs, f32 arithmetic).
+//!
+//! Without a CUDA device each test prints `skipped: no CUDA device (...)` and passes.
+#![cfg(feature = "cuda")]
+
+use marlin_kernels::cpu::CpuBackend;
+use marlin_kernels::cuda::{self, CudaBackend};
+use marlin_kernels::{Backend, DenseFormat, HostWeight, KvLayout, SeqSpan, StepBatch};
+use marlin_quant::{quantize_rtn, QuantFormat, QuantTensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::io::Write;
+use std::sync::OnceLock;
+
+const BOUND: f64 = 1e-2;
+
+fn gpu(test: &str) -> Option<&'static CudaBackend> {
+    static GPU: OnceLock<Result<CudaBackend, String>> = OnceLock::new();
+    let g = GPU.get_or_init(|| match cuda::unavailable() {
+        Some(why) => Err(why),
+        None => CudaBackend::new(0).map_err(|e| e.to_string()),
+    });
+    match g {
+        Ok(b) => Some(b),
+        Err(why) if cuda::unavailable().is_some() => {
+            // Straight to stderr: the harness would swallow a println! of a passing test.
+            let _ = writeln!(std::io::stderr(), "{test}: skipped: no CUDA device ({why})");
+            None
+        }
+        // A device is there but the backend failed: that is a failure, not a skip.
+        Err(why) => panic!("{test}: CUDA backend failed to start: {why}"),
+    }
+}
+
+fn cpu() -> CpuBackend {
+    CpuBackend::new(2).unwrap()
+}
+
+fn rng() -> StdRng {
+    StdRng::seed_from_u64(rand::rng().random())
+}
+
+fn bf(v: f32) -> f32 {
+    half::bf16::from_f32(v).to_f32()
+}
+
+fn randv(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| bf(rng.random_range(-1.0..1.0f32) * scale))
+        .collect()
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        assert!(
+            g.is_finite(),
+            "non-finite output {g} (unwritten or overflow)"
+        );
+        num += (g as f64 - w as f64).powi(2);
+        den += (w as f64).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32]) {
+    let e = rel_err(got, want);
+    assert!(e < BOUND, "{what}: relative error {e:.2e}");
+}
+
+/// A GPU buffer of `len` NaNs.
+fn poisoned(g: &CudaBackend, len: usize) -> cuda::Buffer {
+    let mut b = g.alloc(len).unwrap();
+    g.write(&mut b, &vec![f32::NAN; len]).unwrap();
+    b
+}
+
+fn pair(g: &CudaBackend, c: &CpuBackend, v: &[f32]) -> (cuda::Buffer, marlin_kernels::cpu::Buffer) {
+    let mut gb = g.alloc(v.len()).unwrap();
+    g.write(&mut gb, v).unwrap();
+    let mut cb = c.alloc(v.len()).unwrap();
+    c.write(&mut cb, v).unwrap();
+    (gb, cb)
+}
+
+/// Runs wherever the NVRTC library is found, device or not.
+#[test]
+fn kernels_compile_for_sm90() {
+    let t = std::time::Instant::now();
+    match cuda::compile_kernels((9, 0)) {
+        Ok(size) => println!("sm_90 CUBIN: {size} bytes in {:?}", t.elapsed()),
+        Err(e) if e.to_string().contains("no NVRTC library") => {
+            let _ = writeln!(std::io::stderr(), "kernels_compile_for_sm90: skipped: {e}");
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn write_read_round_trip() {
+    let Some(g) = gpu("write_read_round_trip") else {
+        return;
+    };
+    let v = randv(&mut rng(), 1001, 3.0);
+    let mut b = poisoned(g, 1001);
+    g.write(&mut b, &v).unwrap();
+    assert_eq!(g.read(&b, 1001).unwrap(), v);
+}
+
+#[test]
+fn elementwise_ops() {
+    let Some(g) = gpu("elementwise_ops") else {
+        return;
+    };
+    let c = cpu();
+    let mut r = rng();
+    for &(rows, dim) in &[(1usize, 7usize), (3, 1000), (5, 4103)] {
+        let len = rows * dim;
+        let (x, y) = (randv(&mut r, len, 4.0), randv(&mut r, len, 4.0));
+        let (gx, cx) = pair(g, &c, &x);
+        let (gy, cy) = pair(g, &c, &y);
+
+        let mut go = poisoned(g, len);
+        let mut co = c.alloc(len).unwrap();
+        g.silu_mul(&gx, &gy, len, &mut go).unwrap();
+        c.silu_mul(&cx, &cy, len, &mut co).unwrap();
+        assert_close(
+            "silu_mul",
+            &g.read(&go, len).unwrap(),
+            &c.read(&co, len).unwrap(),
+        );
+
+        let (mut gx2, mut cx2) = pair(g, &c, &x);
+        g.add(&mut gx2, &gy, len).unwrap();
+        c.add(&mut cx2, &cy, len).unwrap();
+        assert_close(
+            "add",
+            &g.read(&gx2, len).unwrap(),
+            &c.read(&cx2, len).unwrap(),
+        );
+
+        let (mut gs, mut cs) = pair(g, &c, &x);
+        g.softmax(&mut gs, rows, dim).unwrap();
+        c.softmax(&mut cs, rows, dim).unwrap();
+        assert_close(
+            "softmax",
+            &g.read(&gs, len).unwrap(),
+            &c.read(&cs, len).unwrap(),
+        );
+
+        let w = randv(&mut r, dim, 2.0);
+        let (gw, cw) = pair(g, &c, &w);
+        let mut go = poisoned(g, len);
+        g.rms_norm(&gx, &gw, 1e-5, rows, dim, &mut go).unwrap();
+        c.rms_norm(&cx, &cw, 1e-5, rows, dim, &mut co).unwrap();
+        assert_close(
+            "rms_norm",
+            &g.read(&go, len).unwrap(),
+            &c.read(&co, len).unwrap(),
+        );
+    }
+}
+
+/// Sequences of (new tokens, context after the step), blocks handed out shuffled.
+fn make_step(r: &mut StdRng, seqs: &[(usize, usize)], block_size: usize) -> (StepBatch, usize) {
+    let total_blocks: usize = seqs.iter().map(|s| s.1.div_ceil(block_size)).sum::<usize>() + 3;
+    let mut free: Vec<u32> = (0..total_blocks as u32).collect();
+    for i in (1..free.len()).rev() {
+        free.swap(i, r.random_range(0..=i));
+    }
+    let mut b = StepBatch::default();
+    for &(len, ctx) in seqs {
+        let table: Vec<u32> = (0..ctx.div_ceil(block_size))
+            .map(|_| free.pop().unwrap())
+            .collect();
+        let start = b.tokens.len();
+        for t in 0..len {
+            let pos = ctx - len + t;
+            b.tokens.push(r.random_range(0..50));
+            b.positions.push(pos as u32);
+            b.slots
+                .push(table[pos / block_size] * block_size as u32 + (pos % block_size) as u32);
+        }
+        b.seqs.push(SeqSpan {
+            start,
+            len,
+            context_len: ctx,
+            block_table: table,
+        });
+        b.logit_rows.push((b.tokens.len() - 1) as u32);
+    }
+    (b, total_blocks)
+}
+
+#[test]
+fn embedding_rope_gather() {
+    let Some(g) = gpu("embedding_rope_gather") else {
+        return;
+    };
+    let c = cpu();
+    let mut r = rng();
+    let (step, _) = make_step(&mut r, &[(5, 9), (1, 40), (3, 3)], 16);
+    let n = step.num_tokens();
+    let (gs, cs) = (
+        g.prepare_step(&step).unwrap(),
+        c.prepare_step(&step).unwrap(),
+    );
+    for format in DenseFormat::ALL {
+        let dim = 131;
+        let table = HostWeight::from_f32(format, 50, dim, &randv(&mut r, 50 * dim, 1.0)).unwrap();
+        let (gt, ct) = (
+            g.upload_weight(&table).unwrap(),
+            c.upload_weight(&table).unwrap(),
+        );
+        let mut go = poisoned(g, n * dim);
+        let mut co = c.alloc(n * dim).unwrap();
+        g.embedding(&gt, &gs, &mut go).unwrap();
+        c.embedding(&ct, &cs, &mut co).unwrap();
+        assert_close(
+            &format!("embedding {format}"),
+            &g.read(&go, n * dim).unwrap(),
+            &c.read(&co, n * dim).unwrap(),
+        );
+    }
+    for &(heads, hd) in &[(3usize, 64usize), (2, 80), (1, 256), (4, 6)] {
+        let len = n * heads * hd;
+        let x = randv(&mut r, len, 2.0);
+        let mut table = vec![0.0f32; 64 * hd];
+        for p in 0..64 {
+            for i in 0..hd / 2 {
+                let a = p as f32 / 10000f32.powf(2.0 * i as f32 / hd as f32);
+                table[p * hd + i] = bf(a.cos());
+                table[p * hd + hd / 2 + i] = bf(a.sin());
+            }
+        }
+        let (mut gx, mut cx) = pair(g, &c, &x);
+        let (gt, ct) = pair(g, &c, &table);
+        g.rope(&mut gx, &gs, heads, hd, &gt).unwrap();
+        c.rope(&mut cx, &cs, heads, hd, &ct).unwrap();
+        assert_close(
+            &format!("rope h{heads} d{hd}"),
+            &g.read(&gx, len).unwrap(),
+            &c.read(&cx, len).unwrap(),
+        );
+    }
+    let dim = 77;
+    let x = randv(&mut r, n * dim, 1.0);
+    let (gx, cx) = pair(g, &c, &x);
+    let rows = step.logit_rows.len();
+    let mut go = poisoned(g, rows * dim);
+    let mut co = c.alloc(rows * dim).unwrap();
+    g.gather_logit_rows(&gx, &gs, dim, &mut go).unwrap();
+    c.gather_logit_rows(&cx, &cs, dim, &mut co).unwrap();
+    assert_eq!(
+        g.read(&go, rows * dim).unwrap(),
+        c.read(&co, rows * dim).unwrap()
+    );
+}
+
+#[test]
+fn paged_attention() {
+    let Some(g) = gpu("paged_attention") else {
+        return;
+    };
+    let c = cpu();
+    let mut r = rng();
+    // (seqs, heads, kv_heads, head_dim, block size): prefill chunks after earlier context,
+    // decode over contexts longer than the kernel's 512-key chunk, odd head dims.
+    type Case = (&'static [(usize, usize)], usize, usize, usize, usize);
+    let cases: &[Case] = &[
+        (&[(7, 7), (1, 30), (13, 20)], 4, 2, 64, 16),
+        (&[(1, 1300), (1, 517), (2, 600)], 8, 2, 128, 16),
+        (&[(40, 45)], 3, 3, 80, 8),
+        (&[(5, 9), (1, 700)], 2, 1, 256, 32),
+        (&[(6, 6), (1, 33)], 6, 3, 36, 16),
+    ];
+    for &(seqs, heads, kv_heads, hd, bs) in cases {
+        let (step, blocks) = make_step(&mut r, seqs, bs);
+        let layout = KvLayout {
+            num_blocks: blocks,
+            block_size: bs,
+            kv_heads,
+            head_dim: hd,
+        };
+        let (gs, cs) = (
+            g.prepare_step(&step).unwrap(),
+            c.prepare_step(&step).unwrap(),
+        );
+        let (mut gk, mut ck) = (g.alloc_kv(layout).unwrap(), c.alloc_kv(layout).unwrap());
+        // Fill every slot of the cache: a step with every context token as new.
+        let full: Vec<(usize, usize)> = seqs.iter().map(|&(_, ctx)| (ctx, ctx)).collect();
+        let mut fill = step.clone();
+        fill.tokens.clear();
+        fill.positions.clear();
+        fill.slots.clear();
+        fill.logit_rows.clear();
+        let mut start = 0;
+        for (i, &(len, _)) in full.iter().enumerate() {
+            let s = &mut fill.seqs[i];
+            s.start = start;
+            s.len = len;
+            for pos in 0..len {
+                fill.tokens.push(0);
+                fill.positions.push(pos as u32);
+                fill.slots
+                    .push(s.block_table[pos / bs] * bs as u32 + (pos % bs) as u32);
+            }
+            start += len;
+        }
+        let nf = fill.num_tokens();
+        let sw = kv_heads * hd;
+        let (kvals, vvals) = (randv(&mut r, nf * sw, 1.0), randv(&mut r, nf * sw, 1.0));
+        let (gkb, ckb) = pair(g, &c, &kvals);
+        let (gvb, cvb) = pair(g, &c, &vvals);
+        let (gf, cf) = (
+            g.prepare_step(&fill).unwrap(),
+            c.prepare_step(&fill).unwrap(),
+        );
+        g.write_kv(&mut gk, &gkb, &gvb, &gf).unwrap();
+        c.write_kv(&mut ck, &ckb, &cvb, &cf).unwrap();
+
+        let n = step.num_tokens();
+        let len = n * heads * hd;
+        let q = randv(&mut r, len, 2.0);
+        let (gq, cq) = pair(g, &c, &q);
+        let mut go = poisoned(g, len);
+        let mut co = c.alloc(len).unwrap();
+        let scale = 1.0 / (hd as f32).sqrt();
+        g.attention(&gq, &gk, &gs, heads, scale, &mut go).unwrap();
+        c.attention(&cq, &ck, &cs, heads, scale, &mut co).unwrap();
+        assert_close(
+            &format!("attention {seqs:?} h{heads}/{kv_heads} d{hd} bs{bs}"),
+            &g.read(&go, len).unwrap(),
+            &c.read(&co, len).unwrap(),
+        );
+    }
+}
+
+const ROWS: [usize; 8] = [1, 2, 5, 8, 9, 16, 17, 40];
+
+#[test]
+fn dense_matmul() {
+    let Some(g) = gpu("dense_matmul") else { return };
+    let c = cpu();
+    let mut r = rng();
+    for format in DenseFormat::ALL {
+        for &(n, k) in &[(67usize, 520usize), (45, 131), (300, 1024)] {
+            let w = HostWeight::from_f32(format, n, k, &randv(&mut r, n * k, 0.1)).unwrap();
+            let (gw, cw) = (g.upload_weight(&w).unwrap(), c.upload_weight(&w).unwrap());
+            assert_eq!(g.weight_shape(&gw), (n, k));
+            for rows in ROWS {
+                let x = randv(&mut r, rows * k, 1.0);
+                let (gx, cx) = pair(g, &c, &x);
+                let mut go = poisoned(g, rows * n);
+                let mut co = c.alloc(rows * n).unwrap();
+                g.matmul(&gx, &gw, rows, &mut go).unwrap();
+                c.matmul(&cx, &cw, rows, &mut co).unwrap();
+                assert_close(
+                    &format!("matmul {format} {n}x{k} rows {rows}"),
+                    &g.read(&go, rows * n).unwrap(),
+                    &c.read(&co, rows * n).unwrap(),
+                );
+            }
+        }
+    }
+}
+
+/// x · Wᵀ in f64 from the tensor's exact dequantized values.
+fn reference(t: &QuantTensor, x: &[f32], rows: usize) -> Vec<f32> {
+    let w = t.dequantize();
+    let (n, k) = (t.rows, t.cols);
+    let mut out = vec![0.0f32; rows * n];
+    for r in 0..rows {
+        for j in 0..n {
+            let s: f64 = (0..k)
+                .map(|i| x[r * k + i] as f64 * w[j * k + i] as f64)
+                .sum();
+            out[r * n + j] = s as f32;
+        }
+    }
+    out
+}
+
+fn check_quant(g: &CudaBackend, r: &mut StdRng, t: &QuantTensor, what: &str) {
+    let (n, k) = (t.rows, t.cols);
+    let gw = g
+        .upload_weight(&HostWeight::quant(t.clone()).unwrap())
+        .unwrap();
+    assert_eq!(g.weight_shape(&gw), (n, k));
+    for rows in ROWS {
+        let x = randv(r, rows * k, 1.0);
+        let mut gx = g.alloc(rows * k).unwrap();
+        g.write(&mut gx, &x).unwrap();
+        let mut go = poisoned(g, rows * n);
+        g.matmul(&gx, &gw, rows, &mut go).unwrap();
+        assert_close(
+            &format!("{what} rows {rows}"),
+            &g.read(&go, rows * n).unwrap(),
+            &reference(t, &x, rows),
+        );
+    }
+}
+
+#[test]
+fn int4_int8_matmul() {
+    let Some(g) = gpu("int4_int8_matmul") else {
+        return;
+    };
+    let mut r = rng();
+    for bits in [4u8, 8] {
+        for asym in [false, true] {
+            let format = QuantFormat::Int { bits, asym };
+            // (n, k, group): groups of 128 and 32, per channel with k not a multiple of 16.
+            for &(n, k, group) in &[
+                (77usize, 384usize, 128usize),
+                (50, 224, 32),
+                (33, 203, 203),
+                (272, 1024, 64),
+            ] {
+                let t = quantize_rtn(&randv(&mut r, n * k, 0.1), n, k, format, group).unwrap();
+                check_quant(g, &mut r, &t, &format!("{format} {n}x{k} g{group}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn other_quant_formats_matmul() {
+    let Some(g) = gpu("other_quant_formats_matmul") else {
+        return;
+    };
+    let mut r = rng();
+    let (n, k) = (37usize, 256usize);
+    for format in QuantFormat::ALL {
+        let group = format.resolve_group(32, k).unwrap();
+        let t = quantize_rtn(&randv(&mut r, n * k, 0.1), n, k, format, group).unwrap();
+        check_quant(g, &mut r, &t, &format!("{format} {n}x{k} g{group}"));
+    }
+    // Act-order int4: a column permutation (dequantized at upload for now).
+    let format = QuantFormat::Int {
+        bits: 4,
+        asym: false,
+    };
+    let mut t = quantize_rtn(&randv(&mut r, n * k, 0.1), n, k, format, 32).unwrap();
+    let mut perm: Vec<u32> = (0..k as u32).collect();
+    for i in (1..k).rev() {
+        perm.swap(i, r.random_range(0..=i));
+    }
+    t.perm = Some(perm);
+    check_quant(g, &mut r, &t, "int4 act-order");
+}
+
+#[test]
+fn kernel_cache_is_reused() {
+    let Some(_) = gpu("kernel_cache_is_reused") else {
+        return;
+    };
+    // The first backend compiled (or found) the module; a second one must start from the cache.
+    let t = std::time::Instant::now();
+    let b = CudaBackend::new(0).unwrap();
+    println!("second backend ({}) started in {:?}", b.name(), t.elapsed());
+}
