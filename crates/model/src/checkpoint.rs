@@ -22,16 +22,12 @@
 //! becomes the tensor's column permutation; any other `g_idx` is dequantized and requantized
 //! with RTN to int8 g32 (a note says so).
 
-use crate::weights::{Encoding, RawTensor, TensorSource};
+use crate::weights::{Part, RawTensor, SafetensorsSource, TensorSource};
 use crate::{ModelError, Result};
 use marlin_quant::packed::{pack_row, row_bytes};
 use marlin_quant::{DenseFormat, QuantFormat, QuantTensor};
-use memmap2::Mmap;
-use safetensors::tensor::{Metadata, SafeTensors};
 use safetensors::Dtype;
 use serde_json::Value;
-use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 /// `quantization_config.quant_method` of Marlin's own checkpoints.
@@ -139,123 +135,25 @@ impl Scheme {
     }
 }
 
-struct Shard {
-    path: PathBuf,
-    map: Mmap,
-    header_len: usize,
-    metadata: Metadata,
-}
-
 /// A quantized folder's tensors: dense ones as stored, packed ones as [`QuantTensor`]s.
 pub struct CheckpointSource {
     dir: PathBuf,
     pub scheme: Scheme,
-    shards: Vec<Shard>,
-    index: BTreeMap<String, usize>,
-    /// Every shard's `__metadata__`, merged.
-    meta: BTreeMap<String, String>,
-}
-
-/// A stored tensor's dtype, shape and bytes.
-pub struct Part<'a> {
-    pub path: &'a Path,
-    pub dtype: Dtype,
-    pub shape: Vec<usize>,
-    pub bytes: &'a [u8],
+    files: SafetensorsSource,
 }
 
 impl CheckpointSource {
     pub fn open(dir: &Path, scheme: Scheme) -> Result<Self> {
-        let index_path = dir.join("model.safetensors.index.json");
-        let files: Vec<PathBuf> = if index_path.exists() {
-            let text =
-                std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
-            let json: Value = serde_json::from_str(&text)
-                .map_err(|e| ModelError::format(&index_path, format!("invalid JSON: {e}")))?;
-            let map = json
-                .get("weight_map")
-                .and_then(Value::as_object)
-                .ok_or_else(|| {
-                    ModelError::format(&index_path, "missing object field `weight_map`")
-                })?;
-            let mut names: Vec<&str> = map.values().filter_map(Value::as_str).collect();
-            names.sort_unstable();
-            names.dedup();
-            names.into_iter().map(|n| dir.join(n)).collect()
-        } else {
-            vec![dir.join("model.safetensors")]
-        };
-        let mut shards = Vec::new();
-        let mut index = BTreeMap::new();
-        let mut meta = BTreeMap::new();
-        for path in files {
-            let file = File::open(&path).map_err(|e| ModelError::io(&path, e))?;
-            // SAFETY: read-only map; every offset is checked before use.
-            let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(&path, e))?;
-            let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| {
-                ModelError::format(&path, format!("invalid safetensors header: {e}"))
-            })?;
-            for name in metadata.tensors().keys() {
-                index.insert(name.clone(), shards.len());
-            }
-            if let Some(m) = metadata.metadata() {
-                meta.extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
-            }
-            shards.push(Shard {
-                path,
-                map,
-                header_len,
-                metadata,
-            });
-        }
         Ok(Self {
             dir: dir.to_path_buf(),
             scheme,
-            shards,
-            index,
-            meta,
+            files: SafetensorsSource::open(dir)?,
         })
     }
 
     /// A stored tensor by its exact name.
     pub fn part(&self, name: &str) -> Result<Option<Part<'_>>> {
-        let Some(&si) = self.index.get(name) else {
-            return Ok(None);
-        };
-        let shard = &self.shards[si];
-        let info = shard
-            .metadata
-            .info(name)
-            .expect("indexed from this metadata");
-        let (begin, end) = info.data_offsets;
-        let start = 8 + shard.header_len;
-        let bytes = match start.checked_add(begin).zip(start.checked_add(end)) {
-            Some((b, e)) if b <= e && e <= shard.map.len() => &shard.map[b..e],
-            _ => {
-                return Err(ModelError::format(
-                    &shard.path,
-                    format!("tensor `{name}`: data [{begin}, {end}) lies outside the file"),
-                ))
-            }
-        };
-        let elements: usize = info.shape.iter().product();
-        if elements * info.dtype.bitsize() / 8 != bytes.len() {
-            return Err(ModelError::format(
-                &shard.path,
-                format!(
-                    "tensor `{name}`: shape {:?} of {:?} does not match its {} bytes",
-                    info.shape,
-                    info.dtype,
-                    bytes.len()
-                ),
-            ));
-        }
-        Ok(Some(Part {
-            path: &shard.path,
-            dtype: info.dtype,
-            shape: info.shape.clone(),
-            bytes,
-        }))
+        self.files.part(name)
     }
 
     fn require_part(&self, name: &str) -> Result<Part<'_>> {
@@ -301,8 +199,8 @@ impl CheckpointSource {
     }
 
     fn marlin_tensor(&self, name: &str) -> Result<Option<QuantTensor>> {
-        let Some(desc) = self.meta.get(name) else {
-            if self.index.contains_key(&format!("{name}.codes")) {
+        let Some(desc) = self.files.metadata().get(name) else {
+            if self.files.contains(&format!("{name}.codes")) {
                 return Err(self.error(name, "codes without a `__metadata__` entry"));
             }
             return Ok(None);
@@ -673,30 +571,7 @@ pub fn packed_parts(name: &str, t: &QuantTensor) -> Vec<(String, Dtype, Vec<usiz
 impl TensorSource for CheckpointSource {
     /// Dense tensors (F32/F16/BF16) as stored; packed ones through [`CheckpointSource::packed`].
     fn get(&self, hf_name: &str) -> Result<Option<RawTensor<'_>>> {
-        let Some(p) = self.part(hf_name)? else {
-            return Ok(None);
-        };
-        let format = match p.dtype {
-            Dtype::F32 => DenseFormat::F32,
-            Dtype::F16 => DenseFormat::F16,
-            Dtype::BF16 => DenseFormat::BF16,
-            other => {
-                return Err(ModelError::format(
-                    p.path,
-                    format!(
-                    "tensor `{hf_name}`: unsupported dtype {other:?} (supported: F32, F16, BF16)"
-                ),
-                ))
-            }
-        };
-        Ok(Some(RawTensor {
-            name: hf_name.to_string(),
-            path: p.path,
-            shape: p.shape,
-            encoding: Encoding::Dense(format),
-            bytes: p.bytes,
-            policy: Default::default(),
-        }))
+        self.part(hf_name)?.map(|p| p.dense(hf_name)).transpose()
     }
 
     fn packed(&self, hf_name: &str, rows: usize, cols: usize) -> Result<Option<QuantTensor>> {

@@ -134,12 +134,49 @@ struct Shard {
     metadata: Metadata,
 }
 
+/// A stored safetensors tensor's dtype, shape and bytes (lengths checked).
+pub struct Part<'a> {
+    pub path: &'a Path,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: &'a [u8],
+}
+
+impl<'a> Part<'a> {
+    /// As a dense tensor named `name`; F32, F16 and BF16 only.
+    pub fn dense(self, name: &str) -> Result<RawTensor<'a>> {
+        let format = match self.dtype {
+            Dtype::F32 => DenseFormat::F32,
+            Dtype::F16 => DenseFormat::F16,
+            Dtype::BF16 => DenseFormat::BF16,
+            other => {
+                return Err(ModelError::format(
+                    self.path,
+                    format!(
+                        "tensor `{name}`: unsupported dtype {other:?} (supported: F32, F16, BF16)"
+                    ),
+                ))
+            }
+        };
+        Ok(RawTensor {
+            name: name.to_string(),
+            path: self.path,
+            shape: self.shape,
+            encoding: Encoding::Dense(format),
+            bytes: self.bytes,
+            policy: Default::default(),
+        })
+    }
+}
+
 /// model.safetensors, or the shards listed in model.safetensors.index.json.
 pub struct SafetensorsSource {
     dir: PathBuf,
     shards: Vec<Shard>,
     /// Tensor name → index in `shards`.
     index: BTreeMap<String, usize>,
+    /// Every shard's `__metadata__`, merged.
+    metadata: BTreeMap<String, String>,
 }
 
 impl SafetensorsSource {
@@ -165,34 +202,47 @@ impl SafetensorsSource {
         };
         let mut shards = Vec::new();
         let mut index = BTreeMap::new();
+        let mut metadata = BTreeMap::new();
         for path in files {
             let file = File::open(&path).map_err(|e| ModelError::io(&path, e))?;
             // SAFETY: the map is read-only; a file changed underneath us is the user's problem,
             // as with any memory-mapped loader, and every offset is checked before use.
             let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(&path, e))?;
-            let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| {
+            let (header_len, header) = SafeTensors::read_metadata(&map).map_err(|e| {
                 ModelError::format(&path, format!("invalid safetensors header: {e}"))
             })?;
-            for name in metadata.tensors().keys() {
+            for name in header.tensors().keys() {
                 index.insert(name.clone(), shards.len());
+            }
+            if let Some(m) = header.metadata() {
+                metadata.extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
             }
             shards.push(Shard {
                 path,
                 map,
                 header_len,
-                metadata,
+                metadata: header,
             });
         }
         Ok(Self {
             dir: dir.to_path_buf(),
             shards,
             index,
+            metadata,
         })
     }
-}
 
-impl TensorSource for SafetensorsSource {
-    fn get(&self, name: &str) -> Result<Option<RawTensor<'_>>> {
+    /// The shards' `__metadata__` entries.
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// A stored tensor by its exact name, any dtype.
+    pub fn part(&self, name: &str) -> Result<Option<Part<'_>>> {
         let Some(&shard_index) = self.index.get(name) else {
             return Ok(None);
         };
@@ -204,20 +254,9 @@ impl TensorSource for SafetensorsSource {
         let error = |message: String| {
             ModelError::format(&shard.path, format!("tensor `{name}`: {message}"))
         };
-        let format = match info.dtype {
-            Dtype::F32 => DenseFormat::F32,
-            Dtype::F16 => DenseFormat::F16,
-            Dtype::BF16 => DenseFormat::BF16,
-            other => {
-                return Err(error(format!(
-                    "unsupported dtype {other:?} (supported: F32, F16, BF16)"
-                )))
-            }
-        };
         let (begin, end) = info.data_offsets;
         let start = 8 + shard.header_len;
-        let range = start.checked_add(begin).zip(start.checked_add(end));
-        let bytes = match range {
+        let bytes = match start.checked_add(begin).zip(start.checked_add(end)) {
             Some((b, e)) if b <= e && e <= shard.map.len() => &shard.map[b..e],
             _ => {
                 return Err(error(format!(
@@ -226,22 +265,27 @@ impl TensorSource for SafetensorsSource {
             }
         };
         let elements: usize = info.shape.iter().product();
-        if elements * format.bytes_per_element() != bytes.len() {
+        if elements * info.dtype.bitsize() / 8 != bytes.len() {
             return Err(error(format!(
-                "shape {:?} needs {} bytes of {format}, file has {}",
+                "shape {:?} of {:?} needs {} bytes, file has {}",
                 info.shape,
-                elements * format.bytes_per_element(),
+                info.dtype,
+                elements * info.dtype.bitsize() / 8,
                 bytes.len()
             )));
         }
-        Ok(Some(RawTensor {
-            name: name.to_string(),
+        Ok(Some(Part {
             path: &shard.path,
+            dtype: info.dtype,
             shape: info.shape.clone(),
-            encoding: Encoding::Dense(format),
             bytes,
-            policy: WeightPolicy::default(),
         }))
+    }
+}
+
+impl TensorSource for SafetensorsSource {
+    fn get(&self, name: &str) -> Result<Option<RawTensor<'_>>> {
+        self.part(name)?.map(|p| p.dense(name)).transpose()
     }
 
     fn location(&self) -> &Path {

@@ -67,18 +67,8 @@ pub fn from_ggml(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Result
     }
     let (bits, group) = (format.bits(), 32);
     let groups = cols / group;
+    let mut t = QuantTensor::zeroed(format, rows, cols, group, None)?;
     let rb = row_bytes(bits, cols);
-    let mut t = QuantTensor {
-        format,
-        rows,
-        cols,
-        group,
-        codes: vec![0; rows * rb],
-        scales: vec![0; rows * groups * 2],
-        offsets: format.is_asym().then(|| vec![0; rows * groups * 2]),
-        tensor_scale: None,
-        perm: None,
-    };
     let mut codes = vec![0u8; cols];
     // (scale bits, offset bits) per group of the current row.
     let mut params = vec![(0u16, 0u16); groups];

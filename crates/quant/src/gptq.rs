@@ -565,24 +565,12 @@ pub fn quantize_gptq(
     let quantizer = Quantizer::new(format, tensor_scale);
     let mut config = GptqConfig::new(group);
     config.act_order = act_order;
-    let (bits, rb, groups, sb) = (
+    let mut t = QuantTensor::zeroed(format, rows, cols, group, tensor_scale)?;
+    let (bits, rb, sb) = (
         format.bits(),
         row_bytes(format.bits(), cols),
-        cols / group.max(1),
         format.scale_bytes(),
     );
-    let mut t = QuantTensor {
-        format,
-        rows,
-        cols,
-        group,
-        codes: vec![0; rows * rb],
-        scales: vec![0; rows * groups * sb],
-        offsets: format.is_asym().then(|| vec![0; rows * groups * 2]),
-        tensor_scale,
-        perm: None,
-    };
-    t.validate()?;
     let r = gptq(&quantizer, values, rows, cols, hessian, &config)?;
     for row in 0..rows {
         pack_row(

@@ -365,6 +365,31 @@ pub struct QuantTensor {
 }
 
 impl QuantTensor {
+    /// A tensor of the given shape with every code, scale and offset zero, checked by
+    /// `validate`: what the quantizers fill in.
+    pub fn zeroed(
+        format: QuantFormat,
+        rows: usize,
+        cols: usize,
+        group: usize,
+        tensor_scale: Option<f32>,
+    ) -> crate::Result<Self> {
+        let groups = cols / group.max(1);
+        let t = QuantTensor {
+            format,
+            rows,
+            cols,
+            group,
+            codes: vec![0; rows * row_bytes(format.bits(), cols)],
+            scales: vec![0; rows * groups * format.scale_bytes()],
+            offsets: format.is_asym().then(|| vec![0; rows * groups * 2]),
+            tensor_scale,
+            perm: None,
+        };
+        t.validate()?;
+        Ok(t)
+    }
+
     pub fn groups_per_row(&self) -> usize {
         self.cols / self.group
     }

@@ -312,25 +312,13 @@ pub fn quantize_rtn(
     let tensor_scale =
         (format == QuantFormat::Nvfp4).then(|| Quantizer::nvfp4_tensor_scale(values));
     let q = Quantizer::new(format, tensor_scale);
-    let (bits, rb, groups) = (
+    let mut t = QuantTensor::zeroed(format, rows, cols, group, tensor_scale)?;
+    let (bits, rb, groups, sb) = (
         format.bits(),
         row_bytes(format.bits(), cols),
-        cols / group.max(1),
+        t.groups_per_row(),
+        format.scale_bytes(),
     );
-    let sb = format.scale_bytes();
-    let mut t = QuantTensor {
-        format,
-        rows,
-        cols,
-        group,
-        codes: vec![0; rows * rb],
-        scales: vec![0; rows * groups * sb],
-        offsets: format.is_asym().then(|| vec![0; rows * groups * 2]),
-        tensor_scale,
-        perm: None,
-    };
-    // Validate the shape before the work (lengths are right by construction).
-    t.validate()?;
     let ob = if format.is_asym() { groups * 2 } else { 0 };
     let per_row: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> = (0..rows)
         .into_par_iter()
