@@ -54,6 +54,16 @@ impl StepBatch {
         self.tokens.len()
     }
 
+    /// `validate`, plus that `heads` query heads share the layout's kv heads evenly (GQA).
+    pub fn validate_attention(&self, layout: &KvLayout, heads: usize) -> Result<()> {
+        self.validate(layout)?;
+        check(
+            layout.kv_heads > 0 && heads.is_multiple_of(layout.kv_heads),
+            "attention",
+            || format!("{heads} query heads over {} kv heads", layout.kv_heads),
+        )
+    }
+
     /// Checks internal consistency against a cache layout, so kernels can index without checks.
     pub fn validate(&self, layout: &KvLayout) -> Result<()> {
         let n = self.tokens.len();

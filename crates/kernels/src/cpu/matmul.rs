@@ -7,7 +7,7 @@
 
 use super::packed::with_codec;
 use super::simd::{dispatch, prefetch, widen, Elem, F32x16, Isa};
-use super::{SyncPtr, Weight};
+use super::{DenseWeight, SyncPtr, Weight};
 use rayon::prelude::*;
 use rayon::ThreadPool;
 use std::cell::RefCell;
@@ -362,36 +362,9 @@ pub(crate) fn matmul(
     out: &mut [f32],
 ) {
     match weight {
-        Weight::F32(w) => run(
-            pool,
-            isa,
-            x,
-            w.rows,
-            w.cols,
-            dense(&w.data, w.cols),
-            rows,
-            out,
-        ),
-        Weight::F16(w) => run(
-            pool,
-            isa,
-            x,
-            w.rows,
-            w.cols,
-            dense(&w.data, w.cols),
-            rows,
-            out,
-        ),
-        Weight::BF16(w) => run(
-            pool,
-            isa,
-            x,
-            w.rows,
-            w.cols,
-            dense(&w.data, w.cols),
-            rows,
-            out,
-        ),
+        Weight::F32(w) => run_dense(pool, isa, x, w, rows, out),
+        Weight::F16(w) => run_dense(pool, isa, x, w, rows, out),
+        Weight::BF16(w) => run_dense(pool, isa, x, w, rows, out),
         Weight::Quant(q) => {
             let (n, k) = (q.rows, q.cols);
             // Act-order: stored column j holds input column perm[j], so gather x to match.
@@ -410,11 +383,19 @@ pub(crate) fn matmul(
     }
 }
 
-fn dense<E>(data: &[E], k: usize) -> Dense<E> {
-    Dense {
-        w: data.as_ptr(),
-        k,
-    }
+fn run_dense<E: Elem>(
+    pool: &ThreadPool,
+    isa: Isa,
+    x: &[f32],
+    w: &DenseWeight<E>,
+    rows: usize,
+    out: &mut [f32],
+) {
+    let reader = Dense {
+        w: w.data.as_ptr(),
+        k: w.cols,
+    };
+    run(pool, isa, x, w.rows, w.cols, reader, rows, out)
 }
 
 #[allow(clippy::too_many_arguments)]

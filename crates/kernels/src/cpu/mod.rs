@@ -380,12 +380,7 @@ impl Backend for CpuBackend {
         out: &mut Buffer,
     ) -> Result<()> {
         let layout = cache.layout;
-        step.batch.validate(&layout)?;
-        check(
-            layout.kv_heads > 0 && heads.is_multiple_of(layout.kv_heads),
-            "attention",
-            || format!("{heads} query heads over {} kv heads", layout.kv_heads),
-        )?;
+        step.batch.validate_attention(&layout, heads)?;
         let len = step.batch.num_tokens() * heads * layout.head_dim;
         len_check("attention", "q", q.0.len(), len)?;
         len_check("attention", "out", out.0.len(), len)?;

@@ -887,12 +887,7 @@ impl Backend for CudaBackend {
         out: &mut Buffer,
     ) -> Result<()> {
         let layout = cache.layout;
-        step.batch.validate(&layout)?;
-        check(
-            layout.kv_heads > 0 && heads.is_multiple_of(layout.kv_heads),
-            "attention",
-            || format!("{heads} query heads over {} kv heads", layout.kv_heads),
-        )?;
+        step.batch.validate_attention(&layout, heads)?;
         check(layout.head_dim <= 256, "attention", || {
             format!(
                 "head_dim {} (the CUDA kernel takes up to 256)",
