@@ -106,13 +106,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     // The same loading flags as every other command (--dtype, --quantize, ...).
     let options = args.model.load_options()?;
-    let threads = args.model.threads;
+    let cpu = (args.model.threads, args.model.activations());
     let (num_kv_blocks, block_size, max_num_seqs) =
         (args.num_kv_blocks, args.block_size, args.max_num_seqs);
     let load = move || -> std::result::Result<LoadedModel, LoadError> {
         let path = crate::models::resolve(model.as_deref())?;
         let files = ModelFiles::open(&path)?;
-        let backend = CpuBackend::new(threads)?;
+        let backend = CpuBackend::with_activations(cpu.0, cpu.1)?;
         let weights = files.load_with(backend, &options)?;
         let blocks = num_kv_blocks
             .unwrap_or_else(|| default_kv_blocks(&weights.config, block_size, max_num_seqs));

@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use marlin_engine::{Engine, Runner, SamplingParams, StepRunner};
-use marlin_kernels::cpu::CpuBackend;
+use marlin_kernels::cpu::{Activations, CpuBackend};
 use marlin_kernels::{Backend, DenseFormat};
 use marlin_model::{GenerationDefaults, LoadOptions, ModelFiles, QuantizeSpec};
 use marlin_quant::QuantFormat;
@@ -38,6 +38,10 @@ pub struct ModelArgs {
     /// Where to run: cpu, or cuda[:N] (a build with `--features cuda`)
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
+    /// On the CPU, multiply int4/int8 weights by f32 activations rather than int8 ones (used
+    /// where the CPU has AVX-512 VNNI): slower, to measure what int8 activations cost
+    #[arg(long)]
+    pub f32_activations: bool,
 }
 
 /// The backend a model runs on.
@@ -60,7 +64,8 @@ pub fn parse_device(s: &str) -> std::result::Result<Device, String> {
 }
 
 impl ModelArgs {
-    /// Just a model and a precision, nothing quantized on load (e.g. a reference model).
+    /// Just a model and a precision, nothing quantized on load and f32 activations throughout:
+    /// a reference model.
     pub fn plain(model: Option<String>, dtype: DenseFormat, threads: usize) -> Self {
         Self {
             model,
@@ -71,7 +76,22 @@ impl ModelArgs {
             asym: false,
             unpack: false,
             device: Device::Cpu,
+            f32_activations: true,
         }
+    }
+
+    /// What int4/int8 weights multiply on the CPU.
+    pub fn activations(&self) -> Activations {
+        if self.f32_activations {
+            Activations::F32
+        } else {
+            Activations::Int8
+        }
+    }
+
+    /// The CPU backend these flags ask for.
+    pub fn cpu_backend(&self) -> Result<CpuBackend> {
+        Ok(CpuBackend::with_activations(self.threads, self.activations())?)
     }
 
     /// The loader options these flags ask for.
@@ -152,7 +172,7 @@ impl Session {
             .with_context(|| format!("cannot open model {}", path.display()))?;
         let options = args.load_options()?;
         let runner: Box<dyn StepRunner> = match args.device {
-            Device::Cpu => runner(&files, &path, CpuBackend::new(args.threads)?, &options)?,
+            Device::Cpu => runner(&files, &path, args.cpu_backend()?, &options)?,
             #[cfg(feature = "cuda")]
             Device::Cuda(n) => {
                 let backend = marlin_kernels::cuda::CudaBackend::new(n)?;

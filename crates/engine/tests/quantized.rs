@@ -3,7 +3,7 @@
 //! weights dequantized by the published formulas; `marlin quantize`-style folders round-trip.
 
 use marlin_engine::{Engine, Runner};
-use marlin_kernels::cpu::CpuBackend;
+use marlin_kernels::cpu::{Activations, CpuBackend};
 use marlin_kernels::DenseFormat;
 use marlin_model::checkpoint::CheckpointSource;
 use marlin_model::ModelFiles;
@@ -16,11 +16,11 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Logits with f32 activations, so the comparison sees the weight conversion alone.
 fn logits(path: &std::path::Path, tokens: &[u32]) -> Vec<f32> {
     let files = ModelFiles::open(path).unwrap();
-    let model = files
-        .load(CpuBackend::new(2).unwrap(), DenseFormat::F32)
-        .unwrap();
+    let backend = CpuBackend::with_activations(2, Activations::F32).unwrap();
+    let model = files.load(backend, DenseFormat::F32).unwrap();
     let runner = Runner::new(model, 64, 64, 4).unwrap();
     let mut engine = Engine::new(Box::new(runner), files.tokenizer.clone());
     engine.score(tokens).unwrap()

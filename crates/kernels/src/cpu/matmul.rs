@@ -380,6 +380,7 @@ pub(crate) fn matmul(
             };
             with_codec!(q.kind, C => run(pool, isa, x, n, k, q.reader::<C>(), rows, out))
         }
+        Weight::Int(w) => super::int8dot::matmul(pool, w, x, rows, out),
     }
 }
 

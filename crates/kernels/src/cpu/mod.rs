@@ -2,6 +2,7 @@
 //! every parallel op run on the backend's own rayon pool, SIMD picked at runtime.
 
 mod attention;
+mod int8dot;
 mod matmul;
 mod packed;
 mod simd;
@@ -12,6 +13,7 @@ use crate::{check, Backend, KernelError, KvLayout, Result, StepBatch};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use marlin_quant::{DenseFormat, HostWeight, WeightData};
+pub use int8dot::IntWeight;
 pub use packed::QuantWeight;
 use rayon::prelude::*;
 use rayon::ThreadPool;
@@ -40,6 +42,8 @@ pub enum Weight {
     BF16(DenseWeight<bf16>),
     /// Packed codes with per-group scales (`packed.rs`), decoded sixteen at a time in the tile.
     Quant(QuantWeight),
+    /// int4/int8 codes re-laid for integer dot products with int8 activations (`int8dot.rs`).
+    Int(IntWeight),
 }
 
 impl Weight {
@@ -49,6 +53,7 @@ impl Weight {
             Weight::F16(w) => (w.rows, w.cols),
             Weight::BF16(w) => (w.rows, w.cols),
             Weight::Quant(w) => (w.rows, w.cols),
+            Weight::Int(w) => (w.rows, w.cols),
         }
     }
 
@@ -59,6 +64,7 @@ impl Weight {
             Weight::F16(w) => w.data[r * w.cols..(r + 1) * w.cols].convert_to_f32_slice(out),
             Weight::BF16(w) => w.data[r * w.cols..(r + 1) * w.cols].convert_to_f32_slice(out),
             Weight::Quant(w) => w.row_into(r, out),
+            Weight::Int(w) => w.row_into(r, out),
         }
     }
 }
@@ -90,15 +96,40 @@ impl<T> SyncPtr<T> {
     }
 }
 
+/// Whether this CPU runs int4/int8 weights through int8 activations (AVX-512 VNNI).
+pub fn int8_activations_available() -> bool {
+    int8dot::available()
+}
+
+/// What int4/int8 weights multiply on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activations {
+    /// Activations quantized to int8 per 32-block for integer dot products, where the CPU has
+    /// AVX-512 VNNI (f32 elsewhere): several times faster, at a small accuracy cost
+    /// (docs/benchmarks.md).
+    Int8,
+    /// f32 activations everywhere: bitwise the same result on every CPU.
+    F32,
+}
+
 pub struct CpuBackend {
     pool: ThreadPool,
     isa: Isa,
+    /// int4/int8 weights run through int8 activations (`int8dot.rs`).
+    int8_activations: bool,
 }
 
 impl CpuBackend {
-    /// A backend running on `threads` threads (0: one per core).
+    /// A backend running on `threads` threads (0: one per core), with int8 activations for
+    /// int4/int8 weights where the CPU has VNNI.
     pub fn new(threads: usize) -> Result<Self> {
-        Self::with_isa(threads, Isa::detect())
+        Self::with_activations(threads, Activations::Int8)
+    }
+
+    /// A backend whose int4/int8 matmuls take `activations`.
+    pub fn with_activations(threads: usize, activations: Activations) -> Result<Self> {
+        let int8 = activations == Activations::Int8 && int8dot::available();
+        Self::with_isa(threads, Isa::detect(), int8)
     }
 
     /// Runs `f` on one of the backend's threads. Ops called inside it start their parallel work
@@ -114,7 +145,7 @@ impl CpuBackend {
         self.pool.current_num_threads()
     }
 
-    fn with_isa(threads: usize, isa: Isa) -> Result<Self> {
+    fn with_isa(threads: usize, isa: Isa, int8_activations: bool) -> Result<Self> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("marlin-cpu-{i}"))
@@ -123,7 +154,11 @@ impl CpuBackend {
                 backend: "cpu".into(),
                 message: e.to_string(),
             })?;
-        Ok(Self { pool, isa })
+        Ok(Self {
+            pool,
+            isa,
+            int8_activations,
+        })
     }
 
     /// Runs `f(chunk index, chunk)` over `data` cut into chunks of `chunk`, on the pool when
@@ -167,8 +202,13 @@ impl Backend for CpuBackend {
 
     fn name(&self) -> String {
         format!(
-            "cpu ({:?}, {} threads)",
+            "cpu ({:?}{}, {} threads)",
             self.isa,
+            if self.int8_activations {
+                ", VNNI int8 activations"
+            } else {
+                ""
+            },
             self.pool.current_num_threads()
         )
     }
@@ -195,6 +235,11 @@ impl Backend for CpuBackend {
                 check(t.rows == rows && t.cols == cols, "upload_weight", || {
                     format!("{rows}x{cols} weight holds a {}x{} tensor", t.rows, t.cols)
                 })?;
+                if self.int8_activations && IntWeight::supports(t) {
+                    t.validate()
+                        .map_err(|e| KernelError::Shape(format!("upload_weight: {e}")))?;
+                    return Ok(Weight::Int(IntWeight::new(t)));
+                }
                 return QuantWeight::new(t)
                     .map(Weight::Quant)
                     .map_err(|e| KernelError::Shape(format!("upload_weight: {e}")));

@@ -24,7 +24,7 @@ fn values(rng: &mut StdRng, n: usize) -> Vec<f32> {
 }
 
 fn backend(isa: Isa) -> CpuBackend {
-    CpuBackend::with_isa(2, isa).unwrap()
+    CpuBackend::with_isa(2, isa, false).unwrap()
 }
 
 fn buffer(b: &CpuBackend, v: &[f32]) -> Buffer {
@@ -683,14 +683,22 @@ fn packed_matmul_matches_dequantized_reference() {
         let (host, w) = packed_weight(&mut rng, format, group, perm, n, k);
         let uploaded = b.upload_weight(&host).unwrap();
         assert_eq!(b.weight_shape(&uploaded), (n, k));
+        // int8 activations move each x by at most half a step, amax / 254 of its block.
+        let activation_step = match uploaded {
+            Weight::Int(_) => 1.0 / 254.0,
+            _ => 0.0,
+        };
         for rows in [1, 3, 16, 33, 300] {
             let x = values(&mut rng, rows * k);
             let got = run_matmul(&b, &x, &uploaded, rows);
             for r in 0..rows {
+                let amax = x[r * k..(r + 1) * k].iter().fold(0.0f32, |m, v| m.max(v.abs()));
                 for j in 0..n {
                     let terms = (0..k).map(|i| x[r * k + i] as f64 * w[j * k + i] as f64);
                     let want: f64 = terms.clone().sum();
-                    let bound: f64 = 1e-5 * terms.map(f64::abs).sum::<f64>();
+                    let w_abs: f64 = w[j * k..(j + 1) * k].iter().map(|v| v.abs() as f64).sum();
+                    let bound: f64 = 1e-5 * terms.map(f64::abs).sum::<f64>()
+                        + activation_step * amax as f64 * w_abs;
                     let g = got[r * n + j] as f64;
                     assert!(
                         (g - want).abs() <= bound,
@@ -802,6 +810,98 @@ fn gguf_blocks_run_losslessly() {
         let got = b.read(&out, rows * cols).unwrap();
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert_eq!(g.to_bits(), w.to_bits(), "{ty} element {i}");
+        }
+    }
+}
+
+// ---- int8 activations (VNNI) ------------------------------------------------------------------
+
+/// What the integer path computes, spelled out in scalar arithmetic from the tensor itself:
+/// activations quantized per 32-block, exact integer block sums, then the same f32 operations
+/// in the same order. The VNNI kernel must match it bit for bit.
+fn int8_reference(t: &marlin_quant::QuantTensor, x: &[f32], rows: usize) -> Vec<f32> {
+    use super::int8dot::{block_scale, BLOCK};
+    let QuantFormat::Int { bits, asym } = t.format else {
+        unreachable!()
+    };
+    let (n, k) = (t.rows, t.cols);
+    let bias = if asym { 0 } else { 1i32 << (bits - 1) };
+    let mut out = vec![0.0f32; rows * n];
+    for r in 0..rows {
+        let row: Vec<f32> = match &t.perm {
+            None => x[r * k..(r + 1) * k].to_vec(),
+            Some(p) => p.iter().map(|&c| x[r * k + c as usize]).collect(),
+        };
+        let blocks: Vec<(Vec<i32>, f32, i32)> = row
+            .chunks(BLOCK)
+            .map(|b| {
+                let (d, inv) = block_scale(b.iter().fold(0.0f32, |m, v| m.max(v.abs())));
+                let q: Vec<i32> = b.iter().map(|v| (v * inv).round_ties_even() as i32).collect();
+                let sum = q.iter().sum();
+                (q, d, sum)
+            })
+            .collect();
+        for j in 0..n {
+            let codes = &t.codes[j * t.row_bytes()..(j + 1) * t.row_bytes()];
+            let mut acc = 0.0f32;
+            for g in 0..k / t.group {
+                let (mut part, mut offset_weight) = (0.0f32, 0.0f32);
+                for b in g * t.group / BLOCK..(g + 1) * t.group / BLOCK {
+                    let (q, d, sum) = &blocks[b];
+                    let dot: i32 = (0..BLOCK)
+                        .map(|i| {
+                            marlin_quant::packed::get_code(codes, bits as usize, b * BLOCK + i)
+                                as i32
+                                * q[i]
+                        })
+                        .sum();
+                    part = ((dot - bias * sum) as f32).mul_add(*d, part);
+                    offset_weight += d * *sum as f32;
+                }
+                acc = part.mul_add(t.group_scale(j, g), acc);
+                if asym {
+                    acc = t.group_offset(j, g).mul_add(offset_weight, acc);
+                }
+            }
+            out[r * n + j] = acc;
+        }
+    }
+    out
+}
+
+#[test]
+fn int8_activation_matmul_is_the_scalar_definition_for_any_rows() {
+    if !super::int8dot::available() {
+        eprintln!("skipped: no AVX-512 VNNI");
+        return;
+    }
+    let mut rng = rng();
+    let b = CpuBackend::with_isa(2, Isa::detect(), true).unwrap();
+    let cases = [(4, false, 32, false), (4, true, 32, false), (4, true, 64, true), (8, false, 32, false), (8, true, PER_CHANNEL, false), (4, false, 128, false)];
+    for (bits, asym, group, perm) in cases {
+        let format = QuantFormat::Int { bits, asym };
+        // 37 features: two whole tiles and a partial one; k an odd number of groups.
+        let (n, k) = (37, if group == PER_CHANNEL { 608 } else { 5 * group });
+        let (host, _) = packed_weight(&mut rng, format, group, perm, n, k);
+        let marlin_quant::WeightData::Quant(t) = &host.data else {
+            unreachable!()
+        };
+        let w = b.upload_weight(&host).unwrap();
+        assert!(matches!(w, Weight::Int(_)), "{format} g{group} took the f32 path");
+        let mut x = values(&mut rng, 300 * k);
+        // A zero block and a large outlier exercise the scale's edge cases.
+        x[k..k + 32].fill(0.0);
+        x[5 * k + 3] = 40.0;
+        let want = int8_reference(t, &x, 300);
+        for rows in [1, 5, 16, 17, 300] {
+            let got = run_matmul(&b, &x, &w, rows);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    g.to_bits(),
+                    w.to_bits(),
+                    "{format} g{group} perm {perm} rows={rows} element {i}: {g} vs {w}"
+                );
+            }
         }
     }
 }
