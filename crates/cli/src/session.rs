@@ -91,7 +91,10 @@ impl ModelArgs {
 
     /// The CPU backend these flags ask for.
     pub fn cpu_backend(&self) -> Result<CpuBackend> {
-        Ok(CpuBackend::with_activations(self.threads, self.activations())?)
+        Ok(CpuBackend::with_activations(
+            self.threads,
+            self.activations(),
+        )?)
     }
 
     /// The loader options these flags ask for.

@@ -127,9 +127,14 @@ fn int8_activation_logits_stay_within_their_bound() {
         return;
     }
     let (worst, argmax_differs) = logit_errors(DenseFormat::F32, Activations::Int8);
-    eprintln!("int8 activations: largest logit error {worst}, argmax differs at {argmax_differs} of 64");
+    eprintln!(
+        "int8 activations: largest logit error {worst}, argmax differs at {argmax_differs} of 64"
+    );
     assert!(worst <= 3.0, "largest logit error {worst}");
-    assert!(argmax_differs <= 4, "argmax differs at {argmax_differs} of 64 positions");
+    assert!(
+        argmax_differs <= 4,
+        "argmax differs at {argmax_differs} of 64 positions"
+    );
 }
 
 #[test]

@@ -149,7 +149,11 @@ impl IntWeight {
     pub(crate) fn row_into(&self, r: usize, out: &mut [f32]) {
         let (tile, lane) = (r / LANES, r % LANES);
         let t = &self.data[tile * self.tile_bytes()..];
-        let bias = if self.asym { 0.0 } else { (1 << (self.bits - 1)) as f32 };
+        let bias = if self.asym {
+            0.0
+        } else {
+            (1 << (self.bits - 1)) as f32
+        };
         for g in 0..self.cols / self.group {
             let gp = &t[g * self.group_bytes()..];
             let params = &gp[self.group / BLOCK * self.block_bytes()..];
@@ -202,7 +206,9 @@ pub(crate) fn matmul(pool: &ThreadPool, w: &IntWeight, x: &[f32], rows: usize, o
             None => &x[..rows * k],
             Some(perm) => {
                 gathered.clear();
-                gathered.extend((0..rows).flat_map(|r| perm.iter().map(move |&p| x[r * k + p as usize])));
+                gathered.extend(
+                    (0..rows).flat_map(|r| perm.iter().map(move |&p| x[r * k + p as usize])),
+                );
                 &gathered[..]
             }
         };
@@ -232,7 +238,13 @@ pub(crate) fn matmul(pool: &ThreadPool, w: &IntWeight, x: &[f32], rows: usize, o
 }
 
 /// Quantizes `rows` rows of `k` activations (k a multiple of 32) into `q`.
-pub(crate) fn quantize_rows(pool: &ThreadPool, x: &[f32], rows: usize, k: usize, q: &mut QuantizedRows) {
+pub(crate) fn quantize_rows(
+    pool: &ThreadPool,
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    q: &mut QuantizedRows,
+) {
     let blocks = rows * k / BLOCK;
     q.codes.resize(rows * k, 0);
     q.scales.resize(blocks, 0.0);
@@ -334,7 +346,15 @@ unsafe fn run_tiles(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn run_tiles(_: &IntWeight, _: &QuantizedRows, _: usize, _: usize, _: usize, _: usize, _: *mut f32) {
+unsafe fn run_tiles(
+    _: &IntWeight,
+    _: &QuantizedRows,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: *mut f32,
+) {
     unreachable!("the integer path needs AVX-512 VNNI")
 }
 

@@ -692,7 +692,9 @@ fn packed_matmul_matches_dequantized_reference() {
             let x = values(&mut rng, rows * k);
             let got = run_matmul(&b, &x, &uploaded, rows);
             for r in 0..rows {
-                let amax = x[r * k..(r + 1) * k].iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let amax = x[r * k..(r + 1) * k]
+                    .iter()
+                    .fold(0.0f32, |m, v| m.max(v.abs()));
                 for j in 0..n {
                     let terms = (0..k).map(|i| x[r * k + i] as f64 * w[j * k + i] as f64);
                     let want: f64 = terms.clone().sum();
@@ -836,7 +838,10 @@ fn int8_reference(t: &marlin_quant::QuantTensor, x: &[f32], rows: usize) -> Vec<
             .chunks(BLOCK)
             .map(|b| {
                 let (d, inv) = block_scale(b.iter().fold(0.0f32, |m, v| m.max(v.abs())));
-                let q: Vec<i32> = b.iter().map(|v| (v * inv).round_ties_even() as i32).collect();
+                let q: Vec<i32> = b
+                    .iter()
+                    .map(|v| (v * inv).round_ties_even() as i32)
+                    .collect();
                 let sum = q.iter().sum();
                 (q, d, sum)
             })
@@ -877,7 +882,14 @@ fn int8_activation_matmul_is_the_scalar_definition_for_any_rows() {
     }
     let mut rng = rng();
     let b = CpuBackend::with_isa(2, Isa::detect(), true).unwrap();
-    let cases = [(4, false, 32, false), (4, true, 32, false), (4, true, 64, true), (8, false, 32, false), (8, true, PER_CHANNEL, false), (4, false, 128, false)];
+    let cases = [
+        (4, false, 32, false),
+        (4, true, 32, false),
+        (4, true, 64, true),
+        (8, false, 32, false),
+        (8, true, PER_CHANNEL, false),
+        (4, false, 128, false),
+    ];
     for (bits, asym, group, perm) in cases {
         let format = QuantFormat::Int { bits, asym };
         // 37 features: two whole tiles and a partial one; k an odd number of groups.
@@ -887,7 +899,10 @@ fn int8_activation_matmul_is_the_scalar_definition_for_any_rows() {
             unreachable!()
         };
         let w = b.upload_weight(&host).unwrap();
-        assert!(matches!(w, Weight::Int(_)), "{format} g{group} took the f32 path");
+        assert!(
+            matches!(w, Weight::Int(_)),
+            "{format} g{group} took the f32 path"
+        );
         let mut x = values(&mut rng, 300 * k);
         // A zero block and a large outlier exercise the scale's edge cases.
         x[k..k + 32].fill(0.0);
