@@ -4,9 +4,9 @@
 //! `q = round(x / d)`, as GGML quantizes activations for its Q4_0/Q8_0 dot products); one
 //! `vpdpbusd` then multiplies 4 unsigned weight codes by 4 signed activations for 16 output
 //! features at once, 64 multiply-adds per instruction, where the f32 path needs about 7 vector
-//! ops to decode 16 weights before its FMAs. Integer sums are exact; per 32-block they are scaled
-//! by `d` into an f32 partial, and per weight group by the group's scales (and offsets), always
-//! in the same order, so a row's result does not depend on the rows computed with it.
+//! ops to decode 16 weights before its FMAs. Integer sums are exact; each 32-block's sum is
+//! scaled by `d` times its group's scales (and its offsets added), always in the same order, so a
+//! row's result does not depend on the rows computed with it.
 //!
 //! Layout (built once at upload): output features in tiles of 16, each tile one contiguous
 //! stream over k, group after group: the group's 32-column blocks of codes, then its 16 f16
@@ -18,7 +18,7 @@
 //!
 //! Weights are `s * (c - 2^(b-1))` (symmetric) or `s * c + o` (asymmetric), `c` the unsigned
 //! code: the integer sum of `c * q` less `2^(b-1) * sum(q)` is exact, and an offset adds
-//! `o * sum_blocks(d * sum(q))` per group. The f16 scales are the format's own, so this layout
+//! `o * d * sum(q)` per block. The f16 scales are the format's own, so this layout
 //! holds the same values as `marlin_quant`'s (tested), in 4.5 (int4, group 32) or 8.5 bits a
 //! weight.
 //!
@@ -39,9 +39,9 @@ pub(crate) const BLOCK: usize = 32;
 const LANES: usize = 16;
 /// Rows one tile call covers: 8 weight vectors + 2 accumulators a row fill the 32 registers.
 const TILE_ROWS: usize = 8;
-/// Up to this many rows every task covers all rows, so each tile is read from memory once.
-const DECODE_MAX_ROWS: usize = 16;
-/// Rows per prefill task: 64 x k int8 activations stay in L2 while a chunk of tiles passes.
+/// Rows per task: 64 x k int8 activations stay in L2 while a chunk of tiles passes. Up to this
+/// many rows (decode, batched decode) every task covers all rows, so each tile is read from
+/// memory once.
 const ROW_BLOCK: usize = 64;
 /// How far ahead of the block being read the weight stream is prefetched.
 const PREFETCH_AHEAD: usize = 2048;
@@ -215,9 +215,9 @@ pub(crate) fn matmul(pool: &ThreadPool, w: &IntWeight, x: &[f32], rows: usize, o
         quantize_rows(pool, x, rows, k, qx);
         let tiles = n.div_ceil(LANES);
         let threads = pool.current_num_threads();
-        let (row_block, tile_chunk) = if rows <= DECODE_MAX_ROWS {
+        let (row_block, tile_chunk) = if rows <= ROW_BLOCK {
             // Four tasks per thread so work stealing evens out.
-            (rows, tiles.div_ceil(threads * 4).max(1))
+            (rows, tiles.div_ceil(threads * 4))
         } else {
             (ROW_BLOCK, 4)
         };
@@ -375,8 +375,13 @@ unsafe fn tile<const R: usize, const BITS: usize, const ASYM: bool>(
     let mut p = w.data.as_ptr().add(t * w.tile_bytes());
     let mut acc = [_mm512_setzero_ps(); R];
     for g in 0..k / w.group {
-        let mut part = [_mm512_setzero_ps(); R];
-        let mut offset_weight = [0.0f32; R];
+        let params = p.add(blocks_per_group * block_bytes);
+        let scale = _mm512_cvtph_ps(_mm256_loadu_si256(params.cast()));
+        let offset = if ASYM {
+            _mm512_cvtph_ps(_mm256_loadu_si256(params.add(2 * LANES).cast()))
+        } else {
+            _mm512_setzero_ps()
+        };
         for b in g * blocks_per_group..(g + 1) * blocks_per_group {
             if prefetch {
                 for line in (0..block_bytes).step_by(64) {
@@ -385,7 +390,7 @@ unsafe fn tile<const R: usize, const BITS: usize, const ASYM: bool>(
             }
             let wv = unpack::<BITS>(p);
             p = p.add(block_bytes);
-            for (i, part) in part.iter_mut().enumerate() {
+            for (i, acc) in acc.iter_mut().enumerate() {
                 let x = codes.add(i * k + b * BLOCK);
                 let (d, sum) = (*scales.add(i * nb + b), *sums.add(i * nb + b));
                 let mut s = _mm512_set1_epi32(-bias * sum);
@@ -393,27 +398,14 @@ unsafe fn tile<const R: usize, const BITS: usize, const ASYM: bool>(
                     let xs = _mm512_set1_epi32(x.add(4 * c).cast::<i32>().read_unaligned());
                     s = _mm512_dpbusd_epi32(s, *wv, xs);
                 }
-                *part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(d), *part);
+                let ds = _mm512_mul_ps(scale, _mm512_set1_ps(d));
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), ds, *acc);
                 if ASYM {
-                    offset_weight[i] += d * sum as f32;
+                    *acc = _mm512_fmadd_ps(offset, _mm512_set1_ps(d * sum as f32), *acc);
                 }
             }
         }
-        let scale = _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()));
-        p = p.add(2 * LANES);
-        let offset = if ASYM {
-            let o = _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()));
-            p = p.add(2 * LANES);
-            o
-        } else {
-            _mm512_setzero_ps()
-        };
-        for i in 0..R {
-            acc[i] = _mm512_fmadd_ps(part[i], scale, acc[i]);
-            if ASYM {
-                acc[i] = _mm512_fmadd_ps(offset, _mm512_set1_ps(offset_weight[i]), acc[i]);
-            }
-        }
+        p = params.add(2 * LANES * (1 + ASYM as usize));
     }
     let n = w.rows;
     let lanes = LANES.min(n - t * LANES);

@@ -850,7 +850,7 @@ fn int8_reference(t: &marlin_quant::QuantTensor, x: &[f32], rows: usize) -> Vec<
             let codes = &t.codes[j * t.row_bytes()..(j + 1) * t.row_bytes()];
             let mut acc = 0.0f32;
             for g in 0..k / t.group {
-                let (mut part, mut offset_weight) = (0.0f32, 0.0f32);
+                let (scale, offset) = (t.group_scale(j, g), t.group_offset(j, g));
                 for b in g * t.group / BLOCK..(g + 1) * t.group / BLOCK {
                     let (q, d, sum) = &blocks[b];
                     let dot: i32 = (0..BLOCK)
@@ -860,12 +860,10 @@ fn int8_reference(t: &marlin_quant::QuantTensor, x: &[f32], rows: usize) -> Vec<
                                 * q[i]
                         })
                         .sum();
-                    part = ((dot - bias * sum) as f32).mul_add(*d, part);
-                    offset_weight += d * *sum as f32;
-                }
-                acc = part.mul_add(t.group_scale(j, g), acc);
-                if asym {
-                    acc = t.group_offset(j, g).mul_add(offset_weight, acc);
+                    acc = ((dot - bias * sum) as f32).mul_add(scale * d, acc);
+                    if asym {
+                        acc = offset.mul_add(d * *sum as f32, acc);
+                    }
                 }
             }
             out[r * n + j] = acc;
