@@ -3,18 +3,27 @@
 //! Like llama-bench, prompts are fixed pseudo-random tokens (speed does not depend on the text),
 //! prefill is timed over `--prompt-tokens` and decode over `--gen-tokens` greedy tokens that
 //! follow the prompt; each figure is the mean ± standard deviation over `--repetitions` runs after
-//! one warm-up run.
+//! one warm-up run. The model is stepped directly (one sequence, its own KV blocks), so no
+//! tokenizer is needed and `--synthetic ARCH` can run random weights of a named shape.
 
-use crate::session::{ModelArgs, Session};
-use anyhow::Result;
+use crate::session::{open_model, runner, BackendStart, LoadFiles, ModelArgs, WithBackend};
+use anyhow::{Context, Result};
 use clap::Args;
-use marlin_engine::{Engine, Sequence};
+use marlin_engine::blocks::{BlockManager, BlockTable};
+use marlin_engine::StepRunner;
+use marlin_kernels::{Backend, SeqSpan, StepBatch};
+use marlin_model::synthetic::{self, SyntheticSource};
+use marlin_model::{Model, ModelConfig};
 use std::time::Instant;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Random weights of a named shape instead of a model file: smollm2, llama3-8b, qwen3-4b or
+    /// llama3-70b-layer; dense in --dtype, or with --quantize FMT packed from random codes
+    #[arg(long, value_name = "ARCH", conflicts_with = "model")]
+    pub synthetic: Option<String>,
     #[arg(long, default_value_t = 512)]
     pub prompt_tokens: usize,
     #[arg(long, default_value_t = 128)]
@@ -36,23 +45,72 @@ fn argmax(row: &[f32]) -> u32 {
     best as u32
 }
 
-/// Returns (prefill seconds, decode seconds).
-fn run_once(engine: &mut Engine, prompt: &[u32], gen_tokens: usize) -> Result<(f64, f64)> {
-    let mut seq = Sequence::new(prompt.to_vec());
-    let started = Instant::now();
-    let mut last = None;
-    while last.is_none() {
-        last = engine.step(&mut [&mut seq], false)?.pop().flatten();
+/// One sequence stepped alone: its tokens, how many are in the KV cache, and its blocks.
+struct Solo<'a> {
+    runner: &'a mut dyn StepRunner,
+    blocks: &'a mut BlockManager,
+    table: BlockTable,
+    tokens: Vec<u32>,
+    computed: usize,
+}
+
+impl Solo<'_> {
+    /// Runs every pending token (in chunks of the step budget) and returns the last one's logits.
+    fn advance(&mut self) -> Result<Vec<f32>> {
+        let mut logits = Vec::new();
+        while self.computed < self.tokens.len() {
+            let take = (self.tokens.len() - self.computed).min(self.runner.max_step_tokens());
+            let context = self.computed + take;
+            let block_size = self.blocks.block_size();
+            self.blocks
+                .grow(&mut self.table, context)
+                .map_err(|_| anyhow::anyhow!("out of KV blocks for {context} tokens"))?;
+            let positions = self.computed..context;
+            let batch = StepBatch {
+                tokens: self.tokens[positions.clone()].to_vec(),
+                positions: positions.clone().map(|p| p as u32).collect(),
+                slots: positions.map(|p| self.table.slot(block_size, p)).collect(),
+                seqs: vec![SeqSpan {
+                    start: 0,
+                    len: take,
+                    context_len: context,
+                    block_table: self.table.blocks().to_vec(),
+                }],
+                logit_rows: vec![take as u32 - 1],
+            };
+            // The logits come back to the host, so the step's device work is finished here.
+            logits = self.runner.step(&batch)?;
+            self.computed = context;
+        }
+        Ok(logits)
     }
+}
+
+/// Returns (prefill seconds, decode seconds).
+fn run_once(
+    runner: &mut dyn StepRunner,
+    blocks: &mut BlockManager,
+    prompt: &[u32],
+    gen_tokens: usize,
+) -> Result<(f64, f64)> {
+    let mut seq = Solo {
+        runner,
+        blocks,
+        table: BlockTable::default(),
+        tokens: prompt.to_vec(),
+        computed: 0,
+    };
+    let started = Instant::now();
+    let mut logits = seq.advance()?;
     let prefill = started.elapsed().as_secs_f64();
     let started = Instant::now();
     for _ in 0..gen_tokens {
-        let token = argmax(last.as_deref().expect("logits of the last token"));
+        let token = argmax(&logits);
         seq.tokens.push(token);
-        last = engine.step(&mut [&mut seq], false)?.pop().flatten();
+        logits = seq.advance()?;
     }
     let decode = started.elapsed().as_secs_f64();
-    engine.release(&mut seq);
+    seq.blocks.free(&mut seq.table);
     Ok((prefill, decode))
 }
 
@@ -71,16 +129,97 @@ fn peak_rss() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Puts a synthetic model's weights on the backend.
+struct LoadSynthetic<'a> {
+    config: &'a ModelConfig,
+    source: &'a SyntheticSource,
+    dtype: marlin_kernels::DenseFormat,
+}
+
+impl WithBackend for LoadSynthetic<'_> {
+    type Output = Box<dyn StepRunner>;
+    fn run<B: Backend>(self, backend: B) -> Result<Self::Output> {
+        let model = Model::load(backend, self.config.clone(), self.source, self.dtype)
+            .context("cannot make the synthetic weights")?;
+        runner(model)
+    }
+}
+
+/// What was loaded: the runner, a label, what the weights are, and (synthetic models) the bytes
+/// of weights a decode step streams.
+struct Loaded {
+    runner: Box<dyn StepRunner>,
+    start: BackendStart,
+    label: String,
+    weights: String,
+    decode_bytes: Option<usize>,
+}
+
+fn load(args: &BenchArgs) -> Result<Loaded> {
+    let m = &args.model;
+    let options = m.load_options()?;
+    let weights = match options.quantize {
+        Some(q) => format!("{q} (embedding {})", options.embedding),
+        None => m.dtype.to_string(),
+    };
+    if let Some(name) = &args.synthetic {
+        let config = synthetic::config(name).with_context(|| format!("--synthetic {name}"))?;
+        let source = SyntheticSource::new(name, &config, &options, 0x5eed)?;
+        let decode_bytes = source.decode_bytes();
+        let (runner, start) = m.with_backend(
+            true,
+            LoadSynthetic {
+                config: &config,
+                source: &source,
+                dtype: options.dtype,
+            },
+        )?;
+        return Ok(Loaded {
+            runner,
+            start,
+            label: format!("synthetic {name} (random weights)"),
+            weights,
+            decode_bytes: Some(decode_bytes),
+        });
+    }
+    let (path, files) = open_model(m)?;
+    let (runner, start) = m.with_backend(
+        false,
+        LoadFiles {
+            files: &files,
+            path: &path,
+            options: &options,
+        },
+    )?;
+    Ok(Loaded {
+        runner,
+        start,
+        label: path.display().to_string(),
+        weights,
+        decode_bytes: None,
+    })
+}
+
 pub fn run(args: BenchArgs) -> Result<()> {
     anyhow::ensure!(args.prompt_tokens > 0, "--prompt-tokens must be at least 1");
     anyhow::ensure!(args.repetitions > 0, "--repetitions must be at least 1");
-    let mut session = Session::load(&args.model)?;
-    let config = session.engine.runner().config().clone();
+    let started = Instant::now();
+    let Loaded {
+        mut runner,
+        start,
+        label,
+        weights,
+        decode_bytes,
+    } = load(&args)?;
+    let load_seconds = started.elapsed().as_secs_f64();
+    let config = runner.config().clone();
     anyhow::ensure!(
         args.prompt_tokens + args.gen_tokens <= config.max_context,
         "--prompt-tokens + --gen-tokens exceed the model's context of {}",
         config.max_context
     );
+    let layout = runner.kv_layout();
+    let mut blocks = BlockManager::new(layout.num_blocks, layout.block_size);
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let prompt: Vec<u32> = (0..args.prompt_tokens)
         .map(|_| {
@@ -90,10 +229,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             ((state >> 33) % config.vocab_size as u64) as u32
         })
         .collect();
-    run_once(&mut session.engine, &prompt[..prompt.len().min(32)], 4)?;
+    let warm_prompt = &prompt[..prompt.len().min(32)];
+    run_once(runner.as_mut(), &mut blocks, warm_prompt, 4)?;
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     for _ in 0..args.repetitions {
-        let (p, d) = run_once(&mut session.engine, &prompt, args.gen_tokens)?;
+        let (p, d) = run_once(runner.as_mut(), &mut blocks, &prompt, args.gen_tokens)?;
         prefill.push(args.prompt_tokens as f64 / p);
         if args.gen_tokens > 0 {
             decode.push(args.gen_tokens as f64 / d);
@@ -107,34 +247,80 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     let peak = peak_rss();
     let threads = rayon_threads(args.model.threads);
+    // The decode bound: every weight byte a token needs, streamed once at the copy bandwidth.
+    let bound = decode_bytes
+        .zip(start.copy_gbs)
+        .map(|(bytes, gbs)| gbs * 1e9 / bytes as f64);
+    let (kernels_cached, kernel_seconds) = match start.kernels {
+        Some((cached, s)) => (Some(cached), Some(s)),
+        None => (None, None),
+    };
     if args.json {
         let json = serde_json::json!({
-            "model": session.files_path.display().to_string(),
-            "dtype": args.model.dtype.to_string(),
+            "model": label,
+            "weights": weights,
+            "backend": start.name,
             "threads": threads,
-            "load_seconds": session.load_time.as_secs_f64(),
+            "backend_start_seconds": start.seconds,
+            "kernels_from_cache": kernels_cached,
+            "kernel_load_seconds": kernel_seconds,
+            "load_seconds": load_seconds,
             "prompt_tokens": args.prompt_tokens,
             "gen_tokens": args.gen_tokens,
             "prefill_tok_s": pp, "prefill_tok_s_sd": pp_sd,
             "decode_tok_s": tg, "decode_tok_s_sd": tg_sd,
+            "decode_weight_bytes": decode_bytes,
+            "copy_gb_s": start.copy_gbs,
+            "decode_bound_tok_s": bound,
+            "decode_share_of_bound": bound.map(|b| tg / b),
             "peak_rss_bytes": peak,
         });
         println!("{json}");
+        return Ok(());
+    }
+    println!("model      {label}");
+    println!("weights    {weights}");
+    println!("backend    {}   threads {threads}", start.name);
+    match start.kernels {
+        Some((cached, s)) => println!(
+            "start      {:.2} s (kernels {}: {s:.2} s)",
+            start.seconds,
+            if cached {
+                "from the cache, warm"
+            } else {
+                "compiled by NVRTC, cold"
+            }
+        ),
+        None => println!("start      {:.2} s", start.seconds),
+    }
+    let made = if args.synthetic.is_some() {
+        "weights generated and uploaded"
     } else {
-        println!("model      {}", session.files_path.display());
-        println!("dtype      {}   threads {threads}", args.model.dtype);
-        println!("load       {:.2} s", session.load_time.as_secs_f64());
+        "weights read and uploaded"
+    };
+    println!("load       {load_seconds:.2} s ({made})");
+    println!(
+        "prefill    {pp:.1} ± {pp_sd:.1} tok/s  ({} tokens)",
+        args.prompt_tokens
+    );
+    println!(
+        "decode     {tg:.1} ± {tg_sd:.1} tok/s  ({} tokens)",
+        args.gen_tokens
+    );
+    if let Some(bytes) = decode_bytes {
         println!(
-            "prefill    {pp:.1} ± {pp_sd:.1} tok/s  ({} tokens)",
-            args.prompt_tokens
+            "weights    {:.3} GB streamed per decoded token",
+            bytes as f64 / 1e9
         );
+    }
+    if let (Some(gbs), Some(b)) = (start.copy_gbs, bound) {
         println!(
-            "decode     {tg:.1} ± {tg_sd:.1} tok/s  ({} tokens)",
-            args.gen_tokens
+            "bound      {b:.1} tok/s at the copy bandwidth {gbs:.0} GB/s: decode at {:.1}%",
+            100.0 * tg / b
         );
-        if let Some(bytes) = peak {
-            println!("peak RSS   {:.0} MiB", bytes as f64 / (1 << 20) as f64);
-        }
+    }
+    if let Some(bytes) = peak {
+        println!("peak RSS   {:.0} MiB", bytes as f64 / (1 << 20) as f64);
     }
     Ok(())
 }

@@ -5,10 +5,10 @@ use clap::Args;
 use marlin_engine::{Engine, Runner, SamplingParams, StepRunner};
 use marlin_kernels::cpu::{Activations, CpuBackend};
 use marlin_kernels::{Backend, DenseFormat};
-use marlin_model::{GenerationDefaults, LoadOptions, ModelFiles, QuantizeSpec};
+use marlin_model::{GenerationDefaults, LoadOptions, Model, ModelFiles, QuantizeSpec};
 use marlin_quant::QuantFormat;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -145,19 +145,93 @@ pub struct Session {
     pub generation: GenerationDefaults,
     pub stop_token_ids: Vec<u32>,
     pub chat_template: Option<marlin_model::ChatTemplate>,
-    pub load_time: Duration,
 }
 
-/// The model's weights on `backend`, behind the engine's one trait object.
-fn runner<B: Backend>(
-    files: &ModelFiles,
-    path: &std::path::Path,
-    backend: B,
-    options: &LoadOptions,
-) -> Result<Box<dyn StepRunner>> {
-    let model = files
-        .load_with(backend, options)
-        .with_context(|| format!("cannot load the weights of {}", path.display()))?;
+/// What starting the backend took.
+pub struct BackendStart {
+    /// The backend's own description (device name, compute capability or SIMD level).
+    pub name: String,
+    pub seconds: f64,
+    /// CUDA: whether the kernels came from the disk cache (warm) or NVRTC (cold), and the
+    /// seconds that took.
+    pub kernels: Option<(bool, f64)>,
+    /// CUDA, when asked for: the device-to-device copy bandwidth in GB/s (read + written).
+    pub copy_gbs: Option<f64>,
+}
+
+/// Work to do on a freshly started backend, whichever type `--device` picks.
+pub trait WithBackend {
+    type Output;
+    fn run<B: Backend>(self, backend: B) -> Result<Self::Output>;
+}
+
+impl ModelArgs {
+    /// Starts the backend `--device` names and hands it to `work`; with `measure_copy`, CUDA
+    /// first measures its copy bandwidth (1 GiB, before the weights take the memory).
+    pub fn with_backend<W: WithBackend>(
+        &self,
+        measure_copy: bool,
+        work: W,
+    ) -> Result<(W::Output, BackendStart)> {
+        let started = Instant::now();
+        match self.device {
+            Device::Cpu => {
+                let backend = self.cpu_backend()?;
+                let start = BackendStart {
+                    name: backend.name(),
+                    seconds: started.elapsed().as_secs_f64(),
+                    kernels: None,
+                    copy_gbs: None,
+                };
+                Ok((work.run(backend)?, start))
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => {
+                let backend = marlin_kernels::cuda::CudaBackend::new(n)?;
+                let seconds = started.elapsed().as_secs_f64();
+                let kernels = backend.kernel_load();
+                let copy_gbs = if measure_copy {
+                    Some(backend.copy_bandwidth(1 << 30)?)
+                } else {
+                    None
+                };
+                let start = BackendStart {
+                    name: backend.name(),
+                    seconds,
+                    kernels: Some((kernels.from_cache, kernels.seconds)),
+                    copy_gbs,
+                };
+                Ok((work.run(backend)?, start))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(n) => {
+                let _ = measure_copy;
+                bail!("--device cuda:{n}: this marlin was built without CUDA (build it with --features cuda)")
+            }
+        }
+    }
+}
+
+/// Loads a model's weights onto the backend, behind the engine's one trait object.
+pub struct LoadFiles<'a> {
+    pub files: &'a ModelFiles,
+    pub path: &'a std::path::Path,
+    pub options: &'a LoadOptions,
+}
+
+impl WithBackend for LoadFiles<'_> {
+    type Output = Box<dyn StepRunner>;
+    fn run<B: Backend>(self, backend: B) -> Result<Self::Output> {
+        let model = self
+            .files
+            .load_with(backend, self.options)
+            .with_context(|| format!("cannot load the weights of {}", self.path.display()))?;
+        runner(model)
+    }
+}
+
+/// A model with a workspace of `STEP_TOKENS` and KV blocks for its whole context.
+pub fn runner<B: Backend>(model: Model<B>) -> Result<Box<dyn StepRunner>> {
     let blocks = model.config.max_context.div_ceil(BLOCK_SIZE);
     Ok(Box::new(Runner::new(
         model,
@@ -167,25 +241,26 @@ fn runner<B: Backend>(
     )?))
 }
 
+/// The model `--model` names (pulled first if it is the default and missing), opened.
+pub fn open_model(args: &ModelArgs) -> Result<(PathBuf, ModelFiles)> {
+    let path = crate::models::resolve(args.model.as_deref())?;
+    let files =
+        ModelFiles::open(&path).with_context(|| format!("cannot open model {}", path.display()))?;
+    Ok((path, files))
+}
+
 impl Session {
     pub fn load(args: &ModelArgs) -> Result<Self> {
-        let path = crate::models::resolve(args.model.as_deref())?;
-        let started = Instant::now();
-        let mut files = ModelFiles::open(&path)
-            .with_context(|| format!("cannot open model {}", path.display()))?;
+        let (path, mut files) = open_model(args)?;
         let options = args.load_options()?;
-        let runner: Box<dyn StepRunner> = match args.device {
-            Device::Cpu => runner(&files, &path, args.cpu_backend()?, &options)?,
-            #[cfg(feature = "cuda")]
-            Device::Cuda(n) => {
-                let backend = marlin_kernels::cuda::CudaBackend::new(n)?;
-                runner(&files, &path, backend, &options)?
-            }
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda(n) => {
-                bail!("--device cuda:{n}: this marlin was built without CUDA (build it with --features cuda)")
-            }
-        };
+        let (runner, _) = args.with_backend(
+            false,
+            LoadFiles {
+                files: &files,
+                path: &path,
+                options: &options,
+            },
+        )?;
         let stop_token_ids = files.stop_token_ids();
         let chat_template = files.chat_template.take();
         let engine = Engine::new(runner, files.tokenizer.clone());
@@ -195,7 +270,6 @@ impl Session {
             generation: files.generation.clone(),
             stop_token_ids,
             chat_template,
-            load_time: started.elapsed(),
         })
     }
 

@@ -271,3 +271,46 @@ fn unknown_model_name_says_what_to_do() {
     let err = failure(&["generate", "--model", "not-a-model", "--prompt", "hi"]);
     assert!(err.contains("marlin pull"), "{err}");
 }
+
+#[test]
+fn bench_runs_a_synthetic_shape_without_a_model_file() {
+    let out = marlin(&[
+        "bench",
+        "--synthetic",
+        "smollm2",
+        "--quantize",
+        "int4",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "2",
+        "--repetitions",
+        "1",
+        "--json",
+    ]);
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["weights"], "int4 g32 (embedding int8 g32)");
+    // SmolLM2-135M: 30 layers of q, o (576²), k, v (192×576), gate, up, down (1536×576) at
+    // int4 g32 (½ byte + a 2-byte scale per 32 weights), and the tied 49152×576 embedding as the
+    // output projection at int8 g32 (1 byte + 2 per 32).
+    let linear = 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 1536 * 576);
+    let expected = linear / 2 + linear / 16 + 49152 * 576 + 49152 * 576 / 16;
+    assert_eq!(v["decode_weight_bytes"].as_u64(), Some(expected as u64));
+    assert!(v["prefill_tok_s"].as_f64().unwrap() > 0.0);
+    assert!(v["decode_tok_s"].as_f64().unwrap() > 0.0);
+    // The copy line (and so the bound) is measured on CUDA only.
+    assert!(v["copy_gb_s"].is_null() && v["kernels_from_cache"].is_null());
+
+    let e = failure(&["bench", "--synthetic", "llama4"]);
+    for name in [
+        "`llama4`",
+        "smollm2",
+        "llama3-8b",
+        "qwen3-4b",
+        "llama3-70b-layer",
+    ] {
+        assert!(e.contains(name), "{e}");
+    }
+    let e = failure(&["bench", "--synthetic", "smollm2", "--model", "smollm2"]);
+    assert!(e.contains("cannot be used with"), "{e}");
+}

@@ -261,6 +261,49 @@ fn embedding_rope_gather() {
     );
 }
 
+/// A packed embedding table (int4/int8 in the decode kernel's layout on the GPU) gathers rows
+/// equal, bit for bit, to the CPU's dequantized rows rounded to bf16: both compute each value in
+/// f32 exactly as docs/format.md defines it.
+#[test]
+fn quantized_embedding() {
+    let Some(g) = gpu("quantized_embedding") else {
+        return;
+    };
+    let c = cpu();
+    let mut r = rng();
+    let (step, _) = make_step(&mut r, &[(5, 9), (1, 40), (3, 3)], 16);
+    let n = step.num_tokens();
+    let (gs, cs) = (
+        g.prepare_step(&step).unwrap(),
+        c.prepare_step(&step).unwrap(),
+    );
+    for bits in [4u8, 8] {
+        for asym in [false, true] {
+            let format = QuantFormat::Int { bits, asym };
+            // 50 rows: a partial strip of 16; widths not a multiple of the 64-column chunks.
+            for &(dim, group) in &[(160usize, 32usize), (203, 203), (384, 128)] {
+                let t =
+                    quantize_rtn(&randv(&mut r, 50 * dim, 1.0), 50, dim, format, group).unwrap();
+                let table = HostWeight::quant(t).unwrap();
+                let (gt, ct) = (
+                    g.upload_weight(&table).unwrap(),
+                    c.upload_weight(&table).unwrap(),
+                );
+                let mut go = poisoned(g, n * dim);
+                let mut co = c.alloc(n * dim).unwrap();
+                g.embedding(&gt, &gs, &mut go).unwrap();
+                c.embedding(&ct, &cs, &mut co).unwrap();
+                let want: Vec<f32> = c.read(&co, n * dim).unwrap().into_iter().map(bf).collect();
+                assert_eq!(
+                    g.read(&go, n * dim).unwrap(),
+                    want,
+                    "embedding {format} {dim} g{group}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn paged_attention() {
     let Some(g) = gpu("paged_attention") else {
@@ -462,5 +505,15 @@ fn kernel_cache_is_reused() {
     // The first backend compiled (or found) the module; a second one must start from the cache.
     let t = std::time::Instant::now();
     let b = CudaBackend::new(0).unwrap();
-    println!("second backend ({}) started in {:?}", b.name(), t.elapsed());
+    let load = b.kernel_load();
+    println!(
+        "second backend ({}) started in {:?}, kernels {:?}",
+        b.name(),
+        t.elapsed(),
+        load
+    );
+    assert!(
+        load.from_cache,
+        "the second backend compiled again: is $MARLIN_HOME/kernels writable?"
+    );
 }

@@ -8,6 +8,7 @@ pub mod gguf;
 pub mod llama;
 pub mod loader;
 pub mod quantized;
+pub mod synthetic;
 pub mod tokenizer;
 pub mod weights;
 

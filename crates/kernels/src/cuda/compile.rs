@@ -8,8 +8,8 @@ use cudarc::nvrtc::sys;
 use std::ffi::{CStr, CString};
 use std::path::PathBuf;
 
-/// The compiled module: a CUBIN for `sm_{major}{minor}`.
-pub(crate) fn cubin(source: &str, arch: (i32, i32)) -> Result<Vec<u8>, String> {
+/// The compiled module: a CUBIN for `sm_{major}{minor}`, and whether it came from the cache.
+pub(crate) fn cubin(source: &str, arch: (i32, i32)) -> Result<(Vec<u8>, bool), String> {
     let version = nvrtc_version()?;
     let options = [
         format!("--gpu-architecture=sm_{}{}", arch.0, arch.1),
@@ -25,7 +25,7 @@ pub(crate) fn cubin(source: &str, arch: (i32, i32)) -> Result<Vec<u8>, String> {
     if let Some(p) = &path {
         if let Ok(bytes) = std::fs::read(p) {
             if !bytes.is_empty() {
-                return Ok(bytes);
+                return Ok((bytes, true));
             }
         }
     }
@@ -40,7 +40,7 @@ pub(crate) fn cubin(source: &str, arch: (i32, i32)) -> Result<Vec<u8>, String> {
             let _ = std::fs::rename(&tmp, p);
         }
     }
-    Ok(bytes)
+    Ok((bytes, false))
 }
 
 /// `$MARLIN_HOME/kernels`, `$HOME/.cache/marlin/kernels`, or nowhere (no cache).

@@ -9,7 +9,9 @@
 //!
 //! Weights: dense f32/f16/bf16 stay in their format (a GEMV per format reads them at decode);
 //! int4 and int8 `QuantTensor`s without act-order are re-laid for the tensor-core decode kernel
-//! (`qgemv.cu`); other packed formats are dequantized to bf16 at upload (correct, not yet fast).
+//! (`qgemv.cu`), and a packed embedding table is gathered from that same layout (no second,
+//! dense copy of the table); other packed formats are dequantized to bf16 at upload (correct,
+//! not yet fast).
 //! Above 16 rows, a weight that is not bf16 is expanded to bf16 a slab of features at a time into
 //! a scratch buffer, and cuBLAS multiplies.
 
@@ -184,6 +186,16 @@ pub struct CudaBackend {
     scratch: Mutex<Option<CudaSlice<u16>>>,
     name: String,
     arch: (i32, i32),
+    kernels: KernelLoad,
+}
+
+/// How the kernel module was obtained when the backend started.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelLoad {
+    /// Read from `$MARLIN_HOME/kernels` (warm) rather than compiled by NVRTC (cold).
+    pub from_cache: bool,
+    /// Compiling or reading the CUBIN and loading its functions.
+    pub seconds: f64,
 }
 
 /// Why no CUDA device can be used here, or `None` if one can.
@@ -207,7 +219,7 @@ pub fn compile_kernels(arch: (i32, i32)) -> Result<usize> {
         return Err(dev("no NVRTC library (libnvrtc)"));
     }
     compile::cubin(&SOURCES.concat(), arch)
-        .map(|c| c.len())
+        .map(|(c, _)| c.len())
         .map_err(dev)
 }
 
@@ -237,8 +249,8 @@ impl CudaBackend {
         }
         let stream = ctx.new_stream().map_err(dev)?;
         let blas = CudaBlas::new(stream.clone()).map_err(dev)?;
-        let source = SOURCES.concat();
-        let cubin = compile::cubin(&source, arch).map_err(dev)?;
+        let started = std::time::Instant::now();
+        let (cubin, from_cache) = compile::cubin(&SOURCES.concat(), arch).map_err(dev)?;
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
             .map_err(dev)?;
@@ -247,6 +259,10 @@ impl CudaBackend {
             let f = module.load_function(&name).map_err(dev)?;
             funcs.insert(name, f);
         }
+        let kernels = KernelLoad {
+            from_cache,
+            seconds: started.elapsed().as_secs_f64(),
+        };
         let name = format!(
             "cuda:{ordinal} ({}, sm_{}{})",
             ctx.name().map_err(dev)?,
@@ -261,6 +277,7 @@ impl CudaBackend {
             scratch: Mutex::new(None),
             name,
             arch,
+            kernels,
         })
     }
 
@@ -275,6 +292,41 @@ impl CudaBackend {
     /// (major, minor) compute capability.
     pub fn arch(&self) -> (i32, i32) {
         self.arch
+    }
+
+    /// How the kernels were obtained at start-up (NVRTC compile or the disk cache).
+    pub fn kernel_load(&self) -> KernelLoad {
+        self.kernels
+    }
+
+    /// Device-to-device copy bandwidth in GB/s (bytes read plus bytes written) of the plain
+    /// 16-byte copy kernel over `bytes`: the 100% line of memory-bound figures. Median of 5 timed
+    /// runs of 4 copies each, after one untimed copy, with device events.
+    pub fn copy_bandwidth(&self, bytes: usize) -> Result<f64> {
+        use cudarc::driver::sys::CUevent_flags;
+        let bytes = bytes / 16 * 16;
+        let src = self.stream.alloc_zeros::<u8>(bytes).map_err(dev)?;
+        let mut dst = self.stream.alloc_zeros::<u8>(bytes).map_err(dev)?;
+        let event = || {
+            self.ctx
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(dev)
+        };
+        let (start, stop) = (event()?, event()?);
+        self.copy_kernel(&src, &mut dst, bytes)?;
+        let mut runs = Vec::new();
+        for _ in 0..5 {
+            start.record(&self.stream).map_err(dev)?;
+            for _ in 0..4 {
+                self.copy_kernel(&src, &mut dst, bytes)?;
+            }
+            stop.record(&self.stream).map_err(dev)?;
+            stop.synchronize().map_err(dev)?;
+            let ms = start.elapsed_ms(&stop).map_err(dev)? as f64;
+            runs.push(2.0 * 4.0 * bytes as f64 / (ms * 1e-3) / 1e9);
+        }
+        runs.sort_by(f64::total_cmp);
+        Ok(runs[2])
     }
 
     /// Waits for all queued work.
@@ -587,6 +639,7 @@ fn kernel_names() -> Vec<String> {
         names.push(format!("qgemv_{q}_8"));
         names.push(format!("qgemv_{q}_16"));
         names.push(format!("dequant_{q}"));
+        names.push(format!("embedding_{q}"));
     }
     names
 }
@@ -706,8 +759,29 @@ impl Backend for CudaBackend {
         if tokens.is_empty() {
             return Ok(());
         }
-        let Weight::Dense(d) = table else {
-            return Err(dev("embedding: the table must be a dense weight"));
+        let d = match table {
+            Weight::Dense(d) => d,
+            Weight::Quant(q) => {
+                let f = format!("embedding_int{}{}", q.bits, if q.asym { "a" } else { "" });
+                let (codes, scales) = (self.ptr(&q.codes), self.ptr(&q.scales));
+                let offsets = q.offsets.as_ref().map_or(0, |o| self.ptr(o));
+                let cfg = cfg2((dim.div_ceil(256), tokens.len()), 256, 0);
+                launch!(
+                    self,
+                    &f,
+                    cfg,
+                    codes,
+                    scales,
+                    offsets,
+                    step.tokens(),
+                    dim as i32,
+                    q.group as i32,
+                    (q.strips * 16) as i32,
+                    q.chunks as i32,
+                    out.ptr
+                );
+                return Ok(());
+            }
         };
         let f = match d.format {
             DenseFormat::F32 => "embedding_f32",

@@ -217,3 +217,40 @@ DEQUANT(dequant_int4, 4, false)
 DEQUANT(dequant_int4a, 4, true)
 DEQUANT(dequant_int8, 8, false)
 DEQUANT(dequant_int8a, 8, true)
+
+// Embedding rows gathered from a re-laid table (a quantized, possibly tied, embedding): grid
+// (column blocks, tokens), one thread per column. Element (row, col) sits in tile (row / 16,
+// col / 16) at the lane and register that `mma.m16n8k16`'s A fragment gives it (see the layout
+// note at the top); its value is computed as in `dequant`, so the row equals the CPU's rounded to
+// bf16.
+template <int BITS, bool ASYM>
+__device__ void qembed(const u32* codes, const f16_t* scales, const f16_t* offsets, const u32* tokens, int k,
+                       int group, int NP, int CH, bf16_t* out) {
+    constexpr int TPU = BITS == 4 ? 4 : 2;
+    const int col = blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= k) return;
+    const int row = (int)tokens[blockIdx.y];
+    const int s = row >> 4, rr = row & 15, kt = col >> 4, cc = col & 15;
+    const int lane = (rr & 7) * 4 + ((cc & 7) >> 1), j = (rr >> 3) + 2 * (cc >> 3), h = cc & 1;
+    const u32* word = codes + (((size_t)s * CH + kt / TPU) * 32 + lane) * 4;
+    int c;
+    if (BITS == 4) {
+        c = (word[kt % TPU] >> (4 * (j + 4 * h))) & 15;
+    } else {
+        c = (word[(kt % TPU) * 2 + (j >> 1)] >> (8 * ((j & 1) * 2 + h))) & 255;
+    }
+    const int grp = col / group;
+    const float sc = h2f(scales[(size_t)grp * NP + row]);
+    const float v = ASYM ? fmaf((float)c, sc, h2f(offsets[(size_t)grp * NP + row]))
+                         : (float)(c - (1 << (BITS - 1))) * sc;
+    out[(size_t)blockIdx.y * k + col] = f2bf(v);
+}
+#define QEMBED(name, BITS, ASYM)                                                                       \
+    extern "C" __global__ void name(const u32* codes, const f16_t* scales, const f16_t* offsets,       \
+                                    const u32* tokens, int k, int group, int NP, int CH, bf16_t* out) { \
+        qembed<BITS, ASYM>(codes, scales, offsets, tokens, k, group, NP, CH, out);                       \
+    }
+QEMBED(embedding_int4, 4, false)
+QEMBED(embedding_int4a, 4, true)
+QEMBED(embedding_int8, 8, false)
+QEMBED(embedding_int8a, 8, true)

@@ -2,6 +2,7 @@
 
 use marlin_quant::packed::get_code;
 use marlin_quant::{QuantFormat, QuantTensor};
+use rayon::prelude::*;
 
 /// The host side of a re-laid weight.
 pub(crate) struct Relaid {
@@ -36,31 +37,35 @@ pub(crate) fn relay(t: &QuantTensor) -> Relaid {
     // Padding codes are worth zero (symmetric) or meet zero activations (columns past k).
     let pad = if asym { 0u32 } else { 1 << (bits - 1) };
     let mut words = vec![0u32; strips * chunks * 32 * 4];
-    for s in 0..strips {
-        for kt in 0..chunks * tpu {
-            for lane in 0..32 {
-                let (g, tq) = (lane / 4, lane % 4);
-                let base = ((s * chunks + kt / tpu) * 32 + lane) * 4;
-                for j in 0..4 {
-                    for h in 0..2 {
-                        let row = s * 16 + g + (j & 1) * 8;
-                        let col = kt * 16 + 2 * tq + (j >> 1) * 8 + h;
-                        let code = if row < n && col < k {
-                            get_code(&t.codes[row * rb..(row + 1) * rb], bits, col) as u32
-                        } else {
-                            pad
-                        };
-                        if bits == 4 {
-                            words[base + kt % 4] |= code << (4 * (j + 4 * h));
-                        } else {
-                            let byte = (j & 1) * 2 + h;
-                            words[base + (kt % 2) * 2 + (j >> 1)] |= code << (8 * byte);
+    // Strips are independent: re-laying a Llama-3-8B takes seconds on one core, so use them all.
+    words
+        .par_chunks_mut(chunks * 32 * 4)
+        .enumerate()
+        .for_each(|(s, words)| {
+            for kt in 0..chunks * tpu {
+                for lane in 0..32 {
+                    let (g, tq) = (lane / 4, lane % 4);
+                    let base = ((kt / tpu) * 32 + lane) * 4;
+                    for j in 0..4 {
+                        for h in 0..2 {
+                            let row = s * 16 + g + (j & 1) * 8;
+                            let col = kt * 16 + 2 * tq + (j >> 1) * 8 + h;
+                            let code = if row < n && col < k {
+                                get_code(&t.codes[row * rb..(row + 1) * rb], bits, col) as u32
+                            } else {
+                                pad
+                            };
+                            if bits == 4 {
+                                words[base + kt % 4] |= code << (4 * (j + 4 * h));
+                            } else {
+                                let byte = (j & 1) * 2 + h;
+                                words[base + (kt % 2) * 2 + (j >> 1)] |= code << (8 * byte);
+                            }
                         }
                     }
                 }
             }
-        }
-    }
+        });
     let f16s = |bytes: &[u8]| -> Vec<u16> {
         let mut out = vec![0u16; groups * np];
         for r in 0..n {
