@@ -311,76 +311,122 @@ fn paged_attention() {
     };
     let c = cpu();
     let mut r = rng();
-    // (seqs, heads, kv_heads, head_dim, block size): prefill chunks after earlier context,
-    // decode over contexts longer than the kernel's 512-key chunk, odd head dims.
+    // (seqs, heads, kv_heads, head_dim, block size): prefill chunks after earlier context (over
+    // 16 tokens: the one-block-per-head kernel, also past its 512-key chunk), steps of at most 16
+    // tokens (the split-key decode kernel where the head dim is a power of two), odd head dims.
     type Case = (&'static [(usize, usize)], usize, usize, usize, usize);
     let cases: &[Case] = &[
         (&[(7, 7), (1, 30), (13, 20)], 4, 2, 64, 16),
         (&[(1, 1300), (1, 517), (2, 600)], 8, 2, 128, 16),
+        (&[(16, 1300), (1, 517)], 8, 2, 128, 16),
         (&[(40, 45)], 3, 3, 80, 8),
         (&[(5, 9), (1, 700)], 2, 1, 256, 32),
         (&[(6, 6), (1, 33)], 6, 3, 36, 16),
     ];
     for &(seqs, heads, kv_heads, hd, bs) in cases {
-        let (step, blocks) = make_step(&mut r, seqs, bs);
-        let layout = KvLayout {
-            num_blocks: blocks,
-            block_size: bs,
-            kv_heads,
-            head_dim: hd,
-        };
-        let (gs, cs) = (
-            g.prepare_step(&step).unwrap(),
-            c.prepare_step(&step).unwrap(),
-        );
-        let (mut gk, mut ck) = (g.alloc_kv(layout).unwrap(), c.alloc_kv(layout).unwrap());
-        // Fill every slot of the cache: a step with every context token as new.
-        let full: Vec<(usize, usize)> = seqs.iter().map(|&(_, ctx)| (ctx, ctx)).collect();
-        let mut fill = step.clone();
-        fill.tokens.clear();
-        fill.positions.clear();
-        fill.slots.clear();
-        fill.logit_rows.clear();
-        let mut start = 0;
-        for (i, &(len, _)) in full.iter().enumerate() {
-            let s = &mut fill.seqs[i];
-            s.start = start;
-            s.len = len;
-            for pos in 0..len {
-                fill.tokens.push(0);
-                fill.positions.push(pos as u32);
-                fill.slots
-                    .push(s.block_table[pos / bs] * bs as u32 + (pos % bs) as u32);
-            }
-            start += len;
-        }
-        let nf = fill.num_tokens();
-        let sw = kv_heads * hd;
-        let (kvals, vvals) = (randv(&mut r, nf * sw, 1.0), randv(&mut r, nf * sw, 1.0));
-        let (gkb, ckb) = pair(g, &c, &kvals);
-        let (gvb, cvb) = pair(g, &c, &vvals);
-        let (gf, cf) = (
-            g.prepare_step(&fill).unwrap(),
-            c.prepare_step(&fill).unwrap(),
-        );
-        g.write_kv(&mut gk, &gkb, &gvb, &gf).unwrap();
-        c.write_kv(&mut ck, &ckb, &cvb, &cf).unwrap();
-
-        let n = step.num_tokens();
-        let len = n * heads * hd;
-        let q = randv(&mut r, len, 2.0);
-        let (gq, cq) = pair(g, &c, &q);
-        let mut go = poisoned(g, len);
-        let mut co = c.alloc(len).unwrap();
-        let scale = 1.0 / (hd as f32).sqrt();
-        g.attention(&gq, &gk, &gs, heads, scale, &mut go).unwrap();
-        c.attention(&cq, &ck, &cs, heads, scale, &mut co).unwrap();
-        assert_close(
-            &format!("attention {seqs:?} h{heads}/{kv_heads} d{hd} bs{bs}"),
-            &g.read(&go, len).unwrap(),
-            &c.read(&co, len).unwrap(),
-        );
+        check_attention(g, &c, &mut r, seqs, heads, kv_heads, hd, bs);
     }
+}
+
+/// Decode steps (one new token per sequence) go to the split-key kernel (`attention_decode` and
+/// its combine): contexts of 1 key (one split), 17 (one partial split), 700 and 3000 (many
+/// splits, the last partial), GQA groups 1, 4 and 12 (two group slices of at most 8 heads), head
+/// dims 64 and 128, sequences of different lengths in one step (blocks past a short sequence's
+/// keys write nothing). The queries (up to 6 in size) make the softmax peaked, so a wrong max
+/// rescaling between splits shows.
+#[test]
+fn decode_attention_split() {
+    let Some(g) = gpu("decode_attention_split") else {
+        return;
+    };
+    let c = cpu();
+    let mut r = rng();
+    type Case = (&'static [(usize, usize)], usize, usize, usize, usize);
+    let cases: &[Case] = &[
+        (&[(1, 1)], 4, 4, 64, 16),
+        (&[(1, 17)], 8, 2, 128, 16),
+        (&[(1, 700)], 4, 1, 128, 16),
+        (&[(1, 3000)], 32, 8, 128, 16),
+        (&[(1, 3000)], 2, 2, 64, 32),
+        (&[(1, 1), (1, 17), (1, 700), (1, 3000)], 8, 2, 64, 16),
+        (&[(1, 700), (1, 40)], 24, 2, 128, 16),
+    ];
+    for &(seqs, heads, kv_heads, hd, bs) in cases {
+        check_attention(g, &c, &mut r, seqs, heads, kv_heads, hd, bs);
+    }
+}
+
+/// One attention step of `seqs` (new tokens, context) on both backends, the cache filled with
+/// random keys and values first; the GPU output poisoned.
+#[allow(clippy::too_many_arguments)]
+fn check_attention(
+    g: &CudaBackend,
+    c: &CpuBackend,
+    r: &mut StdRng,
+    seqs: &[(usize, usize)],
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    bs: usize,
+) {
+    let (step, blocks) = make_step(r, seqs, bs);
+    let layout = KvLayout {
+        num_blocks: blocks,
+        block_size: bs,
+        kv_heads,
+        head_dim: hd,
+    };
+    let (gs, cs) = (
+        g.prepare_step(&step).unwrap(),
+        c.prepare_step(&step).unwrap(),
+    );
+    let (mut gk, mut ck) = (g.alloc_kv(layout).unwrap(), c.alloc_kv(layout).unwrap());
+    // Fill every slot of the cache: a step with every context token as new.
+    let full: Vec<(usize, usize)> = seqs.iter().map(|&(_, ctx)| (ctx, ctx)).collect();
+    let mut fill = step.clone();
+    fill.tokens.clear();
+    fill.positions.clear();
+    fill.slots.clear();
+    fill.logit_rows.clear();
+    let mut start = 0;
+    for (i, &(len, _)) in full.iter().enumerate() {
+        let s = &mut fill.seqs[i];
+        s.start = start;
+        s.len = len;
+        for pos in 0..len {
+            fill.tokens.push(0);
+            fill.positions.push(pos as u32);
+            fill.slots
+                .push(s.block_table[pos / bs] * bs as u32 + (pos % bs) as u32);
+        }
+        start += len;
+    }
+    let nf = fill.num_tokens();
+    let sw = kv_heads * hd;
+    let (kvals, vvals) = (randv(r, nf * sw, 1.0), randv(r, nf * sw, 1.0));
+    let (gkb, ckb) = pair(g, c, &kvals);
+    let (gvb, cvb) = pair(g, c, &vvals);
+    let (gf, cf) = (
+        g.prepare_step(&fill).unwrap(),
+        c.prepare_step(&fill).unwrap(),
+    );
+    g.write_kv(&mut gk, &gkb, &gvb, &gf).unwrap();
+    c.write_kv(&mut ck, &ckb, &cvb, &cf).unwrap();
+
+    let n = step.num_tokens();
+    let len = n * heads * hd;
+    let q = randv(r, len, 6.0);
+    let (gq, cq) = pair(g, c, &q);
+    let mut go = poisoned(g, len);
+    let mut co = c.alloc(len).unwrap();
+    let scale = 1.0 / (hd as f32).sqrt();
+    g.attention(&gq, &gk, &gs, heads, scale, &mut go).unwrap();
+    c.attention(&cq, &ck, &cs, heads, scale, &mut co).unwrap();
+    assert_close(
+        &format!("attention {seqs:?} h{heads}/{kv_heads} d{hd} bs{bs}"),
+        &g.read(&go, len).unwrap(),
+        &c.read(&co, len).unwrap(),
+    );
 }
 
 const ROWS: [usize; 8] = [1, 2, 5, 8, 9, 16, 17, 40];

@@ -5,9 +5,11 @@
 // owning one or two output dimensions, so a V row is read coalesced. Prefill and decode are the
 // same kernel: a token reads the keys of its sequence up to its own position.
 //
-// Bound: for decode, reading K and V once (bandwidth); this version has one block per query
-// head, so a GQA group reads its K/V from L2 once per head, and a single long sequence gives
-// only `heads` blocks: splitting the keys across blocks (flash-decoding) is the next step.
+// Runs prefill (more than DECODE_MAX_ROWS tokens) and head dims attention_decode does not take.
+// Bound: reading K and V once (bandwidth); with one block per query head a GQA group reads its
+// K/V from L2 once per head, and a single long sequence gives only `heads` blocks, which is why
+// decode steps go to attention_decode below (on an H100 this kernel cost ~13.8 us per context
+// token per decoded token in llama3-8b).
 
 #define ATT_THREADS 128
 #define ATT_CHUNK 512
@@ -89,5 +91,201 @@ attention(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positi
         bf16_t* o = out + ((size_t)t * heads + h) * hd;
         o[d0] = f2bf(a * inv);
         if (d0 + ATT_THREADS < hd) o[d0 + ATT_THREADS] = f2bf(acc1 * inv);
+    }
+}
+
+// Decode attention split along the keys (flash-decoding), for steps of few tokens.
+//
+// Block (token x kv head, split, group slice): one chunk of at most DEC_CHUNK keys of one kv head,
+// for up to DEC_MAXG query heads of its GQA group at once, so each K/V row is read from memory
+// once per group rather than once per query head. A key row is read by hd/8 lanes with one
+// 16-byte load each (the dot products finish with shuffles inside those lanes); probabilities are
+// formed per head by one warp; the V rows are read the same way, the key lanes summed with
+// shuffles and then across the four warps in shared memory. With one split the block writes the
+// normalised output; otherwise it writes its unnormalised output, max and sum (f32) and
+// attention_combine rescales the splits.
+//
+// Bound: reading each K and V row of the context once (bandwidth). The host sizes the chunks so
+// that a single sequence still fills about four blocks per SM; for llama3-8b (8 kv heads, group of
+// 4, hd 128) a 2048-key decode step reads 8 MiB per layer, 2.9 us at H100 copy bandwidth.
+// Measured end to end on an H100 (docs/benchmarks.md, not per kernel): llama3-8b decode costs
+// ~12 us per layer more at 2048 keys than at 16, ~0.7 TB/s over the K/V bytes, a quarter of copy
+// bandwidth. DEC_UNROLL loads in flight per lane and 4 rather than 2 blocks per SM (meant to hide
+// load latency: a block has few keys per lane) measured the same as one load at a time; where
+// the rest goes needs a kernel profile.
+
+#define DEC_THREADS 128
+#define DEC_MAXG 8
+#define DEC_CHUNK 256
+#define DEC_UNROLL 4
+
+__device__ __forceinline__ void unpack8(uint4 w, float* f) {
+    f[0] = bf_lo(w.x); f[1] = bf_hi(w.x); f[2] = bf_lo(w.y); f[3] = bf_hi(w.y);
+    f[4] = bf_lo(w.z); f[5] = bf_hi(w.z); f[6] = bf_lo(w.w); f[7] = bf_hi(w.w);
+}
+
+// hd is one of 8, 16, 32, 64, 128, 256 (hd/8 lanes per key divide a warp), chunk <= DEC_CHUNK.
+// Shared memory: max((DEC_MAXG * (hd + chunk) + chunk) * 4, 4 * DEC_MAXG * hd * 4) bytes.
+// part: per (token, head, split) hd partial outputs, then max and sum.
+extern "C" __global__ void __launch_bounds__(DEC_THREADS)
+attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positions, const u32* bt_off,
+                 const u32* tables, int heads, int kv_heads, int hd, int bs, float scale, int chunk,
+                 int splits, float* part, bf16_t* out) {
+    extern __shared__ float smem[];
+    __shared__ float hm[DEC_MAXG], hl[DEC_MAXG];
+    const int group = heads / kv_heads;
+    const int t = blockIdx.x / kv_heads, kvh = blockIdx.x % kv_heads, split = blockIdx.y;
+    const int g0 = blockIdx.z * DEC_MAXG, G = min(DEC_MAXG, group - g0);
+    const int h0 = kvh * group + g0;
+    const int nkeys = positions[t] + 1, c0 = split * chunk;
+    if (c0 >= nkeys) return;  // a shorter sequence of the batch: attention_combine skips it
+    const int cn = min(chunk, nkeys - c0);
+    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+    const int lpk = hd >> 3, sub = tid % lpk, kl = tid / lpk, nkl = DEC_THREADS / lpk;
+    const int sw = kv_heads * hd;
+    float* qs = smem;                             // G x hd, pre-scaled
+    float* sc = smem + DEC_MAXG * hd;             // G x chunk: scores, then probabilities
+    u32* sl = (u32*)(sc + DEC_MAXG * chunk);      // chunk slot offsets
+    float* red = smem;                            // 4 warps x G x hd, once sc is consumed
+    const u32* table = tables + bt_off[t];
+    for (int i = tid; i < G * hd; i += DEC_THREADS)
+        qs[i] = bf2f(q[((size_t)t * heads + h0) * hd + i]) * scale;
+    for (int j = tid; j < cn; j += DEC_THREADS) {
+        const int kj = c0 + j;
+        sl[j] = (table[kj / bs] * (u32)bs + (u32)(kj % bs)) * (u32)sw + (u32)(kvh * hd);
+    }
+    __syncthreads();
+    // Scores, DEC_UNROLL keys per lane per pass with their loads issued together: a block has
+    // few keys per lane, so one memory round trip per key would dominate. The loop bound is
+    // uniform: every lane takes part in the shuffles.
+    for (int jb = 0; jb < cn; jb += DEC_UNROLL * nkl) {
+        uint4 kw[DEC_UNROLL];
+#pragma unroll
+        for (int u = 0; u < DEC_UNROLL; u++) {
+            const int j = jb + u * nkl + kl;
+            kw[u] = j < cn ? *(const uint4*)(kc + sl[j] + sub * 8) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < DEC_UNROLL; u++) {
+            const int j = jb + u * nkl + kl;
+            float kf[8];
+            unpack8(kw[u], kf);
+#pragma unroll
+            for (int g = 0; g < DEC_MAXG; g++) {
+                if (g < G) {
+                    const float4* qp = (const float4*)(qs + g * hd + sub * 8);
+                    const float4 a = qp[0], b = qp[1];
+                    float v = a.x * kf[0] + a.y * kf[1] + a.z * kf[2] + a.w * kf[3]
+                            + b.x * kf[4] + b.y * kf[5] + b.z * kf[6] + b.w * kf[7];
+                    for (int o = lpk >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+                    if (sub == 0 && j < cn) sc[g * chunk + j] = v;
+                }
+            }
+        }
+    }
+    __syncthreads();
+    // Softmax numerators per head, one warp per head.
+    for (int g = w; g < G; g += DEC_THREADS / 32) {
+        float mx = NEG_INF;
+        for (int j = lane; j < cn; j += 32) mx = fmaxf(mx, sc[g * chunk + j]);
+        mx = warp_max(mx);
+        float sum = 0.0f;
+        for (int j = lane; j < cn; j += 32) {
+            const float p = __expf(sc[g * chunk + j] - mx);
+            sc[g * chunk + j] = p;
+            sum += p;
+        }
+        sum = warp_sum(sum);
+        if (lane == 0) {
+            hm[g] = mx;
+            hl[g] = sum;
+        }
+    }
+    __syncthreads();
+    float acc[DEC_MAXG][8];
+#pragma unroll
+    for (int g = 0; g < DEC_MAXG; g++)
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[g][e] = 0.0f;
+    for (int jb = kl; jb < cn; jb += DEC_UNROLL * nkl) {
+        uint4 vw[DEC_UNROLL];
+#pragma unroll
+        for (int u = 0; u < DEC_UNROLL; u++) {
+            const int j = jb + u * nkl;
+            vw[u] = j < cn ? *(const uint4*)(vc + sl[j] + sub * 8) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < DEC_UNROLL; u++) {
+            const int j = jb + u * nkl;
+            if (j < cn) {
+                float vf[8];
+                unpack8(vw[u], vf);
+#pragma unroll
+                for (int g = 0; g < DEC_MAXG; g++) {
+                    if (g < G) {
+                        const float p = sc[g * chunk + j];
+#pragma unroll
+                        for (int e = 0; e < 8; e++) acc[g][e] += p * vf[e];
+                    }
+                }
+            }
+        }
+    }
+    // Key lanes of a warp are lpk lanes apart; lanes 0..lpk-1 end with the warp's sums.
+#pragma unroll
+    for (int g = 0; g < DEC_MAXG; g++) {
+        if (g < G) {
+            for (int o = lpk; o < 32; o <<= 1)
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], o);
+        }
+    }
+    __syncthreads();  // sc and sl are read for the last time above; red overlays them
+    if (lane < lpk) {
+#pragma unroll
+        for (int g = 0; g < DEC_MAXG; g++) {
+            if (g < G) {
+                float4* r = (float4*)(red + (w * DEC_MAXG + g) * hd + sub * 8);
+                r[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+                r[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+            }
+        }
+    }
+    __syncthreads();
+    for (int i = tid; i < G * hd; i += DEC_THREADS) {
+        const int g = i / hd, d = i % hd;
+        float a = 0.0f;
+#pragma unroll
+        for (int ww = 0; ww < DEC_THREADS / 32; ww++) a += red[(ww * DEC_MAXG + g) * hd + d];
+        const size_t row = (size_t)t * heads + h0 + g;
+        if (splits == 1) {
+            out[row * hd + d] = f2bf(a / hl[g]);
+        } else {
+            float* p = part + (row * splits + split) * (hd + 2);
+            p[d] = a;
+            if (d == 0) {
+                p[hd] = hm[g];
+                p[hd + 1] = hl[g];
+            }
+        }
+    }
+}
+
+// The splits of attention_decode rescaled to the common max and summed: one block per (token,
+// head), reading (hd + 2) floats per split that holds keys. Small next to the K/V reads.
+extern "C" __global__ void attention_combine(const float* part, const u32* positions, int heads, int hd,
+                                             int chunk, int splits, bf16_t* out) {
+    const size_t row = blockIdx.x;
+    const int ns = (int)((positions[row / heads] + chunk) / chunk);
+    const float* p = part + row * splits * (hd + 2);
+    float m = NEG_INF;
+    for (int s = 0; s < ns; s++) m = fmaxf(m, p[s * (hd + 2) + hd]);
+    float l = 0.0f;
+    for (int s = 0; s < ns; s++) l += __expf(p[s * (hd + 2) + hd] - m) * p[s * (hd + 2) + hd + 1];
+    const float inv = 1.0f / l;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float a = 0.0f;
+        for (int s = 0; s < ns; s++) a += __expf(p[s * (hd + 2) + hd] - m) * p[s * (hd + 2) + d];
+        out[row * hd + d] = f2bf(a * inv);
     }
 }

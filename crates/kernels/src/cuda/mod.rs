@@ -44,6 +44,16 @@ pub const DECODE_MAX_ROWS: usize = 16;
 const SCRATCH_ELEMS: usize = 1 << 25;
 const ATT_THREADS: u32 = 128;
 const ATT_CHUNK: u32 = 512;
+/// attention_decode: threads, query heads per block and most keys per block (attention.cu).
+const DEC_THREADS: u32 = 128;
+const DEC_MAXG: usize = 8;
+const DEC_CHUNK: usize = 256;
+/// Fewest keys per attention_decode block: below, the per-block fixed work (q load, reductions)
+/// outweighs the K/V reads.
+const DEC_MIN_CHUNK: usize = 32;
+/// attention_decode blocks wanted per SM: a block has only 4 warps, and its loads are latency-
+/// bound, so several blocks per SM keep memory busy.
+const DEC_BLOCKS_PER_SM: usize = 4;
 
 /// Queues kernel `$name` on the backend's stream with the given arguments (device pointers as
 /// u64, sizes as i32/u32, floats as f32).
@@ -184,6 +194,9 @@ pub struct CudaBackend {
     blas: CudaBlas,
     funcs: HashMap<String, CudaFunction>,
     scratch: Mutex<Option<CudaSlice<u16>>>,
+    /// attention_decode's per-split partial outputs, grown on demand.
+    att_part: Mutex<Option<CudaSlice<f32>>>,
+    sms: usize,
     name: String,
     arch: (i32, i32),
     kernels: KernelLoad,
@@ -247,6 +260,11 @@ impl CudaBackend {
                 arch.0, arch.1
             )));
         }
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(dev)? as usize;
         let stream = ctx.new_stream().map_err(dev)?;
         let blas = CudaBlas::new(stream.clone()).map_err(dev)?;
         let started = std::time::Instant::now();
@@ -275,6 +293,8 @@ impl CudaBackend {
             blas,
             funcs,
             scratch: Mutex::new(None),
+            att_part: Mutex::new(None),
+            sms,
             name,
             arch,
             kernels,
@@ -519,6 +539,88 @@ impl CudaBackend {
         .map_err(dev)
     }
 
+    /// Attention of a few tokens (decode) split along the keys: enough chunks that the grid
+    /// holds about DEC_BLOCKS_PER_SM blocks per SM even for one sequence, then the splits
+    /// combined.
+    fn attention_decode(
+        &self,
+        q: &Buffer,
+        cache: &KvCache,
+        step: &Step,
+        heads: usize,
+        scale: f32,
+        out: &mut Buffer,
+    ) -> Result<()> {
+        let layout = cache.layout;
+        let (n, hd) = (step.batch.num_tokens(), layout.head_dim);
+        let group = heads / layout.kv_heads;
+        let slices = group.div_ceil(DEC_MAXG);
+        let max_keys = step
+            .batch
+            .positions
+            .iter()
+            .max()
+            .map_or(1, |&p| p as usize + 1);
+        let want = (DEC_BLOCKS_PER_SM * self.sms).div_ceil(n * layout.kv_heads * slices);
+        let chunk = max_keys
+            .div_ceil(want)
+            .next_multiple_of(32)
+            .clamp(DEC_MIN_CHUNK, DEC_CHUNK);
+        let splits = max_keys.div_ceil(chunk);
+        let part = if splits > 1 {
+            let need = n * heads * splits * (hd + 2);
+            let mut guard = self.att_part.lock().unwrap();
+            if guard.as_ref().is_none_or(|s| s.len() < need) {
+                *guard = None;
+                *guard = Some(self.stream.alloc_zeros::<f32>(need).map_err(dev)?);
+            }
+            self.ptr(guard.as_ref().unwrap())
+        } else {
+            0
+        };
+        let smem = ((DEC_MAXG * (hd + chunk) + chunk) * 4).max(4 * DEC_MAXG * hd * 4);
+        let cfg = LaunchConfig {
+            grid_dim: ((n * layout.kv_heads) as u32, splits as u32, slices as u32),
+            block_dim: (DEC_THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        launch!(
+            self,
+            "attention_decode",
+            cfg,
+            q.ptr,
+            cache.kp,
+            cache.vp,
+            step.positions(),
+            step.table_offsets(),
+            step.tables(),
+            heads as i32,
+            layout.kv_heads as i32,
+            hd as i32,
+            layout.block_size as i32,
+            scale,
+            chunk as i32,
+            splits as i32,
+            part,
+            out.ptr
+        );
+        if splits > 1 {
+            launch!(
+                self,
+                "attention_combine",
+                cfg2((n * heads, 1), 128, 0),
+                part,
+                step.positions(),
+                heads as i32,
+                hd as i32,
+                chunk as i32,
+                splits as i32,
+                out.ptr
+            );
+        }
+        Ok(())
+    }
+
     /// Prefill with a weight that is not bf16: slabs of features expanded to bf16, then cuBLAS.
     fn matmul_expanded(&self, x: &Buffer, w: &Weight, rows: usize, out: &Buffer) -> Result<()> {
         let (n, k) = w.shape();
@@ -626,6 +728,8 @@ fn kernel_names() -> Vec<String> {
         "f16_to_bf16",
         "copy_u4",
         "attention",
+        "attention_decode",
+        "attention_combine",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -974,6 +1078,10 @@ impl Backend for CudaBackend {
         len_check("attention", "out", out.len, len)?;
         if n == 0 || heads == 0 {
             return Ok(());
+        }
+        let hd = layout.head_dim;
+        if n <= DECODE_MAX_ROWS && hd.is_power_of_two() && (8..=256).contains(&hd) {
+            return self.attention_decode(q, cache, step, heads, scale, out);
         }
         let smem = (256 + 2 * ATT_CHUNK) * 4;
         launch!(
