@@ -15,7 +15,7 @@ use marlin_model::checkpoint::{descriptor, packed_parts, QUANT_METHOD};
 use marlin_model::config::RopeScaling;
 use marlin_model::quantized::is_embedding;
 use marlin_model::{Architecture, LoadOptions, ModelConfig, ModelFiles, QuantizeSpec};
-use marlin_quant::gptq::quantize_gptq;
+use marlin_quant::gptq::{quantize_gptq, HessianFactor};
 use marlin_quant::{quantize_rtn, QuantFormat, QuantTensor};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
@@ -23,6 +23,9 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// GPTQ's dampening, a fraction of the mean Hessian diagonal (the reference implementation's).
+const GPTQ_DAMP: f64 = 0.01;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Method {
@@ -412,70 +415,55 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
                 let blocks = budget.div_ceil(crate::session::BLOCK_SIZE) + 1;
                 let runner = Runner::new(model, budget, blocks, crate::session::BLOCK_SIZE)?;
                 let mut engine = Engine::new(Box::new(runner), files.tokenizer.clone());
-                let mut failure: Option<anyhow::Error> = None;
                 calibrate_layers(
                     &mut engine,
                     windows,
-                    |_layer, sites: Vec<Site>| {
+                    |_layer, sites: Vec<Site>| -> Result<Vec<(String, HostWeight)>> {
                         let mut replacements = Vec::new();
                         for site in sites {
-                            let h = site.hessian.matrix();
-                            for name in &site.weights {
-                                let m = by_name[name.as_str()];
-                                let done = (|| -> Result<Option<QuantTensor>> {
-                                    let Target::Quant(q) = m.target else {
-                                        return Ok(None);
-                                    };
-                                    let values = files.source().require(&m.name)?.to_f32()?;
-                                    let (t, loss) = quantize_gptq(
-                                        &values,
-                                        m.rows,
-                                        m.cols,
-                                        q.format,
-                                        m.group,
-                                        &h,
+                            let matrices: Vec<&Matrix> =
+                                site.weights.iter().map(|n| by_name[n.as_str()]).collect();
+                            // One factorisation serves every projection of the site.
+                            let factor = matrices
+                                .iter()
+                                .any(|m| matches!(m.target, Target::Quant(_)))
+                                .then(|| {
+                                    HessianFactor::new(
+                                        &site.hessian.matrix(),
+                                        site.hessian.cols,
+                                        GPTQ_DAMP,
                                         args.act_order,
                                     )
-                                    .with_context(|| format!("GPTQ on `{}`", m.name))?;
-                                    losses += loss;
-                                    Ok(Some(t))
-                                })();
-                                match done {
-                                    Ok(Some(t)) => {
-                                        let w = HostWeight::from_f32(
-                                            DenseFormat::F32,
-                                            m.rows,
-                                            m.cols,
-                                            &t.dequantize(),
-                                        )
-                                        .expect("shape");
-                                        replacements.push((m.name.clone(), w));
-                                        if let Err(e) = put(m, Some(t), &mut out) {
-                                            failure.get_or_insert(e);
-                                        }
-                                    }
-                                    Ok(None) => {
-                                        if let Err(e) = put(m, None, &mut out) {
-                                            failure.get_or_insert(e);
-                                        }
-                                    }
-                                    Err(e) => {
-                                        failure.get_or_insert(e);
-                                        return Err(marlin_engine::EngineError::Eval(
-                                            "quantization failed".into(),
-                                        ));
-                                    }
-                                }
+                                    .with_context(|| {
+                                        format!("GPTQ on the inputs of {}", site.weights.join(", "))
+                                    })
+                                })
+                                .transpose()?;
+                            for m in matrices {
+                                let (Target::Quant(q), Some(factor)) = (m.target, &factor) else {
+                                    put(m, None, &mut out)?;
+                                    continue;
+                                };
+                                let values = files.source().require(&m.name)?.to_f32()?;
+                                let (t, loss) =
+                                    quantize_gptq(&values, m.rows, q.format, m.group, factor)
+                                        .with_context(|| format!("GPTQ on `{}`", m.name))?;
+                                losses += loss;
+                                let w = HostWeight::from_f32(
+                                    DenseFormat::F32,
+                                    m.rows,
+                                    m.cols,
+                                    &t.dequantize(),
+                                )
+                                .expect("shape");
+                                replacements.push((m.name.clone(), w));
+                                put(m, Some(t), &mut out)?;
                             }
                         }
                         Ok(replacements)
                     },
                     |_| bar.inc(1),
-                )
-                .map_err(|e| failure.take().unwrap_or_else(|| e.into()))?;
-                if let Some(e) = failure {
-                    return Err(e);
-                }
+                )?;
             }
         }
         bar.finish_and_clear();
@@ -670,7 +658,7 @@ fn write_config(
             "sym": !spec.format.is_asym(),
             "method": match args.method { Method::Rtn => "rtn", Method::Gptq => "gptq" },
             "act_order": args.act_order,
-            "damp_percent": if args.method == Method::Gptq { json!(0.01) } else { Value::Null },
+            "damp_percent": if args.method == Method::Gptq { json!(GPTQ_DAMP) } else { Value::Null },
             "calib_tokens": if args.method == Method::Gptq { json!(args.calib_tokens) } else { Value::Null },
             "overrides": overrides,
         }),

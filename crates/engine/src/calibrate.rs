@@ -3,10 +3,15 @@
 //! site's inputs. Projections that read the same input share one site (q/k/v; gate/up); o and down
 //! have their own.
 //!
-//! Layers are processed in order and each sees the already-quantized earlier layers: layer i's
-//! Hessians are gathered, the caller quantizes layer i and hands back its new weights, which are
-//! swapped into the model (`Engine::set_weight`) before layer i+1 is observed. Within a layer all
-//! sites are gathered in one pass over the windows (o/down see layer i's original q/k/v/gate/up).
+//! Layers are processed in order and each sees the already-quantized earlier layers. Each
+//! window's hidden state at the input of the current layer is kept in memory (windows × tokens ×
+//! hidden f32: 38 MB for 16384 tokens of a 576-wide model), so a layer costs two passes of that one
+//! layer over the windows, not a run of every layer below it: layer i's Hessians are gathered, the
+//! caller quantizes layer i and hands back its new weights, which are swapped into the model
+//! (`Engine::set_weight`), and layer i is run again to give layer i+1 its inputs. Within a layer
+//! all sites are gathered in one pass, so o and down see layer i's *original* q/k/v and gate/up
+//! (the quantized ones only reach layer i+1), as the reference GPTQ does without
+//! `true-sequential`.
 
 use crate::{Engine, EngineError, Result};
 use marlin_kernels::HostWeight;
@@ -78,26 +83,43 @@ pub fn windows(tokens: &[u32], window: usize, max_tokens: usize) -> Vec<Vec<u32>
 
 /// Gathers every layer's Hessians in order over `windows`. For each layer, `quantize` receives
 /// the layer index and its sites and returns replacement weights (by Hugging Face name), which
-/// are installed before the next layer is observed. `progress(layer)` is called after each.
-pub fn calibrate_layers(
+/// are installed before the layer's outputs are computed for the next one. `progress(layer)` is
+/// called after each.
+pub fn calibrate_layers<E: From<EngineError>>(
     engine: &mut Engine,
     windows: &[Vec<u32>],
-    mut quantize: impl FnMut(usize, Vec<Site>) -> Result<Vec<(String, HostWeight)>>,
+    mut quantize: impl FnMut(usize, Vec<Site>) -> std::result::Result<Vec<(String, HostWeight)>, E>,
     mut progress: impl FnMut(usize),
-) -> Result<()> {
+) -> std::result::Result<(), E> {
     if windows.is_empty() {
         return Err(EngineError::Eval(
             "no calibration windows: the calibration text is too short".into(),
-        ));
+        )
+        .into());
     }
     let layers = engine.runner().config().num_layers;
+    let mut hidden = windows
+        .iter()
+        .map(|w| engine.embed_window(w))
+        .collect::<Result<Vec<_>>>()?;
     for layer in 0..layers {
         let mut observer = LayerObserver::new(layer);
-        for window in windows {
-            engine.observe(window, &mut observer)?;
-        }
-        for (name, weight) in quantize(layer, observer.sites)? {
-            engine.set_weight(&name, &weight)?;
+        let outputs = windows
+            .iter()
+            .zip(&hidden)
+            .map(|(w, h)| engine.forward_layer(w, layer, h, Some(&mut observer)))
+            .collect::<Result<Vec<_>>>()?;
+        let replacements = quantize(layer, observer.sites)?;
+        if replacements.is_empty() {
+            // Nothing changed: the observed pass already gave the next layer's inputs.
+            hidden = outputs;
+        } else {
+            for (name, weight) in &replacements {
+                engine.set_weight(name, weight)?;
+            }
+            for (w, h) in windows.iter().zip(&mut hidden) {
+                *h = engine.forward_layer(w, layer, h, None)?;
+            }
         }
         progress(layer);
     }

@@ -191,6 +191,37 @@ impl Engine {
         tokens: &[u32],
         observer: &mut (dyn marlin_model::llama::MatmulObserver + Send),
     ) -> Result<()> {
+        self.window(tokens, |runner, batch| runner.observe(batch, observer))
+    }
+
+    /// The hidden states entering the first decoder layer for one window of `tokens`.
+    pub fn embed_window(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.window(tokens, |runner, batch| runner.embed(batch))
+    }
+
+    /// Runs decoder layer `layer` alone over one window of `tokens` whose hidden states at the
+    /// layer's input are `input`, showing `observer` (if any) the layer's linear inputs; returns
+    /// the hidden states at the layer's output. Attention covers the window, causally, as when
+    /// the whole model runs it.
+    pub fn forward_layer(
+        &mut self,
+        tokens: &[u32],
+        layer: usize,
+        input: &[f32],
+        observer: Option<&mut (dyn marlin_model::llama::MatmulObserver + Send)>,
+    ) -> Result<Vec<f32>> {
+        self.window(tokens, |runner, batch| {
+            runner.forward_layer(batch, layer, input, observer)
+        })
+    }
+
+    /// Runs `f` on a step holding one sequence of `tokens` (a calibration window) from position
+    /// 0, with KV blocks borrowed for the call.
+    fn window<T>(
+        &mut self,
+        tokens: &[u32],
+        f: impl FnOnce(&mut dyn StepRunner, &StepBatch) -> marlin_model::Result<T>,
+    ) -> Result<T> {
         let budget = self.runner.max_step_tokens();
         if tokens.is_empty() || tokens.len() > budget {
             return Err(EngineError::Eval(format!(
@@ -221,7 +252,7 @@ impl Engine {
             }],
             logit_rows: Vec::new(),
         };
-        let result = self.runner.observe(&batch, observer);
+        let result = f(self.runner.as_mut(), &batch);
         self.blocks.free(&mut table);
         Ok(result?)
     }

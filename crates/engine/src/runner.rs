@@ -19,6 +19,17 @@ pub trait StepRunner: Send {
         batch: &StepBatch,
         observer: &mut (dyn MatmulObserver + Send),
     ) -> Result<()>;
+    /// The hidden states entering the first decoder layer for `batch`'s tokens.
+    fn embed(&mut self, batch: &StepBatch) -> Result<Vec<f32>>;
+    /// Runs decoder layer `layer` alone over `batch`'s hidden states `input` (tokens × hidden),
+    /// showing `observer` its linear inputs; returns the hidden states at its output.
+    fn forward_layer(
+        &mut self,
+        batch: &StepBatch,
+        layer: usize,
+        input: &[f32],
+        observer: Option<&mut (dyn MatmulObserver + Send)>,
+    ) -> Result<Vec<f32>>;
     /// Replaces a projection's weights (by Hugging Face name).
     fn set_weight(&mut self, name: &str, weight: &HostWeight) -> Result<()>;
 }
@@ -70,6 +81,25 @@ impl<B: Backend> StepRunner for Runner<B> {
         self.model
             .forward_observed(&mut self.workspace, &mut self.kv, batch, Some(observer))
             .map(drop)
+    }
+    fn embed(&mut self, batch: &StepBatch) -> Result<Vec<f32>> {
+        self.model.embed(&mut self.workspace, &self.kv, batch)
+    }
+    fn forward_layer(
+        &mut self,
+        batch: &StepBatch,
+        layer: usize,
+        input: &[f32],
+        observer: Option<&mut (dyn MatmulObserver + Send)>,
+    ) -> Result<Vec<f32>> {
+        self.model.forward_layer(
+            &mut self.workspace,
+            &mut self.kv,
+            batch,
+            layer,
+            input,
+            observer,
+        )
     }
     fn set_weight(&mut self, name: &str, weight: &HostWeight) -> Result<()> {
         self.model.set_weight(name, weight)

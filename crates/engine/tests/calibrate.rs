@@ -16,7 +16,9 @@ fn files() -> ModelFiles {
 }
 
 fn engine(files: &ModelFiles) -> Engine {
-    let model = files.load(CpuBackend::new(2).unwrap(), DenseFormat::F32).unwrap();
+    let model = files
+        .load(CpuBackend::new(2).unwrap(), DenseFormat::F32)
+        .unwrap();
     let runner = Runner::new(model, 64, 64, 4).unwrap();
     Engine::new(Box::new(runner), files.tokenizer.clone())
 }
@@ -62,7 +64,11 @@ fn check(replace: bool) {
     let windows: Vec<Vec<u32>> = [40usize, 64, 23]
         .iter()
         .enumerate()
-        .map(|(w, &len)| (0..len).map(|t| ((t * 37 + w * 101 + 5) % 320) as u32).collect())
+        .map(|(w, &len)| {
+            (0..len)
+                .map(|t| ((t * 37 + w * 101 + 5) % 320) as u32)
+                .collect()
+        })
         .collect();
 
     let mut cached = engine(&files);
@@ -118,7 +124,10 @@ fn check(replace: bool) {
             &gathered[1][0].hessian.matrix(),
             &observer.sites[0].hessian.matrix(),
         );
-        assert!(d > 1e-3, "layer 0's quantization barely reached layer 1: {d:e}");
+        assert!(
+            d > 1e-3,
+            "layer 0's quantization barely reached layer 1: {d:e}"
+        );
     }
 }
 

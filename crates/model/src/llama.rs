@@ -256,6 +256,79 @@ impl<B: Backend> Model<B> {
             .run_step(|| self.forward_inner(ws, kv, batch, observer))
     }
 
+    /// The hidden states entering the first decoder layer for `batch`'s tokens (tokens ×
+    /// hidden): their embeddings.
+    pub fn embed(
+        &self,
+        ws: &mut Workspace<B>,
+        kv: &KvCache<B>,
+        batch: &StepBatch,
+    ) -> Result<Vec<f32>> {
+        let b = &self.backend;
+        b.run_step(|| {
+            let step = self.prepare(ws, &kv.layout, batch)?;
+            b.embedding(&self.embed, &step, &mut ws.x)?;
+            Ok(b.read(&ws.x, batch.num_tokens() * self.config.hidden_size)?)
+        })
+    }
+
+    /// Runs decoder layer `layer` alone: `input` holds `batch`'s hidden states at the layer's
+    /// input (tokens × hidden); returns them at its output. The layer writes and attends over its
+    /// own KV slots of the batch as in a full step, so running the layers one after another over
+    /// a batch computes what `forward` computes. Calibration uses it to keep each window's hidden
+    /// state between layers instead of re-running every layer below the one it observes.
+    pub fn forward_layer(
+        &self,
+        ws: &mut Workspace<B>,
+        kv: &mut KvCache<B>,
+        batch: &StepBatch,
+        layer: usize,
+        input: &[f32],
+        mut observer: Option<&mut (dyn MatmulObserver + Send)>,
+    ) -> Result<Vec<f32>> {
+        let b = &self.backend;
+        let len = batch.num_tokens() * self.config.hidden_size;
+        if layer >= self.layers.len() || input.len() != len {
+            return Err(marlin_kernels::KernelError::Shape(format!(
+                "layer {layer} of {} over {} input values (the batch's hidden states hold {len})",
+                self.layers.len(),
+                input.len()
+            ))
+            .into());
+        }
+        b.run_step(|| {
+            let step = self.prepare(ws, &kv.layout, batch)?;
+            b.write(&mut ws.x, input)?;
+            self.layer_step(
+                layer,
+                ws,
+                &mut kv.layers[layer],
+                &step,
+                batch.num_tokens(),
+                &mut observer,
+            )?;
+            Ok(b.read(&ws.x, len)?)
+        })
+    }
+
+    /// Checks a step against the workspace and KV layout and puts it in the backend's form.
+    fn prepare(&self, ws: &Workspace<B>, kv: &KvLayout, batch: &StepBatch) -> Result<B::Step> {
+        let n = batch.num_tokens();
+        batch.validate(kv)?;
+        let too_long = batch
+            .seqs
+            .iter()
+            .find(|s| s.context_len > self.config.max_context);
+        if n > ws.capacity || too_long.is_some() {
+            return Err(marlin_kernels::KernelError::Shape(format!(
+                "step of {n} tokens (workspace holds {}) or context beyond the model's {}",
+                ws.capacity, self.config.max_context
+            ))
+            .into());
+        }
+        Ok(self.backend.prepare_step(batch)?)
+    }
+
     fn forward_inner(
         &self,
         ws: &mut Workspace<B>,
@@ -266,97 +339,11 @@ impl<B: Backend> Model<B> {
         let c = &self.config;
         let b = &self.backend;
         let n = batch.num_tokens();
-        batch.validate(&kv.layout)?;
-        let too_long = batch.seqs.iter().find(|s| s.context_len > c.max_context);
-        if n > ws.capacity || too_long.is_some() {
-            return Err(marlin_kernels::KernelError::Shape(format!(
-                "step of {n} tokens (workspace holds {}) or context beyond the model's {}",
-                ws.capacity, c.max_context
-            ))
-            .into());
-        }
-        let step = b.prepare_step(batch)?;
-        let (hidden, heads, kv_heads, hd) =
-            (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim);
-        let scale = 1.0 / (hd as f32).sqrt();
+        let step = self.prepare(ws, &kv.layout, batch)?;
         b.embedding(&self.embed, &step, &mut ws.x)?;
         let last_layer = observer.as_deref().map(|o| o.last_layer());
-        let mut watch =
-            |i: usize, projections: &[&str], input: &B::Buffer, cols: usize| -> Result<()> {
-                if let Some(o) = observer.as_deref_mut() {
-                    let names: Vec<String> = projections
-                        .iter()
-                        .map(|p| format!("model.layers.{i}.{p}.weight"))
-                        .collect();
-                    o.observe(i, &names, &b.read(input, n * cols)?, n, cols);
-                }
-                Ok(())
-            };
-        for (i, (layer, cache)) in self.layers.iter().zip(kv.layers.iter_mut()).enumerate() {
-            b.rms_norm(
-                &ws.x,
-                &layer.attn_norm,
-                c.rms_norm_eps,
-                n,
-                hidden,
-                &mut ws.normed,
-            )?;
-            watch(
-                i,
-                &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-                &ws.normed,
-                hidden,
-            )?;
-            match &layer.qk_norms {
-                Some((q_norm, k_norm)) => {
-                    b.matmul(&ws.normed, &layer.q, n, &mut ws.unnormed)?;
-                    b.rms_norm(
-                        &ws.unnormed,
-                        q_norm,
-                        c.rms_norm_eps,
-                        n * heads,
-                        hd,
-                        &mut ws.q,
-                    )?;
-                    b.matmul(&ws.normed, &layer.k, n, &mut ws.unnormed)?;
-                    b.rms_norm(
-                        &ws.unnormed,
-                        k_norm,
-                        c.rms_norm_eps,
-                        n * kv_heads,
-                        hd,
-                        &mut ws.k,
-                    )?;
-                }
-                None => {
-                    b.matmul(&ws.normed, &layer.q, n, &mut ws.q)?;
-                    b.matmul(&ws.normed, &layer.k, n, &mut ws.k)?;
-                }
-            }
-            b.matmul(&ws.normed, &layer.v, n, &mut ws.v)?;
-            b.rope(&mut ws.q, &step, heads, hd, &self.rope_table)?;
-            b.rope(&mut ws.k, &step, kv_heads, hd, &self.rope_table)?;
-            b.write_kv(cache, &ws.k, &ws.v, &step)?;
-            b.attention(&ws.q, cache, &step, heads, scale, &mut ws.attn)?;
-            watch(i, &["self_attn.o_proj"], &ws.attn, heads * hd)?;
-            b.matmul(&ws.attn, &layer.o, n, &mut ws.proj)?;
-            b.add(&mut ws.x, &ws.proj, n * hidden)?;
-
-            b.rms_norm(
-                &ws.x,
-                &layer.mlp_norm,
-                c.rms_norm_eps,
-                n,
-                hidden,
-                &mut ws.normed,
-            )?;
-            watch(i, &["mlp.gate_proj", "mlp.up_proj"], &ws.normed, hidden)?;
-            b.matmul(&ws.normed, &layer.gate, n, &mut ws.gate)?;
-            b.matmul(&ws.normed, &layer.up, n, &mut ws.up)?;
-            b.silu_mul(&ws.gate, &ws.up, n * c.intermediate_size, &mut ws.act)?;
-            watch(i, &["mlp.down_proj"], &ws.act, c.intermediate_size)?;
-            b.matmul(&ws.act, &layer.down, n, &mut ws.proj)?;
-            b.add(&mut ws.x, &ws.proj, n * hidden)?;
+        for (i, cache) in kv.layers.iter_mut().enumerate() {
+            self.layer_step(i, ws, cache, &step, n, &mut observer)?;
             if last_layer == Some(i) {
                 return Ok(Vec::new());
             }
@@ -365,6 +352,7 @@ impl<B: Backend> Model<B> {
         if rows == 0 {
             return Ok(Vec::new());
         }
+        let hidden = c.hidden_size;
         b.gather_logit_rows(&ws.x, &step, hidden, &mut ws.selected)?;
         b.rms_norm(
             &ws.selected,
@@ -377,5 +365,97 @@ impl<B: Backend> Model<B> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         b.matmul(&ws.normed, head, rows, &mut ws.logits)?;
         Ok(b.read(&ws.logits, rows * c.vocab_size)?)
+    }
+
+    /// Decoder layer `i` over the step's tokens: `ws.x` holds its input and receives its output.
+    fn layer_step(
+        &self,
+        i: usize,
+        ws: &mut Workspace<B>,
+        cache: &mut B::KvCache,
+        step: &B::Step,
+        n: usize,
+        observer: &mut Option<&mut (dyn MatmulObserver + Send)>,
+    ) -> Result<()> {
+        let c = &self.config;
+        let b = &self.backend;
+        let layer = &self.layers[i];
+        let (hidden, heads, kv_heads, hd) =
+            (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut watch = |projections: &[&str], input: &B::Buffer, cols: usize| -> Result<()> {
+            if let Some(o) = observer.as_deref_mut() {
+                let names: Vec<String> = projections
+                    .iter()
+                    .map(|p| format!("model.layers.{i}.{p}.weight"))
+                    .collect();
+                o.observe(i, &names, &b.read(input, n * cols)?, n, cols);
+            }
+            Ok(())
+        };
+        b.rms_norm(
+            &ws.x,
+            &layer.attn_norm,
+            c.rms_norm_eps,
+            n,
+            hidden,
+            &mut ws.normed,
+        )?;
+        watch(
+            &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+            &ws.normed,
+            hidden,
+        )?;
+        match &layer.qk_norms {
+            Some((q_norm, k_norm)) => {
+                b.matmul(&ws.normed, &layer.q, n, &mut ws.unnormed)?;
+                b.rms_norm(
+                    &ws.unnormed,
+                    q_norm,
+                    c.rms_norm_eps,
+                    n * heads,
+                    hd,
+                    &mut ws.q,
+                )?;
+                b.matmul(&ws.normed, &layer.k, n, &mut ws.unnormed)?;
+                b.rms_norm(
+                    &ws.unnormed,
+                    k_norm,
+                    c.rms_norm_eps,
+                    n * kv_heads,
+                    hd,
+                    &mut ws.k,
+                )?;
+            }
+            None => {
+                b.matmul(&ws.normed, &layer.q, n, &mut ws.q)?;
+                b.matmul(&ws.normed, &layer.k, n, &mut ws.k)?;
+            }
+        }
+        b.matmul(&ws.normed, &layer.v, n, &mut ws.v)?;
+        b.rope(&mut ws.q, step, heads, hd, &self.rope_table)?;
+        b.rope(&mut ws.k, step, kv_heads, hd, &self.rope_table)?;
+        b.write_kv(cache, &ws.k, &ws.v, step)?;
+        b.attention(&ws.q, cache, step, heads, scale, &mut ws.attn)?;
+        watch(&["self_attn.o_proj"], &ws.attn, heads * hd)?;
+        b.matmul(&ws.attn, &layer.o, n, &mut ws.proj)?;
+        b.add(&mut ws.x, &ws.proj, n * hidden)?;
+
+        b.rms_norm(
+            &ws.x,
+            &layer.mlp_norm,
+            c.rms_norm_eps,
+            n,
+            hidden,
+            &mut ws.normed,
+        )?;
+        watch(&["mlp.gate_proj", "mlp.up_proj"], &ws.normed, hidden)?;
+        b.matmul(&ws.normed, &layer.gate, n, &mut ws.gate)?;
+        b.matmul(&ws.normed, &layer.up, n, &mut ws.up)?;
+        b.silu_mul(&ws.gate, &ws.up, n * c.intermediate_size, &mut ws.act)?;
+        watch(&["mlp.down_proj"], &ws.act, c.intermediate_size)?;
+        b.matmul(&ws.act, &layer.down, n, &mut ws.proj)?;
+        b.add(&mut ws.x, &ws.proj, n * hidden)?;
+        Ok(())
     }
 }

@@ -24,6 +24,7 @@
 use crate::packed::{pack_row, row_bytes, QuantFormat, QuantTensor};
 use crate::rtn::{GroupParams, Quantizer};
 use crate::{QuantError, Result};
+use rayon::prelude::*;
 
 /// A format's grid for one group of weights of one row: what GPTQ needs from a format.
 pub trait GroupGrid: Sync {
@@ -108,23 +109,12 @@ impl Hessian {
         }
         self.scratch.clear();
         self.scratch.resize(c * c, 0.0);
-        // Strips of output rows across threads; each strip is a band of the upper triangle.
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let strip = 32;
-        // Strips dealt round-robin so each thread gets a fair share of the triangle.
-        let mut buckets: Vec<Vec<(usize, &mut [f32])>> = (0..threads).map(|_| Vec::new()).collect();
-        for (k, s) in self.scratch.chunks_mut(strip * c).enumerate() {
-            buckets[k % threads].push((k * strip, s));
-        }
-        std::thread::scope(|scope| {
-            for bucket in buckets {
-                scope.spawn(move || {
-                    for (i0, out) in bucket {
-                        xtx_strip(x, rows, c, i0, out);
-                    }
-                });
-            }
-        });
+        // Strips of output rows as tasks: the triangle makes early strips the longest, and
+        // rayon's work stealing evens that out.
+        self.scratch
+            .par_chunks_mut(STRIP * c)
+            .enumerate()
+            .for_each(|(k, out)| xtx_strip(x, rows, c, k * STRIP, out));
         for i in 0..c {
             for j in i..c {
                 self.sum[i * c + j] += self.scratch[i * c + j] as f64;
@@ -149,21 +139,70 @@ impl Hessian {
     }
 }
 
-/// out[(i - i0) * c + j] += Σ_t x[t, i] x[t, j] for i in the strip, j ≥ i.
+/// Rows of XᵀX per task in [`Hessian::add`].
+const STRIP: usize = 8;
+/// Columns of XᵀX per AVX-512 register tile: STRIP × TILE f32 sums fill 16 registers.
+const TILE: usize = 32;
+
+/// Rows `i0 .. i0 + out.len() / c` of XᵀX into `out` (zeroed; row-major, c wide):
+/// `out[(i − i0)·c + j] = Σ_t x[t, i] x[t, j]` for `j ≥ i`; with AVX-512 a few entries left of
+/// the diagonal are written too, and never read. Every entry is summed over t in order, a
+/// product then an add (never fused), so the values do not depend on the tiling.
 fn xtx_strip(x: &[f32], rows: usize, c: usize, i0: usize, out: &mut [f32]) {
+    assert!(x.len() >= rows * c && out.len().is_multiple_of(c) && i0 + out.len() / c <= c);
+    // Columns from `done` on (and right of the diagonal) are left to the row-update loop.
+    #[allow(unused_mut)]
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if out.len() == STRIP * c && is_x86_feature_detected!("avx512f") {
+        done = i0 / TILE * TILE;
+        while done + TILE <= c {
+            // SAFETY: AVX-512F was detected; rows i0..i0+STRIP and columns done..done+TILE lie
+            // inside x's rows and inside out (checked above and by the loop bound).
+            unsafe { xtx_tile_avx512(x, rows, c, i0, done, out) };
+            done += TILE;
+        }
+    }
+    xtx_rows(x, rows, c, i0, done, out)
+}
+
+/// `out` rows i0.. (STRIP of them), columns j0..j0+TILE, summed over all tokens in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn xtx_tile_avx512(x: &[f32], rows: usize, c: usize, i0: usize, j0: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; STRIP];
+    for t in 0..rows {
+        let xr = x.as_ptr().add(t * c);
+        let b = [
+            _mm512_loadu_ps(xr.add(j0)),
+            _mm512_loadu_ps(xr.add(j0 + 16)),
+        ];
+        for (k, acc) in acc.iter_mut().enumerate() {
+            let a = _mm512_set1_ps(*xr.add(i0 + k));
+            acc[0] = _mm512_add_ps(acc[0], _mm512_mul_ps(a, b[0]));
+            acc[1] = _mm512_add_ps(acc[1], _mm512_mul_ps(a, b[1]));
+        }
+    }
+    for (k, acc) in acc.iter().enumerate() {
+        let o = out.as_mut_ptr().add(k * c + j0);
+        _mm512_storeu_ps(o, acc[0]);
+        _mm512_storeu_ps(o.add(16), acc[1]);
+    }
+}
+
+/// The rest of `xtx_strip`: each row i's columns from `max(from, i)`, token after token.
+fn xtx_rows(x: &[f32], rows: usize, c: usize, i0: usize, from: usize, out: &mut [f32]) {
     #[inline(always)]
-    fn body(x: &[f32], rows: usize, c: usize, i0: usize, out: &mut [f32]) {
+    fn body(x: &[f32], rows: usize, c: usize, i0: usize, from: usize, out: &mut [f32]) {
         let n = out.len() / c;
         for t in 0..rows {
             let xr = &x[t * c..(t + 1) * c];
             for di in 0..n {
-                let i = i0 + di;
+                let (i, j) = (i0 + di, from.max(i0 + di));
                 let a = xr[i];
-                if a == 0.0 {
-                    continue;
-                }
-                let o = &mut out[di * c + i..(di + 1) * c];
-                for (o, v) in o.iter_mut().zip(&xr[i..]) {
+                let o = &mut out[di * c + j..(di + 1) * c];
+                for (o, v) in o.iter_mut().zip(&xr[j..]) {
                     *o += a * v;
                 }
             }
@@ -172,23 +211,30 @@ fn xtx_strip(x: &[f32], rows: usize, c: usize, i0: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx512f")]
-        unsafe fn avx512(x: &[f32], rows: usize, c: usize, i0: usize, out: &mut [f32]) {
-            body(x, rows, c, i0, out)
+        unsafe fn avx512(
+            x: &[f32],
+            rows: usize,
+            c: usize,
+            i0: usize,
+            from: usize,
+            out: &mut [f32],
+        ) {
+            body(x, rows, c, i0, from, out)
         }
         #[target_feature(enable = "avx2")]
-        unsafe fn avx2(x: &[f32], rows: usize, c: usize, i0: usize, out: &mut [f32]) {
-            body(x, rows, c, i0, out)
+        unsafe fn avx2(x: &[f32], rows: usize, c: usize, i0: usize, from: usize, out: &mut [f32]) {
+            body(x, rows, c, i0, from, out)
         }
         if is_x86_feature_detected!("avx512f") {
             // SAFETY: the feature was detected at run time.
-            return unsafe { avx512(x, rows, c, i0, out) };
+            return unsafe { avx512(x, rows, c, i0, from, out) };
         }
         if is_x86_feature_detected!("avx2") {
             // SAFETY: as above.
-            return unsafe { avx2(x, rows, c, i0, out) };
+            return unsafe { avx2(x, rows, c, i0, from, out) };
         }
     }
-    body(x, rows, c, i0, out)
+    body(x, rows, c, i0, from, out)
 }
 
 /// `y -= a · x`, vectorised where the CPU allows.
@@ -201,64 +247,132 @@ fn axpy_neg(y: &mut [f32], a: f32, x: &[f32]) {
 
 /// Lower Cholesky factor of a symmetric positive-definite n × n matrix (row-major, f64);
 /// None when it is not positive definite.
+///
+/// Column by column: once the columns left of j are done, `L[j][j]` and then every `L[i][j]`
+/// below it depend only on them, so the rows below are shared among threads. Each entry is
+/// the same expression, summed in the same order, as in the row-by-row textbook loop.
 pub fn cholesky_lower(a: &[f64], n: usize) -> Option<Vec<f64>> {
     let mut l = vec![0.0f64; n * n];
-    for i in 0..n {
-        for j in 0..=i {
-            let s = dot_f64(&l[i * n..i * n + j], &l[j * n..j * n + j]);
-            let v = a[i * n + j] - s;
-            if i == j {
-                if v <= 0.0 || !v.is_finite() {
-                    return None;
-                }
-                l[i * n + i] = v.sqrt();
-            } else {
-                l[i * n + j] = v / l[j * n + j];
-            }
+    for j in 0..n {
+        let (head, below) = l.split_at_mut((j + 1) * n);
+        let row = &mut head[j * n..];
+        let v = a[j * n + j] - dot_f64(&row[..j], &row[..j]);
+        if v <= 0.0 || !v.is_finite() {
+            return None;
         }
+        let d = v.sqrt();
+        row[j] = d;
+        let lj = &row[..j];
+        below
+            .par_chunks_mut(n)
+            .enumerate()
+            .for_each(|(k, li)| li[j] = (a[(j + 1 + k) * n + j] - dot_f64(&li[..j], lj)) / d);
     }
     Some(l)
 }
 
+/// Σ a[k] b[k] in eight running sums (k mod 8), combined in a fixed order: the same whatever the
+/// vector width, so one AVX-512 register holds the eight sums.
 fn dot_f64(a: &[f64], b: &[f64]) -> f64 {
-    let mut acc = [0.0f64; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    let mut s = (acc[0] + acc[4]) + (acc[1] + acc[5]) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
-}
-
-/// Inverse of a lower-triangular n × n matrix (itself lower triangular).
-fn invert_lower(l: &[f64], n: usize) -> Vec<f64> {
-    let mut x = vec![0.0f64; n * n];
-    for i in 0..n {
-        // X[i, :] = (e_i − Σ_{k<i} L[i,k] X[k, :]) / L[i,i]
-        let (done, rest) = x.split_at_mut(i * n);
-        let row = &mut rest[..n];
-        row[i] = 1.0;
-        for k in 0..i {
-            let a = l[i * n + k];
-            if a != 0.0 {
-                let xk = &done[k * n..k * n + k + 1];
-                for (r, v) in row[..=k].iter_mut().zip(xk) {
-                    *r -= a * v;
-                }
+    #[inline(always)]
+    fn body(a: &[f64], b: &[f64]) -> f64 {
+        let mut acc = [0.0f64; 8];
+        let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+        let (ra, rb) = (ca.remainder(), cb.remainder());
+        for (x, y) in ca.zip(cb) {
+            for k in 0..8 {
+                acc[k] += x[k] * y[k];
             }
         }
-        let d = l[i * n + i];
-        for r in row[..=i].iter_mut() {
-            *r /= d;
+        let mut s = (acc[0] + acc[4]) + (acc[1] + acc[5]) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        for (x, y) in ra.iter().zip(rb) {
+            s += x * y;
+        }
+        s
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512(a: &[f64], b: &[f64]) -> f64 {
+            body(a, b)
+        }
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was detected at run time.
+            return unsafe { avx512(a, b) };
+        }
+    }
+    body(a, b)
+}
+
+/// Columns of the inverse per task in [`invert_lower`].
+const INVERSE_COLUMNS: usize = 64;
+
+/// Inverse of a lower-triangular n × n matrix (itself lower triangular).
+///
+/// Row i of X = L⁻¹ is `(e_i − Σ_{k<i} L[i,k] X[k, :]) / L[i,i]`; each column of X depends only on
+/// the same column of earlier rows, so bands of columns are solved independently (in parallel),
+/// every entry by the same operations in the same order as the whole-row loop.
+fn invert_lower(l: &[f64], n: usize) -> Vec<f64> {
+    let bands: Vec<(usize, Vec<f64>)> = (0..n)
+        .step_by(INVERSE_COLUMNS)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|c0| (c0, invert_band(l, n, c0)))
+        .collect();
+    let mut x = vec![0.0f64; n * n];
+    for (c0, band) in bands {
+        let w = INVERSE_COLUMNS.min(n - c0);
+        for (i, row) in (c0..n).zip(band.chunks_exact(w)) {
+            x[i * n + c0..i * n + c0 + w].copy_from_slice(row);
         }
     }
     x
+}
+
+/// Columns c0.. (INVERSE_COLUMNS of them, fewer at the end) of L⁻¹, rows c0.. (the rows above
+/// are zero there), as a (n − c0) × width matrix.
+fn invert_band(l: &[f64], n: usize, c0: usize) -> Vec<f64> {
+    #[inline(always)]
+    fn body(l: &[f64], n: usize, c0: usize) -> Vec<f64> {
+        let w = INVERSE_COLUMNS.min(n - c0);
+        let mut band = vec![0.0f64; (n - c0) * w];
+        for i in c0..n {
+            let (done, rest) = band.split_at_mut((i - c0) * w);
+            let row = &mut rest[..w];
+            if i < c0 + w {
+                row[i - c0] = 1.0;
+            }
+            for k in c0..i {
+                let a = l[i * n + k];
+                if a != 0.0 {
+                    // X[k, c] is zero for c > k.
+                    let upto = (k - c0 + 1).min(w);
+                    let xk = &done[(k - c0) * w..(k - c0) * w + upto];
+                    for (r, v) in row[..upto].iter_mut().zip(xk) {
+                        *r -= a * v;
+                    }
+                }
+            }
+            let d = l[i * n + i];
+            let upto = (i - c0 + 1).min(w);
+            for r in row[..upto].iter_mut() {
+                *r /= d;
+            }
+        }
+        band
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512(l: &[f64], n: usize, c0: usize) -> Vec<f64> {
+            body(l, n, c0)
+        }
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was detected at run time.
+            return unsafe { avx512(l, n, c0) };
+        }
+    }
+    body(l, n, c0)
 }
 
 /// The upper Cholesky factor `U` of `H⁻¹` (`H⁻¹ = UᵀU`), as f64.
@@ -283,6 +397,86 @@ pub fn inverse_cholesky_upper(h: &[f64], n: usize) -> Option<Vec<f64>> {
     Some(u)
 }
 
+/// What GPTQ derives from a Hessian alone: the dead inputs, the act-order permutation and the
+/// factor `U`. Projections that read the same input (q/k/v, gate/up) share one, so the O(cols³)
+/// factorisation runs once per input site rather than once per projection.
+#[derive(Debug, Clone)]
+pub struct HessianFactor {
+    pub cols: usize,
+    /// Inputs never active in calibration (`H_ii = 0`); their weight columns are zeroed.
+    dead: Vec<usize>,
+    /// Permuted position → original input column; None without act-order.
+    pub perm: Option<Vec<u32>>,
+    /// The upper Cholesky factor of `(H + λI)⁻¹` in visiting order, cols × cols.
+    u: Vec<f32>,
+    /// The dampening actually used (raised when H + λI was not positive definite).
+    pub damp: f64,
+}
+
+impl HessianFactor {
+    /// Factors `h` (cols × cols, row-major, as from [`Hessian::matrix`]) with dampening `damp`
+    /// (a fraction of the mean diagonal), visiting columns by descending `H_ii` with act-order.
+    pub fn new(h: &[f64], cols: usize, damp: f64, act_order: bool) -> Result<Self> {
+        if h.len() != cols * cols {
+            return Err(QuantError::Invalid(format!(
+                "GPTQ: Hessian has {} values for {cols}x{cols}",
+                h.len()
+            )));
+        }
+        let mut h = h.to_vec();
+        // Dead inputs: never active in calibration, so their weights cannot matter there.
+        let dead: Vec<usize> = (0..cols).filter(|&i| h[i * cols + i] == 0.0).collect();
+        for &i in &dead {
+            h[i * cols + i] = 1.0;
+        }
+        let perm: Option<Vec<u32>> = act_order.then(|| {
+            let mut p: Vec<u32> = (0..cols as u32).collect();
+            // Stable: equal diagonals keep their original order.
+            p.sort_by(|&a, &b| {
+                let (ha, hb) = (
+                    h[a as usize * cols + a as usize],
+                    h[b as usize * cols + b as usize],
+                );
+                hb.partial_cmp(&ha).unwrap_or(std::cmp::Ordering::Equal)
+            });
+            p
+        });
+        if let Some(p) = &perm {
+            let mut hp = vec![0.0f64; cols * cols];
+            for (i, &pi) in p.iter().enumerate() {
+                for (j, &pj) in p.iter().enumerate() {
+                    hp[i * cols + j] = h[pi as usize * cols + pj as usize];
+                }
+            }
+            h = hp;
+        }
+        let mean_diag = (0..cols).map(|i| h[i * cols + i]).sum::<f64>() / cols as f64;
+        let mut damp = damp;
+        let u = loop {
+            let mut hd = h.clone();
+            for i in 0..cols {
+                hd[i * cols + i] += damp * mean_diag;
+            }
+            if let Some(u) = inverse_cholesky_upper(&hd, cols) {
+                break u;
+            }
+            if damp >= 10.0 {
+                return Err(QuantError::Invalid(
+                    "GPTQ: the Hessian is not positive definite even with strong dampening".into(),
+                ));
+            }
+            damp = if damp <= 0.0 { 0.01 } else { damp * 10.0 };
+        };
+        Ok(Self {
+            cols,
+            dead,
+            perm,
+            u: u.iter().map(|&v| v as f32).collect(),
+            damp,
+        })
+    }
+}
+
 /// Runs GPTQ on `w` (rows × cols, row-major) given the Hessian `h` (cols × cols, row-major, as
 /// from [`Hessian::matrix`]).
 pub fn gptq<G: GroupGrid>(
@@ -293,50 +487,40 @@ pub fn gptq<G: GroupGrid>(
     h: &[f64],
     config: &GptqConfig,
 ) -> Result<GptqResult<G::Params>> {
+    let factor = HessianFactor::new(h, cols, config.damp, config.act_order)?;
+    gptq_factored(grid, w, rows, &factor, config)
+}
+
+/// [`gptq`] with the Hessian already factored (`config`'s group and block sizes apply; its
+/// dampening and act-order were applied by the factor).
+pub fn gptq_factored<G: GroupGrid>(
+    grid: &G,
+    w: &[f32],
+    rows: usize,
+    factor: &HessianFactor,
+    config: &GptqConfig,
+) -> Result<GptqResult<G::Params>> {
+    let cols = factor.cols;
     let g = config.group_size;
-    if g == 0 || cols % g != 0 {
+    if g == 0 || !cols.is_multiple_of(g) {
         return Err(QuantError::Invalid(format!(
             "group size {g} does not divide the row length {cols}"
         )));
     }
-    if w.len() != rows * cols || h.len() != cols * cols {
+    if w.len() != rows * cols {
         return Err(QuantError::Invalid(format!(
-            "GPTQ: weight has {} values for {rows}x{cols}, Hessian {} for {cols}x{cols}",
-            w.len(),
-            h.len()
+            "GPTQ: weight has {} values for {rows}x{cols}",
+            w.len()
         )));
     }
-    let mut h = h.to_vec();
     let mut w = w.to_vec();
-    // Dead inputs: never active in calibration, so their weights cannot matter there.
-    for i in 0..cols {
-        if h[i * cols + i] == 0.0 {
-            h[i * cols + i] = 1.0;
-            for r in 0..rows {
-                w[r * cols + i] = 0.0;
-            }
+    for &i in &factor.dead {
+        for r in 0..rows {
+            w[r * cols + i] = 0.0;
         }
     }
-    let perm: Option<Vec<u32>> = config.act_order.then(|| {
-        let mut p: Vec<u32> = (0..cols as u32).collect();
-        // Stable: equal diagonals keep their original order.
-        p.sort_by(|&a, &b| {
-            let (ha, hb) = (
-                h[a as usize * cols + a as usize],
-                h[b as usize * cols + b as usize],
-            );
-            hb.partial_cmp(&ha).unwrap_or(std::cmp::Ordering::Equal)
-        });
-        p
-    });
+    let perm = factor.perm.clone();
     if let Some(p) = &perm {
-        let mut hp = vec![0.0f64; cols * cols];
-        for (i, &pi) in p.iter().enumerate() {
-            for (j, &pj) in p.iter().enumerate() {
-                hp[i * cols + j] = h[pi as usize * cols + pj as usize];
-            }
-        }
-        h = hp;
         let mut wp = vec![0.0f32; rows * cols];
         for r in 0..rows {
             for (j, &pj) in p.iter().enumerate() {
@@ -345,24 +529,7 @@ pub fn gptq<G: GroupGrid>(
         }
         w = wp;
     }
-    let mean_diag = (0..cols).map(|i| h[i * cols + i]).sum::<f64>() / cols as f64;
-    let mut damp = config.damp;
-    let u = loop {
-        let mut hd = h.clone();
-        for i in 0..cols {
-            hd[i * cols + i] += damp * mean_diag;
-        }
-        if let Some(u) = inverse_cholesky_upper(&hd, cols) {
-            break u;
-        }
-        if damp >= 10.0 {
-            return Err(QuantError::Invalid(
-                "GPTQ: the Hessian is not positive definite even with strong dampening".into(),
-            ));
-        }
-        damp = if damp <= 0.0 { 0.01 } else { damp * 10.0 };
-    };
-    let u: Vec<f32> = u.iter().map(|&v| v as f32).collect();
+    let u = &factor.u;
     let block = if g >= config.block_size.max(1) {
         g
     } else {
@@ -385,7 +552,6 @@ pub fn gptq<G: GroupGrid>(
             .zip(params.chunks_mut(per_thread * groups))
             .zip(deq.chunks_mut(per_thread * cols))
             .map(|(((w, codes), params), deq)| {
-                let u = &u;
                 scope.spawn(move || {
                     let mut loss = 0.0f64;
                     let n = w.len() / cols;
@@ -437,7 +603,7 @@ pub fn gptq<G: GroupGrid>(
         perm,
         dequantized,
         loss,
-        damp,
+        damp: factor.damp,
     })
 }
 
@@ -548,30 +714,29 @@ impl GroupGrid for Quantizer {
 }
 
 /// GPTQ into a packed [`QuantTensor`] of `format` with `group` columns per group (already
-/// resolved by [`QuantFormat::resolve_group`]). With act-order the tensor carries the column
+/// resolved by [`QuantFormat::resolve_group`]), blocks of 128 columns, given the factored
+/// Hessian of the layer's inputs. With act-order (in the factor) the tensor carries the column
 /// permutation and its groups are contiguous in the permuted order. Returns the tensor and
 /// GPTQ's proxy loss.
 pub fn quantize_gptq(
     values: &[f32],
     rows: usize,
-    cols: usize,
     format: QuantFormat,
     group: usize,
-    hessian: &[f64],
-    act_order: bool,
+    factor: &HessianFactor,
 ) -> Result<(QuantTensor, f64)> {
+    let cols = factor.cols;
     let tensor_scale =
         (format == QuantFormat::Nvfp4).then(|| Quantizer::nvfp4_tensor_scale(values));
     let quantizer = Quantizer::new(format, tensor_scale);
-    let mut config = GptqConfig::new(group);
-    config.act_order = act_order;
+    let config = GptqConfig::new(group);
     let mut t = QuantTensor::zeroed(format, rows, cols, group, tensor_scale)?;
     let (bits, rb, sb) = (
         format.bits(),
         row_bytes(format.bits(), cols),
         format.scale_bytes(),
     );
-    let r = gptq(&quantizer, values, rows, cols, hessian, &config)?;
+    let r = gptq_factored(&quantizer, values, rows, factor, &config)?;
     for row in 0..rows {
         pack_row(
             &r.codes[row * cols..(row + 1) * cols],
@@ -718,6 +883,91 @@ mod tests {
                 assert!((m[i * cols + j] - direct).abs() < 1e-4, "{i},{j}");
             }
         }
+    }
+
+    #[test]
+    fn hessian_sums_every_entry_in_token_order() {
+        // The tiled XᵀX against the plain loop it replaced: per window, each entry summed in f32
+        // over the tokens in order, then added to the f64 total. Shapes exercise whole tiles,
+        // the columns past the last one and a short last strip.
+        for (rows, cols) in [(70, 77), (33, 64), (5, 160)] {
+            let mut rng = Rng(cols as u64);
+            let x: Vec<f32> = (0..rows * cols).map(|_| rng.normal() as f32).collect();
+            let mut h = Hessian::new(cols);
+            h.add(&x, rows);
+            h.add(&x[..3 * cols], 3);
+            let mut expected = vec![0.0f64; cols * cols];
+            for window in [&x[..], &x[..3 * cols]] {
+                for i in 0..cols {
+                    for j in i..cols {
+                        let mut s = 0.0f32;
+                        for t in window.chunks(cols) {
+                            s += t[i] * t[j];
+                        }
+                        expected[i * cols + j] += s as f64;
+                    }
+                }
+            }
+            for i in 0..cols {
+                for j in i..cols {
+                    assert_eq!(
+                        h.sum[i * cols + j],
+                        expected[i * cols + j],
+                        "{cols}: {i},{j}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The row-by-row Cholesky and triangular inverse that the column-parallel ones replaced.
+    fn cholesky_rows(a: &[f64], n: usize) -> Vec<f64> {
+        let mut l = vec![0.0f64; n * n];
+        for i in 0..n {
+            for j in 0..=i {
+                let s = dot_f64(&l[i * n..i * n + j], &l[j * n..j * n + j]);
+                let v = a[i * n + j] - s;
+                l[i * n + j] = if i == j { v.sqrt() } else { v / l[j * n + j] };
+            }
+        }
+        l
+    }
+
+    fn invert_rows(l: &[f64], n: usize) -> Vec<f64> {
+        let mut x = vec![0.0f64; n * n];
+        for i in 0..n {
+            let (done, rest) = x.split_at_mut(i * n);
+            let row = &mut rest[..n];
+            row[i] = 1.0;
+            for k in 0..i {
+                let a = l[i * n + k];
+                if a != 0.0 {
+                    for (r, v) in row[..=k].iter_mut().zip(&done[k * n..k * n + k + 1]) {
+                        *r -= a * v;
+                    }
+                }
+            }
+            for r in row[..=i].iter_mut() {
+                *r /= l[i * n + i];
+            }
+        }
+        x
+    }
+
+    #[test]
+    fn parallel_factorisation_equals_the_row_by_row_loops() {
+        // 200 columns: three whole bands of the inverse and a partial one.
+        let n = 200;
+        let (_, mut h) = problem(1, n, 512, 31);
+        for i in 0..n {
+            h[i * n + i] += 0.01;
+        }
+        let l = cholesky_lower(&h, n).unwrap();
+        assert_eq!(l, cholesky_rows(&h, n));
+        assert_eq!(invert_lower(&l, n), invert_rows(&l, n));
+        let mut not_pd = h.clone();
+        not_pd[7 * n + 7] = -1.0;
+        assert!(cholesky_lower(&not_pd, n).is_none());
     }
 
     #[test]
@@ -902,7 +1152,8 @@ mod tests {
                     let rtn = crate::rtn::quantize_rtn(&w, rows, cols, f, g).unwrap();
                     let e_rtn = output_error(&w, &rtn.dequantize(), rows, cols, &h);
                     for act in [false, true] {
-                        let (t, _) = quantize_gptq(&w, rows, cols, f, g, &h, act).unwrap();
+                        let factor = HessianFactor::new(&h, cols, 0.01, act).unwrap();
+                        let (t, _) = quantize_gptq(&w, rows, f, g, &factor).unwrap();
                         t.validate().unwrap();
                         let e = output_error(&w, &t.dequantize(), rows, cols, &h);
                         eprintln!("{f} g{g} act {act}: GPTQ {e:.3} RTN {e_rtn:.3}");
@@ -910,7 +1161,8 @@ mod tests {
                     }
                     // H = I: no error reaches another column, and each group is fitted by the
                     // same search on the same weights, so the tensors are identical.
-                    let (t, _) = quantize_gptq(&w, rows, cols, f, g, &eye, false).unwrap();
+                    let factor = HessianFactor::new(&eye, cols, 0.01, false).unwrap();
+                    let (t, _) = quantize_gptq(&w, rows, f, g, &factor).unwrap();
                     assert_eq!(t, rtn, "{f} g{g}");
                 }
             }
@@ -929,14 +1181,17 @@ mod tests {
         let mut config = GptqConfig::new(32);
         config.act_order = true;
         let r = gptq(&q, &w, rows, cols, &h, &config).unwrap();
-        let (t, _) = quantize_gptq(&w, rows, cols, f, 32, &h, true).unwrap();
+        let factor = HessianFactor::new(&h, cols, 0.01, true).unwrap();
+        let (t, _) = quantize_gptq(&w, rows, f, 32, &factor).unwrap();
         assert_eq!(t.perm, r.perm);
         assert_eq!(t.dequantize(), r.dequantized);
     }
 
     #[test]
     fn rejects_a_group_size_that_does_not_divide_the_row() {
-        let h = vec![1.0f64; 1];
+        let h: Vec<f64> = (0..48 * 48)
+            .map(|k| if k % 49 == 0 { 1.0 } else { 0.0 })
+            .collect();
         let err = gptq(
             &MinMax::bits(4),
             &[0.0; 48],
