@@ -38,10 +38,10 @@ pub struct ModelArgs {
     /// Where to run: cpu, or cuda[:N] (a build with `--features cuda`)
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
-    /// On the CPU, multiply int4/int8 weights by f32 activations rather than int8 ones (used
-    /// where the CPU has AVX-512 VNNI): slower, to measure what int8 activations cost
+    /// On CPUs with AVX-512 VNNI, multiply int4/int8 weights by int8-quantized activations:
+    /// about twice as fast, at a small accuracy cost (docs/benchmarks.md)
     #[arg(long)]
-    pub f32_activations: bool,
+    pub int8_activations: bool,
 }
 
 /// The backend a model runs on.
@@ -76,16 +76,16 @@ impl ModelArgs {
             asym: false,
             unpack: false,
             device: Device::Cpu,
-            f32_activations: true,
+            int8_activations: false,
         }
     }
 
     /// What int4/int8 weights multiply on the CPU.
     pub fn activations(&self) -> Activations {
-        if self.f32_activations {
-            Activations::F32
-        } else {
+        if self.int8_activations {
             Activations::Int8
+        } else {
+            Activations::F32
         }
     }
 

@@ -120,10 +120,9 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    /// A backend running on `threads` threads (0: one per core), with int8 activations for
-    /// int4/int8 weights where the CPU has VNNI.
+    /// A backend running on `threads` threads (0: one per core), with f32 activations.
     pub fn new(threads: usize) -> Result<Self> {
-        Self::with_activations(threads, Activations::Int8)
+        Self::with_activations(threads, Activations::F32)
     }
 
     /// A backend whose int4/int8 matmuls take `activations`.
