@@ -142,6 +142,7 @@ impl Hessian {
 /// Rows of XᵀX per task in [`Hessian::add`].
 const STRIP: usize = 8;
 /// Columns of XᵀX per AVX-512 register tile: STRIP × TILE f32 sums fill 16 registers.
+#[cfg(target_arch = "x86_64")]
 const TILE: usize = 32;
 
 /// Rows `i0 .. i0 + out.len() / c` of XᵀX into `out` (zeroed; row-major, c wide):

@@ -38,12 +38,14 @@ pub(crate) const BLOCK: usize = 32;
 /// Output features per tile: the 16 lanes of a 512-bit vector.
 const LANES: usize = 16;
 /// Rows one tile call covers: 8 weight vectors + 2 accumulators a row fill the 32 registers.
+#[cfg(target_arch = "x86_64")]
 const TILE_ROWS: usize = 8;
 /// Rows per task: 64 x k int8 activations stay in L2 while a chunk of tiles passes. Up to this
 /// many rows (decode, batched decode) every task covers all rows, so each tile is read from
 /// memory once.
 const ROW_BLOCK: usize = 64;
 /// How far ahead of the block being read the weight stream is prefetched.
+#[cfg(target_arch = "x86_64")]
 const PREFETCH_AHEAD: usize = 2048;
 
 /// Whether this machine can run the integer path.
@@ -271,6 +273,7 @@ pub(crate) fn quantize_rows(
 }
 
 /// The scale `amax / 127` and the multiplier `127 / amax` of a block (both 0 for a zero block).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the tests' reference uses it
 #[inline(always)]
 pub(crate) fn block_scale(amax: f32) -> (f32, f32) {
     if amax == 0.0 {

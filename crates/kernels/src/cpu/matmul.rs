@@ -38,6 +38,13 @@ impl Tiles for super::simd::Avx2 {
     const DECODE_ROWS: usize = 2;
 }
 
+#[cfg(target_arch = "aarch64")]
+impl Tiles for super::simd::Neon {
+    // One row's 4 x 4 q-register accumulators and 4 x 4 for W fill the 32 q registers.
+    const PREFILL_ROWS: usize = 1;
+    const DECODE_ROWS: usize = 1;
+}
+
 impl Tiles for super::simd::Scalar {
     const PREFILL_ROWS: usize = 1;
     const DECODE_ROWS: usize = 1;

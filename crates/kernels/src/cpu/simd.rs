@@ -1,4 +1,5 @@
-//! 16-lane f32 vectors for each instruction set the CPU backend dispatches to at runtime.
+//! 16-lane f32 vectors for each instruction set the CPU backend dispatches to at runtime:
+//! AVX-512 and AVX2 on x86-64, NEON on aarch64, portable scalar lanes elsewhere.
 //!
 //! Every reduction in the backend is written against `F32x16`: sixteen lane-wise partial sums,
 //! then the one horizontal tree in `hsum`. The scalar type performs the same fused multiply-adds
@@ -17,6 +18,8 @@ pub(crate) enum Isa {
     Avx512,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    #[cfg(target_arch = "aarch64")]
+    Neon,
     Scalar,
 }
 
@@ -43,6 +46,10 @@ impl Isa {
                 return Isa::Avx2;
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            return Isa::Neon;
+        }
         Isa::Scalar
     }
 
@@ -59,6 +66,10 @@ impl Isa {
             if best == Isa::Avx512 {
                 all.push(Isa::Avx512);
             }
+        }
+        #[cfg(target_arch = "aarch64")]
+        if best == Isa::Neon {
+            all.push(Isa::Neon);
         }
         all
     }
@@ -262,7 +273,7 @@ pub(crate) unsafe fn widen<V: F32x16, E: Elem>(src: *const E, dst: *mut f32, n: 
     }
 }
 
-/// Portable lanes: the reference order, and the whole backend on machines without AVX2.
+/// Portable lanes: the reference order, and the whole backend on machines without AVX2 or NEON.
 #[derive(Clone, Copy)]
 pub(crate) struct Scalar([f32; 16]);
 
@@ -358,35 +369,40 @@ impl F32x16 for Scalar {
     }
 }
 
+/// Copies n < 16 elements into a zeroed block, for sets without a 16-lane masked load.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[inline(always)]
+unsafe fn padded<T: Copy + Default>(p: *const T, n: usize) -> [T; 16] {
+    let mut b = [T::default(); 16];
+    std::ptr::copy_nonoverlapping(p, b.as_mut_ptr(), n);
+    b
+}
+
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+/// ln 2 split so n * LN2_HI is exact for the n that occur.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const LN2_HI: f32 = 0.693_359_4;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// Cephes' expf polynomial: e^r = 1 + r + r^2 * P(r) on |r| <= ln2/2.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::{Avx2, Avx512};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::F32x16;
+    use super::{padded, F32x16, EXP_POLY, LN2_HI, LN2_LO, LOG2E};
     use std::arch::x86_64::*;
-
-    /// Copies n < 16 elements into a zeroed block, for AVX2, which has no 16-bit masked load.
-    #[inline(always)]
-    unsafe fn padded<T: Copy + Default>(p: *const T, n: usize) -> [T; 16] {
-        let mut b = [T::default(); 16];
-        std::ptr::copy_nonoverlapping(p, b.as_mut_ptr(), n);
-        b
-    }
-
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    /// ln 2 split so n * LN2_HI is exact for the n that occur.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    /// Cephes' expf polynomial: e^r = 1 + r + r^2 * P(r) on |r| <= ln2/2.
-    const EXP_POLY: [f32; 6] = [
-        1.987_569_1e-4,
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ];
 
     #[inline(always)]
     fn mask(n: usize) -> __mmask16 {
@@ -695,6 +711,168 @@ mod x86 {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+pub(crate) use arm::Neon;
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use super::{padded, F32x16, EXP_POLY, LN2_HI, LN2_LO, LOG2E};
+    use std::arch::aarch64::*;
+    use std::arch::asm;
+
+    /// Lanes 0..4, 4..8, 8..12, 12..16 in four q registers.
+    #[derive(Clone, Copy)]
+    pub(crate) struct Neon([float32x4_t; 4]);
+
+    impl Neon {
+        #[inline(always)]
+        fn zip(a: Self, b: Self, f: impl Fn(float32x4_t, float32x4_t) -> float32x4_t) -> Self {
+            Neon(std::array::from_fn(|i| f(a.0[i], b.0[i])))
+        }
+    }
+
+    /// Eight f16 to f32. `fcvtl` is used through asm because Rust's f16 NEON types are not
+    /// stable; it converts exactly, subnormals included.
+    #[inline(always)]
+    unsafe fn f16x8(h: uint16x8_t) -> [float32x4_t; 2] {
+        let (lo, hi): (float32x4_t, float32x4_t);
+        asm!(
+            "fcvtl {lo:v}.4s, {h:v}.4h",
+            "fcvtl2 {hi:v}.4s, {h:v}.8h",
+            h = in(vreg) h,
+            lo = out(vreg) lo,
+            hi = out(vreg) hi,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+        [lo, hi]
+    }
+
+    /// Sixteen bytes less `bias`, as f32 (exact).
+    #[inline(always)]
+    unsafe fn unbias(b: uint8x16_t, bias: i32) -> Neon {
+        let (lo, hi) = (vmovl_u8(vget_low_u8(b)), vmovl_high_u8(b));
+        let words = [
+            vmovl_u16(vget_low_u16(lo)),
+            vmovl_high_u16(lo),
+            vmovl_u16(vget_low_u16(hi)),
+            vmovl_high_u16(hi),
+        ];
+        let bias = vdupq_n_s32(bias);
+        Neon(words.map(|w| vcvtq_f32_s32(vsubq_s32(vreinterpretq_s32_u32(w), bias))))
+    }
+
+    /// e^x on four lanes, as `Avx2`'s: 2^n built in the exponent bits.
+    #[inline(always)]
+    unsafe fn exp4(x: float32x4_t) -> float32x4_t {
+        let x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.3)), vdupq_n_f32(88.3));
+        let n = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(LOG2E)));
+        let r = vfmsq_f32(x, n, vdupq_n_f32(LN2_HI));
+        let r = vfmsq_f32(r, n, vdupq_n_f32(LN2_LO));
+        let mut p = vdupq_n_f32(EXP_POLY[0]);
+        for &c in &EXP_POLY[1..] {
+            p = vfmaq_f32(vdupq_n_f32(c), p, r);
+        }
+        let y = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.0)), p, vmulq_f32(r, r));
+        let scale = vshlq_n_s32::<23>(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)));
+        vmulq_f32(y, vreinterpretq_f32_s32(scale))
+    }
+
+    impl F32x16 for Neon {
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            Neon([vdupq_n_f32(0.0); 4])
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> Self {
+            Neon([vdupq_n_f32(v); 4])
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            Neon(std::array::from_fn(|i| vld1q_f32(p.add(4 * i))))
+        }
+        #[inline(always)]
+        unsafe fn load_part(p: *const f32, n: usize) -> Self {
+            Self::load(padded(p, n).as_ptr())
+        }
+        #[inline(always)]
+        unsafe fn load_f16(p: *const u16) -> Self {
+            let [a, b] = f16x8(vld1q_u16(p));
+            let [c, d] = f16x8(vld1q_u16(p.add(8)));
+            Neon([a, b, c, d])
+        }
+        #[inline(always)]
+        unsafe fn load_f16_part(p: *const u16, n: usize) -> Self {
+            Self::load_f16(padded(p, n).as_ptr())
+        }
+        #[inline(always)]
+        unsafe fn load_bf16(p: *const u16) -> Self {
+            let widen = |h: uint16x8_t| {
+                [
+                    vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(h))),
+                    vreinterpretq_f32_u32(vshll_high_n_u16::<16>(h)),
+                ]
+            };
+            let [a, b] = widen(vld1q_u16(p));
+            let [c, d] = widen(vld1q_u16(p.add(8)));
+            Neon([a, b, c, d])
+        }
+        #[inline(always)]
+        unsafe fn load_bf16_part(p: *const u16, n: usize) -> Self {
+            Self::load_bf16(padded(p, n).as_ptr())
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            for (i, v) in self.0.iter().enumerate() {
+                vst1q_f32(p.add(4 * i), *v);
+            }
+        }
+        #[inline(always)]
+        unsafe fn store_part(self, p: *mut f32, n: usize) {
+            let mut b = [0.0f32; 16];
+            self.store(b.as_mut_ptr());
+            std::ptr::copy_nonoverlapping(b.as_ptr(), p, n);
+        }
+        #[inline(always)]
+        unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
+            Neon(std::array::from_fn(|i| vfmaq_f32(c.0[i], a.0[i], b.0[i])))
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self, b: Self) -> Self {
+            Self::zip(a, b, |a, b| unsafe { vmulq_f32(a, b) })
+        }
+        #[inline(always)]
+        unsafe fn add(a: Self, b: Self) -> Self {
+            Self::zip(a, b, |a, b| unsafe { vaddq_f32(a, b) })
+        }
+        #[inline(always)]
+        unsafe fn div(a: Self, b: Self) -> Self {
+            Self::zip(a, b, |a, b| unsafe { vdivq_f32(a, b) })
+        }
+        #[inline(always)]
+        unsafe fn exp(self) -> Self {
+            Neon(self.0.map(|x| unsafe { exp4(x) }))
+        }
+        #[inline(always)]
+        unsafe fn hsum(self) -> f32 {
+            let [a, b, c, d] = self.0;
+            // t = lanes i + i+8, u = t[i] + t[i+4], then the pairs within u.
+            let u = vaddq_f32(vaddq_f32(a, c), vaddq_f32(b, d));
+            let v = vaddq_f32(u, vextq_f32::<2>(u, u));
+            vgetq_lane_f32::<0>(v) + vgetq_lane_f32::<1>(v)
+        }
+        #[inline(always)]
+        unsafe fn codes_u8(p: *const u8, bias: i32) -> Self {
+            unbias(vld1q_u8(p), bias)
+        }
+        #[inline(always)]
+        unsafe fn codes_u4(p: *const u8, bias: i32) -> Self {
+            let b = vld1_u8(p);
+            let (lo, hi) = (vand_u8(b, vdup_n_u8(15)), vshr_n_u8::<4>(b));
+            unbias(vcombine_u8(vzip1_u8(lo, hi), vzip2_u8(lo, hi)), bias)
+        }
+    }
+}
+
 /// Instantiates a generic kernel body once per instruction set, each under its target
 /// features, and a dispatcher that picks one by `Isa`. The body is `$body::<V>(args)`.
 macro_rules! dispatch {
@@ -715,7 +893,15 @@ macro_rules! dispatch {
             unsafe fn avx2 $(<$($g: $b),*>)? ($($arg: $ty),*) {
                 $body::<$crate::cpu::simd::Avx2 $($(, $g)*)?>($($arg),*)
             }
+            #[cfg(target_arch = "aarch64")]
+            #[target_feature(enable = "neon")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn neon $(<$($g: $b),*>)? ($($arg: $ty),*) {
+                $body::<$crate::cpu::simd::Neon $($(, $g)*)?>($($arg),*)
+            }
             match isa {
+                #[cfg(target_arch = "aarch64")]
+                $crate::cpu::simd::Isa::Neon => neon $(::<$($g),*>)? ($($arg),*),
                 #[cfg(target_arch = "x86_64")]
                 $crate::cpu::simd::Isa::Avx512 => avx512 $(::<$($g),*>)? ($($arg),*),
                 #[cfg(target_arch = "x86_64")]

@@ -103,6 +103,15 @@ fn matmul_matches_reference() {
     }
 }
 
+/// On aarch64 the kernels run on NEON (and the bitwise tests below compare it with the scalar
+/// lanes), never silently on the portable path.
+#[cfg(target_arch = "aarch64")]
+#[test]
+fn neon_is_detected_on_aarch64() {
+    assert_eq!(Isa::detect(), Isa::Neon);
+    assert!(Isa::available().contains(&Isa::Neon));
+}
+
 /// Row r of any matmul is bitwise the same whatever the row count (decode or prefill regime)
 /// and whatever the instruction set.
 #[test]
