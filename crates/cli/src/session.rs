@@ -38,10 +38,11 @@ pub struct ModelArgs {
     /// Where to run: cpu, or cuda[:N] (a build with `--features cuda`)
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
-    /// On CPUs with AVX-512 VNNI, multiply int4/int8 weights by int8-quantized activations:
-    /// about twice as fast, at a small accuracy cost (docs/benchmarks.md)
-    #[arg(long)]
-    pub int8_activations: bool,
+    /// What int4/int8 weights multiply on CPUs with AVX-512 VNNI: int16 (two int8 codes per
+    /// activation, about f16's precision), int8 (faster prefill, a visible accuracy cost) or
+    /// f32 (bitwise the same on every CPU); other CPUs always use f32 (docs/benchmarks.md)
+    #[arg(long, default_value = "int16", value_parser = parse_activations)]
+    pub activations: Activations,
 }
 
 /// The backend a model runs on.
@@ -49,6 +50,15 @@ pub struct ModelArgs {
 pub enum Device {
     Cpu,
     Cuda(usize),
+}
+
+pub fn parse_activations(s: &str) -> std::result::Result<Activations, String> {
+    match s {
+        "int16" => Ok(Activations::Int16),
+        "int8" => Ok(Activations::Int8),
+        "f32" => Ok(Activations::F32),
+        _ => Err(format!("activations `{s}`: use int16, int8 or f32")),
+    }
 }
 
 pub fn parse_device(s: &str) -> std::result::Result<Device, String> {
@@ -76,17 +86,13 @@ impl ModelArgs {
             asym: false,
             unpack: false,
             device: Device::Cpu,
-            int8_activations: false,
+            activations: Activations::F32,
         }
     }
 
     /// What int4/int8 weights multiply on the CPU.
     pub fn activations(&self) -> Activations {
-        if self.int8_activations {
-            Activations::Int8
-        } else {
-            Activations::F32
-        }
+        self.activations
     }
 
     /// The CPU backend these flags ask for.

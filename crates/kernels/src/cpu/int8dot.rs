@@ -1,4 +1,4 @@
-//! int4/int8 weights times int8 activations on AVX-512 VNNI.
+//! int4/int8 weights times integer activations on AVX-512 VNNI.
 //!
 //! The activations of a matmul are quantized per row in blocks of 32 (`d = amax / 127`,
 //! `q = round(x / d)`, as GGML quantizes activations for its Q4_0/Q8_0 dot products); one
@@ -7,6 +7,12 @@
 //! ops to decode 16 weights before its FMAs. Integer sums are exact; each 32-block's sum is
 //! scaled by `d` times its group's scales (and its offsets added), always in the same order, so a
 //! row's result does not depend on the rows computed with it.
+//!
+//! Two precisions ([`Activations`]): `Int8` keeps that one code per activation (a block's values
+//! are off by up to `amax / 254`, which on SmolLM2 flips greedy answers); `Int16` adds a second
+//! code for the remainder, `lo = round((x / d - q) * 128)` in -64..=64, so
+//! `x = d * (q + lo / 128)` within `amax / 32512` — about f16's precision — for a second
+//! `vpdpbusd` chain per row: `(sum c*q) * 128 + sum c*lo` is still one exact integer per block.
 //!
 //! Layout (built once at upload): output features in tiles of 16, each tile one contiguous
 //! stream over k, group after group: the group's 32-column blocks of codes, then its 16 f16
@@ -25,7 +31,7 @@
 //! Bound: decode streams the tiles once (memory); prefill is bound by `vpdpbusd` throughput
 //! (one 512-bit op per cycle per core: ~330 G int8 multiply-adds/s on 2 cores at 2.6 GHz).
 
-use super::SyncPtr;
+use super::{Activations, SyncPtr};
 use half::f16;
 use marlin_quant::packed::get_code;
 use marlin_quant::{QuantFormat, QuantTensor};
@@ -72,6 +78,8 @@ pub struct IntWeight {
     bits: usize,
     asym: bool,
     pub(crate) perm: Option<Vec<u32>>,
+    /// Activations carry a second, low code (`Activations::Int16`).
+    lo: bool,
     data: Vec<u8>,
 }
 
@@ -95,8 +103,9 @@ impl IntWeight {
         self.cols / self.group * self.group_bytes()
     }
 
-    /// Re-lays a validated tensor (the caller has checked `supports`).
-    pub(crate) fn new(t: &QuantTensor) -> Self {
+    /// Re-lays a validated tensor (the caller has checked `supports`), to run against
+    /// `activations` (`Int8` or `Int16`).
+    pub(crate) fn new(t: &QuantTensor, activations: Activations) -> Self {
         let QuantFormat::Int { bits, asym } = t.format else {
             unreachable!("checked by supports")
         };
@@ -107,6 +116,7 @@ impl IntWeight {
             bits: bits as usize,
             asym,
             perm: t.perm.clone(),
+            lo: activations == Activations::Int16,
             data: Vec::new(),
         };
         let (tile_bytes, group_bytes, block_bytes) =
@@ -183,10 +193,13 @@ impl IntWeight {
     }
 }
 
-/// Rows of activations quantized per 32-block: codes, block scales, block code sums.
+/// Rows of activations quantized per 32-block: codes (and low codes for `Int16`), block
+/// scales, and block code sums. For `Int16` a block's scale is `d / 128` and its sum
+/// `128 * sum(q) + sum(lo)`, so both precisions apply them alike.
 #[derive(Default)]
 pub(crate) struct QuantizedRows {
     pub(crate) codes: Vec<i8>,
+    pub(crate) lo: Vec<i8>,
     pub(crate) scales: Vec<f32>,
     pub(crate) sums: Vec<i32>,
 }
@@ -214,7 +227,7 @@ pub(crate) fn matmul(pool: &ThreadPool, w: &IntWeight, x: &[f32], rows: usize, o
                 &gathered[..]
             }
         };
-        quantize_rows(pool, x, rows, k, qx);
+        quantize_rows(pool, x, rows, k, w.lo, qx);
         let tiles = n.div_ceil(LANES);
         let threads = pool.current_num_threads();
         let (row_block, tile_chunk) = if rows <= ROW_BLOCK {
@@ -239,36 +252,42 @@ pub(crate) fn matmul(pool: &ThreadPool, w: &IntWeight, x: &[f32], rows: usize, o
     })
 }
 
-/// Quantizes `rows` rows of `k` activations (k a multiple of 32) into `q`.
+/// Quantizes `rows` rows of `k` activations (k a multiple of 32) into `q`, with low codes
+/// when `lo`.
 pub(crate) fn quantize_rows(
     pool: &ThreadPool,
     x: &[f32],
     rows: usize,
     k: usize,
+    lo: bool,
     q: &mut QuantizedRows,
 ) {
     let blocks = rows * k / BLOCK;
     q.codes.resize(rows * k, 0);
+    // Without low codes the kernel never reads them; the slices below still need a block each.
+    q.lo.resize(if lo { rows * k } else { BLOCK }, 0);
     q.scales.resize(blocks, 0.0);
     q.sums.resize(blocks, 0);
-    let work = |(((x, codes), scale), sum): (((&[f32], &mut [i8]), &mut f32), &mut i32)| {
-        // SAFETY: each chunk is one whole block; VNNI (AVX-512) checked by the caller.
-        unsafe { quantize_block(x.as_ptr(), codes.as_mut_ptr(), scale, sum) }
+    let lo_step = if lo { BLOCK } else { 0 };
+    let (codes, lows) = (SyncPtr(q.codes.as_mut_ptr()), SyncPtr(q.lo.as_mut_ptr()));
+    let (scales, sums) = (SyncPtr(q.scales.as_mut_ptr()), SyncPtr(q.sums.as_mut_ptr()));
+    let block = |i: usize| {
+        // SAFETY: block i lies inside x and every output (sized above), and blocks write
+        // disjoint elements; VNNI (AVX-512) was checked by the caller.
+        unsafe {
+            quantize_block(
+                x.as_ptr().add(i * BLOCK),
+                codes.get().add(i * BLOCK),
+                lo.then(|| lows.get().add(i * lo_step)),
+                scales.get().add(i),
+                sums.get().add(i),
+            )
+        }
     };
-    let items = x[..rows * k]
-        .chunks(BLOCK)
-        .zip(q.codes.chunks_mut(BLOCK))
-        .zip(q.scales.iter_mut())
-        .zip(q.sums.iter_mut());
     if blocks < 1024 {
-        items.for_each(work);
+        (0..blocks).for_each(block);
     } else {
-        let items = x[..rows * k]
-            .par_chunks(BLOCK)
-            .zip(q.codes.par_chunks_mut(BLOCK))
-            .zip(q.scales.par_iter_mut())
-            .zip(q.sums.par_iter_mut());
-        pool.install(|| items.for_each(work));
+        pool.install(|| (0..blocks).into_par_iter().for_each(block));
     }
 }
 
@@ -286,25 +305,49 @@ pub(crate) fn block_scale(amax: f32) -> (f32, f32) {
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-/// One block: `codes[i] = round_ties_even(x[i] * 127 / amax)`.
+/// One block: `codes[i] = round_ties_even(y[i])` for `y = x * 127 / amax`, and with `lo`,
+/// `lo[i] = round_ties_even((y[i] - codes[i]) * 128)` (the difference and the product are
+/// exact in f32).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn quantize_block(x: *const f32, codes: *mut i8, scale: &mut f32, sum: &mut i32) {
+unsafe fn quantize_block(
+    x: *const f32,
+    codes: *mut i8,
+    lo: Option<*mut i8>,
+    scale: *mut f32,
+    sum: *mut i32,
+) {
     let (a, b) = (_mm512_loadu_ps(x), _mm512_loadu_ps(x.add(16)));
     let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
     let (d, inv) = block_scale(amax);
     let m = _mm512_set1_ps(inv);
+    let (ya, yb) = (_mm512_mul_ps(a, m), _mm512_mul_ps(b, m));
     // cvtps rounds to nearest even under the default MXCSR.
-    let qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, m));
-    let qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, m));
+    let (qa, qb) = (_mm512_cvtps_epi32(ya), _mm512_cvtps_epi32(yb));
     _mm_storeu_si128(codes.cast(), _mm512_cvtepi32_epi8(qa));
     _mm_storeu_si128(codes.add(16).cast(), _mm512_cvtepi32_epi8(qb));
-    *scale = d;
-    *sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+    let total = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+    match lo {
+        None => {
+            *scale = d;
+            *sum = total;
+        }
+        Some(lo) => {
+            let low = |y, q| {
+                let r = _mm512_sub_ps(y, _mm512_cvtepi32_ps(q));
+                _mm512_cvtps_epi32(_mm512_mul_ps(r, _mm512_set1_ps(128.0)))
+            };
+            let (la, lb) = (low(ya, qa), low(yb, qb));
+            _mm_storeu_si128(lo.cast(), _mm512_cvtepi32_epi8(la));
+            _mm_storeu_si128(lo.add(16).cast(), _mm512_cvtepi32_epi8(lb));
+            *scale = d / 128.0;
+            *sum = 128 * total + _mm512_reduce_add_epi32(_mm512_add_epi32(la, lb));
+        }
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn quantize_block(_: *const f32, _: *mut i8, _: &mut f32, _: &mut i32) {
+unsafe fn quantize_block(_: *const f32, _: *mut i8, _: Option<*mut i8>, _: *mut f32, _: *mut i32) {
     unreachable!("the integer path needs AVX-512 VNNI")
 }
 
@@ -322,19 +365,26 @@ unsafe fn run_tiles(
 ) {
     macro_rules! rows {
         ($bits:literal, $asym:literal) => {
+            if w.lo {
+                rows!($bits, $asym, true)
+            } else {
+                rows!($bits, $asym, false)
+            }
+        };
+        ($bits:literal, $asym:literal, $lo:literal) => {
             for t in t0..t1 {
                 for r in (r0..r1).step_by(TILE_ROWS) {
                     // The first row tile streams the weights; later ones find them in L1.
                     let args = (w, qx, r, t, out, r == r0);
                     match (r1 - r).min(TILE_ROWS) {
-                        1 => tile::<1, $bits, $asym>(args),
-                        2 => tile::<2, $bits, $asym>(args),
-                        3 => tile::<3, $bits, $asym>(args),
-                        4 => tile::<4, $bits, $asym>(args),
-                        5 => tile::<5, $bits, $asym>(args),
-                        6 => tile::<6, $bits, $asym>(args),
-                        7 => tile::<7, $bits, $asym>(args),
-                        _ => tile::<8, $bits, $asym>(args),
+                        1 => tile::<1, $bits, $asym, $lo>(args),
+                        2 => tile::<2, $bits, $asym, $lo>(args),
+                        3 => tile::<3, $bits, $asym, $lo>(args),
+                        4 => tile::<4, $bits, $asym, $lo>(args),
+                        5 => tile::<5, $bits, $asym, $lo>(args),
+                        6 => tile::<6, $bits, $asym, $lo>(args),
+                        7 => tile::<7, $bits, $asym, $lo>(args),
+                        _ => tile::<8, $bits, $asym, $lo>(args),
                     }
                 }
             }
@@ -364,7 +414,7 @@ unsafe fn run_tiles(
 /// Rows `r..r + R` against the 16 features of tile `t`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn tile<const R: usize, const BITS: usize, const ASYM: bool>(
+unsafe fn tile<const R: usize, const BITS: usize, const ASYM: bool, const LO: bool>(
     (w, qx, r, t, out, prefetch): (&IntWeight, &QuantizedRows, usize, usize, *mut f32, bool),
 ) {
     let k = w.cols;
@@ -373,6 +423,7 @@ unsafe fn tile<const R: usize, const BITS: usize, const ASYM: bool>(
     let block_bytes = LANES * BLOCK * BITS / 8;
     let blocks_per_group = w.group / BLOCK;
     let codes = qx.codes.as_ptr().add(r * k);
+    let lo = qx.lo.as_ptr().add(if LO { r * k } else { 0 });
     let scales = qx.scales.as_ptr().add(r * nb);
     let sums = qx.sums.as_ptr().add(r * nb);
     let mut p = w.data.as_ptr().add(t * w.tile_bytes());
@@ -394,13 +445,22 @@ unsafe fn tile<const R: usize, const BITS: usize, const ASYM: bool>(
             let wv = unpack::<BITS>(p);
             p = p.add(block_bytes);
             for (i, acc) in acc.iter_mut().enumerate() {
-                let x = codes.add(i * k + b * BLOCK);
+                let at = i * k + b * BLOCK;
                 let (d, sum) = (*scales.add(i * nb + b), *sums.add(i * nb + b));
-                let mut s = _mm512_set1_epi32(-bias * sum);
-                for (c, wv) in wv.iter().enumerate() {
-                    let xs = _mm512_set1_epi32(x.add(4 * c).cast::<i32>().read_unaligned());
-                    s = _mm512_dpbusd_epi32(s, *wv, xs);
-                }
+                let dot = |mut s, x: *const i8| {
+                    for (c, wv) in wv.iter().enumerate() {
+                        let xs = _mm512_set1_epi32(x.add(4 * c).cast::<i32>().read_unaligned());
+                        s = _mm512_dpbusd_epi32(s, *wv, xs);
+                    }
+                    s
+                };
+                let bias_sum = _mm512_set1_epi32(-bias * sum);
+                let s = if LO {
+                    let high = dot(_mm512_setzero_si512(), codes.add(at));
+                    _mm512_add_epi32(_mm512_slli_epi32::<7>(high), dot(bias_sum, lo.add(at)))
+                } else {
+                    dot(bias_sum, codes.add(at))
+                };
                 let ds = _mm512_mul_ps(scale, _mm512_set1_ps(d));
                 *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), ds, *acc);
                 if ASYM {

@@ -96,39 +96,47 @@ impl<T> SyncPtr<T> {
     }
 }
 
-/// Whether this CPU runs int4/int8 weights through int8 activations (AVX-512 VNNI).
-pub fn int8_activations_available() -> bool {
+/// Whether this CPU runs int4/int8 weights through integer activations (AVX-512 VNNI).
+pub fn integer_activations_available() -> bool {
     int8dot::available()
 }
 
-/// What int4/int8 weights multiply on the CPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What int4/int8 weights multiply on the CPU. The integer kinds need AVX-512 VNNI; elsewhere
+/// they run as `F32`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Activations {
-    /// Activations quantized to int8 per 32-block for integer dot products, where the CPU has
-    /// AVX-512 VNNI (f32 elsewhere): several times faster, at a small accuracy cost
-    /// (docs/benchmarks.md).
+    /// Each activation as two int8 codes per 32-block, about f16's precision: the integer
+    /// kernels' speed at a KL divergence cost near zero (docs/benchmarks.md).
+    #[default]
+    Int16,
+    /// One int8 code per activation, as GGML's Q8 dot products: fastest prefill, at a small but
+    /// visible accuracy cost (docs/benchmarks.md).
     Int8,
-    /// f32 activations everywhere: bitwise the same result on every CPU.
+    /// f32 activations: bitwise the same result on every CPU.
     F32,
 }
 
 pub struct CpuBackend {
     pool: ThreadPool,
     isa: Isa,
-    /// int4/int8 weights run through int8 activations (`int8dot.rs`).
-    int8_activations: bool,
+    /// What int4/int8 weights multiply, `F32` where the integer kernels cannot run.
+    activations: Activations,
 }
 
 impl CpuBackend {
-    /// A backend running on `threads` threads (0: one per core), with f32 activations.
+    /// A backend running on `threads` threads (0: one per core), with the default activations.
     pub fn new(threads: usize) -> Result<Self> {
-        Self::with_activations(threads, Activations::F32)
+        Self::with_activations(threads, Activations::default())
     }
 
     /// A backend whose int4/int8 matmuls take `activations`.
     pub fn with_activations(threads: usize, activations: Activations) -> Result<Self> {
-        let int8 = activations == Activations::Int8 && int8dot::available();
-        Self::with_isa(threads, Isa::detect(), int8)
+        let activations = if int8dot::available() {
+            activations
+        } else {
+            Activations::F32
+        };
+        Self::with_isa(threads, Isa::detect(), activations)
     }
 
     /// Runs `f` on one of the backend's threads. Ops called inside it start their parallel work
@@ -144,7 +152,7 @@ impl CpuBackend {
         self.pool.current_num_threads()
     }
 
-    fn with_isa(threads: usize, isa: Isa, int8_activations: bool) -> Result<Self> {
+    fn with_isa(threads: usize, isa: Isa, activations: Activations) -> Result<Self> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("marlin-cpu-{i}"))
@@ -156,7 +164,7 @@ impl CpuBackend {
         Ok(Self {
             pool,
             isa,
-            int8_activations,
+            activations,
         })
     }
 
@@ -203,10 +211,10 @@ impl Backend for CpuBackend {
         format!(
             "cpu ({:?}{}, {} threads)",
             self.isa,
-            if self.int8_activations {
-                ", VNNI int8 activations"
-            } else {
-                ""
+            match self.activations {
+                Activations::Int16 => ", VNNI int16 activations",
+                Activations::Int8 => ", VNNI int8 activations",
+                Activations::F32 => "",
             },
             self.pool.current_num_threads()
         )
@@ -234,10 +242,10 @@ impl Backend for CpuBackend {
                 check(t.rows == rows && t.cols == cols, "upload_weight", || {
                     format!("{rows}x{cols} weight holds a {}x{} tensor", t.rows, t.cols)
                 })?;
-                if self.int8_activations && IntWeight::supports(t) {
+                if self.activations != Activations::F32 && IntWeight::supports(t) {
                     t.validate()
                         .map_err(|e| KernelError::Shape(format!("upload_weight: {e}")))?;
-                    return Ok(Weight::Int(IntWeight::new(t)));
+                    return Ok(Weight::Int(IntWeight::new(t, self.activations)));
                 }
                 return QuantWeight::new(t)
                     .map(Weight::Quant)

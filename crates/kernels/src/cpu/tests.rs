@@ -24,7 +24,7 @@ fn values(rng: &mut StdRng, n: usize) -> Vec<f32> {
 }
 
 fn backend(isa: Isa) -> CpuBackend {
-    CpuBackend::with_isa(2, isa, false).unwrap()
+    CpuBackend::with_isa(2, isa, Activations::F32).unwrap()
 }
 
 fn buffer(b: &CpuBackend, v: &[f32]) -> Buffer {
@@ -685,16 +685,22 @@ fn packed_k(format: QuantFormat, group: usize) -> usize {
 #[test]
 fn packed_matmul_matches_dequantized_reference() {
     let mut rng = rng();
-    let b = CpuBackend::new(0).unwrap();
-    for (format, group, perm) in packed_cases() {
+    let backends = [Activations::F32, Activations::Int16, Activations::Int8]
+        .map(|a| CpuBackend::with_activations(0, a).unwrap());
+    for ((format, group, perm), b) in packed_cases()
+        .into_iter()
+        .flat_map(|case| backends.iter().map(move |b| (case, b)))
+    {
         let k = packed_k(format, group);
         let n = 37;
         let (host, w) = packed_weight(&mut rng, format, group, perm, n, k);
         let uploaded = b.upload_weight(&host).unwrap();
         assert_eq!(b.weight_shape(&uploaded), (n, k));
-        // int8 activations move each x by at most half a step, amax / 254 of its block.
-        let activation_step = match uploaded {
-            Weight::Int(_) => 1.0 / 254.0,
+        // Integer activations move each x by at most half a step: amax / 254 of its block
+        // with one int8 code, amax / (254 * 128) with two.
+        let activation_step = match (&uploaded, b.activations) {
+            (Weight::Int(_), Activations::Int8) => 1.0 / 254.0,
+            (Weight::Int(_), _) => 1.0 / (254.0 * 128.0),
             _ => 0.0,
         };
         for rows in [1, 3, 16, 33, 300] {
@@ -830,7 +836,12 @@ fn gguf_blocks_run_losslessly() {
 /// What the integer path computes, spelled out in scalar arithmetic from the tensor itself:
 /// activations quantized per 32-block, exact integer block sums, then the same f32 operations
 /// in the same order. The VNNI kernel must match it bit for bit.
-fn int8_reference(t: &marlin_quant::QuantTensor, x: &[f32], rows: usize) -> Vec<f32> {
+fn int8_reference(
+    t: &marlin_quant::QuantTensor,
+    x: &[f32],
+    rows: usize,
+    activations: Activations,
+) -> Vec<f32> {
     use super::int8dot::{block_scale, BLOCK};
     let QuantFormat::Int { bits, asym } = t.format else {
         unreachable!()
@@ -847,12 +858,20 @@ fn int8_reference(t: &marlin_quant::QuantTensor, x: &[f32], rows: usize) -> Vec<
             .chunks(BLOCK)
             .map(|b| {
                 let (d, inv) = block_scale(b.iter().fold(0.0f32, |m, v| m.max(v.abs())));
-                let q: Vec<i32> = b
+                let y: Vec<f32> = b.iter().map(|v| v * inv).collect();
+                let q: Vec<i32> = y.iter().map(|y| y.round_ties_even() as i32).collect();
+                if activations == Activations::Int8 {
+                    let sum = q.iter().sum();
+                    return (q, d, sum);
+                }
+                // Two codes: q * 128 + lo, lo the remainder in 128ths.
+                let q: Vec<i32> = y
                     .iter()
-                    .map(|v| (v * inv).round_ties_even() as i32)
+                    .zip(&q)
+                    .map(|(y, &q)| 128 * q + ((y - q as f32) * 128.0).round_ties_even() as i32)
                     .collect();
                 let sum = q.iter().sum();
-                (q, d, sum)
+                (q, d / 128.0, sum)
             })
             .collect();
         for j in 0..n {
@@ -882,13 +901,19 @@ fn int8_reference(t: &marlin_quant::QuantTensor, x: &[f32], rows: usize) -> Vec<
 }
 
 #[test]
-fn int8_activation_matmul_is_the_scalar_definition_for_any_rows() {
+fn integer_activation_matmul_is_the_scalar_definition_for_any_rows() {
     if !super::int8dot::available() {
         eprintln!("skipped: no AVX-512 VNNI");
         return;
     }
+    for activations in [Activations::Int16, Activations::Int8] {
+        integer_activation_case(activations);
+    }
+}
+
+fn integer_activation_case(activations: Activations) {
     let mut rng = rng();
-    let b = CpuBackend::with_isa(2, Isa::detect(), true).unwrap();
+    let b = CpuBackend::with_isa(2, Isa::detect(), activations).unwrap();
     let cases = [
         (4, false, 32, false),
         (4, true, 32, false),
@@ -914,14 +939,14 @@ fn int8_activation_matmul_is_the_scalar_definition_for_any_rows() {
         // A zero block and a large outlier exercise the scale's edge cases.
         x[k..k + 32].fill(0.0);
         x[5 * k + 3] = 40.0;
-        let want = int8_reference(t, &x, 300);
+        let want = int8_reference(t, &x, 300, activations);
         for rows in [1, 5, 16, 17, 300] {
             let got = run_matmul(&b, &x, &w, rows);
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert_eq!(
                     g.to_bits(),
                     w.to_bits(),
-                    "{format} g{group} perm {perm} rows={rows} element {i}: {g} vs {w}"
+                    "{activations:?} {format} g{group} perm {perm} rows={rows} element {i}: {g} vs {w}"
                 );
             }
         }
