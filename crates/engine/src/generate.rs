@@ -116,6 +116,16 @@ impl Engine {
         seqs: &mut [&mut Sequence],
         all_logits: bool,
     ) -> Result<Vec<Option<Vec<f32>>>> {
+        let mut logits = self.step_logits(seqs, all_logits)?;
+        Ok(logits.rows_mut().map(|r| r.map(|r| r.to_vec())).collect())
+    }
+
+    /// `step`, with the logits left in the one buffer the model returned.
+    pub(crate) fn step_logits(
+        &mut self,
+        seqs: &mut [&mut Sequence],
+        all_logits: bool,
+    ) -> Result<StepLogits> {
         let block_size = self.blocks.block_size();
         let mut budget = self.runner.max_step_tokens();
         let mut batch = StepBatch::default();
@@ -154,28 +164,26 @@ impl Engine {
                 block_table: seq.table.blocks().to_vec(),
             });
         }
-        if batch.tokens.is_empty() {
-            return Ok(vec![None; seqs.len()]);
-        }
-        let logits = self.runner.step(&batch)?;
         let vocab = self.runner.config().vocab_size;
-        let mut rows = logits.chunks_exact(vocab);
-        let mut out = Vec::with_capacity(seqs.len());
+        if batch.tokens.is_empty() {
+            return Ok(StepLogits {
+                data: Vec::new(),
+                vocab,
+                rows: vec![0; seqs.len()],
+            });
+        }
+        let data = self.runner.step(&batch)?;
+        let mut rows = Vec::with_capacity(seqs.len());
         for (seq, take) in seqs.iter_mut().zip(takes) {
             seq.computed += take;
             let wants = take > 0 && (all_logits || seq.computed == seq.tokens.len());
-            out.push(if wants {
-                let n = if all_logits { take } else { 1 };
-                Some(
-                    (0..n)
-                        .flat_map(|_| rows.next().expect("one row per logit row").to_vec())
-                        .collect(),
-                )
-            } else {
-                None
+            rows.push(match (wants, all_logits) {
+                (false, _) => 0,
+                (true, true) => take,
+                (true, false) => 1,
             });
         }
-        Ok(out)
+        Ok(StepLogits { data, vocab, rows })
     }
 
     /// Returns a sequence's blocks to the pool.
@@ -334,6 +342,29 @@ pub(crate) fn check_prompt_len(
         });
     }
     Ok(())
+}
+
+/// The logits of one step, as the model returned them: per sequence, its rows in step order.
+pub(crate) struct StepLogits {
+    data: Vec<f32>,
+    vocab: usize,
+    /// Logit rows of each sequence (0: none this step).
+    rows: Vec<usize>,
+}
+
+impl StepLogits {
+    /// Each sequence's rows (`vocab` values per row), or None where the step produced none.
+    pub fn rows_mut(&mut self) -> impl Iterator<Item = Option<&mut [f32]>> {
+        let vocab = self.vocab;
+        let mut rest = self.data.as_mut_slice();
+        self.rows.iter().map(move |&n| {
+            (n > 0).then(|| {
+                let (rows, tail) = std::mem::take(&mut rest).split_at_mut(n * vocab);
+                rest = tail;
+                rows
+            })
+        })
+    }
 }
 
 /// What one generated token did to a request.

@@ -32,6 +32,9 @@ pub trait StepRunner: Send {
     ) -> Result<Vec<f32>>;
     /// Replaces a projection's weights (by Hugging Face name).
     fn set_weight(&mut self, name: &str, weight: &HostWeight) -> Result<()>;
+    /// Runs `f` where the backend runs its steps, so rayon work inside `f` shares the step's
+    /// threads (on the CPU, the backend's pool) instead of waking another pool.
+    fn install(&self, f: &mut (dyn FnMut() + Send));
 }
 
 /// A model with its workspace and KV cache.
@@ -103,5 +106,8 @@ impl<B: Backend> StepRunner for Runner<B> {
     }
     fn set_weight(&mut self, name: &str, weight: &HostWeight) -> Result<()> {
         self.model.set_weight(name, weight)
+    }
+    fn install(&self, f: &mut (dyn FnMut() + Send)) {
+        self.model.backend().run_step(f)
     }
 }

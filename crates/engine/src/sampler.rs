@@ -271,17 +271,24 @@ impl Sampler {
 }
 
 /// Argmax ignoring NaN; ties go to the lowest id. All-NaN yields 0.
+///
+/// The max over sixteen lanes (`f32::max` skips NaN) vectorises, then the first position holding
+/// it is the lowest id among ties: greedy decoding runs this over the whole vocabulary for every
+/// sequence of every step.
 fn argmax(logits: &[f32]) -> u32 {
-    let mut best: Option<(usize, f32)> = None;
-    for (id, &l) in logits.iter().enumerate() {
-        if l.is_nan() {
-            continue;
-        }
-        if best.is_none_or(|(_, b)| l > b) {
-            best = Some((id, l));
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = logits.chunks_exact(16);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (m, &l) in lanes.iter_mut().zip(chunk) {
+            *m = m.max(l);
         }
     }
-    best.map_or(0, |(id, _)| id as u32)
+    let max = tail
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    logits.iter().position(|&l| l == max).unwrap_or(0) as u32
 }
 
 /// Reorders `cands` so the most probable come first and returns the length
@@ -363,6 +370,27 @@ mod tests {
             ..SamplingParams::default()
         };
         assert_eq!(parsed, expected);
+    }
+
+    #[test]
+    fn argmax_matches_a_plain_scan_on_long_vocabularies() {
+        // Few distinct values so ties land in different lanes and chunks; NaN and infinities.
+        let mut rng = StdRng::seed_from_u64(7);
+        let pick = [f32::NAN, f32::NEG_INFINITY, f32::INFINITY, -2.0, 0.5, 3.0];
+        for len in [1, 15, 16, 17, 33, 1000, 49152, 49153] {
+            for _ in 0..20 {
+                let kinds = rng.random_range(2..=pick.len());
+                let logits: Vec<f32> = (0..len).map(|_| pick[rng.random_range(0..kinds)]).collect();
+                let mut want = 0;
+                let mut best: Option<f32> = None;
+                for (id, &l) in logits.iter().enumerate() {
+                    if !l.is_nan() && best.is_none_or(|b| l > b) {
+                        (want, best) = (id, Some(l));
+                    }
+                }
+                assert_eq!(argmax(&logits), want as u32, "{logits:?}");
+            }
+        }
     }
 
     #[test]

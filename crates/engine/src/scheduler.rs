@@ -16,6 +16,8 @@
 
 use crate::generate::{check_prompt_len, Decoding};
 use crate::{Engine, EngineError, Finish, FinishReason, Request, Sequence};
+use marlin_model::Tokenizer;
+use rayon::prelude::*;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -365,24 +367,35 @@ impl Scheduler {
         }
 
         let mut slots: Vec<Option<&mut Entry>> = self.running.iter_mut().map(Some).collect();
-        let mut seqs: Vec<&mut Sequence> = plan
+        let mut planned: Vec<&mut Entry> = plan
             .iter()
-            .map(|&i| &mut slots[i].take().expect("planned once").seq)
+            .map(|&i| slots[i].take().expect("planned once"))
             .collect();
-        let result = self.engine.step(&mut seqs, false);
+        let mut seqs: Vec<&mut Sequence> = planned.iter_mut().map(|e| &mut e.seq).collect();
+        let result = self.engine.step_logits(&mut seqs, false);
         drop(seqs);
         match result {
-            Ok(rows) => {
-                for (&i, logits) in plan.iter().zip(rows) {
-                    if let Some(mut logits) = logits {
-                        self.accept(i, &mut logits);
-                    }
-                }
+            Ok(mut logits) => {
+                let mut accepts: Vec<(&mut Entry, &mut [f32])> = planned
+                    .into_iter()
+                    .zip(logits.rows_mut())
+                    .filter_map(|(entry, row)| Some((entry, row?)))
+                    .collect();
+                self.observer.on_generation_tokens(accepts.len());
+                // Sampling, detokenizing and handing text to the clients is per request and
+                // takes a core for a while at a large batch: spread it over the step's threads
+                // instead of leaving them idle. Each request's outcome depends only on itself.
+                let (tokenizer, context, observer) =
+                    (self.engine.tokenizer(), self.context, &*self.observer);
+                self.engine.runner().install(&mut || {
+                    accepts.par_iter_mut().for_each(|(entry, logits)| {
+                        accept(entry, logits, tokenizer, context, observer)
+                    })
+                });
             }
             Err(e) => {
                 let message = e.to_string();
-                for &i in &plan {
-                    let entry = &mut self.running[i];
+                for entry in planned {
                     entry.sink.send(Update::Failed(message.clone()));
                     entry.done = true;
                 }
@@ -396,42 +409,6 @@ impl Scheduler {
             !entry.done
         });
         self.report();
-    }
-
-    /// Samples running sequence `i`'s next token and tells its request.
-    fn accept(&mut self, i: usize, logits: &mut [f32]) {
-        let tokenizer = self.engine.tokenizer();
-        let entry = &mut self.running[i];
-        let outcome = entry
-            .decoding
-            .accept(&mut entry.seq, logits, tokenizer)
-            .and_then(|accepted| {
-                let end = match accepted.finish {
-                    Some(reason) => Some((reason, String::new())),
-                    None => entry
-                        .decoding
-                        .check_limits(&entry.seq, self.context, tokenizer)?,
-                };
-                Ok((accepted.text, end))
-            });
-        self.observer.on_generation_tokens(1);
-        match outcome {
-            Ok((text, end)) => {
-                let alive = entry.sink.send(Update::Token(text));
-                if let Some((reason, text)) = end {
-                    let finish = Finish::of(&entry.seq, reason);
-                    entry.sink.send(Update::Finished { text, finish });
-                    entry.done = true;
-                } else if !alive {
-                    self.observer.on_cancel();
-                    entry.done = true;
-                }
-            }
-            Err(e) => {
-                entry.sink.send(Update::Failed(e.to_string()));
-                entry.done = true;
-            }
-        }
     }
 
     fn finish_unfittable(&mut self, entry: &mut Entry) {
@@ -452,6 +429,45 @@ impl Scheduler {
             Err(e) => Update::Failed(e),
         };
         entry.sink.send(update);
+    }
+}
+
+/// Samples a running request's next token from its `logits` and tells the request.
+fn accept(
+    entry: &mut Entry,
+    logits: &mut [f32],
+    tokenizer: &Tokenizer,
+    context: usize,
+    observer: &dyn Observer,
+) {
+    let outcome = entry
+        .decoding
+        .accept(&mut entry.seq, logits, tokenizer)
+        .and_then(|accepted| {
+            let end = match accepted.finish {
+                Some(reason) => Some((reason, String::new())),
+                None => entry
+                    .decoding
+                    .check_limits(&entry.seq, context, tokenizer)?,
+            };
+            Ok((accepted.text, end))
+        });
+    match outcome {
+        Ok((text, end)) => {
+            let alive = entry.sink.send(Update::Token(text));
+            if let Some((reason, text)) = end {
+                let finish = Finish::of(&entry.seq, reason);
+                entry.sink.send(Update::Finished { text, finish });
+                entry.done = true;
+            } else if !alive {
+                observer.on_cancel();
+                entry.done = true;
+            }
+        }
+        Err(e) => {
+            entry.sink.send(Update::Failed(e.to_string()));
+            entry.done = true;
+        }
     }
 }
 
