@@ -18,6 +18,10 @@ use std::time::Instant;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
+    /// `kernels`: instead of a model, sweep the CUDA matmul kernels over Llama-3 shapes, rows and
+    /// formats (one format with --quantize FMT), against cuBLAS bf16 and the copy bandwidth
+    #[arg(value_name = "WHAT", value_parser = ["kernels"])]
+    pub what: Option<String>,
     #[command(flatten)]
     pub model: ModelArgs,
     /// Random weights of a named shape instead of a model file: smollm2, llama3-8b, qwen3-4b or
@@ -201,6 +205,9 @@ fn load(args: &BenchArgs) -> Result<Loaded> {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    if args.what.is_some() {
+        return kernels::run(&args);
+    }
     anyhow::ensure!(args.prompt_tokens > 0, "--prompt-tokens must be at least 1");
     anyhow::ensure!(args.repetitions > 0, "--repetitions must be at least 1");
     let started = Instant::now();
@@ -330,5 +337,225 @@ fn rayon_threads(requested: usize) -> usize {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {
         requested
+    }
+}
+
+/// `marlin bench kernels`: every matmul path of the CUDA backend on the shapes of issue 4.
+#[cfg(not(feature = "cuda"))]
+mod kernels {
+    pub fn run(_: &super::BenchArgs) -> anyhow::Result<()> {
+        anyhow::bail!("marlin bench kernels needs a build with --features cuda")
+    }
+}
+
+/// `marlin bench kernels`: every matmul path of the CUDA backend on the shapes of issue 4 (n × k:
+/// output × input features), at 1 to 4096 rows, timed with device events (median of 5 runs, each
+/// one call per weight copy, at least 10 calls), the weight copies rotated so that every call
+/// streams its weight from HBM and not from the 50 MB L2. Beside each point: cuBLAS bf16 on the
+/// same shape and rows and the copy bandwidth, both measured in the same run.
+#[cfg(feature = "cuda")]
+mod kernels {
+    use super::BenchArgs;
+    use anyhow::{Context, Result};
+    use marlin_kernels::cuda::cudarc::driver::sys::CUevent_flags;
+    use marlin_kernels::cuda::{Buffer, CudaBackend, Weight};
+    use marlin_kernels::{Backend, DenseFormat, HostWeight};
+    use marlin_quant::{QuantFormat, QuantTensor};
+
+    const SHAPES: [(usize, usize); 6] = [
+        (4096, 4096),
+        (4096, 14336),
+        (14336, 4096),
+        (8192, 8192),
+        (8192, 28672),
+        (28672, 8192),
+    ];
+    const ROWS: [usize; 10] = [1, 2, 4, 8, 16, 32, 64, 128, 512, 4096];
+    /// Weight bytes per rotation: eight times the H100's L2.
+    const ROTATE_BYTES: usize = 400 << 20;
+    const GROUP: usize = 128;
+
+    /// SplitMix64: fast, seedable, good enough for benchmark weights.
+    struct Mix(u64);
+    impl Mix {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        /// Uniform in [-1, 1).
+        fn symmetric(&mut self) -> f32 {
+            (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        }
+    }
+
+    fn bf16_bits(v: f32) -> u16 {
+        (v.to_bits() >> 16) as u16
+    }
+
+    /// f16 bits of a normal value in f16's range (round toward zero is fine for benchmark data).
+    fn f16_bits(v: f32) -> [u8; 2] {
+        let b = v.to_bits();
+        let sign = (b >> 16) & 0x8000;
+        let exp = ((b >> 23) & 0xff) as i32 - 127 + 15;
+        let h = if exp <= 0 {
+            sign
+        } else {
+            sign | ((exp as u32) << 10) | ((b >> 13) & 0x3ff)
+        };
+        (h as u16).to_le_bytes()
+    }
+
+    /// A random `n × k` weight of `format` (None: bf16), values of standard deviation near
+    /// 1/√k, as the synthetic models make them.
+    fn weight(format: Option<QuantFormat>, n: usize, k: usize, seed: u64) -> Result<HostWeight> {
+        let mut rng = Mix(seed);
+        let scale = 1.0 / (k as f32).sqrt();
+        let Some(format) = format else {
+            let bytes: Vec<u8> = (0..n * k)
+                .flat_map(|_| bf16_bits(rng.symmetric() * scale * 1.7).to_le_bytes())
+                .collect();
+            return Ok(HostWeight::new(DenseFormat::BF16, n, k, bytes)?);
+        };
+        let group = format.resolve_group(GROUP, k)?;
+        let mut t = QuantTensor::zeroed(format, n, k, group, None)?;
+        for chunk in t.codes.chunks_mut(8) {
+            let r = rng.next().to_le_bytes();
+            chunk.copy_from_slice(&r[..chunk.len()]);
+        }
+        let bits = format.bits() as i32;
+        let step = scale * 1.7 / (1 << (bits - 1)) as f32;
+        let mut scales = Vec::with_capacity(t.scales.len() / 2);
+        for s in t.scales.chunks_mut(2) {
+            let v = step * (1.0 + 0.25 * rng.symmetric());
+            s.copy_from_slice(&f16_bits(v));
+            scales.push(v);
+        }
+        if let Some(offsets) = &mut t.offsets {
+            let mid = ((1 << bits) - 1) as f32 / 2.0;
+            for (o, s) in offsets.chunks_mut(2).zip(&scales) {
+                o.copy_from_slice(&f16_bits(-s * mid));
+            }
+        }
+        Ok(HostWeight::quant(t)?)
+    }
+
+    /// Median µs per call of `f(i)` over 5 runs of `calls` calls, after 3 warm-up calls.
+    fn time_us(
+        g: &CudaBackend,
+        calls: usize,
+        mut f: impl FnMut(usize) -> Result<()>,
+    ) -> Result<f64> {
+        let ctx = g.context();
+        let event = || ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
+        let (a, b) = (event()?, event()?);
+        for i in 0..3 {
+            f(i)?;
+        }
+        let mut runs = vec![];
+        for _ in 0..5 {
+            a.record(g.stream())?;
+            for i in 0..calls {
+                f(i)?;
+            }
+            b.record(g.stream())?;
+            b.synchronize()?;
+            runs.push(a.elapsed_ms(&b)? as f64 * 1e3 / calls as f64);
+        }
+        runs.sort_by(f64::total_cmp);
+        Ok(runs[2])
+    }
+
+    /// The weight and enough device copies of it to rotate over ROTATE_BYTES.
+    fn copies(g: &CudaBackend, w: Weight) -> Result<Vec<Weight>> {
+        let n = ROTATE_BYTES.div_ceil(w.device_bytes()).max(2);
+        let mut v = Vec::with_capacity(n);
+        for _ in 1..n {
+            v.push(g.duplicate_weight(&w)?);
+        }
+        v.push(w);
+        Ok(v)
+    }
+
+    fn random_buffer(g: &CudaBackend, len: usize, seed: u64) -> Result<Buffer> {
+        let mut rng = Mix(seed);
+        let v: Vec<f32> = (0..len).map(|_| rng.symmetric()).collect();
+        Ok(g.upload_bf16(&v)?)
+    }
+
+    pub fn run(args: &BenchArgs) -> Result<()> {
+        let g = CudaBackend::new(0).context("marlin bench kernels runs on CUDA device 0")?;
+        let copy = g.copy_bandwidth(1 << 30)?;
+        let formats: Vec<Option<QuantFormat>> = match args.model.quantize {
+            Some(f) => vec![Some(f)],
+            None => vec![
+                None,
+                Some(QuantFormat::Int {
+                    bits: 4,
+                    asym: false,
+                }),
+                Some(QuantFormat::Int {
+                    bits: 4,
+                    asym: true,
+                }),
+                Some(QuantFormat::Int {
+                    bits: 8,
+                    asym: false,
+                }),
+                Some(QuantFormat::Int {
+                    bits: 8,
+                    asym: true,
+                }),
+            ],
+        };
+        println!("device     {}", g.name());
+        println!("copy       {copy:.0} GB/s (1 GiB, 16-byte copy kernel, read + written)");
+        println!(
+            "weights    random, groups of {GROUP}; copies rotated over {} MB; median of 5 runs",
+            ROTATE_BYTES >> 20
+        );
+        println!(
+            "other formats (fp8, fp4, mxfp4, nvfp4, int3, int2, act-order) are expanded to bf16 at upload: see the bf16 rows"
+        );
+        println!();
+        println!("| shape n × k | format | rows | µs | GB/s | % of copy | TFLOP/s | cuBLAS bf16 µs | vs cuBLAS |");
+        println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+        let max_rows = *ROWS.last().unwrap();
+        for (si, &(n, k)) in SHAPES.iter().enumerate() {
+            let x = random_buffer(&g, max_rows * k, 11 + si as u64)?;
+            let mut out = g.alloc(max_rows * n)?;
+            let dense = copies(&g, g.upload_weight(&weight(None, n, k, 1)?)?)?;
+            let mut cublas = vec![];
+            for &m in &ROWS {
+                let calls = dense.len().max(10);
+                cublas.push(time_us(&g, calls, |i| {
+                    Ok(g.matmul_cublas(&x, &dense[i % dense.len()], m, &mut out)?)
+                })?);
+            }
+            drop(dense);
+            for &format in &formats {
+                let name = format.map_or("bf16".to_string(), |f| f.to_string());
+                let ws = copies(&g, g.upload_weight(&weight(format, n, k, 2)?)?)?;
+                let bytes = ws[0].device_bytes();
+                for (ri, &m) in ROWS.iter().enumerate() {
+                    let calls = ws.len().max(10);
+                    let us = time_us(&g, calls, |i| {
+                        Ok(g.matmul(&x, &ws[i % ws.len()], m, &mut out)?)
+                    })?;
+                    let moved = bytes + 2 * m * (n + k);
+                    let gbs = moved as f64 / us / 1e3;
+                    let tflops = 2.0 * (m * n * k) as f64 / us / 1e6;
+                    println!(
+                        "| {n} × {k} | {name} | {m} | {us:.1} | {gbs:.0} | {:.1}% | {tflops:.1} | {:.1} | {:.2}× |",
+                        100.0 * gbs / copy,
+                        cublas[ri],
+                        cublas[ri] / us
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -40,6 +40,10 @@ const SOURCES: [&str; 5] = [
 
 /// Rows up to which matmul runs the GEMV kernels; above, cuBLAS.
 pub const DECODE_MAX_ROWS: usize = 16;
+/// Most warps per block of the quantized decode kernel (QG_MAXW in qgemv.cu).
+const QG_WARPS: usize = 8;
+/// Warps of the quantized decode kernel wanted per SM.
+const QG_WARPS_PER_SM: usize = 32;
 /// Elements of the bf16 scratch a non-bf16 weight is expanded into for cuBLAS (64 MiB).
 const SCRATCH_ELEMS: usize = 1 << 25;
 const ATT_THREADS: u32 = 128;
@@ -117,8 +121,35 @@ pub struct QuantWeight {
     strips: usize,
     chunks: usize,
     codes: CudaSlice<u32>,
-    scales: CudaSlice<u16>,
-    offsets: Option<CudaSlice<u16>>,
+    scales: CudaSlice<u32>,
+    offsets: Option<CudaSlice<u32>>,
+}
+
+impl QuantWeight {
+    /// ceil(2^32 / group): the decode kernel divides a column by the group with a multiply-high,
+    /// exact while column × group < 2^32 (checked at upload). 0 with one group per row.
+    fn group_mul(&self) -> u32 {
+        if self.groups == 1 {
+            0
+        } else {
+            (1u64 << 32).div_ceil(self.group as u64) as u32
+        }
+    }
+
+    /// (warps per block, blocks per strip, chunks per block) of the decode kernel: enough warps
+    /// in flight to cover the memory latency (about 32 per SM), splitting the chunks over several
+    /// blocks (split-K) only when the strips alone fall short, and never below 4 chunks a warp.
+    fn plan(&self, sms: usize) -> (usize, usize, usize) {
+        let warps = if self.strips >= sms {
+            QG_WARPS
+        } else {
+            QG_WARPS / 2
+        };
+        let want = (sms * QG_WARPS_PER_SM).div_ceil(self.strips * warps);
+        let ksplit = want.min(self.chunks / (4 * warps)).max(1);
+        let cpb = self.chunks.div_ceil(ksplit);
+        (warps, self.chunks.div_ceil(cpb), cpb)
+    }
 }
 
 pub enum Weight {
@@ -139,9 +170,7 @@ impl Weight {
         match self {
             Weight::Dense(w) => w.data.len(),
             Weight::Quant(w) => {
-                4 * w.codes.len()
-                    + 2 * w.scales.len()
-                    + w.offsets.as_ref().map_or(0, |o| 2 * o.len())
+                4 * (w.codes.len() + w.scales.len() + w.offsets.as_ref().map_or(0, |o| o.len()))
             }
         }
     }
@@ -196,6 +225,10 @@ pub struct CudaBackend {
     scratch: Mutex<Option<CudaSlice<u16>>>,
     /// attention_decode's per-split partial outputs, grown on demand.
     att_part: Mutex<Option<CudaSlice<f32>>>,
+    /// The split-K workspace of the quantized decode kernel: f32 sums (16 rows x the widest
+    /// quantized weight) and one counter per strip, zero between calls (the kernel's last block
+    /// restores them). Grown when a weight is uploaded, so matmuls never allocate.
+    splitk: Mutex<Option<(CudaSlice<f32>, CudaSlice<u32>)>>,
     sms: usize,
     name: String,
     arch: (i32, i32),
@@ -294,6 +327,7 @@ impl CudaBackend {
             funcs,
             scratch: Mutex::new(None),
             att_part: Mutex::new(None),
+            splitk: Mutex::new(None),
             sms,
             name,
             arch,
@@ -377,7 +411,9 @@ impl CudaBackend {
     pub fn upload_quant(&self, t: &QuantTensor) -> Result<Weight> {
         t.validate()
             .map_err(|e| KernelError::Shape(format!("upload_weight: {e}")))?;
-        if !quant::supported(t) {
+        // The decode kernel's group division (see `QuantWeight::group_mul`) is exact below 2^32.
+        let divisible = t.groups_per_row() == 1 || (t.cols as u64) * (t.group as u64) < 1 << 32;
+        if !quant::supported(t) || !divisible {
             let values = t.dequantize();
             let w = HostWeight::from_f32(DenseFormat::BF16, t.rows, t.cols, &values)
                 .map_err(|e| KernelError::Shape(format!("upload_weight: {e}")))?;
@@ -385,6 +421,21 @@ impl CudaBackend {
         }
         let r = quant::relay(t);
         let s = &self.stream;
+        {
+            let mut guard = self.splitk.lock().unwrap();
+            let (sums, counters) = (DECODE_MAX_ROWS * r.strips * 16, r.strips);
+            if guard
+                .as_ref()
+                .is_none_or(|(w, c)| w.len() < sums || c.len() < counters)
+            {
+                let (w0, c0) = guard.as_ref().map_or((0, 0), |(w, c)| (w.len(), c.len()));
+                *guard = None;
+                *guard = Some((
+                    s.alloc_zeros::<f32>(sums.max(w0)).map_err(dev)?,
+                    s.alloc_zeros::<u32>(counters.max(c0)).map_err(dev)?,
+                ));
+            }
+        }
         Ok(Weight::Quant(QuantWeight {
             bits: r.bits,
             asym: r.asym,
@@ -624,7 +675,9 @@ impl CudaBackend {
     /// Prefill with a weight that is not bf16: slabs of features expanded to bf16, then cuBLAS.
     fn matmul_expanded(&self, x: &Buffer, w: &Weight, rows: usize, out: &Buffer) -> Result<()> {
         let (n, k) = w.shape();
-        let slab = ((SCRATCH_ELEMS / k.max(1)) / 16 * 16).clamp(16, n.div_ceil(16) * 16);
+        // At most 65520 features a slab: the dequant kernel's grid has one row per feature.
+        let slab =
+            ((SCRATCH_ELEMS / k.max(1)) / 16 * 16).clamp(16, (n.div_ceil(16) * 16).min(65520));
         let mut guard = self.scratch.lock().unwrap();
         if guard.as_ref().is_none_or(|s| s.len() < slab * k) {
             *guard = None;
@@ -658,27 +711,19 @@ impl CudaBackend {
                         (8, false) => "dequant_int8",
                         _ => "dequant_int8a",
                     };
-                    let cfg = LaunchConfig {
-                        grid_dim: (nc.div_ceil(16) as u32, 1, 1),
-                        block_dim: (256, 1, 1),
-                        shared_mem_bytes: 0,
-                    };
                     let (codes, scales) = (self.ptr(&q.codes), self.ptr(&q.scales));
                     let offsets = q.offsets.as_ref().map_or(0, |o| self.ptr(o));
-                    let np = (q.strips * 16) as i32;
                     launch!(
                         self,
                         f,
-                        cfg,
+                        cfg2((k.div_ceil(256), nc), 256, 0),
                         codes,
                         scales,
                         offsets,
-                        (n0 / 16) as i32,
+                        n0 as i32,
                         k as i32,
-                        n as i32,
                         q.group as i32,
                         q.groups as i32,
-                        np,
                         q.chunks as i32,
                         scratch
                     );
@@ -880,7 +925,7 @@ impl Backend for CudaBackend {
                     step.tokens(),
                     dim as i32,
                     q.group as i32,
-                    (q.strips * 16) as i32,
+                    q.groups as i32,
                     q.chunks as i32,
                     out.ptr
                 );
@@ -1009,10 +1054,18 @@ impl Backend for CudaBackend {
                 );
                 let (codes, scales) = (self.ptr(&q.codes), self.ptr(&q.scales));
                 let offsets = q.offsets.as_ref().map_or(0, |o| self.ptr(o));
+                let (warps, ksplit, cpb) = q.plan(self.sms);
+                let (ws, counters) = {
+                    let guard = self.splitk.lock().unwrap();
+                    let (w, c) = guard
+                        .as_ref()
+                        .ok_or_else(|| dev("split-K workspace missing for an uploaded weight"))?;
+                    (self.ptr(w), self.ptr(c))
+                };
                 launch!(
                     self,
                     &name,
-                    cfg2((q.strips, 1), 256, 0),
+                    cfg2((q.strips, ksplit), 32 * warps as u32, 0),
                     codes,
                     scales,
                     offsets,
@@ -1020,10 +1073,12 @@ impl Backend for CudaBackend {
                     rows as i32,
                     k as i32,
                     n as i32,
-                    q.group as i32,
+                    q.group_mul(),
                     q.groups as i32,
-                    (q.strips * 16) as i32,
                     q.chunks as i32,
+                    cpb as i32,
+                    ws,
+                    counters,
                     out.ptr
                 );
             }

@@ -2,172 +2,290 @@
 // of x (bf16), W in int4 or int8 codes with f16 group scales (and offsets, asymmetric).
 //
 // Layout (made once at upload, `cuda/quant.rs`): the weight is cut into strips of 16 output
-// features and k-tiles of 16 columns; for each (strip, tile) each lane of a warp holds exactly
-// its A fragment of `mma.m16n8k16` (8 codes: rows g and g+8, columns 2t, 2t+1, 2t+8, 2t+9, with
-// g = lane / 4, t = lane % 4). Int4 fragments are one 32-bit word whose nibble j is the low and
-// nibble j+4 the high element of register j; int8 fragments are two words. A lane's fragments for
-// 4 (int4) or 2 (int8) consecutive tiles are one 16-byte word, and the 32 lanes' words of a chunk
-// are contiguous: each warp load is 512 coalesced bytes.
+// features and chunks of CW columns (64 for int4, 32 for int8: TPU = 4 or 2 k-tiles of 16). For
+// each (strip, chunk) each lane of a warp holds one 16-byte word: its A fragments of
+// `mma.m16n8k16` for the chunk's TPU tiles (register j of tile i: feature g + 8 (j & 1), logical
+// k 2t + 8 (j >> 1) + h, with g = lane / 4, t = lane % 4). The logical k of the mma is a
+// permutation of the chunk's columns chosen so that lane t's activations are one contiguous run:
+// logical (tile i, k 2t + 8 jh + h) is physical column 4 TPU t + 4 i + 2 jh + h. The mma sums
+// over k in any order, so the same permutation on both operands changes nothing, and each lane
+// reads x with one or two 16-byte loads per chunk instead of 4-byte pieces per tile. Int4 words
+// hold nibble j + 4h of register j in word i; int8 byte 2 (j & 1) + h of word 2i + (j >> 1).
+// A lane's run lies in one group (groups are 16-multiples or whole rows), so each lane needs one
+// scale pair per chunk: scales are laid out per (strip, group) as 8 words, word g holding the f16
+// scales of features g and g + 8 (offsets likewise).
 //
-// Dequantization without lookups: int4 `(w >> 4j) & 0x000f000f | 0x43004300` is the bf16x2 pair
-// (128 + c), and one bf16x2 FMA subtracts 136 (or 128, asymmetric) exactly; int8 goes through the
-// f32 magic 2^23 + c (`prmt`) and one `cvt.rn.bf16x2.f32`. The mma multiplies the integer codes
-// with x exactly into f32, and the per-(row, group) scale is applied to each tile's f32 result;
-// for asymmetric formats a second mma with an all-ones A gives sum(x) for the offset term.
+// Dequantization without lookups, scale applied before the mma (which then accumulates straight
+// into the f32 result): int4 symmetric `(w >> 4j) & 0x000f000f | 0x43004300` is the bf16x2 pair
+// (128 + c); one bf16x2 FMA makes it c - 8 exactly and a second multiplies by the scale (rounded
+// to bf16: the weight the mma sees is the bf16 rounding of the dequantized value, error 2^-9,
+// as cuBLAS sees the expanded weight at prefill). Int8 and asymmetric int4 go through the f32
+// magic 2^23 + c (`prmt` / `lop3`), one FMA with the f32 scale (and offset), and
+// `cvt.rn.bf16x2.f32`.
 //
-// Work: one block of QG_WARPS warps per strip; the warps take the strip's chunks round-robin (a
-// block's loads are one contiguous stream) with QG_UNROLL 16-byte loads in flight per lane, and
-// reduce through shared memory at the end, so no second pass and no atomics. x (at most 16 rows)
-// is read through L1.
+// Loads: each lane streams its own words through a QG_STAGES-deep ring in shared memory filled
+// by `cp.async` (16-byte codes, 4-byte scale pair), so QG_STAGES - 1 chunks per lane are in flight
+// without holding registers, and no barrier is needed (a lane reads only what it copied). The
+// activations of the next chunk are loaded into registers while the current one is multiplied.
+// A block of W warps takes one strip and a range of its chunks (the warps interleave chunk by
+// chunk, so a block reads one contiguous stream); the warps reduce through shared memory. When
+// the strips alone do not fill the GPU the chunks are split over gridDim.y blocks (split-K): they
+// add into an f32 workspace, and the last block of a strip (counted with an atomic) writes the
+// bf16 output and zeroes the workspace and its counter, ready for the next call (and for CUDA
+// graph replays) without another launch.
 //
-// Bound: streaming the codes and scales once from HBM. Dequantization costs about 1.5 integer or
-// bf16x2 operations per weight and the tensor cores do the multiply, so unlike an FFMA GEMV the
-// time should not grow with the rows up to 16. Measured numbers are in docs/benchmarks.md.
+// Bound: the codes and scales streamed once from HBM, i.e. the device-to-device copy bandwidth.
+// Measured numbers against that bound are in docs/benchmarks.md ("Decode matmul").
 
-#define QG_WARPS 8
-#define QG_UNROLL 4
+#define QG_STAGES 6
+#define QG_MAXW 8
 
-__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
-    uint4 r;
-    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u64 a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (u32)a;
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_u32(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_u32(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// d += a · b on tensor cores (m16n8k16, bf16 in, f32 accumulate).
+__device__ __forceinline__ void mma_bf16(float* d, const u32* a, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Per-lane scale of one chunk: the bf16x2 broadcasts (int4 symmetric) or the f32 values of the
+// features g and g + 8.
+struct QScale {
+    u32 lo2, hi2;
+    float slo, shi, olo, ohi;
+};
+
+template <int BITS, bool ASYM>
+__device__ __forceinline__ QScale qscale(u32 sp, u32 op) {
+    QScale r;
+    r.slo = h2f((f16_t)(sp & 0xffff));
+    r.shi = h2f((f16_t)(sp >> 16));
+    r.olo = ASYM ? h2f((f16_t)(op & 0xffff)) : 0.0f;
+    r.ohi = ASYM ? h2f((f16_t)(op >> 16)) : 0.0f;
+    if (BITS == 4 && !ASYM) {
+        r.lo2 = pack_bf2(r.slo, r.slo);
+        r.hi2 = pack_bf2(r.shi, r.shi);
+    }
     return r;
 }
 
-__device__ __forceinline__ void mma_bf16(float* d, const u32* a, u32 b0, u32 b1) {
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%10, %11, %12, %13};"
-        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1),
-          "f"(0.0f), "f"(0.0f), "f"(0.0f), "f"(0.0f));
-}
-
-// The A fragment of tile i of a 16-byte word, as bf16 integers (c - bias).
+// The scaled A fragment (bf16) of tile i of a lane's 16-byte word.
 template <int BITS, bool ASYM>
-__device__ __forceinline__ void dequant_frag(const u32* words, int i, u32* a) {
-    if (BITS == 4) {
+__device__ __forceinline__ void dequant_frag(const u32* words, int i, const QScale& s, u32* a) {
+    if (BITS == 4 && !ASYM) {
         const u32 w = words[i];
-        const u32 one = 0x3f803f80u, bias = ASYM ? 0xc300c300u : 0xc308c308u;  // 1.0, -128 / -136
 #pragma unroll
-        for (int j = 0; j < 4; j++) a[j] = fma_bf2(((w >> (4 * j)) & 0x000f000fu) | 0x43004300u, one, bias);
+        for (int j = 0; j < 4; j++) {
+            const u32 c = fma_bf2(((w >> (4 * j)) & 0x000f000fu) | 0x43004300u, 0x3f803f80u, 0xc308c308u);
+            a[j] = fma_bf2(c, (j & 1) ? s.hi2 : s.lo2, 0x80008000u);
+        }
+    } else if (BITS == 4) {
+        const u32 w = words[i];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const u32 u = (w >> (4 * j)) & 0x000f000fu;
+            const float lo = __uint_as_float((u & 0xffffu) | 0x4b000000u) - 8388608.0f;
+            const float hi = __uint_as_float((u >> 16) | 0x4b000000u) - 8388608.0f;
+            const float sc = (j & 1) ? s.shi : s.slo, of = (j & 1) ? s.ohi : s.olo;
+            a[j] = pack_bf2(fmaf(lo, sc, of), fmaf(hi, sc, of));
+        }
     } else {
         const float bias = ASYM ? 8388608.0f : 8388736.0f;  // 2^23, 2^23 + 128
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             const u32 w = words[2 * i + (j >> 1)];
             const int b = (j & 1) * 2;
-            float lo = __uint_as_float(__byte_perm(w, 0x4b000000u, 0x7440 + b)) - bias;
-            float hi = __uint_as_float(__byte_perm(w, 0x4b000000u, 0x7440 + b + 1)) - bias;
-            a[j] = pack_bf2(lo, hi);
+            const float lo = __uint_as_float(__byte_perm(w, 0x4b000000u, 0x7440 + b)) - bias;
+            const float hi = __uint_as_float(__byte_perm(w, 0x4b000000u, 0x7440 + b + 1)) - bias;
+            const float sc = (j & 1) ? s.shi : s.slo, of = (j & 1) ? s.ohi : s.olo;
+            a[j] = ASYM ? pack_bf2(fmaf(lo, sc, of), fmaf(hi, sc, of)) : pack_bf2(lo * sc, hi * sc);
         }
     }
 }
 
+// A lane's activations for one chunk: row r, physical columns col0 .. col0 + 4 TPU (zero past
+// m and k), as XW 16-byte words.
+template <int XW>
+__device__ __forceinline__ void load_x(const bf16_t* x, int r, int m, int k, int col0, bool xvec, uint4* v) {
+#pragma unroll
+    for (int u = 0; u < XW; u++) v[u] = make_uint4(0, 0, 0, 0);
+    if (r >= m) return;
+    const bf16_t* p = x + (size_t)r * k + col0;
+    if (xvec && col0 + 8 * XW <= k) {
+#pragma unroll
+        for (int u = 0; u < XW; u++) v[u] = *(const uint4*)(p + 8 * u);
+    } else {
+        u32* w = (u32*)v;
+#pragma unroll
+        for (int e = 0; e < 8 * XW; e++)
+            if (col0 + e < k) w[e >> 1] |= (u32)p[e] << (16 * (e & 1));
+    }
+}
+
 template <int BITS, bool ASYM, int NB>
-__device__ void qgemv(const uint4* codes, const f16_t* scales, const f16_t* offsets, const bf16_t* x, int m,
-                      int k, int n, int group, int G, int NP, int CH, bf16_t* out) {
-    constexpr int TPU = BITS == 4 ? 4 : 2;
-    __shared__ float red[QG_WARPS][NB * 4][32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int s = blockIdx.x;
-    const int row_lo = s * 16 + g, row_hi = row_lo + 8;
-    const uint4* base = codes + (size_t)s * CH * 32 + lane;
-    const bool xvec = (k & 1) == 0;
+__device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets, const bf16_t* x, int m, int k,
+                      int n, u32 gmul, int G, int CH, int cpb, float* ws, u32* counters, bf16_t* out) {
+    // U chunks per ring slot (per loop step) amortize the step's fixed work (wait, commit, scale
+    // and activation addressing); with 16 rows the activations alone fill the registers, so 1.
+    constexpr int TPU = BITS == 4 ? 4 : 2, CW = 16 * TPU, XW = TPU / 2, U = NB == 1 ? 2 : 1;
+    constexpr int S = U == 2 ? (ASYM ? 3 : 4) : QG_STAGES;
+    __shared__ uint4 ring_q[S][U][QG_MAXW * 32];
+    __shared__ u32 ring_s[S][U][QG_MAXW * 32];
+    __shared__ u32 ring_o[ASYM ? S : 1][U][QG_MAXW * 32];
+    __shared__ int last;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, W = blockDim.x >> 5;
+    const int g = lane >> 2, t = lane & 3, s = blockIdx.x;
+    const int c_lo = blockIdx.y * cpb, c_hi = min(CH, c_lo + cpb);
+    const int mine = max(0, (c_hi - c_lo - warp + W - 1) / W), steps = (mine + U - 1) / U;
+    const bool xvec = (k & 7) == 0;
+    const uint4* qbase = codes + (size_t)s * CH * 32 + lane;
+    const size_t sbase = (size_t)s * G * 8 + g;
+    // Chunk u of step i is the warp's (i U + u)-th; its lane run starts at column col(i, u).
+    auto chunk = [&](int i, int u) { return c_lo + warp + (i * U + u) * W; };
+
+    auto issue = [&](int i, int slot) {
+        if (i < steps) {
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                if (i * U + u < mine) {
+                    const int c = chunk(i, u);
+                    cp_async16(&ring_q[slot][u][tid], qbase + (size_t)c * 32);
+                    // The run's group: col / group by a multiply-high (gmul = ceil(2^32 / group)).
+                    const int grp = min((int)__umulhi((u32)(c * CW + 4 * TPU * t), gmul), G - 1);
+                    cp_async4(&ring_s[slot][u][tid], scales + sbase + (size_t)grp * 8);
+                    if (ASYM) cp_async4(&ring_o[ASYM ? slot : 0][u][tid], offsets + sbase + (size_t)grp * 8);
+                }
+            }
+        }
+        cp_async_commit();
+    };
+    auto fetch_x = [&](int i, uint4 (&v)[U][NB][XW]) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int col0 = chunk(i, u) * CW + 4 * TPU * t;
+            const bool ok = i * U + u < mine;
+#pragma unroll
+            for (int b = 0; b < NB; b++) load_x<XW>(x, ok ? b * 8 + g : m, m, k, col0, xvec, v[u][b]);
+        }
+    };
+
     float acc[NB][4];
 #pragma unroll
     for (int b = 0; b < NB; b++)
 #pragma unroll
         for (int j = 0; j < 4; j++) acc[b][j] = 0.0f;
-    const u32 ones[4] = {0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u};
 
-    // (A double-buffered version, next chunks loaded before these are multiplied, and scales
-    // loaded once per group, ran 8192x8192 m=1 in 43.8 us instead of 31.5: reverted.)
-    for (int c0 = warp; c0 < CH; c0 += QG_WARPS * QG_UNROLL) {
-        uint4 q[QG_UNROLL];
 #pragma unroll
-        for (int u = 0; u < QG_UNROLL; u++) {
-            const int c = c0 + u * QG_WARPS;
-            q[u] = c < CH ? ld_stream(base + (size_t)c * 32) : make_uint4(0, 0, 0, 0);
+    for (int i = 0; i < S - 1; i++) issue(i, i);
+    uint4 xn[U][NB][XW];
+    if (steps > 0) fetch_x(0, xn);
+    int slot = 0, next = S - 1;
+    for (int i = 0; i < steps; i++) {
+        cp_async_wait<S - 2>();
+        uint4 q[U];
+        u32 sp[U], op[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            q[u] = ring_q[slot][u][tid];
+            sp[u] = ring_s[slot][u][tid];
+            op[u] = ASYM ? ring_o[ASYM ? slot : 0][u][tid] : 0u;
         }
+        issue(i + S - 1, next);
+        slot = slot == S - 1 ? 0 : slot + 1;
+        next = next == S - 1 ? 0 : next + 1;
+        uint4 xc[U][NB][XW];
 #pragma unroll
-        for (int u = 0; u < QG_UNROLL; u++) {
-            const int c = c0 + u * QG_WARPS;
-            if (c >= CH) break;
+        for (int u = 0; u < U; u++)
+#pragma unroll
+            for (int b = 0; b < NB; b++)
+#pragma unroll
+                for (int e = 0; e < XW; e++) xc[u][b][e] = xn[u][b][e];
+        if (i + 1 < steps) fetch_x(i + 1, xn);
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (i * U + u >= mine) break;  // past the warp's share: the slot was not filled
+            const QScale sc = qscale<BITS, ASYM>(sp[u], op[u]);
             const u32 words[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
 #pragma unroll
-            for (int i = 0; i < TPU; i++) {
-                const int k0 = (c * TPU + i) * 16;
+            for (int ti = 0; ti < TPU; ti++) {
                 u32 a[4];
-                dequant_frag<BITS, ASYM>(words, i, a);
-                const int grp = min(k0 / group, G - 1);
-                const float s_lo = h2f(scales[(size_t)grp * NP + row_lo]);
-                const float s_hi = h2f(scales[(size_t)grp * NP + row_hi]);
-                float o_lo = 0.0f, o_hi = 0.0f;
-                if (ASYM) {
-                    o_lo = h2f(offsets[(size_t)grp * NP + row_lo]);
-                    o_hi = h2f(offsets[(size_t)grp * NP + row_hi]);
-                }
+                dequant_frag<BITS, ASYM>(words, ti, sc, a);
 #pragma unroll
-                for (int nb = 0; nb < NB; nb++) {
-                    const int br = nb * 8 + g;
-                    u32 b0 = 0, b1 = 0;
-                    if (br < m) {
-                        const bf16_t* xr = x + (size_t)br * k + k0 + 2 * t;
-                        if (xvec && k0 + 16 <= k) {
-                            b0 = *(const u32*)xr;
-                            b1 = *(const u32*)(xr + 8);
-                        } else {
-                            const int kk = k0 + 2 * t;
-                            u32 e0 = kk < k ? xr[0] : 0, e1 = kk + 1 < k ? xr[1] : 0;
-                            u32 e8 = kk + 8 < k ? xr[8] : 0, e9 = kk + 9 < k ? xr[9] : 0;
-                            b0 = e0 | (e1 << 16);
-                            b1 = e8 | (e9 << 16);
-                        }
-                    }
-                    float d[4];
-                    mma_bf16(d, a, b0, b1);
-                    acc[nb][0] += s_lo * d[0];
-                    acc[nb][1] += s_lo * d[1];
-                    acc[nb][2] += s_hi * d[2];
-                    acc[nb][3] += s_hi * d[3];
-                    if (ASYM) {
-                        float e[4];
-                        mma_bf16(e, ones, b0, b1);
-                        acc[nb][0] += o_lo * e[0];
-                        acc[nb][1] += o_lo * e[1];
-                        acc[nb][2] += o_hi * e[2];
-                        acc[nb][3] += o_hi * e[3];
-                    }
+                for (int b = 0; b < NB; b++) {
+                    const u32* xw = (const u32*)xc[u][b];
+                    mma_bf16(acc[b], a, xw[2 * ti], xw[2 * ti + 1]);
                 }
             }
         }
     }
+    cp_async_wait<0>();
+    __syncthreads();
+    // The rings are free now: reuse them for the cross-warp reduction.
+    float* red = (float*)ring_q;
 #pragma unroll
     for (int b = 0; b < NB; b++)
 #pragma unroll
-        for (int j = 0; j < 4; j++) red[warp][b * 4 + j][lane] = acc[b][j];
+        for (int j = 0; j < 4; j++) red[(warp * NB * 4 + b * 4 + j) * 32 + lane] = acc[b][j];
     __syncthreads();
-    if (warp == 0) {
-#pragma unroll
-        for (int b = 0; b < NB; b++)
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                float v = 0.0f;
-#pragma unroll
-                for (int w = 0; w < QG_WARPS; w++) v += red[w][b * 4 + j][lane];
-                const int feat = j < 2 ? row_lo : row_hi;
-                const int br = b * 8 + 2 * t + (j & 1);
-                if (feat < n && br < m) out[(size_t)br * n + feat] = f2bf(v);
-            }
+    // Element e < NB * 128 is (b, j, lane) of the mma's D fragment summed over the warps: feature
+    // s * 16 + g + 8 (j >> 1), row b * 8 + 2 t + (j & 1).
+    auto element = [&](int e, float& v, size_t& at) {
+        v = 0.0f;
+        for (int w = 0; w < W; w++) v += red[w * NB * 128 + e];
+        const int b = e >> 7, j = (e >> 5) & 3, ln = e & 31;
+        const int feat = s * 16 + (ln >> 2) + 8 * (j >> 1), row = b * 8 + 2 * (ln & 3) + (j & 1);
+        at = (size_t)row * n + feat;
+        return feat < n && row < m;
+    };
+    if (gridDim.y == 1) {
+        for (int e = tid; e < NB * 128; e += blockDim.x) {
+            float v;
+            size_t at;
+            if (element(e, v, at)) out[at] = f2bf(v);
+        }
+        return;
     }
+    for (int e = tid; e < NB * 128; e += blockDim.x) {
+        float v;
+        size_t at;
+        if (element(e, v, at)) atomicAdd(&ws[at], v);
+    }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(&counters[s], 1u) == gridDim.y - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int e = tid; e < NB * 128; e += blockDim.x) {
+        float v;
+        size_t at;
+        if (element(e, v, at)) out[at] = f2bf(atomicExch(&ws[at], 0.0f));
+    }
+    if (tid == 0) counters[s] = 0;
 }
 
-#define QGEMV(name, BITS, ASYM, NB)                                                                          \
-    extern "C" __global__ void __launch_bounds__(QG_WARPS * 32)                                              \
-        name(const uint4* codes, const f16_t* scales, const f16_t* offsets, const bf16_t* x, int m, int k, \
-             int n, int group, int G, int NP, int CH, bf16_t* out) {                                         \
-        qgemv<BITS, ASYM, NB>(codes, scales, offsets, x, m, k, n, group, G, NP, CH, out);                   \
+#define QGEMV(name, BITS, ASYM, NB)                                                                           \
+    extern "C" __global__ void __launch_bounds__(QG_MAXW * 32)                                                 \
+        name(const uint4* codes, const u32* scales, const u32* offsets, const bf16_t* x, int m, int k, int n, \
+             u32 gmul, int G, int CH, int cpb, float* ws, u32* counters, bf16_t* out) {                       \
+        qgemv<BITS, ASYM, NB>(codes, scales, offsets, x, m, k, n, gmul, G, CH, cpb, ws, counters, out);      \
     }
 QGEMV(qgemv_int4_8, 4, false, 1)
 QGEMV(qgemv_int4_16, 4, false, 2)
@@ -178,40 +296,42 @@ QGEMV(qgemv_int8_16, 8, false, 2)
 QGEMV(qgemv_int8a_8, 8, true, 1)
 QGEMV(qgemv_int8a_16, 8, true, 2)
 
-// The re-laid weight back to row-major bf16, strips s0.. (grid.x = strips, block = 32 lanes x
-// chunks), for cuBLAS at prefill: row (s - s0) * 16 + r of `dst` is feature s * 16 + r.
+// Element (row, col) of a re-laid weight, dequantized in f32 exactly as the CPU does (c - 2^(b-1))
+// times the f16 scale, or c times the scale plus the offset): the inverse of the layout above.
 template <int BITS, bool ASYM>
-__device__ void dequant(const uint4* codes, const f16_t* scales, const f16_t* offsets, int s0, int k, int n,
-                        int group, int G, int NP, int CH, bf16_t* dst) {
-    constexpr int TPU = BITS == 4 ? 4 : 2;
-    const int s = s0 + blockIdx.x, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    for (int c = threadIdx.x >> 5; c < CH; c += blockDim.x >> 5) {
-        const uint4 q = codes[((size_t)s * CH + c) * 32 + lane];
-        const u32 words[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-        for (int i = 0; i < TPU; i++) {
-            const int k0 = (c * TPU + i) * 16;
-            u32 a[4];
-            dequant_frag<BITS, ASYM>(words, i, a);
-            const int grp = min(k0 / group, G - 1);
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const int row = s * 16 + g + (j & 1) * 8;
-                const int col = k0 + 2 * t + (j >> 1) * 8;
-                if (row >= n) continue;
-                const float sc = h2f(scales[(size_t)grp * NP + row]);
-                const float of = ASYM ? h2f(offsets[(size_t)grp * NP + row]) : 0.0f;
-                bf16_t* d = dst + (size_t)(row - s0 * 16) * k + col;
-                if (col < k) d[0] = f2bf(ASYM ? fmaf(bf_lo(a[j]), sc, of) : bf_lo(a[j]) * sc);
-                if (col + 1 < k) d[1] = f2bf(ASYM ? fmaf(bf_hi(a[j]), sc, of) : bf_hi(a[j]) * sc);
-            }
-        }
+__device__ __forceinline__ float q_elem(const u32* codes, const u32* scales, const u32* offsets, int row, int col,
+                                        int group, int G, int CH) {
+    constexpr int TPU = BITS == 4 ? 4 : 2, CW = 16 * TPU;
+    const int s = row >> 4, rr = row & 15, c = col / CW, cc = col % CW;
+    const int t = cc / (4 * TPU), r4 = cc % (4 * TPU), i = r4 >> 2, jh = (r4 >> 1) & 1, h = r4 & 1;
+    const int g = rr & 7, j = (rr >> 3) + 2 * jh, lane = g * 4 + t;
+    const u32* word = codes + (((size_t)s * CH + c) * 32 + lane) * 4;
+    int q;
+    if (BITS == 4) {
+        q = (word[i] >> (4 * (j + 4 * h))) & 15;
+    } else {
+        q = (word[2 * i + (j >> 1)] >> (8 * ((j & 1) * 2 + h))) & 255;
     }
+    const size_t at = ((size_t)s * G + min(col / group, G - 1)) * 8 + g;
+    const int half = 16 * (rr >> 3);
+    const float sc = h2f((f16_t)(scales[at] >> half));
+    return ASYM ? fmaf((float)q, sc, h2f((f16_t)(offsets[at] >> half))) : (float)(q - (1 << (BITS - 1))) * sc;
 }
-#define DEQUANT(name, BITS, ASYM)                                                                       \
-    extern "C" __global__ void name(const uint4* codes, const f16_t* scales, const f16_t* offsets, int s0, \
-                                    int k, int n, int group, int G, int NP, int CH, bf16_t* dst) {      \
-        dequant<BITS, ASYM>(codes, scales, offsets, s0, k, n, group, G, NP, CH, dst);                     \
+
+// The re-laid weight back to row-major bf16 for features n0 .. n0 + rows (grid: column blocks x
+// rows, one thread per column), for cuBLAS at prefill.
+template <int BITS, bool ASYM>
+__device__ void dequant(const u32* codes, const u32* scales, const u32* offsets, int n0, int k, int group, int G,
+                        int CH, bf16_t* dst) {
+    const int col = blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= k) return;
+    const int row = n0 + blockIdx.y;
+    dst[(size_t)blockIdx.y * k + col] = f2bf(q_elem<BITS, ASYM>(codes, scales, offsets, row, col, group, G, CH));
+}
+#define DEQUANT(name, BITS, ASYM)                                                                         \
+    extern "C" __global__ void name(const u32* codes, const u32* scales, const u32* offsets, int n0, int k, \
+                                    int group, int G, int CH, bf16_t* dst) {                              \
+        dequant<BITS, ASYM>(codes, scales, offsets, n0, k, group, G, CH, dst);                            \
     }
 DEQUANT(dequant_int4, 4, false)
 DEQUANT(dequant_int4a, 4, true)
@@ -219,36 +339,19 @@ DEQUANT(dequant_int8, 8, false)
 DEQUANT(dequant_int8a, 8, true)
 
 // Embedding rows gathered from a re-laid table (a quantized, possibly tied, embedding): grid
-// (column blocks, tokens), one thread per column. Element (row, col) sits in tile (row / 16,
-// col / 16) at the lane and register that `mma.m16n8k16`'s A fragment gives it (see the layout
-// note at the top); its value is computed as in `dequant`, so the row equals the CPU's rounded to
-// bf16.
+// (column blocks, tokens), one thread per column; each value equals the CPU's rounded to bf16.
 template <int BITS, bool ASYM>
-__device__ void qembed(const u32* codes, const f16_t* scales, const f16_t* offsets, const u32* tokens, int k,
-                       int group, int NP, int CH, bf16_t* out) {
-    constexpr int TPU = BITS == 4 ? 4 : 2;
+__device__ void qembed(const u32* codes, const u32* scales, const u32* offsets, const u32* tokens, int k,
+                       int group, int G, int CH, bf16_t* out) {
     const int col = blockIdx.x * blockDim.x + threadIdx.x;
     if (col >= k) return;
     const int row = (int)tokens[blockIdx.y];
-    const int s = row >> 4, rr = row & 15, kt = col >> 4, cc = col & 15;
-    const int lane = (rr & 7) * 4 + ((cc & 7) >> 1), j = (rr >> 3) + 2 * (cc >> 3), h = cc & 1;
-    const u32* word = codes + (((size_t)s * CH + kt / TPU) * 32 + lane) * 4;
-    int c;
-    if (BITS == 4) {
-        c = (word[kt % TPU] >> (4 * (j + 4 * h))) & 15;
-    } else {
-        c = (word[(kt % TPU) * 2 + (j >> 1)] >> (8 * ((j & 1) * 2 + h))) & 255;
-    }
-    const int grp = col / group;
-    const float sc = h2f(scales[(size_t)grp * NP + row]);
-    const float v = ASYM ? fmaf((float)c, sc, h2f(offsets[(size_t)grp * NP + row]))
-                         : (float)(c - (1 << (BITS - 1))) * sc;
-    out[(size_t)blockIdx.y * k + col] = f2bf(v);
+    out[(size_t)blockIdx.y * k + col] = f2bf(q_elem<BITS, ASYM>(codes, scales, offsets, row, col, group, G, CH));
 }
-#define QEMBED(name, BITS, ASYM)                                                                       \
-    extern "C" __global__ void name(const u32* codes, const f16_t* scales, const f16_t* offsets,       \
-                                    const u32* tokens, int k, int group, int NP, int CH, bf16_t* out) { \
-        qembed<BITS, ASYM>(codes, scales, offsets, tokens, k, group, NP, CH, out);                       \
+#define QEMBED(name, BITS, ASYM)                                                                               \
+    extern "C" __global__ void name(const u32* codes, const u32* scales, const u32* offsets, const u32* tokens, \
+                                    int k, int group, int G, int CH, bf16_t* out) {                            \
+        qembed<BITS, ASYM>(codes, scales, offsets, tokens, k, group, G, CH, out);                              \
     }
 QEMBED(embedding_int4, 4, false)
 QEMBED(embedding_int4a, 4, true)

@@ -10,14 +10,14 @@ pub(crate) struct Relaid {
     pub asym: bool,
     /// 16-feature strips.
     pub strips: usize,
-    /// 16-byte chunks per lane per strip (4 k-tiles for int4, 2 for int8).
+    /// Chunks of 64 (int4) or 32 (int8) columns: one 16-byte word per lane per strip.
     pub chunks: usize,
     pub groups: usize,
     /// Codes, `strips * chunks * 32 * 4` words.
     pub words: Vec<u32>,
-    /// f16 bits, `groups x strips * 16` (feature-major within a group).
-    pub scales: Vec<u16>,
-    pub offsets: Option<Vec<u16>>,
+    /// f16 pairs, `strips x groups x 8` (see `qgemv.cu`).
+    pub scales: Vec<u32>,
+    pub offsets: Option<Vec<u32>>,
 }
 
 /// Whether the decode kernel takes this tensor as it is (int4/int8 without act-order).
@@ -29,9 +29,8 @@ pub(crate) fn relay(t: &QuantTensor) -> Relaid {
     let (bits, asym) = (t.format.bits(), t.format.is_asym());
     let (n, k) = (t.rows, t.cols);
     let tpu = if bits == 4 { 4 } else { 2 };
-    let chunks = k.div_ceil(16).div_ceil(tpu);
+    let chunks = k.div_ceil(16 * tpu);
     let strips = n.div_ceil(16);
-    let np = strips * 16;
     let groups = t.groups_per_row();
     let rb = t.row_bytes();
     // Padding codes are worth zero (symmetric) or meet zero activations (columns past k).
@@ -42,36 +41,48 @@ pub(crate) fn relay(t: &QuantTensor) -> Relaid {
         .par_chunks_mut(chunks * 32 * 4)
         .enumerate()
         .for_each(|(s, words)| {
-            for kt in 0..chunks * tpu {
+            for c in 0..chunks {
                 for lane in 0..32 {
                     let (g, tq) = (lane / 4, lane % 4);
-                    let base = ((kt / tpu) * 32 + lane) * 4;
-                    for j in 0..4 {
-                        for h in 0..2 {
-                            let row = s * 16 + g + (j & 1) * 8;
-                            let col = kt * 16 + 2 * tq + (j >> 1) * 8 + h;
-                            let code = if row < n && col < k {
-                                get_code(&t.codes[row * rb..(row + 1) * rb], bits, col) as u32
-                            } else {
-                                pad
-                            };
-                            if bits == 4 {
-                                words[base + kt % 4] |= code << (4 * (j + 4 * h));
-                            } else {
-                                let byte = (j & 1) * 2 + h;
-                                words[base + (kt % 2) * 2 + (j >> 1)] |= code << (8 * byte);
+                    let base = (c * 32 + lane) * 4;
+                    for i in 0..tpu {
+                        for j in 0..4 {
+                            for h in 0..2 {
+                                let row = s * 16 + g + (j & 1) * 8;
+                                let col = c * 16 * tpu + 4 * tpu * tq + 4 * i + 2 * (j >> 1) + h;
+                                let code = if row < n && col < k {
+                                    get_code(&t.codes[row * rb..(row + 1) * rb], bits, col) as u32
+                                } else {
+                                    pad
+                                };
+                                if bits == 4 {
+                                    words[base + i] |= code << (4 * (j + 4 * h));
+                                } else {
+                                    let byte = (j & 1) * 2 + h;
+                                    words[base + 2 * i + (j >> 1)] |= code << (8 * byte);
+                                }
                             }
                         }
                     }
                 }
             }
         });
-    let f16s = |bytes: &[u8]| -> Vec<u16> {
-        let mut out = vec![0u16; groups * np];
-        for r in 0..n {
+    // Per (strip, group), word g = the f16 values of features g (low half) and g + 8.
+    let pairs = |bytes: &[u8]| -> Vec<u32> {
+        let f16 = |r: usize, gi: usize| -> u32 {
+            if r >= n {
+                return 0;
+            }
+            let i = r * groups + gi;
+            u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]) as u32
+        };
+        let mut out = vec![0u32; strips * groups * 8];
+        for s in 0..strips {
             for gi in 0..groups {
-                let i = r * groups + gi;
-                out[gi * np + r] = u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]);
+                for g in 0..8 {
+                    let r = s * 16 + g;
+                    out[(s * groups + gi) * 8 + g] = f16(r, gi) | f16(r + 8, gi) << 16;
+                }
             }
         }
         out
@@ -83,7 +94,7 @@ pub(crate) fn relay(t: &QuantTensor) -> Relaid {
         chunks,
         groups,
         words,
-        scales: f16s(&t.scales),
-        offsets: t.offsets.as_deref().map(f16s),
+        scales: pairs(&t.scales),
+        offsets: t.offsets.as_deref().map(pairs),
     }
 }
