@@ -1,4 +1,4 @@
-//! int4/int8 weights times integer activations on AVX-512 VNNI.
+//! Packed weights (int8/4/3/2, fp4, mxfp4, nvfp4) times integer activations on AVX-512 VNNI.
 //!
 //! The activations of a matmul are quantized per row in blocks of 32 (`d = amax / 127`,
 //! `q = round(x / d)`, as GGML quantizes activations for its Q4_0/Q8_0 dot products); one
@@ -15,18 +15,24 @@
 //! `vpdpbusd` chain per row: `(sum c*q) * 128 + sum c*lo` is still one exact integer per block.
 //!
 //! Layout (built once at upload): output features in tiles of 16, each tile one contiguous
-//! stream over k, group after group: the group's 32-column blocks of codes, then its 16 f16
-//! scales, then (asymmetric formats) its 16 f16 offsets. A block is 16 features x 32 columns as
-//! 64-byte vectors whose 32-bit lane `f` holds 4 consecutive columns of feature `f`:
+//! stream over k, unit after unit (a unit is a group, or 32 columns for nvfp4's groups of 16):
+//! the unit's 32-column blocks of codes, then its scales for 16 features (f16; bf16 for mxfp4's
+//! powers of two; nvfp4's E4M3 bytes as stored, two sets), then (asymmetric formats) 16 f16
+//! offsets. A block is 16 features x 32 columns as 64-byte vectors whose 32-bit lane `f` holds
+//! 4 consecutive columns of feature `f` (`Layout`):
 //! - int8: vector `c` (0..8) holds columns `4c..4c+4`;
-//! - int4: vector `v` (0..4) holds columns `4v..4v+4` in its low nibbles and `16+4v..16+4v+4` in
-//!   its high ones, so one AND and one shift+AND give two `vpdpbusd` operands.
+//! - int4, E2M1: vector `v` (0..4) holds columns `4v..4v+4` in its low nibbles and
+//!   `16+4v..16+4v+4` in its high ones, so one AND and one shift+AND give two operands;
+//! - int2: 2 vectors of 2-bit fields, 4 operands each; int3: those for the low 2 bits, and one
+//!   vector with a bit per operand for the third.
 //!
 //! Weights are `s * (c - 2^(b-1))` (symmetric) or `s * c + o` (asymmetric), `c` the unsigned
 //! code: the integer sum of `c * q` less `2^(b-1) * sum(q)` is exact, and an offset adds
-//! `o * d * sum(q)` per block. The f16 scales are the format's own, so this layout
-//! holds the same values as `marlin_quant`'s (tested), in 4.5 (int4, group 32) or 8.5 bits a
-//! weight.
+//! `o * d * sum(q)` per block. E2M1 values times 2 are the integers -12..=12, so a 16-byte
+//! `vpshufb` table turns fp4 codes into `2v + 12`, a bias of 12 and a factor 1/2 (and nvfp4's
+//! tensor scale) applied with `d`. The scales are the format's own, so the tiles hold the
+//! same values as `marlin_quant`'s (tested) in the same bits a weight (mxfp4: +0.25 for bf16
+//! scales; nvfp4, int3 and int2 exactly).
 //!
 //! Bound: decode streams the tiles once (memory); prefill is bound by `vpdpbusd` throughput
 //! (one 512-bit op per cycle per core: ~330 G int8 multiply-adds/s on 2 cores at 2.6 GHz).
@@ -70,57 +76,152 @@ pub(crate) fn available() -> bool {
     }
 }
 
-/// An int4 or int8 weight in the tiled layout above.
+/// How a tile stores a block's codes: each layout yields the same 8 `vpdpbusd` operands, vector
+/// `c` holding columns `4c..4c+4` of every feature as unsigned bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// int8: 8 vectors, the operands themselves.
+    U8,
+    /// int4: 4 vectors, operand `c` in the low (c < 4) or high nibbles of vector `c % 4`.
+    U4,
+    /// int3: the low 2 bits as `U2`, then one vector whose byte bit `c` is operand `c`'s bit 2.
+    U3,
+    /// int2: 2 vectors, operand `c` in bits `2 * (c / 2)` of vector `c % 2`.
+    U2,
+    /// E2M1 codes as `U4`, mapped by a 16-byte table to `2 * value + 12` (0..=24): the fp4
+    /// values times 2 are the integers -12..=12.
+    E2m1,
+}
+
+impl Layout {
+    fn block_bytes(self) -> usize {
+        LANES
+            * BLOCK
+            * match self {
+                Layout::U8 => 8,
+                Layout::U4 | Layout::E2m1 => 4,
+                Layout::U3 => 3,
+                Layout::U2 => 2,
+            }
+            / 8
+    }
+}
+
+/// How a tile stores a group's 16 scales: f16 (int, fp4), bf16 (mxfp4's powers of two, any
+/// E8M0 exponent) or the E4M3 bytes themselves (nvfp4; read as f16 of the value times 2^-8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scales {
+    F16,
+    Bf16,
+    E4m3,
+}
+
+/// A packed weight in the tiled layout above.
 pub struct IntWeight {
     pub(crate) rows: usize,
     pub(crate) cols: usize,
+    /// Columns per scale: 16 (nvfp4), or a multiple of 32.
     group: usize,
-    bits: usize,
+    layout: Layout,
+    scales: Scales,
     asym: bool,
+    /// Subtracted from every code (`c - bias` is the integer weight).
+    bias: i32,
+    /// Multiplies every result: 1/2 for E2M1 (codes are twice the values), and for nvfp4 its
+    /// tensor scale times 2^8 (its stored scales are read times 2^-8).
+    factor: f32,
+    /// nvfp4's tensor scale, for `row_into`.
+    tensor_scale: f32,
     pub(crate) perm: Option<Vec<u32>>,
     /// Activations carry a second, low code (`Activations::Int16`).
     lo: bool,
     data: Vec<u8>,
 }
 
+/// `2 * value + 12` for each E2M1 code (`marlin_quant::packed::E2M1`; tested).
+pub(crate) const E2M1_TABLE: [u8; 16] = [12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0];
+
 impl IntWeight {
-    /// Whether `t` fits the integer path: int4/int8 with groups and rows of whole 32-blocks.
+    /// Whether `t` fits the integer path: every format but fp8 (whose values are not small
+    /// integers times a scale), with rows of whole 32-blocks and groups of 16 (nvfp4) or whole
+    /// 32-blocks.
     pub(crate) fn supports(t: &QuantTensor) -> bool {
-        matches!(t.format, QuantFormat::Int { bits: 4 | 8, .. })
-            && t.cols % BLOCK == 0
-            && t.group % BLOCK == 0
+        t.cols % BLOCK == 0
+            && match t.format {
+                QuantFormat::Int { bits, .. } => {
+                    [2, 3, 4, 8].contains(&bits) && t.group % BLOCK == 0
+                }
+                QuantFormat::Fp4 | QuantFormat::Mxfp4 => t.group % BLOCK == 0,
+                QuantFormat::Nvfp4 => t.group == 16,
+                QuantFormat::Fp8 => false,
+            }
     }
 
-    fn block_bytes(&self) -> usize {
-        LANES * BLOCK * self.bits / 8
+    /// Columns one stream unit covers: its blocks of codes, then its scales (two sets for
+    /// groups of 16).
+    fn unit(&self) -> usize {
+        self.group.max(BLOCK)
     }
 
-    fn group_bytes(&self) -> usize {
-        self.group / BLOCK * self.block_bytes() + LANES * 2 * (1 + self.asym as usize)
+    fn scale_sets(&self) -> usize {
+        BLOCK.div_ceil(self.group)
+    }
+
+    fn scale_bytes(&self) -> usize {
+        LANES * if self.scales == Scales::E4m3 { 1 } else { 2 }
+    }
+
+    fn unit_bytes(&self) -> usize {
+        self.unit() / BLOCK * self.layout.block_bytes()
+            + self.scale_sets() * self.scale_bytes()
+            + if self.asym { 2 * LANES } else { 0 }
     }
 
     fn tile_bytes(&self) -> usize {
-        self.cols / self.group * self.group_bytes()
+        self.cols / self.unit() * self.unit_bytes()
     }
 
     /// Re-lays a validated tensor (the caller has checked `supports`), to run against
     /// `activations` (`Int8` or `Int16`).
     pub(crate) fn new(t: &QuantTensor, activations: Activations) -> Self {
-        let QuantFormat::Int { bits, asym } = t.format else {
-            unreachable!("checked by supports")
+        let (layout, scales, bias, factor) = match t.format {
+            QuantFormat::Int { bits, asym } => {
+                let layout = match bits {
+                    8 => Layout::U8,
+                    4 => Layout::U4,
+                    3 => Layout::U3,
+                    _ => Layout::U2,
+                };
+                let bias = if asym { 0 } else { 1 << (bits - 1) };
+                (layout, Scales::F16, bias, 1.0)
+            }
+            QuantFormat::Fp4 => (Layout::E2m1, Scales::F16, 12, 0.5),
+            QuantFormat::Mxfp4 => (Layout::E2m1, Scales::Bf16, 12, 0.5),
+            _ => (
+                Layout::E2m1,
+                Scales::E4m3,
+                12,
+                0.5 * 256.0 * t.tensor_scale.unwrap_or(1.0),
+            ),
         };
         let mut w = Self {
             rows: t.rows,
             cols: t.cols,
             group: t.group,
-            bits: bits as usize,
-            asym,
+            layout,
+            scales,
+            asym: t.format.is_asym(),
+            bias,
+            factor,
+            tensor_scale: t.tensor_scale.unwrap_or(1.0),
             perm: t.perm.clone(),
             lo: activations == Activations::Int16,
             data: Vec::new(),
         };
-        let (tile_bytes, group_bytes, block_bytes) =
-            (w.tile_bytes(), w.group_bytes(), w.block_bytes());
+        let (tile_bytes, unit_bytes, block_bytes) =
+            (w.tile_bytes(), w.unit_bytes(), layout.block_bytes());
+        let (unit, bits, sets) = (w.unit(), t.format.bits(), w.scale_sets());
+        let codes_bytes = unit / BLOCK * block_bytes;
         let mut data = vec![0u8; t.rows.div_ceil(LANES) * tile_bytes];
         let row_bytes = t.row_bytes();
         data.par_chunks_mut(tile_bytes)
@@ -129,26 +230,45 @@ impl IntWeight {
                 for lane in 0..LANES.min(t.rows - tile * LANES) {
                     let r = tile * LANES + lane;
                     let codes = &t.codes[r * row_bytes..(r + 1) * row_bytes];
-                    for g in 0..t.cols / t.group {
-                        let gp = &mut out[g * group_bytes..(g + 1) * group_bytes];
-                        for col in 0..t.group {
-                            let c = get_code(codes, w.bits, g * t.group + col);
+                    for u in 0..t.cols / unit {
+                        let up = &mut out[u * unit_bytes..(u + 1) * unit_bytes];
+                        for col in 0..unit {
+                            let c = get_code(codes, bits, u * unit + col);
                             let (block, i) = (col / BLOCK, col % BLOCK);
                             let base = block * block_bytes + lane * 4 + i % 4;
-                            if w.bits == 8 {
-                                gp[base + i / 4 * 64] = c;
-                            } else {
-                                let v = (i % 16) / 4;
-                                gp[base + v * 64] |= c << (4 * (i / 16));
+                            let op = i / 4;
+                            match layout {
+                                Layout::U8 => up[base + op * 64] = c,
+                                Layout::U4 | Layout::E2m1 => {
+                                    up[base + (op % 4) * 64] |= c << (4 * (op / 4))
+                                }
+                                Layout::U2 | Layout::U3 => {
+                                    up[base + (op % 2) * 64] |= (c & 3) << (2 * (op / 2));
+                                    if layout == Layout::U3 {
+                                        up[base + 128] |= (c >> 2 & 1) << op;
+                                    }
+                                }
                             }
                         }
-                        let params = &mut gp[t.group / BLOCK * block_bytes..];
-                        let put = |p: &mut [u8], at: usize, v: f32| {
-                            p[2 * at..2 * at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes())
-                        };
-                        put(params, lane, t.group_scale(r, g));
-                        if asym {
-                            put(params, LANES + lane, t.group_offset(r, g));
+                        let params = &mut up[codes_bytes..];
+                        for set in 0..sets {
+                            let g = (u * unit + set * w.group) / t.group;
+                            let at = set * w.scale_bytes();
+                            match scales {
+                                Scales::F16 => put_f16(params, at, lane, t.group_scale(r, g)),
+                                Scales::Bf16 => {
+                                    let b = half::bf16::from_f32(t.group_scale(r, g));
+                                    params[at + 2 * lane..at + 2 * lane + 2]
+                                        .copy_from_slice(&b.to_le_bytes())
+                                }
+                                Scales::E4m3 => {
+                                    params[at + lane] = t.scales[r * t.cols / t.group + g]
+                                }
+                            }
+                        }
+                        if w.asym {
+                            let at = sets * w.scale_bytes();
+                            put_f16(params, at, lane, t.group_offset(r, u));
                         }
                     }
                 }
@@ -157,45 +277,72 @@ impl IntWeight {
         w
     }
 
+    /// Scale `set` of a unit's parameters for `lane`, as the format defines it.
+    fn scale(&self, params: &[u8], set: usize, lane: usize) -> f32 {
+        let at = set * self.scale_bytes();
+        let two = |i: usize| [params[i], params[i + 1]];
+        match self.scales {
+            Scales::F16 => f16::from_le_bytes(two(at + 2 * lane)).to_f32(),
+            Scales::Bf16 => half::bf16::from_le_bytes(two(at + 2 * lane)).to_f32(),
+            Scales::E4m3 => {
+                marlin_quant::packed::e4m3_to_f32(params[at + lane]) * self.tensor_scale
+            }
+        }
+    }
+
     /// Row `r` over the input columns, bitwise `QuantTensor::dequantize_row`.
     pub(crate) fn row_into(&self, r: usize, out: &mut [f32]) {
         let (tile, lane) = (r / LANES, r % LANES);
         let t = &self.data[tile * self.tile_bytes()..];
-        let bias = if self.asym {
-            0.0
-        } else {
-            (1 << (self.bits - 1)) as f32
-        };
-        for g in 0..self.cols / self.group {
-            let gp = &t[g * self.group_bytes()..];
-            let params = &gp[self.group / BLOCK * self.block_bytes()..];
-            let param = |at: usize| f16::from_le_bytes([params[2 * at], params[2 * at + 1]]);
-            let s = param(lane).to_f32();
-            let o = if self.asym {
-                param(LANES + lane).to_f32()
+        let (unit, block_bytes) = (self.unit(), self.layout.block_bytes());
+        for u in 0..self.cols / unit {
+            let up = &t[u * self.unit_bytes()..];
+            let params = &up[unit / BLOCK * block_bytes..];
+            let offset = if self.asym {
+                let at = self.scale_sets() * self.scale_bytes() + 2 * lane;
+                f16::from_le_bytes([params[at], params[at + 1]]).to_f32()
             } else {
                 0.0
             };
-            for col in 0..self.group {
+            for col in 0..unit {
                 let (block, i) = (col / BLOCK, col % BLOCK);
-                let base = block * self.block_bytes() + lane * 4 + i % 4;
-                let c = if self.bits == 8 {
-                    gp[base + i / 4 * 64]
-                } else {
-                    gp[base + (i % 16) / 4 * 64] >> (4 * (i / 16)) & 15
+                let base = block * block_bytes + lane * 4 + i % 4;
+                let op = i / 4;
+                let c = match self.layout {
+                    Layout::U8 => up[base + op * 64],
+                    Layout::U4 | Layout::E2m1 => up[base + (op % 4) * 64] >> (4 * (op / 4)) & 15,
+                    Layout::U2 | Layout::U3 => {
+                        let low = up[base + (op % 2) * 64] >> (2 * (op / 2)) & 3;
+                        if self.layout == Layout::U3 {
+                            low | (up[base + 128] >> op & 1) << 2
+                        } else {
+                            low
+                        }
+                    }
                 };
-                let q = c as f32 - bias;
-                let stored = g * self.group + col;
+                let s = self.scale(params, col / self.group, lane);
+                let q = if self.layout == Layout::E2m1 {
+                    // (2v + 12 - 12) / 2 is v exactly.
+                    (E2M1_TABLE[c as usize] as i32 - self.bias) as f32 * 0.5
+                } else {
+                    (c as i32 - self.bias) as f32
+                };
+                let stored = u * unit + col;
                 let dst = self.perm.as_ref().map_or(stored, |p| p[stored] as usize);
-                out[dst] = if self.asym { q * s + o } else { q * s };
+                out[dst] = if self.asym { q * s + offset } else { q * s };
             }
         }
     }
 }
 
+fn put_f16(params: &mut [u8], at: usize, lane: usize, v: f32) {
+    params[at + 2 * lane..at + 2 * lane + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes())
+}
+
 /// Rows of activations quantized per 32-block: codes (and low codes for `Int16`), block
-/// scales, and block code sums. For `Int16` a block's scale is `d / 128` and its sum
-/// `128 * sum(q) + sum(lo)`, so both precisions apply them alike.
+/// scales, and two code sums per block, over its first 16 codes and over all 32 (groups of 16
+/// need the halves). For `Int16` a block's scale is `d / 128` and a sum `128 * sum(q) +
+/// sum(lo)`, so both precisions apply them alike.
 #[derive(Default)]
 pub(crate) struct QuantizedRows {
     pub(crate) codes: Vec<i8>,
@@ -267,7 +414,7 @@ pub(crate) fn quantize_rows(
     // Without low codes the kernel never reads them; the slices below still need a block each.
     q.lo.resize(if lo { rows * k } else { BLOCK }, 0);
     q.scales.resize(blocks, 0.0);
-    q.sums.resize(blocks, 0);
+    q.sums.resize(2 * blocks, 0);
     let lo_step = if lo { BLOCK } else { 0 };
     let (codes, lows) = (SyncPtr(q.codes.as_mut_ptr()), SyncPtr(q.lo.as_mut_ptr()));
     let (scales, sums) = (SyncPtr(q.scales.as_mut_ptr()), SyncPtr(q.sums.as_mut_ptr()));
@@ -280,7 +427,7 @@ pub(crate) fn quantize_rows(
                 codes.get().add(i * BLOCK),
                 lo.then(|| lows.get().add(i * lo_step)),
                 scales.get().add(i),
-                sums.get().add(i),
+                sums.get().add(2 * i),
             )
         }
     };
@@ -307,7 +454,7 @@ use std::arch::x86_64::*;
 
 /// One block: `codes[i] = round_ties_even(y[i])` for `y = x * 127 / amax`, and with `lo`,
 /// `lo[i] = round_ties_even((y[i] - codes[i]) * 128)` (the difference and the product are
-/// exact in f32).
+/// exact in f32); `sums[0..2]` the sums over the first 16 and all 32.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn quantize_block(
@@ -326,11 +473,15 @@ unsafe fn quantize_block(
     let (qa, qb) = (_mm512_cvtps_epi32(ya), _mm512_cvtps_epi32(yb));
     _mm_storeu_si128(codes.cast(), _mm512_cvtepi32_epi8(qa));
     _mm_storeu_si128(codes.add(16).cast(), _mm512_cvtepi32_epi8(qb));
-    let total = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+    let (first, total) = (
+        _mm512_reduce_add_epi32(qa),
+        _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)),
+    );
     match lo {
         None => {
             *scale = d;
-            *sum = total;
+            *sum = first;
+            *sum.add(1) = total;
         }
         Some(lo) => {
             let low = |y, q| {
@@ -341,7 +492,8 @@ unsafe fn quantize_block(
             _mm_storeu_si128(lo.cast(), _mm512_cvtepi32_epi8(la));
             _mm_storeu_si128(lo.add(16).cast(), _mm512_cvtepi32_epi8(lb));
             *scale = d / 128.0;
-            *sum = 128 * total + _mm512_reduce_add_epi32(_mm512_add_epi32(la, lb));
+            *sum = 128 * first + _mm512_reduce_add_epi32(la);
+            *sum.add(1) = 128 * total + _mm512_reduce_add_epi32(_mm512_add_epi32(la, lb));
         }
     }
 }
@@ -363,38 +515,49 @@ unsafe fn run_tiles(
     t1: usize,
     out: *mut f32,
 ) {
+    // One instantiation per weight kind and activation precision; the row count picks the
+    // tile height.
     macro_rules! rows {
-        ($bits:literal, $asym:literal) => {
+        ($layout:ident, $scales:ident, $asym:literal, $half:literal) => {
             if w.lo {
-                rows!($bits, $asym, true)
+                rows!($layout, $scales, $asym, $half, true)
             } else {
-                rows!($bits, $asym, false)
+                rows!($layout, $scales, $asym, $half, false)
             }
         };
-        ($bits:literal, $asym:literal, $lo:literal) => {
+        ($layout:ident, $scales:ident, $asym:literal, $half:literal, $lo:literal) => {{
+            const L: u8 = Layout::$layout as u8;
+            const S: u8 = Scales::$scales as u8;
             for t in t0..t1 {
                 for r in (r0..r1).step_by(TILE_ROWS) {
                     // The first row tile streams the weights; later ones find them in L1.
                     let args = (w, qx, r, t, out, r == r0);
                     match (r1 - r).min(TILE_ROWS) {
-                        1 => tile::<1, $bits, $asym, $lo>(args),
-                        2 => tile::<2, $bits, $asym, $lo>(args),
-                        3 => tile::<3, $bits, $asym, $lo>(args),
-                        4 => tile::<4, $bits, $asym, $lo>(args),
-                        5 => tile::<5, $bits, $asym, $lo>(args),
-                        6 => tile::<6, $bits, $asym, $lo>(args),
-                        7 => tile::<7, $bits, $asym, $lo>(args),
-                        _ => tile::<8, $bits, $asym, $lo>(args),
+                        1 => tile::<1, L, S, $asym, $half, $lo>(args),
+                        2 => tile::<2, L, S, $asym, $half, $lo>(args),
+                        3 => tile::<3, L, S, $asym, $half, $lo>(args),
+                        4 => tile::<4, L, S, $asym, $half, $lo>(args),
+                        5 => tile::<5, L, S, $asym, $half, $lo>(args),
+                        6 => tile::<6, L, S, $asym, $half, $lo>(args),
+                        7 => tile::<7, L, S, $asym, $half, $lo>(args),
+                        _ => tile::<8, L, S, $asym, $half, $lo>(args),
                     }
                 }
             }
-        };
+        }};
     }
-    match (w.bits, w.asym) {
-        (4, false) => rows!(4, false),
-        (4, true) => rows!(4, true),
-        (8, false) => rows!(8, false),
-        _ => rows!(8, true),
+    match (w.layout, w.scales, w.asym) {
+        (Layout::U8, _, false) => rows!(U8, F16, false, false),
+        (Layout::U8, _, true) => rows!(U8, F16, true, false),
+        (Layout::U4, _, false) => rows!(U4, F16, false, false),
+        (Layout::U4, _, true) => rows!(U4, F16, true, false),
+        (Layout::U3, _, false) => rows!(U3, F16, false, false),
+        (Layout::U3, _, true) => rows!(U3, F16, true, false),
+        (Layout::U2, _, false) => rows!(U2, F16, false, false),
+        (Layout::U2, _, true) => rows!(U2, F16, true, false),
+        (Layout::E2m1, Scales::F16, _) => rows!(E2m1, F16, false, false),
+        (Layout::E2m1, Scales::Bf16, _) => rows!(E2m1, Bf16, false, false),
+        (Layout::E2m1, Scales::E4m3, _) => rows!(E2m1, E4m3, false, true),
     }
 }
 
@@ -411,64 +574,113 @@ unsafe fn run_tiles(
     unreachable!("the integer path needs AVX-512 VNNI")
 }
 
-/// Rows `r..r + R` against the 16 features of tile `t`.
+/// One scale set (16 lanes) of a unit's parameters as f32.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn tile<const R: usize, const BITS: usize, const ASYM: bool, const LO: bool>(
+unsafe fn load_scales<const S: u8>(p: *const u8) -> __m512 {
+    if S == Scales::F16 as u8 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+    } else if S == Scales::Bf16 as u8 {
+        let w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w))
+    } else {
+        // E4M3's sign and 7 magnitude bits placed in an f16: the value times 2^-8, exactly.
+        let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(p.cast()));
+        let h = _mm256_or_si256(
+            _mm256_and_si256(
+                _mm256_slli_epi16::<8>(b),
+                _mm256_set1_epi16(0x8000u16 as i16),
+            ),
+            _mm256_and_si256(_mm256_slli_epi16::<7>(b), _mm256_set1_epi16(0x3f80)),
+        );
+        _mm512_cvtph_ps(h)
+    }
+}
+
+/// Rows `r..r + R` against the 16 features of tile `t`. `HALF`: scales per 16 columns, so each
+/// block's operands 0..4 and 4..8 are summed and scaled apart.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn tile<
+    const R: usize,
+    const L: u8,
+    const S: u8,
+    const ASYM: bool,
+    const HALF: bool,
+    const LO: bool,
+>(
     (w, qx, r, t, out, prefetch): (&IntWeight, &QuantizedRows, usize, usize, *mut f32, bool),
 ) {
     let k = w.cols;
     let nb = k / BLOCK;
-    let bias = if ASYM { 0 } else { 1i32 << (BITS - 1) };
-    let block_bytes = LANES * BLOCK * BITS / 8;
-    let blocks_per_group = w.group / BLOCK;
+    let bias = w.bias;
+    let block_bytes = w.layout.block_bytes();
+    let (unit, scale_bytes) = (w.unit(), w.scale_bytes());
+    let blocks_per_unit = unit / BLOCK;
     let codes = qx.codes.as_ptr().add(r * k);
     let lo = qx.lo.as_ptr().add(if LO { r * k } else { 0 });
     let scales = qx.scales.as_ptr().add(r * nb);
-    let sums = qx.sums.as_ptr().add(r * nb);
+    let sums = qx.sums.as_ptr().add(2 * r * nb);
     let mut p = w.data.as_ptr().add(t * w.tile_bytes());
     let mut acc = [_mm512_setzero_ps(); R];
-    for g in 0..k / w.group {
-        let params = p.add(blocks_per_group * block_bytes);
-        let scale = _mm512_cvtph_ps(_mm256_loadu_si256(params.cast()));
+    for u in 0..k / unit {
+        let params = p.add(blocks_per_unit * block_bytes);
+        let scale = load_scales::<S>(params);
+        let scale2 = if HALF {
+            load_scales::<S>(params.add(scale_bytes))
+        } else {
+            scale
+        };
         let offset = if ASYM {
-            _mm512_cvtph_ps(_mm256_loadu_si256(params.add(2 * LANES).cast()))
+            _mm512_cvtph_ps(_mm256_loadu_si256(params.add(scale_bytes).cast()))
         } else {
             _mm512_setzero_ps()
         };
-        for b in g * blocks_per_group..(g + 1) * blocks_per_group {
+        for b in u * blocks_per_unit..(u + 1) * blocks_per_unit {
             if prefetch {
                 for line in (0..block_bytes).step_by(64) {
                     _mm_prefetch::<_MM_HINT_T0>(p.add(PREFETCH_AHEAD + line).cast());
                 }
             }
-            let wv = unpack::<BITS>(p);
+            let wv = unpack::<L>(p);
             p = p.add(block_bytes);
             for (i, acc) in acc.iter_mut().enumerate() {
                 let at = i * k + b * BLOCK;
-                let (d, sum) = (*scales.add(i * nb + b), *sums.add(i * nb + b));
-                let dot = |mut s, x: *const i8| {
-                    for (c, wv) in wv.iter().enumerate() {
-                        let xs = _mm512_set1_epi32(x.add(4 * c).cast::<i32>().read_unaligned());
-                        s = _mm512_dpbusd_epi32(s, *wv, xs);
+                let d = *scales.add(i * nb + b) * w.factor;
+                let (first, sum) = (*sums.add(2 * (i * nb + b)), *sums.add(2 * (i * nb + b) + 1));
+                // sum_c (code_c - bias) * x_c over operands `ops`, exactly.
+                let dot = |ops: std::ops::Range<usize>, sum: i32| {
+                    let chain = |mut s, x: *const i8| {
+                        for c in ops.clone() {
+                            let xs = _mm512_set1_epi32(x.add(4 * c).cast::<i32>().read_unaligned());
+                            s = _mm512_dpbusd_epi32(s, wv[c], xs);
+                        }
+                        s
+                    };
+                    let bias_sum = _mm512_set1_epi32(-bias * sum);
+                    if LO {
+                        let high = chain(_mm512_setzero_si512(), codes.add(at));
+                        _mm512_add_epi32(_mm512_slli_epi32::<7>(high), chain(bias_sum, lo.add(at)))
+                    } else {
+                        chain(bias_sum, codes.add(at))
                     }
-                    s
                 };
-                let bias_sum = _mm512_set1_epi32(-bias * sum);
-                let s = if LO {
-                    let high = dot(_mm512_setzero_si512(), codes.add(at));
-                    _mm512_add_epi32(_mm512_slli_epi32::<7>(high), dot(bias_sum, lo.add(at)))
+                if HALF {
+                    let (sa, sb) = (dot(0..4, first), dot(4..8, sum - first));
+                    let da = _mm512_mul_ps(scale, _mm512_set1_ps(d));
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sa), da, *acc);
+                    let db = _mm512_mul_ps(scale2, _mm512_set1_ps(d));
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sb), db, *acc);
                 } else {
-                    dot(bias_sum, codes.add(at))
-                };
-                let ds = _mm512_mul_ps(scale, _mm512_set1_ps(d));
-                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), ds, *acc);
-                if ASYM {
-                    *acc = _mm512_fmadd_ps(offset, _mm512_set1_ps(d * sum as f32), *acc);
+                    let ds = _mm512_mul_ps(scale, _mm512_set1_ps(d));
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot(0..8, sum)), ds, *acc);
+                    if ASYM {
+                        *acc = _mm512_fmadd_ps(offset, _mm512_set1_ps(d * sum as f32), *acc);
+                    }
                 }
             }
         }
-        p = params.add(2 * LANES * (1 + ASYM as usize));
+        p = p.add(w.unit_bytes() - blocks_per_unit * block_bytes);
     }
     let n = w.rows;
     let lanes = LANES.min(n - t * LANES);
@@ -478,21 +690,43 @@ unsafe fn tile<const R: usize, const BITS: usize, const ASYM: bool, const LO: bo
     }
 }
 
-/// The 8 `vpdpbusd` weight operands of one block: vector `c` holds columns `4c..4c+4`.
+/// The 8 `vpdpbusd` weight operands of one block: vector `c` holds columns `4c..4c+4`, as
+/// unsigned bytes (see `Layout`).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn unpack<const BITS: usize>(p: *const u8) -> [__m512i; 8] {
-    if BITS == 8 {
-        std::array::from_fn(|c| _mm512_loadu_si512(p.add(64 * c).cast()))
+unsafe fn unpack<const L: u8>(p: *const u8) -> [__m512i; 8] {
+    let load = |i: usize| _mm512_loadu_si512(p.add(64 * i).cast());
+    let mask = |v, m: i8| _mm512_and_si512(v, _mm512_set1_epi8(m));
+    // Shifts move 16-bit lanes; the masks after them drop the bits that cross between bytes.
+    let right = |v, n: u32| _mm512_srl_epi16(v, _mm_cvtsi32_si128(n as i32));
+    if L == Layout::U8 as u8 {
+        std::array::from_fn(load)
+    } else if L == Layout::U4 as u8 || L == Layout::E2m1 as u8 {
+        let v: [__m512i; 4] = std::array::from_fn(load);
+        let ops = std::array::from_fn(|c| mask(right(v[c % 4], 4 * (c / 4) as u32), 15));
+        if L == Layout::E2m1 as u8 {
+            let table = _mm512_broadcast_i32x4(_mm_loadu_si128(E2M1_TABLE.as_ptr().cast()));
+            ops.map(|o| _mm512_shuffle_epi8(table, o))
+        } else {
+            ops
+        }
     } else {
-        let low = _mm512_set1_epi8(15);
-        let v: [__m512i; 4] = std::array::from_fn(|i| _mm512_loadu_si512(p.add(64 * i).cast()));
-        std::array::from_fn(|c| {
-            if c < 4 {
-                _mm512_and_si512(v[c], low)
-            } else {
-                _mm512_and_si512(_mm512_srli_epi16::<4>(v[c - 4]), low)
-            }
-        })
+        let v: [__m512i; 2] = std::array::from_fn(load);
+        let low: [__m512i; 8] =
+            std::array::from_fn(|c| mask(right(v[c % 2], 2 * (c / 2) as u32), 3));
+        if L == Layout::U3 as u8 {
+            // Bit c of each byte of the third vector, moved to bit 2.
+            let bits = load(2);
+            std::array::from_fn(|c| {
+                let b = if c <= 2 {
+                    _mm512_sll_epi16(bits, _mm_cvtsi32_si128(2 - c as i32))
+                } else {
+                    _mm512_srl_epi16(bits, _mm_cvtsi32_si128(c as i32 - 2))
+                };
+                _mm512_or_si512(low[c], mask(b, 4))
+            })
+        } else {
+            low
+        }
     }
 }

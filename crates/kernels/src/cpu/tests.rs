@@ -831,66 +831,90 @@ fn gguf_blocks_run_losslessly() {
     }
 }
 
-// ---- int8 activations (VNNI) ------------------------------------------------------------------
+// ---- integer activations (VNNI) ---------------------------------------------------------------
 
 /// What the integer path computes, spelled out in scalar arithmetic from the tensor itself:
-/// activations quantized per 32-block, exact integer block sums, then the same f32 operations
-/// in the same order. The VNNI kernel must match it bit for bit.
-fn int8_reference(
+/// activations quantized per 32-block (one code, or two for `Int16`), codes as unsigned
+/// integers less a bias (E2M1 codes as twice their value plus 12), exact integer sums per block
+/// (per 16 columns for nvfp4), then the same f32 operations in the same order. The VNNI kernel
+/// must match it bit for bit.
+fn integer_reference(
     t: &marlin_quant::QuantTensor,
     x: &[f32],
     rows: usize,
     activations: Activations,
 ) -> Vec<f32> {
-    use super::int8dot::{block_scale, BLOCK};
-    let QuantFormat::Int { bits, asym } = t.format else {
-        unreachable!()
+    use super::int8dot::{block_scale, BLOCK, E2M1_TABLE};
+    use marlin_quant::packed::{e4m3_to_f32, get_code};
+    let (n, k, bits) = (t.rows, t.cols, t.format.bits());
+    let fp4 = matches!(
+        t.format,
+        QuantFormat::Fp4 | QuantFormat::Mxfp4 | QuantFormat::Nvfp4
+    );
+    let bias = match t.format {
+        QuantFormat::Int { asym: true, .. } => 0,
+        QuantFormat::Int { bits, .. } => 1i32 << (bits - 1),
+        _ => 12,
     };
-    let (n, k) = (t.rows, t.cols);
-    let bias = if asym { 0 } else { 1i32 << (bits - 1) };
+    let ts = t.tensor_scale.unwrap_or(1.0);
+    let (factor, half) = match t.format {
+        QuantFormat::Nvfp4 => (0.5 * 256.0 * ts, true),
+        _ if fp4 => (0.5, false),
+        _ => (1.0, false),
+    };
+    // The stored scale as the kernel reads it (nvfp4's E4M3 times 2^-8; the others exact).
+    let scale = |j: usize, g: usize| match t.format {
+        QuantFormat::Nvfp4 => e4m3_to_f32(t.scales[j * k / t.group + g]) / 256.0,
+        _ => t.group_scale(j, g),
+    };
     let mut out = vec![0.0f32; rows * n];
     for r in 0..rows {
         let row: Vec<f32> = match &t.perm {
             None => x[r * k..(r + 1) * k].to_vec(),
             Some(p) => p.iter().map(|&c| x[r * k + c as usize]).collect(),
         };
-        let blocks: Vec<(Vec<i32>, f32, i32)> = row
+        let blocks: Vec<(Vec<i32>, f32)> = row
             .chunks(BLOCK)
             .map(|b| {
                 let (d, inv) = block_scale(b.iter().fold(0.0f32, |m, v| m.max(v.abs())));
                 let y: Vec<f32> = b.iter().map(|v| v * inv).collect();
                 let q: Vec<i32> = y.iter().map(|y| y.round_ties_even() as i32).collect();
                 if activations == Activations::Int8 {
-                    let sum = q.iter().sum();
-                    return (q, d, sum);
+                    return (q, d);
                 }
                 // Two codes: q * 128 + lo, lo the remainder in 128ths.
-                let q: Vec<i32> = y
+                let q = y
                     .iter()
                     .zip(&q)
                     .map(|(y, &q)| 128 * q + ((y - q as f32) * 128.0).round_ties_even() as i32)
                     .collect();
-                let sum = q.iter().sum();
-                (q, d / 128.0, sum)
+                (q, d / 128.0)
             })
             .collect();
         for j in 0..n {
             let codes = &t.codes[j * t.row_bytes()..(j + 1) * t.row_bytes()];
+            let weight = |col: usize| {
+                let c = get_code(codes, bits, col);
+                (if fp4 { E2M1_TABLE[c as usize] } else { c }) as i32 - bias
+            };
             let mut acc = 0.0f32;
-            for g in 0..k / t.group {
-                let (scale, offset) = (t.group_scale(j, g), t.group_offset(j, g));
-                for b in g * t.group / BLOCK..(g + 1) * t.group / BLOCK {
-                    let (q, d, sum) = &blocks[b];
-                    let dot: i32 = (0..BLOCK)
-                        .map(|i| {
-                            marlin_quant::packed::get_code(codes, bits as usize, b * BLOCK + i)
-                                as i32
-                                * q[i]
-                        })
-                        .sum();
-                    acc = ((dot - bias * sum) as f32).mul_add(scale * d, acc);
-                    if asym {
-                        acc = offset.mul_add(d * *sum as f32, acc);
+            for (b, (q, d)) in blocks.iter().enumerate() {
+                let d = d * factor;
+                let sum = |cols: std::ops::Range<usize>| -> i32 {
+                    cols.map(|i| weight(b * BLOCK + i) * q[i]).sum()
+                };
+                if half {
+                    for part in 0..2 {
+                        let g = (b * BLOCK + 16 * part) / t.group;
+                        let s = sum(16 * part..16 * part + 16);
+                        acc = (s as f32).mul_add(scale(j, g) * d, acc);
+                    }
+                } else {
+                    let g = b * BLOCK / t.group;
+                    acc = (sum(0..BLOCK) as f32).mul_add(scale(j, g) * d, acc);
+                    if bias == 0 && !fp4 {
+                        let codes: i32 = q.iter().sum();
+                        acc = t.group_offset(j, g).mul_add(d * codes as f32, acc);
                     }
                 }
             }
@@ -898,6 +922,17 @@ fn int8_reference(
         }
     }
     out
+}
+
+#[test]
+fn e2m1_table_is_twice_the_value_plus_12() {
+    for (c, &u) in super::int8dot::E2M1_TABLE.iter().enumerate() {
+        assert_eq!(
+            u as f32,
+            2.0 * marlin_quant::packed::E2M1[c] + 12.0,
+            "code {c}"
+        );
+    }
 }
 
 #[test]
@@ -914,18 +949,26 @@ fn integer_activation_matmul_is_the_scalar_definition_for_any_rows() {
 fn integer_activation_case(activations: Activations) {
     let mut rng = rng();
     let b = CpuBackend::with_isa(2, Isa::detect(), activations).unwrap();
+    let int = |bits, asym| QuantFormat::Int { bits, asym };
     let cases = [
-        (4, false, 32, false),
-        (4, true, 32, false),
-        (4, true, 64, true),
-        (8, false, 32, false),
-        (8, true, PER_CHANNEL, false),
-        (4, false, 128, false),
+        (int(4, false), 32, false),
+        (int(4, true), 32, false),
+        (int(4, true), 64, true),
+        (int(8, false), 32, false),
+        (int(8, true), PER_CHANNEL, false),
+        (int(4, false), 128, false),
+        (int(3, false), 32, false),
+        (int(3, true), 64, true),
+        (int(2, false), 32, false),
+        (int(2, true), 128, false),
+        (QuantFormat::Fp4, 32, false),
+        (QuantFormat::Fp4, PER_CHANNEL, true),
+        (QuantFormat::Mxfp4, 32, false),
+        (QuantFormat::Nvfp4, 16, true),
     ];
-    for (bits, asym, group, perm) in cases {
-        let format = QuantFormat::Int { bits, asym };
-        // 37 features: two whole tiles and a partial one; k an odd number of groups.
-        let (n, k) = (37, if group == PER_CHANNEL { 608 } else { 5 * group });
+    for (format, group, perm) in cases {
+        // 37 features: two whole tiles and a partial one; k an odd number of 32-blocks.
+        let (n, k) = (37, if group <= 32 { 160 + 448 } else { 5 * group });
         let (host, _) = packed_weight(&mut rng, format, group, perm, n, k);
         let marlin_quant::WeightData::Quant(t) = &host.data else {
             unreachable!()
@@ -939,7 +982,7 @@ fn integer_activation_case(activations: Activations) {
         // A zero block and a large outlier exercise the scale's edge cases.
         x[k..k + 32].fill(0.0);
         x[5 * k + 3] = 40.0;
-        let want = int8_reference(t, &x, 300, activations);
+        let want = integer_reference(t, &x, 300, activations);
         for rows in [1, 5, 16, 17, 300] {
             let got = run_matmul(&b, &x, &w, rows);
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
