@@ -44,6 +44,25 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on /v1 routes
     #[arg(long)]
     pub api_key: Option<String>,
+    /// What the KV cache stores: f16 (half the bytes decode attention reads per step, keys and
+    /// values rounded to f16; its cost is measured in docs/benchmarks.md) or f32
+    #[arg(long, value_enum, default_value_t = KvDtype::F16)]
+    pub kv_dtype: KvDtype,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvDtype {
+    F16,
+    F32,
+}
+
+impl KvDtype {
+    fn bytes(self) -> u64 {
+        match self {
+            KvDtype::F16 => 2,
+            KvDtype::F32 => 4,
+        }
+    }
 }
 
 /// MemAvailable from /proc/meminfo, in bytes.
@@ -57,10 +76,15 @@ fn available_memory() -> Option<u64> {
 /// Fraction of the available memory the KV cache may take by default.
 const KV_MEMORY_FRACTION: f64 = 1.0 / 3.0;
 
-fn default_kv_blocks(config: &marlin_model::ModelConfig, block_size: usize, seqs: usize) -> usize {
-    // f32 keys and values for every layer.
-    let bytes_per_block = (config.num_layers * 2 * config.num_kv_heads * config.head_dim * 4)
-        as u64
+fn default_kv_blocks(
+    config: &marlin_model::ModelConfig,
+    kv_dtype: KvDtype,
+    block_size: usize,
+    seqs: usize,
+) -> usize {
+    // Keys and values for every layer.
+    let bytes_per_block = (config.num_layers * 2 * config.num_kv_heads * config.head_dim) as u64
+        * kv_dtype.bytes()
         * block_size as u64;
     let wanted = seqs * config.max_context.div_ceil(block_size);
     let affordable = available_memory().map_or(wanted as u64, |m| {
@@ -107,15 +131,21 @@ pub fn run(args: ServeArgs) -> Result<()> {
     // The same loading flags as every other command (--dtype, --quantize, ...).
     let options = args.model.load_options()?;
     let cpu = (args.model.threads, args.model.activations());
-    let (num_kv_blocks, block_size, max_num_seqs) =
-        (args.num_kv_blocks, args.block_size, args.max_num_seqs);
+    let (num_kv_blocks, block_size, max_num_seqs, kv_dtype) = (
+        args.num_kv_blocks,
+        args.block_size,
+        args.max_num_seqs,
+        args.kv_dtype,
+    );
     let load = move || -> std::result::Result<LoadedModel, LoadError> {
         let path = crate::models::resolve(model.as_deref())?;
         let files = ModelFiles::open(&path)?;
-        let backend = CpuBackend::with_activations(cpu.0, cpu.1)?;
+        let backend =
+            CpuBackend::with_activations(cpu.0, cpu.1)?.with_f16_kv(kv_dtype == KvDtype::F16);
         let weights = files.load_with(backend, &options)?;
-        let blocks = num_kv_blocks
-            .unwrap_or_else(|| default_kv_blocks(&weights.config, block_size, max_num_seqs));
+        let blocks = num_kv_blocks.unwrap_or_else(|| {
+            default_kv_blocks(&weights.config, kv_dtype, block_size, max_num_seqs)
+        });
         eprintln!(
             "KV cache: {blocks} blocks of {block_size} tokens ({} tokens)",
             blocks * block_size

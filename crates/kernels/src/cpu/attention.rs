@@ -26,8 +26,8 @@
 //! per layer; one decode token at 2048 keys 230 us, limited by there being only kv_heads = 3
 //! tasks.
 
-use super::simd::{dispatch, dot, F32x16, Isa};
-use super::{KvCache, Step, SyncPtr};
+use super::simd::{dispatch, dot, Elem, F32x16, Isa};
+use super::{KvCache, KvData, Step, SyncPtr};
 use rayon::prelude::*;
 use rayon::ThreadPool;
 use std::cell::RefCell;
@@ -71,8 +71,9 @@ fn partitions(keys: usize) -> usize {
 /// one sum per query. `partial`: see [`Task`].
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn block_body<V: F32x16>(
+unsafe fn block_body<V: F32x16, E: Elem>(
     job: &Job<'_>,
+    (kp, vp): (*const E, *const E),
     seq: usize,
     kvh: usize,
     t0: usize,
@@ -100,7 +101,6 @@ unsafe fn block_body<V: F32x16>(
         Some(p) => p.add(i * (hd + 2) + 2),
         None => out.add(row(i)),
     };
-    let (kp, vp) = (job.cache.k.as_ptr(), job.cache.v.as_ptr());
     let (maxes, sums) = (
         scratch.add(queries * PARTITION),
         scratch.add(queries * PARTITION + queries),
@@ -125,7 +125,7 @@ unsafe fn block_body<V: F32x16>(
             while j + 4 <= end {
                 let s = &slots[j - p0..j - p0 + 4];
                 let k4 = [kp.add(s[0]), kp.add(s[1]), kp.add(s[2]), kp.add(s[3])];
-                for (c, s) in V::hsum4(dot4::<V>(qi, k4, hd)).into_iter().enumerate() {
+                for (c, s) in V::hsum4(dot4::<V, E>(qi, k4, hd)).into_iter().enumerate() {
                     let s = s * job.scale;
                     *scores.add(j - p0 + c) = s;
                     max = max.max(s);
@@ -133,7 +133,11 @@ unsafe fn block_body<V: F32x16>(
                 j += 4;
             }
             for j in j..end {
-                let s = dot::<V>(qi, kp.add(slots[j - p0]), hd) * job.scale;
+                let k = kp.add(slots[j - p0]);
+                let s = match E::as_f32(k) {
+                    Some(k) => dot::<V>(qi, k, hd),
+                    None => V::hsum4(dot4::<V, E>(qi, [k; 4], hd))[0],
+                } * job.scale;
                 *scores.add(j - p0) = s;
                 max = max.max(s);
             }
@@ -174,9 +178,9 @@ unsafe fn block_body<V: F32x16>(
                     for (a, acc) in acc.iter_mut().enumerate() {
                         let at = a * 16;
                         if at + 16 <= lanes {
-                            *acc = V::fma(pj, V::load(v.add(at)), *acc);
+                            *acc = V::fma(pj, E::load::<V>(v.add(at)), *acc);
                         } else if at < lanes {
-                            *acc = V::fma(pj, V::load_part(v.add(at), lanes - at), *acc);
+                            *acc = V::fma(pj, E::load_part::<V>(v.add(at), lanes - at), *acc);
                         }
                     }
                 }
@@ -259,29 +263,30 @@ unsafe fn combine_body<V: F32x16>(
     }
 }
 
-/// q against four keys: four sixteen-lane partial sums for one `hsum4`.
+/// q against four keys: four sixteen-lane partial sums for one `hsum4`; an f16 key left over
+/// after the groups of four goes through here alone (f32 ones through `dot`).
 #[inline(always)]
-unsafe fn dot4<V: F32x16>(q: *const f32, k: [*const f32; 4], n: usize) -> [V; 4] {
+unsafe fn dot4<V: F32x16, E: Elem>(q: *const f32, k: [*const E; 4], n: usize) -> [V; 4] {
     let mut acc = [V::zero(); 4];
     let mut d = 0;
     while d + 16 <= n {
         let qv = V::load(q.add(d));
         for c in 0..4 {
-            acc[c] = V::fma(qv, V::load(k[c].add(d)), acc[c]);
+            acc[c] = V::fma(qv, E::load::<V>(k[c].add(d)), acc[c]);
         }
         d += 16;
     }
     if d < n {
         let qv = V::load_part(q.add(d), n - d);
         for c in 0..4 {
-            acc[c] = V::fma(qv, V::load_part(k[c].add(d), n - d), acc[c]);
+            acc[c] = V::fma(qv, E::load_part::<V>(k[c].add(d), n - d), acc[c]);
         }
     }
     acc
 }
 
-dispatch!(fn block_task(
-    job: &Job<'_>, seq: usize, kvh: usize, t0: usize, t1: usize, part: usize, q: *const f32,
+dispatch!(fn block_task<E: Elem>(
+    job: &Job<'_>, kv: (*const E, *const E), seq: usize, kvh: usize, t0: usize, t1: usize, part: usize, q: *const f32,
     scratch: *mut f32, out: *mut f32, partial: Option<*mut f32>,
 ) => block_body);
 
@@ -297,6 +302,21 @@ thread_local! {
 
 /// Caller has validated the step against the cache and the q/out lengths.
 pub(crate) fn attention(pool: &ThreadPool, isa: Isa, job: &Job<'_>, q: &[f32], out: &mut [f32]) {
+    match &job.cache.data {
+        KvData::F32 { k, v } => run(pool, isa, job, (k, v), q, out),
+        KvData::F16 { k, v } => run(pool, isa, job, (k, v), q, out),
+    }
+}
+
+fn run<E: Elem>(
+    pool: &ThreadPool,
+    isa: Isa,
+    job: &Job<'_>,
+    (k, v): (&[E], &[E]),
+    q: &[f32],
+    out: &mut [f32],
+) {
+    let kv = (SyncPtr(k.as_ptr() as *mut E), SyncPtr(v.as_ptr() as *mut E));
     let (kv_heads, hd) = (job.cache.layout.kv_heads, job.cache.layout.head_dim);
     let group = job.heads / kv_heads;
     let blocks = &job.step.query_blocks;
@@ -344,6 +364,7 @@ pub(crate) fn attention(pool: &ThreadPool, isa: Isa, job: &Job<'_>, q: &[f32], o
                         block_task(
                             isa,
                             job,
+                            (kv.0.get().cast_const(), kv.1.get().cast_const()),
                             seq,
                             task.kvh as usize,
                             t0,
@@ -383,13 +404,14 @@ pub(crate) fn attention(pool: &ThreadPool, isa: Isa, job: &Job<'_>, q: &[f32], o
 #[cfg(test)]
 mod tests {
     //! The split kernel against a plain f64 attention on contexts that cross partition
-    //! boundaries, on every ISA, outputs poisoned first; and each token's result bitwise the same
-    //! as a lone decode whatever batch or prompt chunk it is computed in.
+    //! boundaries, on every ISA and both cache types, outputs poisoned first; and each token's
+    //! result bitwise the same as a lone decode whatever batch or prompt chunk it is computed in.
 
     use super::super::simd::Isa;
     use super::super::{Activations, Buffer, CpuBackend};
     use super::PARTITION;
     use crate::{Backend, KvLayout, SeqSpan, StepBatch};
+    use half::f16;
     use rand::rngs::StdRng;
     use rand::seq::SliceRandom;
     use rand::{Rng, SeedableRng};
@@ -413,7 +435,11 @@ mod tests {
                 .map(|&n| free.split_off(free.len() - n.div_ceil(layout.block_size)))
                 .collect();
             let n = layout.slots() * layout.slot_width();
-            let mut values = || (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            // Values an f16 cache holds exactly, so one reference serves both cache types.
+            let mut values = || {
+                let v = |_| f16::from_f32(rng.random_range(-1.0f32..1.0)).to_f32();
+                (0..n).map(v).collect()
+            };
             let (k, v) = (values(), values());
             Self {
                 layout,
@@ -562,8 +588,14 @@ mod tests {
             let q: Vec<f32> = (0..tokens * width)
                 .map(|_| rng.random_range(-1.0f32..1.0))
                 .collect();
-            for isa in Isa::available() {
-                let b = CpuBackend::with_isa(2, isa, Activations::F32).unwrap();
+            let backends = Isa::available().into_iter().flat_map(|isa| {
+                let b = |f16_kv| {
+                    let b = CpuBackend::with_isa(2, isa, Activations::F32).unwrap();
+                    (isa, f16_kv, b.with_f16_kv(f16_kv))
+                };
+                [b(false), b(true)]
+            });
+            for (isa, f16_kv, b) in backends {
                 let cache = case.cache(&b);
                 let got = case.run(&b, &cache, &spans, &q);
                 let mut row = 0;
@@ -577,7 +609,7 @@ mod tests {
                             for (g, w) in g.iter().zip(&want) {
                                 assert!(
                                     (*g as f64 - w).abs() <= 1e-5,
-                                    "{isa:?} shape {heads}/{kv_heads}/{hd}/{bs} seq {seq} pos {pos} head {h}: {g} vs {w}"
+                                    "{isa:?} f16 {f16_kv} shape {heads}/{kv_heads}/{hd}/{bs} seq {seq} pos {pos} head {h}: {g} vs {w}"
                                 );
                             }
                         }
@@ -587,7 +619,7 @@ mod tests {
                         let same = alone.iter().zip(&got[at..at + width]);
                         assert!(
                             same.clone().all(|(a, g)| a.to_bits() == g.to_bits()),
-                            "{isa:?} seq {seq} pos {pos}: alone differs from batched"
+                            "{isa:?} f16 {f16_kv} seq {seq} pos {pos}: alone differs from batched"
                         );
                         row += 1;
                     }

@@ -72,8 +72,13 @@ impl Weight {
 /// One layer's paged keys and values, each `slots x kv_heads x head_dim`.
 pub struct KvCache {
     layout: KvLayout,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    data: KvData,
+}
+
+/// Keys and values in f32, or in f16 (half the bytes decode attention streams per step).
+enum KvData {
+    F32 { k: Vec<f32>, v: Vec<f32> },
+    F16 { k: Vec<f16>, v: Vec<f16> },
 }
 
 pub struct Step {
@@ -121,6 +126,8 @@ pub struct CpuBackend {
     isa: Isa,
     /// What int4/int8 weights multiply, `F32` where the integer kernels cannot run.
     activations: Activations,
+    /// KV caches store f16 (`with_f16_kv`).
+    f16_kv: bool,
 }
 
 impl CpuBackend {
@@ -147,6 +154,13 @@ impl CpuBackend {
         self.pool.install(f)
     }
 
+    /// Makes the KV caches allocated from now on store keys and values in f16 instead of f32:
+    /// attention reads half the bytes, and its inputs are rounded to f16 (docs/benchmarks.md).
+    pub fn with_f16_kv(mut self, f16_kv: bool) -> Self {
+        self.f16_kv = f16_kv;
+        self
+    }
+
     /// Threads in the pool.
     pub fn threads(&self) -> usize {
         self.pool.current_num_threads()
@@ -165,6 +179,7 @@ impl CpuBackend {
             pool,
             isa,
             activations,
+            f16_kv: false,
         })
     }
 
@@ -290,11 +305,18 @@ impl Backend for CpuBackend {
 
     fn alloc_kv(&self, layout: KvLayout) -> Result<KvCache> {
         let len = layout.slots() * layout.slot_width();
-        Ok(KvCache {
-            layout,
-            k: vec![0.0; len],
-            v: vec![0.0; len],
-        })
+        let data = if self.f16_kv {
+            KvData::F16 {
+                k: vec![f16::ZERO; len],
+                v: vec![f16::ZERO; len],
+            }
+        } else {
+            KvData::F32 {
+                k: vec![0.0; len],
+                v: vec![0.0; len],
+            }
+        };
+        Ok(KvCache { layout, data })
     }
 
     fn prepare_step(&self, batch: &StepBatch) -> Result<Step> {
@@ -416,8 +438,17 @@ impl Backend for CpuBackend {
         len_check("write_kv", "v", v.0.len(), n * sw)?;
         for (t, &slot) in step.batch.slots.iter().enumerate() {
             let dst = slot as usize * sw..(slot as usize + 1) * sw;
-            cache.k[dst.clone()].copy_from_slice(&k.0[t * sw..(t + 1) * sw]);
-            cache.v[dst].copy_from_slice(&v.0[t * sw..(t + 1) * sw]);
+            let src = t * sw..(t + 1) * sw;
+            match &mut cache.data {
+                KvData::F32 { k: ck, v: cv } => {
+                    ck[dst.clone()].copy_from_slice(&k.0[src.clone()]);
+                    cv[dst].copy_from_slice(&v.0[src]);
+                }
+                KvData::F16 { k: ck, v: cv } => {
+                    ck[dst.clone()].convert_from_f32_slice(&k.0[src.clone()]);
+                    cv[dst].convert_from_f32_slice(&v.0[src]);
+                }
+            }
         }
         Ok(())
     }
