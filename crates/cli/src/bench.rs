@@ -373,6 +373,7 @@ mod kernels {
     const ROWS: [usize; 10] = [1, 2, 4, 8, 16, 32, 64, 128, 512, 4096];
     /// Weight bytes per rotation: eight times the H100's L2.
     const ROTATE_BYTES: usize = 400 << 20;
+    /// Group size of the quantized weights; int4 also runs at 32 (the `--quantize` default).
     const GROUP: usize = 128;
 
     /// SplitMix64: fast, seedable, good enough for benchmark weights.
@@ -410,7 +411,13 @@ mod kernels {
 
     /// A random `n × k` weight of `format` (None: bf16), values of standard deviation near
     /// 1/√k, as the synthetic models make them.
-    fn weight(format: Option<QuantFormat>, n: usize, k: usize, seed: u64) -> Result<HostWeight> {
+    fn weight(
+        format: Option<QuantFormat>,
+        group: usize,
+        n: usize,
+        k: usize,
+        seed: u64,
+    ) -> Result<HostWeight> {
         let mut rng = Mix(seed);
         let scale = 1.0 / (k as f32).sqrt();
         let Some(format) = format else {
@@ -419,7 +426,7 @@ mod kernels {
                 .collect();
             return Ok(HostWeight::new(DenseFormat::BF16, n, k, bytes)?);
         };
-        let group = format.resolve_group(GROUP, k)?;
+        let group = format.resolve_group(group, k)?;
         let mut t = QuantTensor::zeroed(format, n, k, group, None)?;
         for chunk in t.codes.chunks_mut(8) {
             let r = rng.next().to_le_bytes();
@@ -488,32 +495,22 @@ mod kernels {
     pub fn run(args: &BenchArgs) -> Result<()> {
         let g = CudaBackend::new(0).context("marlin bench kernels runs on CUDA device 0")?;
         let copy = g.copy_bandwidth(1 << 30)?;
-        let formats: Vec<Option<QuantFormat>> = match args.model.quantize {
-            Some(f) => vec![Some(f)],
+        let int = |bits, asym| Some(QuantFormat::Int { bits, asym });
+        let formats: Vec<(Option<QuantFormat>, usize)> = match args.model.quantize {
+            Some(f) => vec![(Some(f), args.model.group_size.unwrap_or(GROUP))],
             None => vec![
-                None,
-                Some(QuantFormat::Int {
-                    bits: 4,
-                    asym: false,
-                }),
-                Some(QuantFormat::Int {
-                    bits: 4,
-                    asym: true,
-                }),
-                Some(QuantFormat::Int {
-                    bits: 8,
-                    asym: false,
-                }),
-                Some(QuantFormat::Int {
-                    bits: 8,
-                    asym: true,
-                }),
+                (None, 0),
+                (int(4, false), GROUP),
+                (int(4, false), 32),
+                (int(4, true), GROUP),
+                (int(8, false), GROUP),
+                (int(8, true), GROUP),
             ],
         };
         println!("device     {}", g.name());
         println!("copy       {copy:.0} GB/s (1 GiB, 16-byte copy kernel, read + written)");
         println!(
-            "weights    random, groups of {GROUP}; copies rotated over {} MB; median of 5 runs",
+            "weights    random; copies rotated over {} MB; median of 5 runs",
             ROTATE_BYTES >> 20
         );
         println!(
@@ -526,7 +523,7 @@ mod kernels {
         for (si, &(n, k)) in SHAPES.iter().enumerate() {
             let x = random_buffer(&g, max_rows * k, 11 + si as u64)?;
             let mut out = g.alloc(max_rows * n)?;
-            let dense = copies(&g, g.upload_weight(&weight(None, n, k, 1)?)?)?;
+            let dense = copies(&g, g.upload_weight(&weight(None, 0, n, k, 1)?)?)?;
             let mut cublas = vec![];
             for &m in &ROWS {
                 let calls = dense.len().max(10);
@@ -535,9 +532,9 @@ mod kernels {
                 })?);
             }
             drop(dense);
-            for &format in &formats {
-                let name = format.map_or("bf16".to_string(), |f| f.to_string());
-                let ws = copies(&g, g.upload_weight(&weight(format, n, k, 2)?)?)?;
+            for &(format, group) in &formats {
+                let name = format.map_or("bf16".to_string(), |f| format!("{f} g{group}"));
+                let ws = copies(&g, g.upload_weight(&weight(format, group, n, k, 2)?)?)?;
                 let bytes = ws[0].device_bytes();
                 for (ri, &m) in ROWS.iter().enumerate() {
                     let calls = ws.len().max(10);

@@ -503,10 +503,12 @@ fn int4_int8_matmul() {
     for bits in [4u8, 8] {
         for asym in [false, true] {
             let format = QuantFormat::Int { bits, asym };
-            // (n, k, group): groups of 128 and 32, per channel with k not a multiple of 16.
+            // (n, k, group): groups of 128, 32 and 16 (whole chunks, scaled after the mma, or
+            // parts of one, scaled per weight), per channel with k not a multiple of 16.
             for &(n, k, group) in &[
                 (77usize, 384usize, 128usize),
                 (50, 224, 32),
+                (40, 176, 16),
                 (33, 203, 203),
                 (272, 1024, 64),
             ] {

@@ -126,6 +126,15 @@ pub struct QuantWeight {
 }
 
 impl QuantWeight {
+    /// k-tiles of 16 columns per 16-byte word (a chunk).
+    fn tile_span(&self) -> usize {
+        if self.bits == 4 {
+            4
+        } else {
+            2
+        }
+    }
+
     /// ceil(2^32 / group): the decode kernel divides a column by the group with a multiply-high,
     /// exact while column × group < 2^32 (checked at upload). 0 with one group per row.
     fn group_mul(&self) -> u32 {
@@ -145,7 +154,7 @@ impl QuantWeight {
         } else {
             QG_WARPS / 2
         };
-        let want = (sms * QG_WARPS_PER_SM).div_ceil(self.strips * warps);
+        let want = sms * QG_WARPS_PER_SM / (self.strips * warps);
         let ksplit = want.min(self.chunks / (4 * warps)).max(1);
         let cpb = self.chunks.div_ceil(ksplit);
         (warps, self.chunks.div_ceil(cpb), cpb)
@@ -785,8 +794,9 @@ fn kernel_names() -> Vec<String> {
         }
     }
     for q in ["int4", "int4a", "int8", "int8a"] {
-        names.push(format!("qgemv_{q}_8"));
-        names.push(format!("qgemv_{q}_16"));
+        for v in ["8", "16", "8p", "16p"] {
+            names.push(format!("qgemv_{q}_{v}"));
+        }
         names.push(format!("dequant_{q}"));
         names.push(format!("embedding_{q}"));
     }
@@ -1010,13 +1020,14 @@ impl Backend for CudaBackend {
         if rows == 0 || n == 0 {
             return Ok(());
         }
+        if let Weight::Dense(d) = weight {
+            // From 3 rows on cuBLAS beats the SIMT bf16 GEMV (`marlin bench kernels`).
+            if d.format == DenseFormat::BF16 && rows > 2 {
+                return self.gemm(x.ptr, d.ptr, rows, n, k, n, out.ptr);
+            }
+        }
         if rows > DECODE_MAX_ROWS {
-            return match weight {
-                Weight::Dense(d) if d.format == DenseFormat::BF16 => {
-                    self.gemm(x.ptr, d.ptr, rows, n, k, n, out.ptr)
-                }
-                _ => self.matmul_expanded(x, weight, rows, out),
-            };
+            return self.matmul_expanded(x, weight, rows, out);
         }
         match weight {
             Weight::Dense(d) => {
@@ -1046,11 +1057,15 @@ impl Backend for CudaBackend {
                 );
             }
             Weight::Quant(q) => {
+                // Groups that span whole chunks take the kernel that scales after the mma (fewer
+                // operations per weight); 16- and 32-column int4 groups scale each weight.
+                let post = q.groups == 1 || q.group % (16 * q.tile_span()) == 0;
                 let name = format!(
-                    "qgemv_int{}{}_{}",
+                    "qgemv_int{}{}_{}{}",
                     q.bits,
                     if q.asym { "a" } else { "" },
-                    if rows <= 8 { 8 } else { 16 }
+                    if rows <= 8 { 8 } else { 16 },
+                    if post { "p" } else { "" }
                 );
                 let (codes, scales) = (self.ptr(&q.codes), self.ptr(&q.scales));
                 let offsets = q.offsets.as_ref().map_or(0, |o| self.ptr(o));

@@ -57,6 +57,13 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
+// (a & b) | c in one instruction (the compiler otherwise emits an AND and an OR).
+__device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {
+    u32 r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+
 // d += a · b on tensor cores (m16n8k16, bf16 in, f32 accumulate).
 __device__ __forceinline__ void mma_bf16(float* d, const u32* a, u32 b0, u32 b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -86,14 +93,29 @@ __device__ __forceinline__ QScale qscale(u32 sp, u32 op) {
     return r;
 }
 
-// The scaled A fragment (bf16) of tile i of a lane's 16-byte word.
-template <int BITS, bool ASYM>
+// The A fragment (bf16) of tile i of a lane's 16-byte word: with POST the exact integers
+// (c - 2^(b-1), or c when asymmetric), the scale (and offset) applied after the mma; else scaled.
+template <int BITS, bool ASYM, bool POST>
 __device__ __forceinline__ void dequant_frag(const u32* words, int i, const QScale& s, u32* a) {
-    if (BITS == 4 && !ASYM) {
+    if (POST && BITS == 4) {
+        const u32 w = words[i];
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            a[j] = fma_bf2(and_or(w >> (4 * j), 0x000f000fu, 0x43004300u), 0x3f803f80u, ASYM ? 0xc300c300u : 0xc308c308u);
+    } else if (POST) {
+        const float bias = ASYM ? 8388608.0f : 8388736.0f;  // 2^23, 2^23 + 128
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const u32 w = words[2 * i + (j >> 1)];
+            const int b = (j & 1) * 2;
+            a[j] = pack_bf2(__uint_as_float(__byte_perm(w, 0x4b000000u, 0x7440 + b)) - bias,
+                            __uint_as_float(__byte_perm(w, 0x4b000000u, 0x7440 + b + 1)) - bias);
+        }
+    } else if (BITS == 4 && !ASYM) {
         const u32 w = words[i];
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            const u32 c = fma_bf2(((w >> (4 * j)) & 0x000f000fu) | 0x43004300u, 0x3f803f80u, 0xc308c308u);
+            const u32 c = fma_bf2(and_or(w >> (4 * j), 0x000f000fu, 0x43004300u), 0x3f803f80u, 0xc308c308u);
             a[j] = fma_bf2(c, (j & 1) ? s.hi2 : s.lo2, 0x80008000u);
         }
     } else if (BITS == 4) {
@@ -139,7 +161,7 @@ __device__ __forceinline__ void load_x(const bf16_t* x, int r, int m, int k, int
     }
 }
 
-template <int BITS, bool ASYM, int NB>
+template <int BITS, bool ASYM, int NB, bool POST>
 __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets, const bf16_t* x, int m, int k,
                       int n, u32 gmul, int G, int CH, int cpb, float* ws, u32* counters, bf16_t* out) {
     // U chunks per ring slot (per loop step) amortize the step's fixed work (wait, commit, scale
@@ -221,12 +243,46 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
 #pragma unroll
         for (int u = 0; u < U; u++) {
             if (i * U + u >= mine) break;  // past the warp's share: the slot was not filled
-            const QScale sc = qscale<BITS, ASYM>(sp[u], op[u]);
+            const QScale sc = qscale<BITS, ASYM && !POST>(sp[u], op[u]);
             const u32 words[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
+            if (POST) {
+                // One group over the whole chunk: integer products summed over its tiles, then
+                // scaled once (and the offset times the activations' sum, from an all-ones mma).
+                float d[NB][4], e[NB][4];
+#pragma unroll
+                for (int b = 0; b < NB; b++)
+#pragma unroll
+                    for (int j = 0; j < 4; j++) d[b][j] = e[b][j] = 0.0f;
+                const u32 ones[4] = {0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u};
+#pragma unroll
+                for (int ti = 0; ti < TPU; ti++) {
+                    u32 a[4];
+                    dequant_frag<BITS, ASYM, true>(words, ti, sc, a);
+#pragma unroll
+                    for (int b = 0; b < NB; b++) {
+                        const u32* xw = (const u32*)xc[u][b];
+                        mma_bf16(d[b], a, xw[2 * ti], xw[2 * ti + 1]);
+                        if (ASYM) mma_bf16(e[b], ones, xw[2 * ti], xw[2 * ti + 1]);
+                    }
+                }
+                float olo = 0.0f, ohi = 0.0f;
+                if (ASYM) {
+                    olo = h2f((f16_t)(op[u] & 0xffff));
+                    ohi = h2f((f16_t)(op[u] >> 16));
+                }
+#pragma unroll
+                for (int b = 0; b < NB; b++) {
+                    acc[b][0] += ASYM ? fmaf(sc.slo, d[b][0], olo * e[b][0]) : sc.slo * d[b][0];
+                    acc[b][1] += ASYM ? fmaf(sc.slo, d[b][1], olo * e[b][1]) : sc.slo * d[b][1];
+                    acc[b][2] += ASYM ? fmaf(sc.shi, d[b][2], ohi * e[b][2]) : sc.shi * d[b][2];
+                    acc[b][3] += ASYM ? fmaf(sc.shi, d[b][3], ohi * e[b][3]) : sc.shi * d[b][3];
+                }
+                continue;
+            }
 #pragma unroll
             for (int ti = 0; ti < TPU; ti++) {
                 u32 a[4];
-                dequant_frag<BITS, ASYM>(words, ti, sc, a);
+                dequant_frag<BITS, ASYM, false>(words, ti, sc, a);
 #pragma unroll
                 for (int b = 0; b < NB; b++) {
                     const u32* xw = (const u32*)xc[u][b];
@@ -281,12 +337,14 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     if (tid == 0) counters[s] = 0;
 }
 
-#define QGEMV(name, BITS, ASYM, NB)                                                                           \
-    extern "C" __global__ void __launch_bounds__(QG_MAXW * 32)                                                 \
+// Suffix p: the scale applied after the mma, for groups that cover whole chunks.
+#define QGEMV1(name, BITS, ASYM, NB, POST)                                                                    \
+    extern "C" __global__ void __launch_bounds__(QG_MAXW * 32)                                                \
         name(const uint4* codes, const u32* scales, const u32* offsets, const bf16_t* x, int m, int k, int n, \
              u32 gmul, int G, int CH, int cpb, float* ws, u32* counters, bf16_t* out) {                       \
-        qgemv<BITS, ASYM, NB>(codes, scales, offsets, x, m, k, n, gmul, G, CH, cpb, ws, counters, out);      \
+        qgemv<BITS, ASYM, NB, POST>(codes, scales, offsets, x, m, k, n, gmul, G, CH, cpb, ws, counters, out); \
     }
+#define QGEMV(name, BITS, ASYM, NB) QGEMV1(name, BITS, ASYM, NB, false) QGEMV1(name##p, BITS, ASYM, NB, true)
 QGEMV(qgemv_int4_8, 4, false, 1)
 QGEMV(qgemv_int4_16, 4, false, 2)
 QGEMV(qgemv_int4a_8, 4, true, 1)
