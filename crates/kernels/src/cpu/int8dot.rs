@@ -129,6 +129,7 @@ pub struct IntWeight {
     bias: i32,
     /// Multiplies every result: 1/2 for E2M1 (codes are twice the values), and for nvfp4 its
     /// tensor scale times 2^8 (its stored scales are read times 2^-8).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // only the VNNI kernel reads it
     factor: f32,
     /// nvfp4's tensor scale, for `row_into`.
     tensor_scale: f32,
@@ -584,16 +585,8 @@ unsafe fn load_scales<const S: u8>(p: *const u8) -> __m512 {
         let w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w))
     } else {
-        // E4M3's sign and 7 magnitude bits placed in an f16: the value times 2^-8, exactly.
-        let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(p.cast()));
-        let h = _mm256_or_si256(
-            _mm256_and_si256(
-                _mm256_slli_epi16::<8>(b),
-                _mm256_set1_epi16(0x8000u16 as i16),
-            ),
-            _mm256_and_si256(_mm256_slli_epi16::<7>(b), _mm256_set1_epi16(0x3f80)),
-        );
-        _mm512_cvtph_ps(h)
+        // The E4M3 values times 2^-8, exactly.
+        <super::simd::Avx512 as super::simd::F32x16>::codes_e4m3(p).0
     }
 }
 

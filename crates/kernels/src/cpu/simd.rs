@@ -410,7 +410,7 @@ mod x86 {
     }
 
     #[derive(Clone, Copy)]
-    pub(crate) struct Avx512(__m512);
+    pub(crate) struct Avx512(pub(crate) __m512);
 
     impl F32x16 for Avx512 {
         #[inline(always)]
@@ -747,6 +747,14 @@ mod arm {
         [lo, hi]
     }
 
+    /// Sixteen 16-bit values at `p` widened eight at a time by `widen`.
+    #[inline(always)]
+    unsafe fn widen16(p: *const u16, widen: impl Fn(uint16x8_t) -> [float32x4_t; 2]) -> Neon {
+        let [a, b] = widen(vld1q_u16(p));
+        let [c, d] = widen(vld1q_u16(p.add(8)));
+        Neon([a, b, c, d])
+    }
+
     /// Sixteen bytes less `bias`, as f32 (exact).
     #[inline(always)]
     unsafe fn unbias(b: uint8x16_t, bias: i32) -> Neon {
@@ -796,9 +804,7 @@ mod arm {
         }
         #[inline(always)]
         unsafe fn load_f16(p: *const u16) -> Self {
-            let [a, b] = f16x8(vld1q_u16(p));
-            let [c, d] = f16x8(vld1q_u16(p.add(8)));
-            Neon([a, b, c, d])
+            widen16(p, |h| f16x8(h))
         }
         #[inline(always)]
         unsafe fn load_f16_part(p: *const u16, n: usize) -> Self {
@@ -806,15 +812,12 @@ mod arm {
         }
         #[inline(always)]
         unsafe fn load_bf16(p: *const u16) -> Self {
-            let widen = |h: uint16x8_t| {
+            widen16(p, |h| unsafe {
                 [
                     vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(h))),
                     vreinterpretq_f32_u32(vshll_high_n_u16::<16>(h)),
                 ]
-            };
-            let [a, b] = widen(vld1q_u16(p));
-            let [c, d] = widen(vld1q_u16(p.add(8)));
-            Neon([a, b, c, d])
+            })
         }
         #[inline(always)]
         unsafe fn load_bf16_part(p: *const u16, n: usize) -> Self {
