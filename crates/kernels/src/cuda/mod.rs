@@ -684,9 +684,7 @@ impl CudaBackend {
     /// Prefill with a weight that is not bf16: slabs of features expanded to bf16, then cuBLAS.
     fn matmul_expanded(&self, x: &Buffer, w: &Weight, rows: usize, out: &Buffer) -> Result<()> {
         let (n, k) = w.shape();
-        // At most 65520 features a slab: the dequant kernel's grid has one row per feature.
-        let slab =
-            ((SCRATCH_ELEMS / k.max(1)) / 16 * 16).clamp(16, (n.div_ceil(16) * 16).min(65520));
+        let slab = ((SCRATCH_ELEMS / k.max(1)) / 16 * 16).clamp(16, n.div_ceil(16) * 16);
         let mut guard = self.scratch.lock().unwrap();
         if guard.as_ref().is_none_or(|s| s.len() < slab * k) {
             *guard = None;
@@ -722,16 +720,19 @@ impl CudaBackend {
                     };
                     let (codes, scales) = (self.ptr(&q.codes), self.ptr(&q.scales));
                     let offsets = q.offsets.as_ref().map_or(0, |o| self.ptr(o));
+                    let strips = nc.div_ceil(16);
                     launch!(
                         self,
                         f,
-                        cfg2((k.div_ceil(256), nc), 256, 0),
+                        grid1(strips * q.chunks * 32, 256),
                         codes,
                         scales,
                         offsets,
-                        n0 as i32,
+                        (n0 / 16) as i32,
+                        strips as i32,
+                        n as i32,
                         k as i32,
-                        q.group as i32,
+                        q.group_mul(),
                         q.groups as i32,
                         q.chunks as i32,
                         scratch

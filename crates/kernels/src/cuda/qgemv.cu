@@ -376,20 +376,62 @@ __device__ __forceinline__ float q_elem(const u32* codes, const u32* scales, con
     return ASYM ? fmaf((float)q, sc, h2f((f16_t)(offsets[at] >> half))) : (float)(q - (1 << (BITS - 1))) * sc;
 }
 
-// The re-laid weight back to row-major bf16 for features n0 .. n0 + rows (grid: column blocks x
-// rows, one thread per column), for cuBLAS at prefill.
+// The re-laid weight back to row-major bf16 for the strips s0 .. s0 + strips, for cuBLAS at
+// prefill: one thread per 16-byte word (a lane of a chunk of a strip), which holds a run of 4 TPU
+// columns of features g and g + 8 (see the layout above), written as bf16 rows of dst (row r of
+// dst is feature 16 s0 + r). Values as in q_elem, so the CPU's rounded to bf16.
 template <int BITS, bool ASYM>
-__device__ void dequant(const u32* codes, const u32* scales, const u32* offsets, int n0, int k, int group, int G,
-                        int CH, bf16_t* dst) {
-    const int col = blockIdx.x * blockDim.x + threadIdx.x;
-    if (col >= k) return;
-    const int row = n0 + blockIdx.y;
-    dst[(size_t)blockIdx.y * k + col] = f2bf(q_elem<BITS, ASYM>(codes, scales, offsets, row, col, group, G, CH));
+__device__ void dequant(const uint4* codes, const u32* scales, const u32* offsets, int s0, int strips, int n, int k,
+                        u32 gmul, int G, int CH, bf16_t* dst) {
+    constexpr int TPU = BITS == 4 ? 4 : 2, CW = 16 * TPU, RUN = 4 * TPU;
+    const size_t words = (size_t)strips * CH * 32;
+    for (size_t id = (size_t)blockIdx.x * blockDim.x + threadIdx.x; id < words; id += (size_t)gridDim.x * blockDim.x) {
+        const int lane = id & 31, c = (id >> 5) % CH, sl = (id >> 5) / CH, s = s0 + sl;
+        const int g = lane >> 2, t = lane & 3, col0 = c * CW + RUN * t;
+        const uint4 q = codes[((size_t)s * CH + c) * 32 + lane];
+        const u32 w[4] = {q.x, q.y, q.z, q.w};
+        const size_t at = ((size_t)s * G + min((int)__umulhi((u32)col0, gmul), G - 1)) * 8 + g;
+        const u32 sp = scales[at], op = ASYM ? offsets[at] : 0u;
+#pragma unroll
+        for (int hi = 0; hi < 2; hi++) {
+            const int row = s * 16 + g + 8 * hi;
+            if (row >= n) continue;
+            const float sc = h2f((f16_t)(sp >> (16 * hi))), of = ASYM ? h2f((f16_t)(op >> (16 * hi))) : 0.0f;
+            u32 out[RUN / 2];
+#pragma unroll
+            for (int e = 0; e < RUN; e += 2) {
+                // Column e of the run: tile i = e / 4, register j = hi + 2 jh, half h.
+                float v[2];
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const int i = e >> 2, jh = (e >> 1) & 1, j = hi + 2 * jh;
+                    int code;
+                    if (BITS == 4) {
+                        code = (w[i] >> (4 * (j + 4 * h))) & 15;
+                    } else {
+                        code = (w[2 * i + (j >> 1)] >> (8 * ((j & 1) * 2 + h))) & 255;
+                    }
+                    v[h] = ASYM ? fmaf((float)code, sc, of) : (float)(code - (1 << (BITS - 1))) * sc;
+                }
+                out[e >> 1] = pack_bf2(v[0], v[1]);
+            }
+            bf16_t* d = dst + (size_t)(row - s0 * 16) * k + col0;
+            if ((k & 7) == 0 && col0 + RUN <= k) {
+#pragma unroll
+                for (int u = 0; u < RUN / 8; u++)
+                    ((uint4*)d)[u] = make_uint4(out[4 * u], out[4 * u + 1], out[4 * u + 2], out[4 * u + 3]);
+            } else {
+#pragma unroll
+                for (int e = 0; e < RUN; e++)
+                    if (col0 + e < k) d[e] = (bf16_t)(out[e >> 1] >> (16 * (e & 1)));
+            }
+        }
+    }
 }
-#define DEQUANT(name, BITS, ASYM)                                                                         \
-    extern "C" __global__ void name(const u32* codes, const u32* scales, const u32* offsets, int n0, int k, \
-                                    int group, int G, int CH, bf16_t* dst) {                              \
-        dequant<BITS, ASYM>(codes, scales, offsets, n0, k, group, G, CH, dst);                            \
+#define DEQUANT(name, BITS, ASYM)                                                                            \
+    extern "C" __global__ void name(const uint4* codes, const u32* scales, const u32* offsets, int s0, int strips, \
+                                    int n, int k, u32 gmul, int G, int CH, bf16_t* dst) {                      \
+        dequant<BITS, ASYM>(codes, scales, offsets, s0, strips, n, k, gmul, G, CH, dst);                        \
     }
 DEQUANT(dequant_int4, 4, false)
 DEQUANT(dequant_int4a, 4, true)
