@@ -1,19 +1,21 @@
 //! The CUDA backend: bf16 activations with f32 arithmetic, kernels written in CUDA C beside this
 //! file and compiled by NVRTC at first use for the device's architecture (cached on disk, see
-//! `compile.rs`), cuBLAS for matmuls of more than 16 rows.
+//! `compile.rs`), cuBLAS for matmuls of more than 16 rows (bf16 weights: more than 2).
 //!
 //! Every op is queued on one stream and returns without waiting; only `read` waits. A step's batch
 //! description crosses to the device once, in `prepare_step`. The driver, NVRTC and cuBLAS are
 //! loaded at run time, so the backend builds without a CUDA toolkit, and [`CudaBackend::new`]
 //! answers with an error (not a crash) on a machine without a driver or a device.
 //!
-//! Weights: dense f32/f16/bf16 stay in their format (a GEMV per format reads them at decode);
+//! Weights: dense f32/f16/bf16 stay in their format (a GEMV per format reads them at decode, up to
+//! 2 rows for bf16);
 //! int4 and int8 `QuantTensor`s without act-order are re-laid for the tensor-core decode kernel
 //! (`qgemv.cu`), and a packed embedding table is gathered from that same layout (no second,
 //! dense copy of the table); other packed formats are dequantized to bf16 at upload (correct,
 //! not yet fast).
 //! Above 16 rows, a weight that is not bf16 is expanded to bf16 a slab of features at a time into
-//! a scratch buffer, and cuBLAS multiplies.
+//! a scratch buffer, and cuBLAS multiplies. The quantized decode kernel's split-K workspace is
+//! allocated when weights are uploaded, so a decode matmul allocates nothing.
 
 mod compile;
 mod quant;
