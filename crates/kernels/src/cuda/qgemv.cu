@@ -59,6 +59,12 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
 __device__ __forceinline__ void cp_async4(void* dst, const void* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_u32(dst)), "l"(src) : "memory");
 }
+__device__ __forceinline__ void cp_async16_at(u32 dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async4_at(u32 dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -153,11 +159,11 @@ __device__ __forceinline__ void dequant_frag(const u32* words, int i, const QSca
 // A lane's activations for one chunk: row r, physical columns col0 .. col0 + 4 TPU (zero past
 // m and k), as XW 16-byte words.
 template <int XW>
-__device__ __forceinline__ void load_x(const bf16_t* x, int r, int m, int k, int col0, bool xvec, uint4* v) {
+__device__ __forceinline__ void load_x(const bf16_t* row, bool ok, int k, int col0, bool xvec, uint4* v) {
 #pragma unroll
     for (int u = 0; u < XW; u++) v[u] = make_uint4(0, 0, 0, 0);
-    if (r >= m) return;
-    const bf16_t* p = x + (size_t)r * k + col0;
+    if (!ok) return;
+    const bf16_t* p = row + col0;
     if (xvec && col0 + 8 * XW <= k) {
 #pragma unroll
         for (int u = 0; u < XW; u++) v[u] = *(const uint4*)(p + 8 * u);
@@ -187,20 +193,36 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     const bool xvec = (k & 7) == 0;
     const uint4* qbase = codes + (size_t)s * CH * 32 + lane;
     const size_t sbase = (size_t)s * G * 8 + g;
-    // Chunk u of step i is the warp's (i U + u)-th; its lane run starts at column col(i, u).
-    auto chunk = [&](int i, int u) { return c_lo + warp + (i * U + u) * W; };
+    // The warp's j-th chunk is c_lo + warp + j W: its codes are j W 32 words after the first, its
+    // lane run starts j W CW columns after the first. Everything per step is an offset from these
+    // (keeping the loop's address arithmetic to a few 32-bit operations).
+    const uint4* q0 = qbase + (size_t)(c_lo + warp) * 32;
+    const u32 qstride = (u32)W * 32, col_first = (u32)(c_lo + warp) * CW + 4 * TPU * t, col_stride = (u32)W * CW;
+    const u32* s0 = scales + sbase;
+    const u32* o0 = ASYM ? offsets + sbase : scales;
+    const u32 rq = smem_u32(&ring_q[0][0][tid]), rs = smem_u32(&ring_s[0][0][tid]),
+              ro = smem_u32(&ring_o[0][0][tid]);
+    constexpr u32 QSLOT = U * QG_MAXW * 32 * 16, QU = QG_MAXW * 32 * 16, SSLOT = U * QG_MAXW * 32 * 4,
+                  SU = QG_MAXW * 32 * 4;
+    const bf16_t* xrow[NB];
+    bool rowok[NB];
+#pragma unroll
+    for (int b = 0; b < NB; b++) {
+        rowok[b] = b * 8 + g < m;
+        xrow[b] = x + (size_t)(rowok[b] ? b * 8 + g : 0) * k;
+    }
 
     auto issue = [&](int i, int slot) {
         if (i < steps) {
 #pragma unroll
             for (int u = 0; u < U; u++) {
-                if (i * U + u < mine) {
-                    const int c = chunk(i, u);
-                    cp_async16(&ring_q[slot][u][tid], qbase + (size_t)c * 32);
+                const int j = i * U + u;
+                if (j < mine) {
+                    cp_async16_at(rq + slot * QSLOT + u * QU, q0 + j * qstride);
                     // The run's group: col / group by a multiply-high (gmul = ceil(2^32 / group)).
-                    const int grp = min((int)__umulhi((u32)(c * CW + 4 * TPU * t), gmul), G - 1);
-                    cp_async4(&ring_s[slot][u][tid], scales + sbase + (size_t)grp * 8);
-                    if (ASYM) cp_async4(&ring_o[ASYM ? slot : 0][u][tid], offsets + sbase + (size_t)grp * 8);
+                    const int grp = min((int)__umulhi(col_first + j * col_stride, gmul), G - 1);
+                    cp_async4_at(rs + slot * SSLOT + u * SU, s0 + grp * 8);
+                    if (ASYM) cp_async4_at(ro + slot * SSLOT + u * SU, o0 + grp * 8);
                 }
             }
         }
@@ -209,10 +231,10 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     auto fetch_x = [&](int i, uint4 (&v)[U][NB][XW]) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            const int col0 = chunk(i, u) * CW + 4 * TPU * t;
-            const bool ok = i * U + u < mine;
+            const int j = i * U + u;
+            const int col0 = col_first + j * col_stride;
 #pragma unroll
-            for (int b = 0; b < NB; b++) load_x<XW>(x, ok ? b * 8 + g : m, m, k, col0, xvec, v[u][b]);
+            for (int b = 0; b < NB; b++) load_x<XW>(xrow[b], rowok[b] && j < mine, k, col0, xvec, v[u][b]);
         }
     };
 
