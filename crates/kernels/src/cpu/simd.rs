@@ -86,7 +86,13 @@ pub(crate) trait F32x16: Copy {
     unsafe fn load_bf16(p: *const u16) -> Self;
     unsafe fn load_bf16_part(p: *const u16, n: usize) -> Self;
     unsafe fn store(self, p: *mut f32);
-    unsafe fn store_part(self, p: *mut f32, n: usize);
+    /// Stores lanes `0..n`; sets without a masked store go through a stack block.
+    #[inline(always)]
+    unsafe fn store_part(self, p: *mut f32, n: usize) {
+        let mut b = [0.0f32; 16];
+        self.store(b.as_mut_ptr());
+        std::ptr::copy_nonoverlapping(b.as_ptr(), p, n);
+    }
     /// `a * b + c` with one rounding.
     unsafe fn fma(a: Self, b: Self, c: Self) -> Self;
     unsafe fn mul(a: Self, b: Self) -> Self;
@@ -676,12 +682,6 @@ mod x86 {
             _mm256_storeu_ps(p.add(8), self.1);
         }
         #[inline(always)]
-        unsafe fn store_part(self, p: *mut f32, n: usize) {
-            let mut b = [0.0f32; 16];
-            self.store(b.as_mut_ptr());
-            std::ptr::copy_nonoverlapping(b.as_ptr(), p, n);
-        }
-        #[inline(always)]
         unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
             Avx2(
                 _mm256_fmadd_ps(a.0, b.0, c.0),
@@ -828,12 +828,6 @@ mod arm {
             for (i, v) in self.0.iter().enumerate() {
                 vst1q_f32(p.add(4 * i), *v);
             }
-        }
-        #[inline(always)]
-        unsafe fn store_part(self, p: *mut f32, n: usize) {
-            let mut b = [0.0f32; 16];
-            self.store(b.as_mut_ptr());
-            std::ptr::copy_nonoverlapping(b.as_ptr(), p, n);
         }
         #[inline(always)]
         unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
