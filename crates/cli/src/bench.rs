@@ -360,6 +360,7 @@ mod kernels {
     use marlin_kernels::cuda::cudarc::driver::sys::CUevent_flags;
     use marlin_kernels::cuda::{Buffer, CudaBackend, Weight};
     use marlin_kernels::{Backend, DenseFormat, HostWeight};
+    use marlin_model::synthetic::SplitMix;
     use marlin_quant::{QuantFormat, QuantTensor};
 
     const SHAPES: [(usize, usize); 6] = [
@@ -375,22 +376,6 @@ mod kernels {
     const ROTATE_BYTES: usize = 400 << 20;
     /// Group size of the quantized weights; int4 also runs at 32 (the `--quantize` default).
     const GROUP: usize = 128;
-
-    /// SplitMix64: fast, seedable, good enough for benchmark weights.
-    struct Mix(u64);
-    impl Mix {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-        /// Uniform in [-1, 1).
-        fn symmetric(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        }
-    }
 
     fn bf16_bits(v: f32) -> u16 {
         (v.to_bits() >> 16) as u16
@@ -418,7 +403,7 @@ mod kernels {
         k: usize,
         seed: u64,
     ) -> Result<HostWeight> {
-        let mut rng = Mix(seed);
+        let mut rng = SplitMix::new(seed, 0);
         let scale = 1.0 / (k as f32).sqrt();
         let Some(format) = format else {
             let bytes: Vec<u8> = (0..n * k)
@@ -487,7 +472,7 @@ mod kernels {
     }
 
     fn random_buffer(g: &CudaBackend, len: usize, seed: u64) -> Result<Buffer> {
-        let mut rng = Mix(seed);
+        let mut rng = SplitMix::new(seed, 0);
         let v: Vec<f32> = (0..len).map(|_| rng.symmetric()).collect();
         Ok(g.upload_bf16(&v)?)
     }

@@ -6,22 +6,10 @@ use marlin_engine::{Engine, Runner};
 use marlin_kernels::cpu::{Activations, CpuBackend};
 use marlin_kernels::DenseFormat;
 use marlin_model::ModelFiles;
-use std::path::PathBuf;
 
-fn default_model() -> PathBuf {
-    let home = std::env::var_os("MARLIN_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/marlin")
-        });
-    let path = home.join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.exists(),
-        "run `marlin pull` first (default model not found at {})",
-        path.display()
-    );
-    path
-}
+mod common;
+
+use common::default_model;
 
 fn engine(files: &ModelFiles, f16_kv: bool) -> Engine {
     let backend = CpuBackend::with_activations(0, Activations::F32)

@@ -295,16 +295,17 @@ impl TensorSource for SyntheticSource {
     }
 }
 
-/// SplitMix64: a counter-based generator, so chunk `i` of a tensor starts from `seed + i` alone.
-struct SplitMix(u64);
+/// SplitMix64: a counter-based generator, so chunk `i` of a tensor starts from `seed + i` alone
+/// (also the benchmarks' source of random data).
+pub struct SplitMix(u64);
 
 impl SplitMix {
-    fn new(seed: u64, stream: u64) -> Self {
+    pub fn new(seed: u64, stream: u64) -> Self {
         let mut s = Self(seed ^ stream.wrapping_mul(0xd1b5_4a32_d192_ed03));
         s.next();
         s
     }
-    fn next(&mut self) -> u64 {
+    pub fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -312,7 +313,7 @@ impl SplitMix {
         z ^ (z >> 31)
     }
     /// Uniform on [-1, 1).
-    fn symmetric(&mut self) -> f32 {
+    pub fn symmetric(&mut self) -> f32 {
         (self.next() >> 40) as f32 * (2.0 / (1u64 << 24) as f32) - 1.0
     }
 }
