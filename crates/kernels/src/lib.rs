@@ -50,6 +50,22 @@ pub trait Backend: Send + Sync + 'static {
         step()
     }
 
+    /// Queues a step's device work: `ops` issues it through this backend's ops, on the step it is
+    /// handed. A backend may record what `ops` queues for a step of this shape over the buffers
+    /// and weights that `key` names, and replay the recording for later such steps instead of
+    /// calling `ops` (the CUDA backend does, with CUDA graphs, for decode-sized steps), so `key`
+    /// must change whenever any buffer or weight the ops touch does, and `ops` must only queue
+    /// work (no reads to the host). The default calls `ops` once.
+    fn queue_step<E: From<KernelError>>(
+        &self,
+        step: &Self::Step,
+        key: &[u64],
+        mut ops: impl FnMut(&Self::Step) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        let _ = key;
+        ops(step)
+    }
+
     fn alloc(&self, len: usize) -> Result<Self::Buffer>;
     /// Copies `src` into the first `src.len()` elements of `dst`.
     fn write(&self, dst: &mut Self::Buffer, src: &[f32]) -> Result<()>;
@@ -99,6 +115,23 @@ pub trait Backend: Send + Sync + 'static {
         rows: usize,
         out: &mut Self::Buffer,
     ) -> Result<()>;
+    /// `outs[i][r, :] = x[r, :] · weights[i]ᵀ` for each i: projections of one input (q, k and v;
+    /// gate and up), which a backend may run as one launch. The default runs one `matmul` each.
+    fn matmul_many(
+        &self,
+        x: &Self::Buffer,
+        weights: &[&Self::Weight],
+        rows: usize,
+        outs: &mut [&mut Self::Buffer],
+    ) -> Result<()> {
+        check(weights.len() == outs.len(), "matmul_many", || {
+            format!("{} weights, {} outputs", weights.len(), outs.len())
+        })?;
+        for (w, out) in weights.iter().zip(outs.iter_mut()) {
+            self.matmul(x, w, rows, out)?;
+        }
+        Ok(())
+    }
     /// Stores each new token's key and value (tokens x kv_heads x head_dim) at its slot.
     fn write_kv(
         &self,
@@ -129,6 +162,22 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<()>;
     /// `x += y` over `len` elements.
     fn add(&self, x: &mut Self::Buffer, y: &Self::Buffer, len: usize) -> Result<()>;
+    /// `add` then `rms_norm` of the sum (`rows` rows of `dim`): the residual update and the next
+    /// norm, which a backend may fuse. The default runs the two ops.
+    #[allow(clippy::too_many_arguments)]
+    fn add_rms_norm(
+        &self,
+        x: &mut Self::Buffer,
+        y: &Self::Buffer,
+        weight: &Self::Buffer,
+        eps: f32,
+        rows: usize,
+        dim: usize,
+        out: &mut Self::Buffer,
+    ) -> Result<()> {
+        self.add(x, y, rows * dim)?;
+        self.rms_norm(x, weight, eps, rows, dim, out)
+    }
     /// Softmax of each of `rows` rows of `dim`, in place.
     fn softmax(&self, x: &mut Self::Buffer, rows: usize, dim: usize) -> Result<()>;
     /// Copies the rows named by the step's `logit_rows` (rows of `dim`) to the front of `out`.

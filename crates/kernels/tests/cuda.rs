@@ -519,6 +519,98 @@ fn int4_int8_matmul() {
     }
 }
 
+/// Several weights of one input (`matmul_many`: q/k/v, gate/up), in one launch when they share
+/// a format, width and scaling, against the f64 reference of each: partial strips, split-K plans
+/// (k = 4096), and a set that cannot share a launch (int4 groups of 32 beside per-channel scales).
+#[test]
+fn matmul_many_quant() {
+    let Some(g) = gpu("matmul_many_quant") else {
+        return;
+    };
+    let mut r = rng();
+    let sets: [(usize, &[(usize, usize)]); 4] = [
+        (384, &[(200, 128), (40, 128), (40, 128)]),
+        (4096, &[(40, 128), (24, 128)]),
+        (1024, &[(77, 64), (300, 64)]),
+        (224, &[(50, 32), (33, 224)]),
+    ];
+    for bits in [4u8, 8] {
+        for asym in [false, true] {
+            let format = QuantFormat::Int { bits, asym };
+            for &(k, shapes) in &sets {
+                let ts: Vec<QuantTensor> = shapes
+                    .iter()
+                    .map(|&(n, group)| {
+                        quantize_rtn(&randv(&mut r, n * k, 0.1), n, k, format, group).unwrap()
+                    })
+                    .collect();
+                let ws: Vec<cuda::Weight> = ts
+                    .iter()
+                    .map(|t| {
+                        g.upload_weight(&HostWeight::quant(t.clone()).unwrap())
+                            .unwrap()
+                    })
+                    .collect();
+                let refs: Vec<&cuda::Weight> = ws.iter().collect();
+                for rows in [1, 3, 8, 9, 16] {
+                    let x = randv(&mut r, rows * k, 1.0);
+                    let mut gx = g.alloc(rows * k).unwrap();
+                    g.write(&mut gx, &x).unwrap();
+                    let mut outs: Vec<cuda::Buffer> =
+                        ts.iter().map(|t| poisoned(g, rows * t.rows)).collect();
+                    let mut out_refs: Vec<&mut cuda::Buffer> = outs.iter_mut().collect();
+                    g.matmul_many(&gx, &refs, rows, &mut out_refs).unwrap();
+                    for (i, (t, o)) in ts.iter().zip(&outs).enumerate() {
+                        assert_close(
+                            &format!("{format} k {k} weight {i} of {shapes:?} rows {rows}"),
+                            &g.read(o, rows * t.rows).unwrap(),
+                            &reference(t, &x, rows),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The residual add fused with the next norm, against the CPU's add then rms_norm: both the
+/// updated residual and the normed output.
+#[test]
+fn add_rms_norm_fused() {
+    let Some(g) = gpu("add_rms_norm_fused") else {
+        return;
+    };
+    let c = cpu();
+    let mut r = rng();
+    for &(rows, dim) in &[(1usize, 4096usize), (3, 77), (5, 2500), (16, 576)] {
+        let len = rows * dim;
+        let (x, y, w) = (
+            randv(&mut r, len, 2.0),
+            randv(&mut r, len, 2.0),
+            randv(&mut r, dim, 1.0),
+        );
+        let (mut gx, mut cx) = pair(g, &c, &x);
+        let (gy, cy) = pair(g, &c, &y);
+        let (gw, cw) = pair(g, &c, &w);
+        let mut go = poisoned(g, len);
+        let mut co = c.alloc(len).unwrap();
+        g.add_rms_norm(&mut gx, &gy, &gw, 1e-5, rows, dim, &mut go)
+            .unwrap();
+        c.add_rms_norm(&mut cx, &cy, &cw, 1e-5, rows, dim, &mut co)
+            .unwrap();
+        assert_close(
+            &format!("add_rms_norm residual {rows}x{dim}"),
+            &g.read(&gx, len).unwrap(),
+            &c.read(&cx, len).unwrap(),
+        );
+        assert_close(
+            &format!("add_rms_norm out {rows}x{dim}"),
+            &g.read(&go, len).unwrap(),
+            &c.read(&co, len).unwrap(),
+        );
+    }
+}
+
 #[test]
 fn other_quant_formats_matmul() {
     let Some(g) = gpu("other_quant_formats_matmul") else {

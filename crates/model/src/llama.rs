@@ -5,6 +5,14 @@ use crate::config::ModelConfig;
 use crate::weights::TensorSource;
 use crate::Result;
 use marlin_kernels::{Backend, DenseFormat, KvLayout, StepBatch};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A number never handed out before in this process: names a model's weights, a workspace or a
+/// KV cache in the key under which a backend may record a step's work (`Backend::queue_step`).
+fn fresh_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
 
 /// Sees the input of each linear layer as the model runs: what data-aware quantizers (GPTQ)
 /// accumulate their Hessians from. `weights` names the projections that share the input
@@ -44,10 +52,13 @@ pub struct Model<B: Backend> {
     /// None when the output projection is tied to the embedding.
     lm_head: Option<B::Weight>,
     rope_table: B::Buffer,
+    /// Changes with every weight replaced (`set_weight`).
+    id: u64,
 }
 
 /// Activation buffers for steps of up to `capacity` tokens, allocated once and reused.
 pub struct Workspace<B: Backend> {
+    id: u64,
     capacity: usize,
     x: B::Buffer,
     normed: B::Buffer,
@@ -68,6 +79,7 @@ pub struct Workspace<B: Backend> {
 /// Every layer's paged KV pool, all with one layout.
 pub struct KvCache<B: Backend> {
     pub layout: KvLayout,
+    id: u64,
     layers: Vec<B::KvCache>,
 }
 
@@ -153,6 +165,7 @@ impl<B: Backend> Model<B> {
             final_norm,
             lm_head,
             rope_table,
+            id: fresh_id(),
         })
     }
 
@@ -190,6 +203,7 @@ impl<B: Backend> Model<B> {
             .into());
         }
         *slot = self.backend.upload_weight(weight)?;
+        self.id = fresh_id();
         Ok(())
     }
 
@@ -203,6 +217,7 @@ impl<B: Backend> Model<B> {
         let q_dim = c.num_heads * c.head_dim;
         let kv_dim = c.num_kv_heads * c.head_dim;
         Ok(Workspace {
+            id: fresh_id(),
             capacity,
             x: b.alloc(capacity * c.hidden_size)?,
             normed: b.alloc(capacity * c.hidden_size)?,
@@ -230,7 +245,11 @@ impl<B: Backend> Model<B> {
         let layers = (0..self.config.num_layers)
             .map(|_| self.backend.alloc_kv(layout))
             .collect::<std::result::Result<_, _>>()?;
-        Ok(KvCache { layout, layers })
+        Ok(KvCache {
+            layout,
+            id: fresh_id(),
+            layers,
+        })
     }
 
     /// Runs one step and returns the logits of `batch.logit_rows`, row after row.
@@ -326,6 +345,14 @@ impl<B: Backend> Model<B> {
             ))
             .into());
         }
+        // Checked here rather than only by the embedding op, which a replayed step skips.
+        let vocab = self.config.vocab_size;
+        if let Some(&t) = batch.tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(marlin_kernels::KernelError::Shape(format!(
+                "token {t} of a vocabulary of {vocab}"
+            ))
+            .into());
+        }
         Ok(self.backend.prepare_step(batch)?)
     }
 
@@ -339,31 +366,45 @@ impl<B: Backend> Model<B> {
         let c = &self.config;
         let b = &self.backend;
         let n = batch.num_tokens();
-        let step = self.prepare(ws, &kv.layout, batch)?;
-        b.embedding(&self.embed, &step, &mut ws.x)?;
-        let last_layer = observer.as_deref().map(|o| o.last_layer());
-        for (i, cache) in kv.layers.iter_mut().enumerate() {
-            self.layer_step(i, ws, cache, &step, n, &mut observer)?;
-            if last_layer == Some(i) {
-                return Ok(Vec::new());
-            }
-        }
         let rows = batch.logit_rows.len();
+        let step = self.prepare(ws, &kv.layout, batch)?;
+        let last_layer = observer.as_deref().map(|o| o.last_layer());
+        let key = [self.id, ws.id, kv.id];
+        let (kv_layers, ws) = (&mut kv.layers, &mut *ws);
+        let mut ops = |step: &B::Step| -> Result<()> {
+            b.embedding(&self.embed, step, &mut ws.x)?;
+            for (i, cache) in kv_layers.iter_mut().enumerate() {
+                self.layer_step(i, ws, cache, step, n, &mut observer)?;
+                if last_layer == Some(i) {
+                    return Ok(());
+                }
+            }
+            if rows == 0 {
+                return Ok(());
+            }
+            let hidden = c.hidden_size;
+            b.gather_logit_rows(&ws.x, step, hidden, &mut ws.selected)?;
+            b.rms_norm(
+                &ws.selected,
+                &self.final_norm,
+                c.rms_norm_eps,
+                rows,
+                hidden,
+                &mut ws.normed,
+            )?;
+            let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+            b.matmul(&ws.normed, head, rows, &mut ws.logits)
+                .map_err(Into::into)
+        };
+        if last_layer.is_some() {
+            // The observer reads inputs back to the host mid-step: nothing to record.
+            ops(&step)?;
+            return Ok(Vec::new());
+        }
+        b.queue_step(&step, &key, ops)?;
         if rows == 0 {
             return Ok(Vec::new());
         }
-        let hidden = c.hidden_size;
-        b.gather_logit_rows(&ws.x, &step, hidden, &mut ws.selected)?;
-        b.rms_norm(
-            &ws.selected,
-            &self.final_norm,
-            c.rms_norm_eps,
-            rows,
-            hidden,
-            &mut ws.normed,
-        )?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        b.matmul(&ws.normed, head, rows, &mut ws.logits)?;
         Ok(b.read(&ws.logits, rows * c.vocab_size)?)
     }
 
@@ -426,23 +467,24 @@ impl<B: Backend> Model<B> {
                     hd,
                     &mut ws.k,
                 )?;
+                b.matmul(&ws.normed, &layer.v, n, &mut ws.v)?;
             }
-            None => {
-                b.matmul(&ws.normed, &layer.q, n, &mut ws.q)?;
-                b.matmul(&ws.normed, &layer.k, n, &mut ws.k)?;
-            }
+            None => b.matmul_many(
+                &ws.normed,
+                &[&layer.q, &layer.k, &layer.v],
+                n,
+                &mut [&mut ws.q, &mut ws.k, &mut ws.v],
+            )?,
         }
-        b.matmul(&ws.normed, &layer.v, n, &mut ws.v)?;
         b.rope(&mut ws.q, step, heads, hd, &self.rope_table)?;
         b.rope(&mut ws.k, step, kv_heads, hd, &self.rope_table)?;
         b.write_kv(cache, &ws.k, &ws.v, step)?;
         b.attention(&ws.q, cache, step, heads, scale, &mut ws.attn)?;
         watch(&["self_attn.o_proj"], &ws.attn, heads * hd)?;
         b.matmul(&ws.attn, &layer.o, n, &mut ws.proj)?;
-        b.add(&mut ws.x, &ws.proj, n * hidden)?;
-
-        b.rms_norm(
-            &ws.x,
+        b.add_rms_norm(
+            &mut ws.x,
+            &ws.proj,
             &layer.mlp_norm,
             c.rms_norm_eps,
             n,
@@ -450,8 +492,12 @@ impl<B: Backend> Model<B> {
             &mut ws.normed,
         )?;
         watch(&["mlp.gate_proj", "mlp.up_proj"], &ws.normed, hidden)?;
-        b.matmul(&ws.normed, &layer.gate, n, &mut ws.gate)?;
-        b.matmul(&ws.normed, &layer.up, n, &mut ws.up)?;
+        b.matmul_many(
+            &ws.normed,
+            &[&layer.gate, &layer.up],
+            n,
+            &mut [&mut ws.gate, &mut ws.up],
+        )?;
         b.silu_mul(&ws.gate, &ws.up, n * c.intermediate_size, &mut ws.act)?;
         watch(&["mlp.down_proj"], &ws.act, c.intermediate_size)?;
         b.matmul(&ws.act, &layer.down, n, &mut ws.proj)?;

@@ -3,7 +3,11 @@
 //! `compile.rs`), cuBLAS for matmuls of more than 16 rows (bf16 weights: more than 2).
 //!
 //! Every op is queued on one stream and returns without waiting; only `read` waits. A step's batch
-//! description crosses to the device once, in `prepare_step`. The driver, NVRTC and cuBLAS are
+//! description crosses to the device once, at its first op. Decode-sized steps (up to
+//! DECODE_MAX_ROWS tokens) are recorded as CUDA graphs the second time a step of their shape
+//! comes (tokens, logit rows, context bucket, over the same buffers and weights: see
+//! `Backend::queue_step`) and replayed afterwards: one launch per step instead of ~17 per layer,
+//! the description copied into a buffer the recording owns. `MARLIN_CUDA_GRAPHS=0` turns this off. The driver, NVRTC and cuBLAS are
 //! loaded at run time, so the backend builds without a CUDA toolkit, and [`CudaBackend::new`]
 //! answers with an error (not a crash) on a machine without a driver or a device.
 //!
@@ -24,13 +28,16 @@ pub use cudarc;
 
 use crate::{check, Backend, KernelError, KvLayout, Result, StepBatch};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig, PushKernelArg,
 };
 use half::bf16;
 use marlin_quant::{DenseFormat, HostWeight, QuantTensor, WeightData};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 const SOURCES: [&str; 5] = [
     include_str!("prelude.cuh"),
@@ -44,6 +51,8 @@ const SOURCES: [&str; 5] = [
 pub const DECODE_MAX_ROWS: usize = 16;
 /// Most warps per block of the quantized decode kernel (QG_MAXW in qgemv.cu).
 const QG_WARPS: usize = 8;
+/// Most weights one quantized decode launch multiplies (QG_PARTS in qgemv.cu).
+const QG_PARTS: usize = 3;
 /// Warps of the quantized decode kernel wanted per SM.
 const QG_WARPS_PER_SM: usize = 32;
 /// Elements of the bf16 scratch a non-bf16 weight is expanded into for cuBLAS (64 MiB).
@@ -147,19 +156,26 @@ impl QuantWeight {
         }
     }
 
+    /// Whether the decode kernel scales after the mma: groups that span whole chunks (fewer
+    /// operations per weight); 16- and 32-column int4 groups scale each weight.
+    fn post(&self) -> bool {
+        self.groups == 1 || self.group.is_multiple_of(16 * self.tile_span())
+    }
+
     /// (warps per block, blocks per strip, chunks per block) of the decode kernel: enough warps
     /// in flight to cover the memory latency (about 32 per SM), splitting the chunks over several
     /// blocks (split-K) only when the strips alone fall short, and never below 4 chunks a warp.
-    fn plan(&self, sms: usize) -> (usize, usize, usize) {
-        let warps = if self.strips >= sms {
+    /// Of a launch over `strips` strips of `chunks` chunks.
+    fn plan(strips: usize, chunks: usize, sms: usize) -> (usize, usize, usize) {
+        let warps = if strips >= sms {
             QG_WARPS
         } else {
             QG_WARPS / 2
         };
-        let want = sms * QG_WARPS_PER_SM / (self.strips * warps);
-        let ksplit = want.min(self.chunks / (4 * warps)).max(1);
-        let cpb = self.chunks.div_ceil(ksplit);
-        (warps, self.chunks.div_ceil(cpb), cpb)
+        let want = sms * QG_WARPS_PER_SM / (strips * warps);
+        let ksplit = want.min(chunks / (4 * warps)).max(1);
+        let cpb = chunks.div_ceil(ksplit);
+        (warps, chunks.div_ceil(cpb), cpb)
     }
 }
 
@@ -196,37 +212,108 @@ pub struct KvCache {
     vp: u64,
 }
 
-/// The step on the device: one u32 array holding tokens, positions, slots, each token's block
+/// The step for the device: one u32 array holding tokens, positions, slots, each token's block
 /// table offset and the logit rows (n each, the last `logit_rows.len()`), then the block tables.
+/// It is uploaded at the first op that reads it; a replayed step copies it into its recording's
+/// buffer instead.
 pub struct Step {
     batch: StepBatch,
-    _data: CudaSlice<u32>,
-    base: u64,
+    words: Vec<u32>,
+    /// The keys decode attention is sized for: the longest context rounded up to a power of two,
+    /// so that the steps of one bucket share launch shapes (and a recording).
+    key_bucket: usize,
+    /// Device address of `words`, with the buffer when the step owns it.
+    dev: OnceLock<(Option<CudaSlice<u32>>, u64)>,
 }
 
 impl Step {
-    fn at(&self, field: usize) -> u64 {
-        self.base + 4 * (field * self.batch.num_tokens()) as u64
+    fn base(&self, b: &CudaBackend) -> Result<u64> {
+        if let Some((_, p)) = self.dev.get() {
+            return Ok(*p);
+        }
+        let data = b.stream.clone_htod(&self.words).map_err(dev)?;
+        let p = b.ptr(&data);
+        let _ = self.dev.set((Some(data), p));
+        Ok(p)
     }
-    fn tokens(&self) -> u64 {
-        self.at(0)
+    fn at(&self, b: &CudaBackend, field: usize) -> Result<u64> {
+        Ok(self.base(b)? + 4 * (field * self.batch.num_tokens()) as u64)
     }
-    fn positions(&self) -> u64 {
-        self.at(1)
+    fn tokens(&self, b: &CudaBackend) -> Result<u64> {
+        self.at(b, 0)
     }
-    fn slots(&self) -> u64 {
-        self.at(2)
+    fn positions(&self, b: &CudaBackend) -> Result<u64> {
+        self.at(b, 1)
     }
-    fn table_offsets(&self) -> u64 {
-        self.at(3)
+    fn slots(&self, b: &CudaBackend) -> Result<u64> {
+        self.at(b, 2)
     }
-    fn logit_rows(&self) -> u64 {
-        self.at(4)
+    fn table_offsets(&self, b: &CudaBackend) -> Result<u64> {
+        self.at(b, 3)
     }
-    fn tables(&self) -> u64 {
-        self.at(4) + 4 * self.batch.logit_rows.len() as u64
+    fn logit_rows(&self, b: &CudaBackend) -> Result<u64> {
+        self.at(b, 4)
+    }
+    fn tables(&self, b: &CudaBackend) -> Result<u64> {
+        Ok(self.at(b, 4)? + 4 * self.batch.logit_rows.len() as u64)
     }
 }
+
+/// What is known of the decode steps of one shape (tokens, logit rows, key bucket).
+enum Recording {
+    /// Ran once, not recorded: a shape that comes once is not worth a recording.
+    Seen,
+    /// Recording failed (an op that cannot be captured): always run directly.
+    Failed,
+    /// The step as a CUDA graph, and the step description its kernels read.
+    Ready {
+        graph: CudaGraph,
+        inputs: CudaSlice<u32>,
+    },
+}
+
+/// The recorded steps of one caller's buffers and weights (`Backend::queue_step`'s key).
+#[derive(Default)]
+struct Graphs {
+    owner: Vec<u64>,
+    steps: HashMap<(usize, usize, usize), Recording>,
+}
+
+// SAFETY: the graphs are used only under the backend's mutex, so from one thread at a time.
+unsafe impl Send for Graphs {}
+
+/// One weight of a quantized decode launch (QgPart in qgemv.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct QgPart {
+    codes: u64,
+    scales: u64,
+    offsets: u64,
+    out: u64,
+    gmul: u32,
+    n: i32,
+    groups: i32,
+    strip0: i32,
+}
+
+/// The arguments of a quantized decode launch (QgArgs in qgemv.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct QgArgs {
+    p: [QgPart; QG_PARTS],
+    x: u64,
+    ws: u64,
+    counters: u64,
+    parts: i32,
+    m: i32,
+    k: i32,
+    chunks: i32,
+    cpb: i32,
+    wstride: i32,
+}
+
+// SAFETY: plain old data laid out as the kernel's struct (repr(C), the same field order and types).
+unsafe impl DeviceRepr for QgArgs {}
 
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
@@ -240,6 +327,12 @@ pub struct CudaBackend {
     /// quantized weight) and one counter per strip, zero between calls (the kernel's last block
     /// restores them). Grown when a weight is uploaded, so matmuls never allocate.
     splitk: Mutex<Option<(CudaSlice<f32>, CudaSlice<u32>)>>,
+    graphs: Mutex<Graphs>,
+    graphs_on: AtomicBool,
+    /// Set while a step is being recorded: the scratch buffers must not be reallocated then.
+    capturing: AtomicBool,
+    /// Bumped whenever a buffer that recordings point at is reallocated.
+    generation: AtomicU64,
     sms: usize,
     name: String,
     arch: (i32, i32),
@@ -339,6 +432,12 @@ impl CudaBackend {
             scratch: Mutex::new(None),
             att_part: Mutex::new(None),
             splitk: Mutex::new(None),
+            graphs: Mutex::new(Graphs::default()),
+            graphs_on: AtomicBool::new(
+                std::env::var("MARLIN_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+            ),
+            capturing: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
             sms,
             name,
             arch,
@@ -399,6 +498,37 @@ impl CudaBackend {
         self.stream.synchronize().map_err(dev)
     }
 
+    /// Turns the recording and replay of decode steps as CUDA graphs on or off (on unless
+    /// `MARLIN_CUDA_GRAPHS=0`); off drops the recordings.
+    pub fn set_graphs(&self, on: bool) -> Result<()> {
+        self.graphs_on.store(on, Ordering::SeqCst);
+        if !on {
+            self.drop_recordings()?;
+        }
+        Ok(())
+    }
+
+    /// Forgets every recorded step, after the device has finished with them.
+    fn drop_recordings(&self) -> Result<()> {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        let mut graphs = self.graphs.lock().unwrap();
+        if !graphs.steps.is_empty() {
+            self.stream.synchronize().map_err(dev)?;
+            graphs.steps.clear();
+        }
+        Ok(())
+    }
+
+    /// Before a scratch buffer is reallocated: recordings point at the old one.
+    fn before_realloc(&self) -> Result<()> {
+        if self.capturing.load(Ordering::SeqCst) {
+            return Err(dev(
+                "a scratch buffer would be reallocated while recording a step",
+            ));
+        }
+        self.drop_recordings()
+    }
+
     fn func(&self, name: &str) -> Result<&CudaFunction> {
         self.funcs
             .get(name)
@@ -440,6 +570,7 @@ impl CudaBackend {
                 .is_none_or(|(w, c)| w.len() < sums || c.len() < counters)
             {
                 let (w0, c0) = guard.as_ref().map_or((0, 0), |(w, c)| (w.len(), c.len()));
+                self.before_realloc()?;
                 *guard = None;
                 *guard = Some((
                     s.alloc_zeros::<f32>(sums.max(w0)).map_err(dev)?,
@@ -603,7 +734,9 @@ impl CudaBackend {
 
     /// Attention of a few tokens (decode) split along the keys: enough chunks that the grid
     /// holds about DEC_BLOCKS_PER_SM blocks per SM even for one sequence, then the splits
-    /// combined.
+    /// combined. Sized for the step's key bucket, not its exact context, so that one launch
+    /// shape serves (and one recording replays for) every step of the bucket; the blocks past a
+    /// sequence's keys return at once.
     fn attention_decode(
         &self,
         q: &Buffer,
@@ -617,13 +750,8 @@ impl CudaBackend {
         let (n, hd) = (step.batch.num_tokens(), layout.head_dim);
         let group = heads / layout.kv_heads;
         let slices = group.div_ceil(DEC_MAXG);
-        let max_keys = step
-            .batch
-            .positions
-            .iter()
-            .max()
-            .map_or(1, |&p| p as usize + 1);
         let want = (DEC_BLOCKS_PER_SM * self.sms).div_ceil(n * layout.kv_heads * slices);
+        let max_keys = step.key_bucket;
         let chunk = max_keys
             .div_ceil(want)
             .next_multiple_of(32)
@@ -633,6 +761,7 @@ impl CudaBackend {
             let need = n * heads * splits * (hd + 2);
             let mut guard = self.att_part.lock().unwrap();
             if guard.as_ref().is_none_or(|s| s.len() < need) {
+                self.before_realloc()?;
                 *guard = None;
                 *guard = Some(self.stream.alloc_zeros::<f32>(need).map_err(dev)?);
             }
@@ -653,9 +782,9 @@ impl CudaBackend {
             q.ptr,
             cache.kp,
             cache.vp,
-            step.positions(),
-            step.table_offsets(),
-            step.tables(),
+            step.positions(self)?,
+            step.table_offsets(self)?,
+            step.tables(self)?,
             heads as i32,
             layout.kv_heads as i32,
             hd as i32,
@@ -672,7 +801,7 @@ impl CudaBackend {
                 "attention_combine",
                 cfg2((n * heads, 1), 128, 0),
                 part,
-                step.positions(),
+                step.positions(self)?,
                 heads as i32,
                 hd as i32,
                 chunk as i32,
@@ -683,12 +812,80 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// `outs[i] = x · ws[i]ᵀ` (rows ≤ DECODE_MAX_ROWS) in one launch of the quantized decode
+    /// kernel: the weights share bits, symmetry, width and scaling (`post`), and their strips are
+    /// planned as one weight's.
+    fn qgemv(&self, x: &Buffer, ws: &[&QuantWeight], rows: usize, outs: &[u64]) -> Result<()> {
+        let q0 = ws[0];
+        let name = format!(
+            "qgemv_int{}{}_{}{}",
+            q0.bits,
+            if q0.asym { "a" } else { "" },
+            if rows <= 8 { 8 } else { 16 },
+            if q0.post() { "p" } else { "" }
+        );
+        let mut args = QgArgs {
+            x: x.ptr,
+            parts: ws.len() as i32,
+            m: rows as i32,
+            k: q0.cols as i32,
+            chunks: q0.chunks as i32,
+            ..QgArgs::default()
+        };
+        let mut strips = 0;
+        for (i, (q, &out)) in ws.iter().zip(outs).enumerate() {
+            args.p[i] = QgPart {
+                codes: self.ptr(&q.codes),
+                scales: self.ptr(&q.scales),
+                offsets: q.offsets.as_ref().map_or(0, |o| self.ptr(o)),
+                out,
+                gmul: q.group_mul(),
+                n: q.rows as i32,
+                groups: q.groups as i32,
+                strip0: strips as i32,
+            };
+            strips += q.strips;
+        }
+        let (warps, ksplit, cpb) = QuantWeight::plan(strips, q0.chunks, self.sms);
+        args.cpb = cpb as i32;
+        args.wstride = (16 * strips) as i32;
+        {
+            let mut guard = self.splitk.lock().unwrap();
+            let (sums, counters) = (DECODE_MAX_ROWS * strips * 16, strips);
+            if guard
+                .as_ref()
+                .is_none_or(|(w, c)| w.len() < sums || c.len() < counters)
+            {
+                let (w0, c0) = guard.as_ref().map_or((0, 0), |(w, c)| (w.len(), c.len()));
+                self.before_realloc()?;
+                *guard = None;
+                *guard = Some((
+                    self.stream.alloc_zeros::<f32>(sums.max(w0)).map_err(dev)?,
+                    self.stream
+                        .alloc_zeros::<u32>(counters.max(c0))
+                        .map_err(dev)?,
+                ));
+            }
+            let (w, c) = guard.as_ref().unwrap();
+            args.ws = self.ptr(w);
+            args.counters = self.ptr(c);
+        }
+        launch!(
+            self,
+            &name,
+            cfg2((strips, ksplit), 32 * warps as u32, 0),
+            args
+        );
+        Ok(())
+    }
+
     /// Prefill with a weight that is not bf16: slabs of features expanded to bf16, then cuBLAS.
     fn matmul_expanded(&self, x: &Buffer, w: &Weight, rows: usize, out: &Buffer) -> Result<()> {
         let (n, k) = w.shape();
         let slab = ((SCRATCH_ELEMS / k.max(1)) / 16 * 16).clamp(16, n.div_ceil(16) * 16);
         let mut guard = self.scratch.lock().unwrap();
         if guard.as_ref().is_none_or(|s| s.len() < slab * k) {
+            self.before_realloc()?;
             *guard = None;
             *guard = Some(self.stream.alloc_zeros::<u16>(slab * k).map_err(dev)?);
         }
@@ -775,6 +972,7 @@ fn kernel_names() -> Vec<String> {
         "embedding_f16",
         "embedding_bf16",
         "rms_norm",
+        "add_rms_norm",
         "rope",
         "write_kv",
         "silu_mul",
@@ -814,6 +1012,96 @@ impl Backend for CudaBackend {
 
     fn name(&self) -> String {
         self.name.clone()
+    }
+
+    fn queue_step<E: From<KernelError>>(
+        &self,
+        step: &Step,
+        key: &[u64],
+        mut ops: impl FnMut(&Step) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        let n = step.batch.num_tokens();
+        if !self.graphs_on.load(Ordering::SeqCst) || n == 0 || n > DECODE_MAX_ROWS {
+            return ops(step);
+        }
+        let shape = (n, step.batch.logit_rows.len(), step.key_bucket);
+        let words = &step.words;
+        {
+            let mut graphs = self.graphs.lock().unwrap();
+            if graphs.owner != key {
+                if !graphs.steps.is_empty() {
+                    self.stream.synchronize().map_err(dev)?;
+                    graphs.steps.clear();
+                }
+                graphs.owner = key.to_vec();
+            }
+            match graphs.steps.get_mut(&shape) {
+                Some(Recording::Ready { graph, inputs }) if inputs.len() >= words.len() => {
+                    let mut view = inputs.slice_mut(..words.len());
+                    self.stream.memcpy_htod(words, &mut view).map_err(dev)?;
+                    graph.launch().map_err(dev)?;
+                    return Ok(());
+                }
+                Some(Recording::Failed) => {
+                    drop(graphs);
+                    return ops(step);
+                }
+                Some(Recording::Ready { .. }) => {
+                    // Block tables outgrew the recording's copy of the step: record anew.
+                    self.stream.synchronize().map_err(dev)?;
+                    graphs.steps.remove(&shape);
+                }
+                Some(Recording::Seen) => {}
+                None => {
+                    graphs.steps.insert(shape, Recording::Seen);
+                    drop(graphs);
+                    return ops(step);
+                }
+            }
+        }
+        // Record, the kernels reading the step from a buffer the recording keeps (room for the
+        // block tables to grow within the bucket).
+        let generation = self.generation.load(Ordering::SeqCst);
+        let mut inputs = self
+            .stream
+            .alloc_zeros::<u32>(2 * words.len() + 64)
+            .map_err(dev)?;
+        self.stream
+            .memcpy_htod(words, &mut inputs.slice_mut(..words.len()))
+            .map_err(dev)?;
+        let homed = Step {
+            batch: step.batch.clone(),
+            words: Vec::new(),
+            key_bucket: step.key_bucket,
+            dev: OnceLock::from((None, self.ptr(&inputs))),
+        };
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(dev)?;
+        self.capturing.store(true, Ordering::SeqCst);
+        let queued = ops(&homed);
+        self.capturing.store(false, Ordering::SeqCst);
+        let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        let fresh = self.generation.load(Ordering::SeqCst) == generation;
+        match (queued, graph) {
+            (Ok(()), Ok(Some(graph))) if fresh => {
+                graph.launch().map_err(dev)?;
+                let ready = Recording::Ready { graph, inputs };
+                self.graphs.lock().unwrap().steps.insert(shape, ready);
+                Ok(())
+            }
+            (queued, _) => {
+                // Nothing ran: run the step directly. A step whose buffers moved meanwhile may
+                // record next time; one whose ops cannot be captured never will.
+                let why = if fresh && queued.is_err() {
+                    Recording::Failed
+                } else {
+                    Recording::Seen
+                };
+                self.graphs.lock().unwrap().steps.insert(shape, why);
+                ops(step)
+            }
+        }
     }
 
     fn alloc(&self, len: usize) -> Result<Buffer> {
@@ -900,12 +1188,12 @@ impl Backend for CudaBackend {
         host.extend_from_slice(&batch.logit_rows);
         host.extend_from_slice(&tables);
         host.push(0);
-        let data = self.stream.clone_htod(&host).map_err(dev)?;
-        let base = self.ptr(&data);
+        let max_keys = batch.positions.iter().max().map_or(1, |&p| p as usize + 1);
         Ok(Step {
             batch: batch.clone(),
-            _data: data,
-            base,
+            words: host,
+            key_bucket: max_keys.next_power_of_two().max(DEC_MIN_CHUNK),
+            dev: OnceLock::new(),
         })
     }
 
@@ -935,7 +1223,7 @@ impl Backend for CudaBackend {
                     codes,
                     scales,
                     offsets,
-                    step.tokens(),
+                    step.tokens(self)?,
                     dim as i32,
                     q.group as i32,
                     q.groups as i32,
@@ -951,7 +1239,7 @@ impl Backend for CudaBackend {
             DenseFormat::BF16 => "embedding_bf16",
         };
         let cfg = cfg2((dim.div_ceil(256), tokens.len()), 256, 0);
-        launch!(self, f, cfg, d.ptr, step.tokens(), dim as i32, out.ptr);
+        launch!(self, f, cfg, d.ptr, step.tokens(self)?, dim as i32, out.ptr);
         Ok(())
     }
 
@@ -1008,7 +1296,7 @@ impl Backend for CudaBackend {
             "rope",
             cfg2((tokens, heads), threads, 0),
             x.ptr,
-            step.positions(),
+            step.positions(self)?,
             heads as i32,
             head_dim as i32,
             table.ptr
@@ -1059,49 +1347,49 @@ impl Backend for CudaBackend {
                     out.ptr
                 );
             }
-            Weight::Quant(q) => {
-                // Groups that span whole chunks take the kernel that scales after the mma (fewer
-                // operations per weight); 16- and 32-column int4 groups scale each weight.
-                let post = q.groups == 1 || q.group % (16 * q.tile_span()) == 0;
-                let name = format!(
-                    "qgemv_int{}{}_{}{}",
-                    q.bits,
-                    if q.asym { "a" } else { "" },
-                    if rows <= 8 { 8 } else { 16 },
-                    if post { "p" } else { "" }
-                );
-                let (codes, scales) = (self.ptr(&q.codes), self.ptr(&q.scales));
-                let offsets = q.offsets.as_ref().map_or(0, |o| self.ptr(o));
-                let (warps, ksplit, cpb) = q.plan(self.sms);
-                let (ws, counters) = {
-                    let guard = self.splitk.lock().unwrap();
-                    let (w, c) = guard
-                        .as_ref()
-                        .ok_or_else(|| dev("split-K workspace missing for an uploaded weight"))?;
-                    (self.ptr(w), self.ptr(c))
-                };
-                launch!(
-                    self,
-                    &name,
-                    cfg2((q.strips, ksplit), 32 * warps as u32, 0),
-                    codes,
-                    scales,
-                    offsets,
-                    x.ptr,
-                    rows as i32,
-                    k as i32,
-                    n as i32,
-                    q.group_mul(),
-                    q.groups as i32,
-                    q.chunks as i32,
-                    cpb as i32,
-                    ws,
-                    counters,
-                    out.ptr
-                );
-            }
+            Weight::Quant(q) => self.qgemv(x, &[q], rows, &[out.ptr])?,
         }
         Ok(())
+    }
+
+    fn matmul_many(
+        &self,
+        x: &Buffer,
+        weights: &[&Weight],
+        rows: usize,
+        outs: &mut [&mut Buffer],
+    ) -> Result<()> {
+        check(weights.len() == outs.len(), "matmul_many", || {
+            format!("{} weights, {} outputs", weights.len(), outs.len())
+        })?;
+        // Quantized weights of one kind and width at decode: one launch.
+        let quant: Vec<&QuantWeight> = weights
+            .iter()
+            .filter_map(|w| match w {
+                Weight::Quant(q) => Some(q),
+                Weight::Dense(_) => None,
+            })
+            .collect();
+        let fusable = (1..=DECODE_MAX_ROWS).contains(&rows)
+            && (2..=QG_PARTS).contains(&quant.len())
+            && quant.len() == weights.len()
+            && quant.iter().all(|q| {
+                let q0 = quant[0];
+                (q.bits, q.asym, q.cols, q.post()) == (q0.bits, q0.asym, q0.cols, q0.post())
+            });
+        if !fusable {
+            for (w, out) in weights.iter().zip(outs.iter_mut()) {
+                self.matmul(x, w, rows, out)?;
+            }
+            return Ok(());
+        }
+        let k = quant[0].cols;
+        len_check("matmul_many", "x", x.len, rows * k)?;
+        for (q, out) in quant.iter().zip(outs.iter()) {
+            len_check("matmul_many", "out", out.len, rows * q.rows)?;
+        }
+        let ptrs: Vec<u64> = outs.iter().map(|o| o.ptr).collect();
+        self.qgemv(x, &quant, rows, &ptrs)
     }
 
     fn write_kv(&self, cache: &mut KvCache, k: &Buffer, v: &Buffer, step: &Step) -> Result<()> {
@@ -1122,7 +1410,7 @@ impl Backend for CudaBackend {
             cache.vp,
             k.ptr,
             v.ptr,
-            step.slots(),
+            step.slots(self)?,
             sw as i32
         );
         Ok(())
@@ -1164,9 +1452,9 @@ impl Backend for CudaBackend {
             q.ptr,
             cache.kp,
             cache.vp,
-            step.positions(),
-            step.table_offsets(),
-            step.tables(),
+            step.positions(self)?,
+            step.table_offsets(self)?,
+            step.tables(self)?,
             heads as i32,
             layout.kv_heads as i32,
             layout.head_dim as i32,
@@ -1206,6 +1494,39 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn add_rms_norm(
+        &self,
+        x: &mut Buffer,
+        y: &Buffer,
+        weight: &Buffer,
+        eps: f32,
+        rows: usize,
+        dim: usize,
+        out: &mut Buffer,
+    ) -> Result<()> {
+        len_check("add_rms_norm", "x", x.len, rows * dim)?;
+        len_check("add_rms_norm", "y", y.len, rows * dim)?;
+        len_check("add_rms_norm", "weight", weight.len, dim)?;
+        len_check("add_rms_norm", "out", out.len, rows * dim)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        // The thread count of rms_norm: the same sums in the same order.
+        let threads = if dim >= 2048 { 512 } else { 256 };
+        launch!(
+            self,
+            "add_rms_norm",
+            cfg2((rows, 1), threads, 0),
+            x.ptr,
+            y.ptr,
+            weight.ptr,
+            eps,
+            dim as i32,
+            out.ptr
+        );
+        Ok(())
+    }
+
     fn softmax(&self, x: &mut Buffer, rows: usize, dim: usize) -> Result<()> {
         len_check("softmax", "x", x.len, rows * dim)?;
         if rows == 0 || dim == 0 {
@@ -1238,7 +1559,7 @@ impl Backend for CudaBackend {
             "gather_rows",
             cfg2((dim.div_ceil(256), rows.len()), 256, 0),
             x.ptr,
-            step.logit_rows(),
+            step.logit_rows(self)?,
             dim as i32,
             out.ptr
         );

@@ -31,6 +31,24 @@ extern "C" __global__ void rms_norm(const bf16_t* x, const bf16_t* w, float eps,
     for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = f2bf(bf2f(xr[i]) * inv * bf2f(w[i]));
 }
 
+// x += y, then out = rms_norm(x) * w, one block per row: the residual update and the next norm in
+// one launch, the same values as `add` then `rms_norm` (each thread re-reads only what it wrote).
+extern "C" __global__ void add_rms_norm(bf16_t* x, const bf16_t* y, const bf16_t* w, float eps, int dim, bf16_t* out) {
+    bf16_t* xr = x + (size_t)blockIdx.x * dim;
+    const bf16_t* yr = y + (size_t)blockIdx.x * dim;
+    bf16_t* o = out + (size_t)blockIdx.x * dim;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        const bf16_t s = f2bf(bf2f(xr[i]) + bf2f(yr[i]));
+        xr[i] = s;
+        const float v = bf2f(s);
+        ss += v * v;
+    }
+    ss = block_reduce(ss, false);
+    float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = f2bf(bf2f(xr[i]) * inv * bf2f(w[i]));
+}
+
 // Grid (tokens, heads); pairs element i with i + head_dim/2.
 extern "C" __global__ void rope(bf16_t* x, const u32* positions, int heads, int hd, const bf16_t* table) {
     int t = blockIdx.x, h = blockIdx.y, half = hd / 2;

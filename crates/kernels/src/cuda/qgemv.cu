@@ -175,9 +175,13 @@ __device__ __forceinline__ void load_x(const bf16_t* row, bool ok, int k, int co
     }
 }
 
+// Strip s of a weight of n features whose strips are strips sg - s .. of the launch (several
+// weights of one input run as one launch, see QgArgs); the split-K sums of feature f of the
+// launch (row r) are ws[r * wstride + f], its strips' counters counters[sg].
 template <int BITS, bool ASYM, int NB, bool POST>
 __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets, const bf16_t* x, int m, int k,
-                      int n, u32 gmul, int G, int CH, int cpb, float* ws, u32* counters, bf16_t* out) {
+                      int n, u32 gmul, int G, int CH, int cpb, float* ws, u32* counters, int wstride, int s, int sg,
+                      bf16_t* out) {
     // U chunks per ring slot (per loop step) amortize the step's fixed work (wait, commit, scale
     // and activation addressing); with 16 rows the activations alone fill the registers, so 1.
     constexpr int TPU = BITS == 4 ? 4 : 2, CW = 16 * TPU, XW = TPU / 2, U = NB == 1 ? 2 : 1;
@@ -187,7 +191,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     __shared__ u32 ring_o[ASYM ? S : 1][U][QG_MAXW * 32];
     __shared__ int last;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, W = blockDim.x >> 5;
-    const int g = lane >> 2, t = lane & 3, s = blockIdx.x;
+    const int g = lane >> 2, t = lane & 3;
     const int c_lo = blockIdx.y * cpb, c_hi = min(CH, c_lo + cpb);
     const int mine = max(0, (c_hi - c_lo - warp + W - 1) / W), steps = (mine + U - 1) / U;
     const bool xvec = (k & 7) == 0;
@@ -332,47 +336,72 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     __syncthreads();
     // Element e < NB * 128 is (b, j, lane) of the mma's D fragment summed over the warps: feature
     // s * 16 + g + 8 (j >> 1), row b * 8 + 2 t + (j & 1).
-    auto element = [&](int e, float& v, size_t& at) {
+    // at: the output element; wat: its split-K sum.
+    auto element = [&](int e, float& v, size_t& at, size_t& wat) {
         v = 0.0f;
         for (int w = 0; w < W; w++) v += red[w * NB * 128 + e];
         const int b = e >> 7, j = (e >> 5) & 3, ln = e & 31;
-        const int feat = s * 16 + (ln >> 2) + 8 * (j >> 1), row = b * 8 + 2 * (ln & 3) + (j & 1);
+        const int f = (ln >> 2) + 8 * (j >> 1), feat = s * 16 + f, row = b * 8 + 2 * (ln & 3) + (j & 1);
         at = (size_t)row * n + feat;
+        wat = (size_t)row * wstride + sg * 16 + f;
         return feat < n && row < m;
     };
     if (gridDim.y == 1) {
         for (int e = tid; e < NB * 128; e += blockDim.x) {
             float v;
-            size_t at;
-            if (element(e, v, at)) out[at] = f2bf(v);
+            size_t at, wat;
+            if (element(e, v, at, wat)) out[at] = f2bf(v);
         }
         return;
     }
     for (int e = tid; e < NB * 128; e += blockDim.x) {
         float v;
-        size_t at;
-        if (element(e, v, at)) atomicAdd(&ws[at], v);
+        size_t at, wat;
+        if (element(e, v, at, wat)) atomicAdd(&ws[wat], v);
     }
     __threadfence();
     __syncthreads();
-    if (tid == 0) last = atomicAdd(&counters[s], 1u) == gridDim.y - 1;
+    if (tid == 0) last = atomicAdd(&counters[sg], 1u) == gridDim.y - 1;
     __syncthreads();
     if (!last) return;
     __threadfence();
     for (int e = tid; e < NB * 128; e += blockDim.x) {
         float v;
-        size_t at;
-        if (element(e, v, at)) out[at] = f2bf(atomicExch(&ws[at], 0.0f));
+        size_t at, wat;
+        if (element(e, v, at, wat)) out[at] = f2bf(atomicExch(&ws[wat], 0.0f));
     }
-    if (tid == 0) counters[s] = 0;
+    if (tid == 0) counters[sg] = 0;
 }
 
+// One launch multiplies x by up to QG_PARTS weights of the same format and k (q, k and v; gate
+// and up): weight i's strips are the launch's strips p[i].strip0 .. p[i + 1].strip0. Fewer
+// launches, and the small k and v projections no longer run as grids too small for the GPU.
+#define QG_PARTS 3
+struct QgPart {
+    const uint4* codes;
+    const u32* scales;
+    const u32* offsets;
+    bf16_t* out;
+    u32 gmul;
+    int n, G, strip0;
+};
+struct QgArgs {
+    QgPart p[QG_PARTS];
+    const bf16_t* x;
+    float* ws;
+    u32* counters;
+    int parts, m, k, CH, cpb, wstride;
+};
+
 // Suffix p: the scale applied after the mma, for groups that cover whole chunks.
-#define QGEMV1(name, BITS, ASYM, NB, POST)                                                                    \
-    extern "C" __global__ void __launch_bounds__(QG_MAXW * 32)                                                \
-        name(const uint4* codes, const u32* scales, const u32* offsets, const bf16_t* x, int m, int k, int n, \
-             u32 gmul, int G, int CH, int cpb, float* ws, u32* counters, bf16_t* out) {                       \
-        qgemv<BITS, ASYM, NB, POST>(codes, scales, offsets, x, m, k, n, gmul, G, CH, cpb, ws, counters, out); \
+#define QG_SEL(f) (pi == 0 ? a.p[0].f : pi == 1 ? a.p[1].f : a.p[2].f)
+#define QGEMV1(name, BITS, ASYM, NB, POST)                                                                      \
+    extern "C" __global__ void __launch_bounds__(QG_MAXW * 32) name(const QgArgs a) {                           \
+        const int sg = blockIdx.x;                                                                              \
+        const int pi = (a.parts > 1 && sg >= a.p[1].strip0) + (a.parts > 2 && sg >= a.p[2].strip0);            \
+        qgemv<BITS, ASYM, NB, POST>(QG_SEL(codes), QG_SEL(scales), QG_SEL(offsets), a.x, a.m, a.k, QG_SEL(n),   \
+                                    QG_SEL(gmul), QG_SEL(G), a.CH, a.cpb, a.ws, a.counters, a.wstride,          \
+                                    sg - QG_SEL(strip0), sg, QG_SEL(out));                                      \
     }
 #define QGEMV(name, BITS, ASYM, NB) QGEMV1(name, BITS, ASYM, NB, false) QGEMV1(name##p, BITS, ASYM, NB, true)
 QGEMV(qgemv_int4_8, 4, false, 1)
