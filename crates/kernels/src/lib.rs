@@ -140,6 +140,26 @@ pub trait Backend: Send + Sync + 'static {
         v: &Self::Buffer,
         step: &Self::Step,
     ) -> Result<()>;
+    /// `rope` of q (`heads` heads) and of k (`kv_heads` heads), then `write_kv` of k and v: the
+    /// per-token work between the projections and attention, which a backend may run as one
+    /// launch. The default runs the three ops.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_write_kv(
+        &self,
+        q: &mut Self::Buffer,
+        k: &mut Self::Buffer,
+        v: &Self::Buffer,
+        cache: &mut Self::KvCache,
+        step: &Self::Step,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        table: &Self::Buffer,
+    ) -> Result<()> {
+        self.rope(q, step, heads, head_dim, table)?;
+        self.rope(k, step, kv_heads, head_dim, table)?;
+        self.write_kv(cache, k, v, step)
+    }
     /// Causal attention of each new token's query heads over its sequence's cached keys and
     /// values up to and including its own position; query head h reads kv head
     /// h / (heads / kv_heads). q and out are tokens x heads x head_dim.

@@ -429,6 +429,111 @@ fn check_attention(
     );
 }
 
+/// rope of q and k and write_kv in one launch, against the CPU's three ops: the rotated q and k,
+/// and attention over the cache the step wrote into (its earlier slots filled first).
+#[test]
+fn rope_write_kv_fused() {
+    let Some(g) = gpu("rope_write_kv_fused") else {
+        return;
+    };
+    let c = cpu();
+    let mut r = rng();
+    for &(heads, kv_heads, hd) in &[(8usize, 2usize, 64usize), (3, 3, 128), (4, 1, 80)] {
+        let bs = 16;
+        let seqs = [(1usize, 40usize), (5, 9), (3, 3)];
+        let (step, blocks) = make_step(&mut r, &seqs, bs);
+        let layout = KvLayout {
+            num_blocks: blocks,
+            block_size: bs,
+            kv_heads,
+            head_dim: hd,
+        };
+        let (mut gk, mut ck) = (g.alloc_kv(layout).unwrap(), c.alloc_kv(layout).unwrap());
+        // Every context slot first, then the step's own slots through the fused op.
+        let mut fill = step.clone();
+        fill.tokens.clear();
+        fill.positions.clear();
+        fill.slots.clear();
+        fill.logit_rows.clear();
+        let mut start = 0;
+        for s in fill.seqs.iter_mut() {
+            s.start = start;
+            s.len = s.context_len;
+            for pos in 0..s.len {
+                fill.tokens.push(0);
+                fill.positions.push(pos as u32);
+                fill.slots
+                    .push(s.block_table[pos / bs] * bs as u32 + (pos % bs) as u32);
+            }
+            start += s.len;
+        }
+        let sw = kv_heads * hd;
+        let nf = fill.num_tokens();
+        let (kf, vf) = (randv(&mut r, nf * sw, 1.0), randv(&mut r, nf * sw, 1.0));
+        let (gkf, ckf) = pair(g, &c, &kf);
+        let (gvf, cvf) = pair(g, &c, &vf);
+        let (gf, cf) = (
+            g.prepare_step(&fill).unwrap(),
+            c.prepare_step(&fill).unwrap(),
+        );
+        g.write_kv(&mut gk, &gkf, &gvf, &gf).unwrap();
+        c.write_kv(&mut ck, &ckf, &cvf, &cf).unwrap();
+
+        let n = step.num_tokens();
+        let mut table = vec![0.0f32; 64 * hd];
+        for p in 0..64 {
+            for i in 0..hd / 2 {
+                let a = p as f32 / 10000f32.powf(2.0 * i as f32 / hd as f32);
+                table[p * hd + i] = bf(a.cos());
+                table[p * hd + hd / 2 + i] = bf(a.sin());
+            }
+        }
+        let (gt, ct) = pair(g, &c, &table);
+        let (q, k, v) = (
+            randv(&mut r, n * heads * hd, 2.0),
+            randv(&mut r, n * sw, 2.0),
+            randv(&mut r, n * sw, 1.0),
+        );
+        let (mut gq, mut cq) = pair(g, &c, &q);
+        let (mut gkb, mut ckb) = pair(g, &c, &k);
+        let (gv, cv) = pair(g, &c, &v);
+        let (gs, cs) = (
+            g.prepare_step(&step).unwrap(),
+            c.prepare_step(&step).unwrap(),
+        );
+        g.rope_write_kv(
+            &mut gq, &mut gkb, &gv, &mut gk, &gs, heads, kv_heads, hd, &gt,
+        )
+        .unwrap();
+        c.rope_write_kv(
+            &mut cq, &mut ckb, &cv, &mut ck, &cs, heads, kv_heads, hd, &ct,
+        )
+        .unwrap();
+        let what = format!("rope_write_kv h{heads}/{kv_heads} d{hd}");
+        let len = n * heads * hd;
+        assert_close(
+            &what,
+            &g.read(&gq, len).unwrap(),
+            &c.read(&cq, len).unwrap(),
+        );
+        assert_close(
+            &what,
+            &g.read(&gkb, n * sw).unwrap(),
+            &c.read(&ckb, n * sw).unwrap(),
+        );
+        let mut go = poisoned(g, len);
+        let mut co = c.alloc(len).unwrap();
+        let scale = 1.0 / (hd as f32).sqrt();
+        g.attention(&gq, &gk, &gs, heads, scale, &mut go).unwrap();
+        c.attention(&cq, &ck, &cs, heads, scale, &mut co).unwrap();
+        assert_close(
+            &format!("{what} attention"),
+            &g.read(&go, len).unwrap(),
+            &c.read(&co, len).unwrap(),
+        );
+    }
+}
+
 const ROWS: [usize; 8] = [1, 2, 5, 8, 9, 16, 17, 40];
 
 #[test]

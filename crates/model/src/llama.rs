@@ -476,9 +476,17 @@ impl<B: Backend> Model<B> {
                 &mut [&mut ws.q, &mut ws.k, &mut ws.v],
             )?,
         }
-        b.rope(&mut ws.q, step, heads, hd, &self.rope_table)?;
-        b.rope(&mut ws.k, step, kv_heads, hd, &self.rope_table)?;
-        b.write_kv(cache, &ws.k, &ws.v, step)?;
+        b.rope_write_kv(
+            &mut ws.q,
+            &mut ws.k,
+            &ws.v,
+            cache,
+            step,
+            heads,
+            kv_heads,
+            hd,
+            &self.rope_table,
+        )?;
         b.attention(&ws.q, cache, step, heads, scale, &mut ws.attn)?;
         watch(&["self_attn.o_proj"], &ws.attn, heads * hd)?;
         b.matmul(&ws.attn, &layer.o, n, &mut ws.proj)?;

@@ -975,6 +975,7 @@ fn kernel_names() -> Vec<String> {
         "add_rms_norm",
         "rope",
         "write_kv",
+        "rope_write_kv",
         "silu_mul",
         "add",
         "softmax",
@@ -1390,6 +1391,66 @@ impl Backend for CudaBackend {
         }
         let ptrs: Vec<u64> = outs.iter().map(|o| o.ptr).collect();
         self.qgemv(x, &quant, rows, &ptrs)
+    }
+
+    fn rope_write_kv(
+        &self,
+        q: &mut Buffer,
+        k: &mut Buffer,
+        v: &Buffer,
+        cache: &mut KvCache,
+        step: &Step,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        table: &Buffer,
+    ) -> Result<()> {
+        let layout = cache.layout;
+        step.batch.validate(&layout)?;
+        let n = step.batch.num_tokens();
+        check(
+            head_dim.is_multiple_of(2)
+                && layout.kv_heads == kv_heads
+                && layout.head_dim == head_dim,
+            "rope_write_kv",
+            || {
+                format!(
+                    "{kv_heads} kv heads of {head_dim} for a cache of {} of {}",
+                    layout.kv_heads, layout.head_dim
+                )
+            },
+        )?;
+        len_check("rope_write_kv", "q", q.len, n * heads * head_dim)?;
+        len_check("rope_write_kv", "k", k.len, n * kv_heads * head_dim)?;
+        len_check("rope_write_kv", "v", v.len, n * kv_heads * head_dim)?;
+        let max_pos = step.batch.positions.iter().max().map_or(0, |&p| p as usize);
+        len_check(
+            "rope_write_kv",
+            "table",
+            table.len,
+            (max_pos + 1) * head_dim,
+        )?;
+        if n == 0 || heads + kv_heads == 0 {
+            return Ok(());
+        }
+        let threads = (head_dim / 2).clamp(32, 256).next_multiple_of(32) as u32;
+        launch!(
+            self,
+            "rope_write_kv",
+            cfg2((n, heads + kv_heads), threads, 0),
+            q.ptr,
+            k.ptr,
+            v.ptr,
+            cache.kp,
+            cache.vp,
+            step.positions(self)?,
+            step.slots(self)?,
+            heads as i32,
+            kv_heads as i32,
+            head_dim as i32,
+            table.ptr
+        );
+        Ok(())
     }
 
     fn write_kv(&self, cache: &mut KvCache, k: &Buffer, v: &Buffer, step: &Step) -> Result<()> {

@@ -62,6 +62,34 @@ extern "C" __global__ void rope(bf16_t* x, const u32* positions, int heads, int 
     }
 }
 
+// rope of q and k and write_kv of k and v in one launch: grid (tokens, heads + kv_heads), a block
+// per head; a kv-head block rotates its key head, stores it back and into the cache slot, and
+// copies the value head there. The same values as the three ops.
+extern "C" __global__ void rope_write_kv(bf16_t* q, bf16_t* k, const bf16_t* v, bf16_t* kc, bf16_t* vc,
+                                         const u32* positions, const u32* slots, int heads, int kv_heads, int hd,
+                                         const bf16_t* table) {
+    const int t = blockIdx.x, h = blockIdx.y, half = hd / 2;
+    const bool is_k = h >= heads;
+    const int kh = h - heads;
+    bf16_t* p = is_k ? k + ((size_t)t * kv_heads + kh) * hd : q + ((size_t)t * heads + h) * hd;
+    const bf16_t* cs = table + (size_t)positions[t] * hd;
+    const size_t dst = (size_t)slots[t] * kv_heads * hd + (size_t)kh * hd;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float x0 = bf2f(p[i]), x1 = bf2f(p[i + half]);
+        float c = bf2f(cs[i]), s = bf2f(cs[half + i]);
+        const bf16_t r0 = f2bf(x0 * c - x1 * s), r1 = f2bf(x1 * c + x0 * s);
+        p[i] = r0;
+        p[i + half] = r1;
+        if (is_k) {
+            const bf16_t* vp = v + ((size_t)t * kv_heads + kh) * hd;
+            kc[dst + i] = r0;
+            kc[dst + i + half] = r1;
+            vc[dst + i] = vp[i];
+            vc[dst + i + half] = vp[i + half];
+        }
+    }
+}
+
 // Grid (tokens); each token's keys and values go to its slot.
 extern "C" __global__ void write_kv(bf16_t* kc, bf16_t* vc, const bf16_t* k, const bf16_t* v, const u32* slots, int sw) {
     int t = blockIdx.x;

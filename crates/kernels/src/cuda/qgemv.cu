@@ -156,22 +156,21 @@ __device__ __forceinline__ void dequant_frag(const u32* words, int i, const QSca
     }
 }
 
-// A lane's activations for one chunk: row r, physical columns col0 .. col0 + 4 TPU (zero past
-// m and k), as XW 16-byte words.
+// A lane's activations for one chunk: the 4 TPU values at p, of which `left` lie inside the row
+// (zero past it, and when !ok: past m or the warp's chunks), as XW 16-byte words.
 template <int XW>
-__device__ __forceinline__ void load_x(const bf16_t* row, bool ok, int k, int col0, bool xvec, uint4* v) {
+__device__ __forceinline__ void load_x(const bf16_t* p, bool ok, int left, bool xvec, uint4* v) {
 #pragma unroll
     for (int u = 0; u < XW; u++) v[u] = make_uint4(0, 0, 0, 0);
     if (!ok) return;
-    const bf16_t* p = row + col0;
-    if (xvec && col0 + 8 * XW <= k) {
+    if (xvec && 8 * XW <= left) {
 #pragma unroll
         for (int u = 0; u < XW; u++) v[u] = *(const uint4*)(p + 8 * u);
     } else {
         u32* w = (u32*)v;
 #pragma unroll
         for (int e = 0; e < 8 * XW; e++)
-            if (col0 + e < k) w[e >> 1] |= (u32)p[e] << (16 * (e & 1));
+            if (e < left) w[e >> 1] |= (u32)p[e] << (16 * (e & 1));
     }
 }
 
@@ -216,29 +215,42 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
         xrow[b] = x + (size_t)(rowok[b] ? b * 8 + g : 0) * k;
     }
 
-    auto issue = [&](int i, int slot) {
-        if (i < steps) {
+    // Chunks are issued to the ring, and their activations fetched, in order: each keeps a
+    // running address (a 64-bit add per chunk instead of recomputing it from the chunk index).
+    const uint4* qi = q0;
+    u32 ci = col_first;
+    int ji = 0;
+    auto issue = [&](int slot) {
 #pragma unroll
-            for (int u = 0; u < U; u++) {
-                const int j = i * U + u;
-                if (j < mine) {
-                    cp_async16_at(rq + slot * QSLOT + u * QU, q0 + j * qstride);
-                    // The run's group: col / group by a multiply-high (gmul = ceil(2^32 / group)).
-                    const int grp = min((int)__umulhi(col_first + j * col_stride, gmul), G - 1);
-                    cp_async4_at(rs + slot * SSLOT + u * SU, s0 + grp * 8);
-                    if (ASYM) cp_async4_at(ro + slot * SSLOT + u * SU, o0 + grp * 8);
-                }
+        for (int u = 0; u < U; u++) {
+            if (ji < mine) {
+                cp_async16_at(rq + slot * QSLOT + u * QU, qi);
+                // The run's group: col / group by a multiply-high (gmul = ceil(2^32 / group)).
+                const int grp = min((int)__umulhi(ci, gmul), G - 1);
+                cp_async4_at(rs + slot * SSLOT + u * SU, s0 + grp * 8);
+                if (ASYM) cp_async4_at(ro + slot * SSLOT + u * SU, o0 + grp * 8);
+                qi += qstride;
+                ci += col_stride;
+                ji++;
             }
         }
         cp_async_commit();
     };
-    auto fetch_x = [&](int i, uint4 (&v)[U][NB][XW]) {
+    const bf16_t* xp[NB];
+#pragma unroll
+    for (int b = 0; b < NB; b++) xp[b] = xrow[b] + col_first;
+    int cx = col_first, jx = 0;
+    auto fetch_x = [&](uint4 (&v)[U][NB][XW]) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            const int j = i * U + u;
-            const int col0 = col_first + j * col_stride;
+            const bool ok = jx < mine;
 #pragma unroll
-            for (int b = 0; b < NB; b++) load_x<XW>(xrow[b], rowok[b] && j < mine, k, col0, xvec, v[u][b]);
+            for (int b = 0; b < NB; b++) {
+                load_x<XW>(xp[b], rowok[b] && ok, k - cx, xvec, v[u][b]);
+                xp[b] += col_stride;
+            }
+            cx += col_stride;
+            jx++;
         }
     };
 
@@ -249,11 +261,11 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
         for (int j = 0; j < 4; j++) acc[b][j] = 0.0f;
 
 #pragma unroll
-    for (int i = 0; i < S - 1; i++) issue(i, i);
-    uint4 xn[U][NB][XW];
-    if (steps > 0) fetch_x(0, xn);
+    for (int i = 0; i < S - 1; i++) issue(i);
     int slot = 0, next = S - 1;
-    for (int i = 0; i < steps; i++) {
+    // Step i: its chunks from the ring, the next step's issued and its activations fetched into
+    // the other of two register sets (the loop runs two steps per pass, so no copies).
+    auto step = [&](int i, const uint4 (&xc)[U][NB][XW], uint4 (&xn)[U][NB][XW]) {
         cp_async_wait<S - 2>();
         uint4 q[U];
         u32 sp[U], op[U];
@@ -263,17 +275,10 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
             sp[u] = ring_s[slot][u][tid];
             op[u] = ASYM ? ring_o[ASYM ? slot : 0][u][tid] : 0u;
         }
-        issue(i + S - 1, next);
+        issue(next);
         slot = slot == S - 1 ? 0 : slot + 1;
         next = next == S - 1 ? 0 : next + 1;
-        uint4 xc[U][NB][XW];
-#pragma unroll
-        for (int u = 0; u < U; u++)
-#pragma unroll
-            for (int b = 0; b < NB; b++)
-#pragma unroll
-                for (int e = 0; e < XW; e++) xc[u][b][e] = xn[u][b][e];
-        if (i + 1 < steps) fetch_x(i + 1, xn);
+        if (i + 1 < steps) fetch_x(xn);
 #pragma unroll
         for (int u = 0; u < U; u++) {
             if (i * U + u >= mine) break;  // past the warp's share: the slot was not filled
@@ -324,6 +329,12 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
                 }
             }
         }
+    };
+    uint4 xa[U][NB][XW], xb[U][NB][XW];
+    if (steps > 0) fetch_x(xa);
+    for (int i = 0; i < steps; i += 2) {
+        step(i, xa, xb);
+        if (i + 1 < steps) step(i + 1, xb, xa);
     }
     cp_async_wait<0>();
     __syncthreads();
