@@ -4,7 +4,7 @@
 //! Weights for the decode rows are replicated past 64 MB and cycled through, so they stream from
 //! memory as in a real forward pass rather than from L2. `cargo bench -p marlin-kernels`.
 
-use marlin_kernels::cpu::CpuBackend;
+use marlin_kernels::cpu::{amx_available, CpuBackend};
 use marlin_kernels::{Backend, DenseFormat, HostWeight, QuantFormat};
 use marlin_quant::quantize_rtn;
 use std::time::{Duration, Instant};
@@ -134,6 +134,12 @@ fn main() {
 
     // Packed formats (default groups) on the same shapes: decode (1 row, weights cycled past
     // 64 MB) and prefill (512 rows). BENCH_FORMATS=int4,int8-asym,... picks some.
+    // With AMX, a second backend runs the batched rows on VNNI alone.
+    let vnni = amx_available().then(|| {
+        CpuBackend::new(env("BENCH_THREADS", 0))
+            .unwrap()
+            .with_amx(false)
+    });
     let formats: Vec<QuantFormat> = match std::env::var("BENCH_FORMATS") {
         Ok(list) => list.split(',').filter_map(QuantFormat::parse).collect(),
         Err(_) => QuantFormat::ALL.to_vec(),
@@ -150,10 +156,17 @@ fn main() {
             let weights: Vec<_> = (0..copies)
                 .map(|_| b.upload_weight(&first).unwrap())
                 .collect();
-            for rows in [1, 512] {
+            let on_vnni = vnni.as_ref().map(|v| v.upload_weight(&first).unwrap());
+            for (rows, unit) in [(1, ""), (32, ""), (32, "vnni"), (512, ""), (512, "vnni")] {
                 if (only_rows != 0 && rows != only_rows) || (rows == 512 && n == 49152) {
                     continue;
                 }
+                // Batched rows again on VNNI, where AMX took them above: the same-run baseline.
+                let (b, weights) = match (unit, &vnni, &on_vnni) {
+                    ("", ..) => (&b, &weights[..]),
+                    (_, Some(v), Some(w)) => (v, std::slice::from_ref(w)),
+                    _ => continue,
+                };
                 let mut x = b.alloc(rows * k).unwrap();
                 b.write(&mut x, &values(rows * k, 99)).unwrap();
                 let mut out = b.alloc(rows * n).unwrap();
@@ -170,11 +183,14 @@ fn main() {
                     b.matmul(&x, w, rows, &mut out).unwrap();
                 });
                 println!(
-                    "{:<8} {:>5} {:>6} {:>10} {:>5} {:>8.1}us {:>9.1} {:>8.1} {:>4.0}%",
+                    "{:<8} {:>5} {:>6} {:>15} {:>5} {:>8.1}us {:>9.1} {:>8.1} {:>4.0}%",
                     name,
                     k,
                     n,
-                    format!("{format}/{group}"),
+                    format!(
+                        "{format}/{group}{}",
+                        if unit.is_empty() { "" } else { " vnni" }
+                    ),
                     rows,
                     secs * 1e6,
                     flops / secs / 1e9,

@@ -85,7 +85,7 @@ unsafe fn block_body<V: F32x16, E: Elem>(
     partial: Option<*mut f32>,
 ) {
     let layout = job.cache.layout;
-    let (hd, bs, sw) = (layout.head_dim, layout.block_size, layout.slot_width());
+    let (hd, bs) = (layout.head_dim, layout.block_size);
     let group = job.heads / layout.kv_heads;
     let step = &job.step.batch;
     let table = &step.seqs[seq].block_table;
@@ -112,7 +112,7 @@ unsafe fn block_body<V: F32x16, E: Elem>(
     // Slots of the partition's keys, relative to p0.
     let mut slots = [0usize; PARTITION];
     for j in p0..keys {
-        slots[j - p0] = (table[j / bs] as usize * bs + j % bs) * sw + kvh * hd;
+        slots[j - p0] = job.cache.offset(table[j / bs] as usize * bs + j % bs, kvh);
     }
 
     for c0 in (p0..keys).step_by(KEY_CHUNK) {

@@ -45,6 +45,9 @@ use rayon::prelude::*;
 use rayon::ThreadPool;
 use std::cell::RefCell;
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
+
 /// Activation block: one int8 scale per 32 activations.
 pub(crate) const BLOCK: usize = 32;
 /// Output features per tile: the 16 lanes of a 512-bit vector.
@@ -69,6 +72,18 @@ pub(crate) fn available() -> bool {
             && is_x86_feature_detected!("avx512vnni")
             && is_x86_feature_detected!("f16c")
             && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether this machine can run batched rows on AMX tiles.
+pub(crate) fn amx_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        available() && amx::available()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -136,6 +151,9 @@ pub struct IntWeight {
     pub(crate) perm: Option<Vec<u32>>,
     /// Activations carry a second, low code (`Activations::Int16`).
     lo: bool,
+    /// Batched rows may run on AMX (`amx.rs`).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    amx: bool,
     data: Vec<u8>,
 }
 
@@ -183,8 +201,8 @@ impl IntWeight {
     }
 
     /// Re-lays a validated tensor (the caller has checked `supports`), to run against
-    /// `activations` (`Int8` or `Int16`).
-    pub(crate) fn new(t: &QuantTensor, activations: Activations) -> Self {
+    /// `activations` (`Int8` or `Int16`), batched rows on AMX when `amx` (and `amx_available`).
+    pub(crate) fn new(t: &QuantTensor, activations: Activations, amx: bool) -> Self {
         let (layout, scales, bias, factor) = match t.format {
             QuantFormat::Int { bits, asym } => {
                 let layout = match bits {
@@ -217,6 +235,7 @@ impl IntWeight {
             tensor_scale: t.tensor_scale.unwrap_or(1.0),
             perm: t.perm.clone(),
             lo: activations == Activations::Int16,
+            amx: amx && amx_available(),
             data: Vec::new(),
         };
         let (tile_bytes, unit_bytes, block_bytes) =
@@ -350,6 +369,9 @@ pub(crate) struct QuantizedRows {
     pub(crate) lo: Vec<i8>,
     pub(crate) scales: Vec<f32>,
     pub(crate) sums: Vec<i32>,
+    /// Per block, its scale times its sum over all 32: what an asymmetric weight's offset
+    /// multiplies.
+    pub(crate) offset_scales: Vec<f32>,
 }
 
 thread_local! {
@@ -393,7 +415,12 @@ pub(crate) fn matmul(pool: &ThreadPool, w: &IntWeight, x: &[f32], rows: usize, o
                 let (r0, r1) = (block * row_block, ((block + 1) * row_block).min(rows));
                 let (t0, t1) = (chunk * tile_chunk, ((chunk + 1) * tile_chunk).min(tiles));
                 // SAFETY: tasks write disjoint (rows, features) rectangles of out; the VNNI
-                // features were checked when the weight took this path.
+                // features (and AMX, for `amx::takes`) were checked when the weight took this
+                // path.
+                #[cfg(target_arch = "x86_64")]
+                if amx::takes(w, rows) {
+                    return unsafe { amx::run_tiles(w, qx, r0, r1, t0, t1, out.get()) };
+                }
                 unsafe { run_tiles(w, qx, r0, r1, t0, t1, out.get()) }
             })
         });
@@ -416,9 +443,11 @@ pub(crate) fn quantize_rows(
     q.lo.resize(if lo { rows * k } else { BLOCK }, 0);
     q.scales.resize(blocks, 0.0);
     q.sums.resize(2 * blocks, 0);
+    q.offset_scales.resize(blocks, 0.0);
     let lo_step = if lo { BLOCK } else { 0 };
     let (codes, lows) = (SyncPtr(q.codes.as_mut_ptr()), SyncPtr(q.lo.as_mut_ptr()));
     let (scales, sums) = (SyncPtr(q.scales.as_mut_ptr()), SyncPtr(q.sums.as_mut_ptr()));
+    let offset_scales = SyncPtr(q.offset_scales.as_mut_ptr());
     let block = |i: usize| {
         // SAFETY: block i lies inside x and every output (sized above), and blocks write
         // disjoint elements; VNNI (AVX-512) was checked by the caller.
@@ -429,7 +458,8 @@ pub(crate) fn quantize_rows(
                 lo.then(|| lows.get().add(i * lo_step)),
                 scales.get().add(i),
                 sums.get().add(2 * i),
-            )
+            );
+            *offset_scales.get().add(i) = *scales.get().add(i) * *sums.get().add(2 * i + 1) as f32;
         }
     };
     if blocks < 1024 {
@@ -614,6 +644,7 @@ unsafe fn tile<
     let lo = qx.lo.as_ptr().add(if LO { r * k } else { 0 });
     let scales = qx.scales.as_ptr().add(r * nb);
     let sums = qx.sums.as_ptr().add(2 * r * nb);
+    let offset_scales = qx.offset_scales.as_ptr().add(r * nb);
     let mut p = w.data.as_ptr().add(t * w.tile_bytes());
     let mut acc = [_mm512_setzero_ps(); R];
     for u in 0..k / unit {
@@ -639,7 +670,12 @@ unsafe fn tile<
             p = p.add(block_bytes);
             for (i, acc) in acc.iter_mut().enumerate() {
                 let at = i * k + b * BLOCK;
-                let d = *scales.add(i * nb + b) * w.factor;
+                // Only E2M1 has a factor (integer formats' is 1: the same bits without it).
+                let d = if L == Layout::E2m1 as u8 {
+                    *scales.add(i * nb + b) * w.factor
+                } else {
+                    *scales.add(i * nb + b)
+                };
                 let (first, sum) = (*sums.add(2 * (i * nb + b)), *sums.add(2 * (i * nb + b) + 1));
                 // sum_c (code_c - bias) * x_c over operands `ops`, exactly.
                 let dot = |ops: std::ops::Range<usize>, sum: i32| {
@@ -668,7 +704,8 @@ unsafe fn tile<
                     let ds = _mm512_mul_ps(scale, _mm512_set1_ps(d));
                     *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot(0..8, sum)), ds, *acc);
                     if ASYM {
-                        *acc = _mm512_fmadd_ps(offset, _mm512_set1_ps(d * sum as f32), *acc);
+                        let offset_scale = _mm512_set1_ps(*offset_scales.add(i * nb + b));
+                        *acc = _mm512_fmadd_ps(offset, offset_scale, *acc);
                     }
                 }
             }

@@ -69,10 +69,26 @@ impl Weight {
     }
 }
 
-/// One layer's paged keys and values, each `slots x kv_heads x head_dim`.
+/// One layer's paged keys and values, each `blocks x kv_heads x block_size x head_dim`: a
+/// kv head's keys of one block are contiguous, so decode attention streams whole blocks
+/// instead of a head_dim-wide stripe of every slot.
 pub struct KvCache {
     layout: KvLayout,
     data: KvData,
+}
+
+impl KvCache {
+    /// Where kv head `kvh` of `slot` starts.
+    #[inline(always)]
+    fn offset(&self, slot: usize, kvh: usize) -> usize {
+        let KvLayout {
+            block_size: bs,
+            kv_heads,
+            head_dim,
+            ..
+        } = self.layout;
+        ((slot / bs * kv_heads + kvh) * bs + slot % bs) * head_dim
+    }
 }
 
 /// Keys and values in f32, or in f16 (half the bytes decode attention streams per step).
@@ -106,6 +122,11 @@ pub fn integer_activations_available() -> bool {
     int8dot::available()
 }
 
+/// Whether this CPU runs batched integer matmuls on AMX tiles (Sapphire Rapids and later).
+pub fn amx_available() -> bool {
+    int8dot::amx_available()
+}
+
 /// What int4/int8 weights multiply on the CPU. The integer kinds need AVX-512 VNNI; elsewhere
 /// they run as `F32`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -128,6 +149,8 @@ pub struct CpuBackend {
     activations: Activations,
     /// KV caches store f16 (`with_f16_kv`).
     f16_kv: bool,
+    /// Integer weights run batched rows on AMX where the CPU has it (`with_amx`).
+    amx: bool,
 }
 
 impl CpuBackend {
@@ -180,7 +203,15 @@ impl CpuBackend {
             isa,
             activations,
             f16_kv: false,
+            amx: true,
         })
+    }
+
+    /// Whether integer weights uploaded from now on run batched rows on AMX tiles where the
+    /// CPU has them (the default; off runs every row count on VNNI, to compare the two).
+    pub fn with_amx(mut self, amx: bool) -> Self {
+        self.amx = amx;
+        self
     }
 
     /// Runs `f(chunk index, chunk)` over `data` cut into chunks of `chunk`, on the pool when
@@ -260,7 +291,7 @@ impl Backend for CpuBackend {
                 if self.activations != Activations::F32 && IntWeight::supports(t) {
                     t.validate()
                         .map_err(|e| KernelError::Shape(format!("upload_weight: {e}")))?;
-                    return Ok(Weight::Int(IntWeight::new(t, self.activations)));
+                    return Ok(Weight::Int(IntWeight::new(t, self.activations, self.amx)));
                 }
                 return QuantWeight::new(t)
                     .map(Weight::Quant)
@@ -436,17 +467,20 @@ impl Backend for CpuBackend {
         let (n, sw) = (step.batch.num_tokens(), layout.slot_width());
         len_check("write_kv", "k", k.0.len(), n * sw)?;
         len_check("write_kv", "v", v.0.len(), n * sw)?;
+        let hd = layout.head_dim;
         for (t, &slot) in step.batch.slots.iter().enumerate() {
-            let dst = slot as usize * sw..(slot as usize + 1) * sw;
-            let src = t * sw..(t + 1) * sw;
-            match &mut cache.data {
-                KvData::F32 { k: ck, v: cv } => {
-                    ck[dst.clone()].copy_from_slice(&k.0[src.clone()]);
-                    cv[dst].copy_from_slice(&v.0[src]);
-                }
-                KvData::F16 { k: ck, v: cv } => {
-                    ck[dst.clone()].convert_from_f32_slice(&k.0[src.clone()]);
-                    cv[dst].convert_from_f32_slice(&v.0[src]);
+            for kvh in 0..layout.kv_heads {
+                let at = cache.offset(slot as usize, kvh);
+                let (dst, src) = (at..at + hd, t * sw + kvh * hd..t * sw + (kvh + 1) * hd);
+                match &mut cache.data {
+                    KvData::F32 { k: ck, v: cv } => {
+                        ck[dst.clone()].copy_from_slice(&k.0[src.clone()]);
+                        cv[dst].copy_from_slice(&v.0[src]);
+                    }
+                    KvData::F16 { k: ck, v: cv } => {
+                        ck[dst.clone()].convert_from_f32_slice(&k.0[src.clone()]);
+                        cv[dst].convert_from_f32_slice(&v.0[src]);
+                    }
                 }
             }
         }

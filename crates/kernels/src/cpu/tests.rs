@@ -949,14 +949,24 @@ fn integer_activation_matmul_is_the_scalar_definition_for_any_rows() {
         eprintln!("skipped: no AVX-512 VNNI");
         return;
     }
+    // With AMX, calls of 8 rows and more take the tile unit; without, VNNI takes every call.
+    let amx = if super::int8dot::amx_available() {
+        vec![true, false]
+    } else {
+        eprintln!("skipped: no AMX tiles (the VNNI kernel takes every row count)");
+        vec![false]
+    };
     for activations in [Activations::Int16, Activations::Int8] {
-        integer_activation_case(activations);
+        for &amx in &amx {
+            integer_activation_case(activations, amx);
+        }
     }
 }
 
-fn integer_activation_case(activations: Activations) {
+fn integer_activation_case(activations: Activations, amx: bool) {
     let mut rng = rng();
     let b = CpuBackend::with_isa(2, Isa::detect(), activations).unwrap();
+    let b = b.with_amx(amx);
     let int = |bits, asym| QuantFormat::Int { bits, asym };
     let cases = [
         (int(4, false), 32, false),
@@ -991,13 +1001,13 @@ fn integer_activation_case(activations: Activations) {
         x[k..k + 32].fill(0.0);
         x[5 * k + 3] = 40.0;
         let want = integer_reference(t, &x, 300, activations);
-        for rows in [1, 5, 16, 17, 300] {
+        for rows in [1, 5, 8, 16, 17, 33, 64, 300] {
             let got = run_matmul(&b, &x, &w, rows);
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert_eq!(
                     g.to_bits(),
                     w.to_bits(),
-                    "{activations:?} {format} g{group} perm {perm} rows={rows} element {i}: {g} vs {w}"
+                    "{activations:?} amx {amx} {format} g{group} perm {perm} rows={rows} element {i}: {g} vs {w}"
                 );
             }
         }
