@@ -3,7 +3,7 @@
 several concurrency levels, measured by a streaming client like vLLM's benchmark_serving.
 
 Each level keeps CONCURRENCY requests in flight until REQUESTS (default 2 × concurrency, at
-least 4) have finished. Every request is a chat prompt with `max_tokens` and `ignore_eos`, so
+least 8) have finished. Every request is a chat prompt with `max_tokens` and `ignore_eos`, so
 each one generates exactly that many tokens. TTFT is the time to the first streamed text; ITL is
 the time between streamed text chunks (one token each unless the detokenizer holds text back).
 
@@ -111,7 +111,7 @@ def main():
     ap.add_argument("--url", help="a running server; default: start `marlin serve`")
     ap.add_argument("--model", default="smollm2", help="model id (and MODEL for marlin serve)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--requests", type=int, help="requests per level [2 x concurrency, >= 4]")
+    ap.add_argument("--requests", type=int, help="requests per level [2 x concurrency, >= 8]")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--json", action="store_true", help="print one JSON object per level")
     ap.add_argument("serve_args", nargs="*", help="extra `marlin serve` flags (after --)")
@@ -140,7 +140,7 @@ def main():
         asyncio.run(run_level(url, args.model, 1, 1, 8))
         rows = []
         for c in args.concurrency:
-            row = asyncio.run(run_level(url, args.model, c, args.requests or max(4, 2 * c),
+            row = asyncio.run(run_level(url, args.model, c, args.requests or max(8, 2 * c),
                                         args.max_tokens))
             rows.append(row)
             if args.json:

@@ -379,15 +379,31 @@ thread_local! {
     static SCRATCH: RefCell<(QuantizedRows, Vec<f32>)> = RefCell::new(Default::default());
 }
 
-/// `out[r, n] = sum_k x[r, k] * W[n, k]` through int8 activations. Caller has checked
-/// `x.len() >= rows * k` and `out.len() >= rows * n`, and that this machine has VNNI.
-pub(crate) fn matmul(pool: &ThreadPool, w: &IntWeight, x: &[f32], rows: usize, out: &mut [f32]) {
-    let (n, k) = (w.rows, w.cols);
-    if rows == 0 || n == 0 {
+/// Whether `matmul_many` can run these weights together: integer weights reading the same
+/// input columns (same count, same act-order permutation) with the same activation codes.
+pub(crate) fn share_input(ws: &[&IntWeight]) -> bool {
+    ws.windows(2)
+        .all(|p| p[0].cols == p[1].cols && p[0].perm == p[1].perm && p[0].lo == p[1].lo)
+}
+
+/// `outs[i][r, n] = sum_k x[r, k] * W_i[n, k]` through integer activations, quantized once for
+/// every weight, and all weights' tiles as one parallel pass (q/k/v, gate/up). Caller has
+/// checked `share_input`, `x.len() >= rows * k`, each `outs[i].len() >= rows * n_i`, and that
+/// this machine has VNNI.
+pub(crate) fn matmul_many(
+    pool: &ThreadPool,
+    ws: &[&IntWeight],
+    x: &[f32],
+    rows: usize,
+    outs: &mut [&mut [f32]],
+) {
+    let Some(w0) = ws.first() else { return };
+    let k = w0.cols;
+    if rows == 0 {
         return;
     }
     SCRATCH.with_borrow_mut(|(qx, gathered)| {
-        let x = match &w.perm {
+        let x = match &w0.perm {
             None => &x[..rows * k],
             Some(perm) => {
                 gathered.clear();
@@ -397,26 +413,38 @@ pub(crate) fn matmul(pool: &ThreadPool, w: &IntWeight, x: &[f32], rows: usize, o
                 &gathered[..]
             }
         };
-        quantize_rows(pool, x, rows, k, w.lo, qx);
-        let tiles = n.div_ceil(LANES);
+        quantize_rows(pool, x, rows, k, w0.lo, qx);
+        let tiles = |w: &IntWeight| w.rows.div_ceil(LANES);
         let threads = pool.current_num_threads();
         let (row_block, tile_chunk) = if rows <= ROW_BLOCK {
             // Four tasks per thread so work stealing evens out.
-            (rows, tiles.div_ceil(threads * 4))
+            let all: usize = ws.iter().map(|w| tiles(w)).sum();
+            (rows, all.div_ceil(threads * 4))
         } else {
             (ROW_BLOCK, 4)
         };
-        let (blocks, chunks) = (rows.div_ceil(row_block), tiles.div_ceil(tile_chunk));
-        let out = SyncPtr(out.as_mut_ptr());
+        let blocks = rows.div_ceil(row_block);
+        // Weight i's tasks are numbered after those of the weights before it.
+        let tasks: Vec<usize> = ws
+            .iter()
+            .map(|w| blocks * tiles(w).div_ceil(tile_chunk))
+            .collect();
+        let outs: Vec<SyncPtr<f32>> = outs.iter_mut().map(|o| SyncPtr(o.as_mut_ptr())).collect();
         let qx = &*qx;
         pool.install(|| {
-            (0..blocks * chunks).into_par_iter().for_each(|t| {
+            (0..tasks.iter().sum()).into_par_iter().for_each(|mut t| {
+                let mut i = 0;
+                while t >= tasks[i] {
+                    t -= tasks[i];
+                    i += 1;
+                }
+                let (w, out) = (ws[i], outs[i]);
                 let (chunk, block) = (t / blocks, t % blocks);
                 let (r0, r1) = (block * row_block, ((block + 1) * row_block).min(rows));
-                let (t0, t1) = (chunk * tile_chunk, ((chunk + 1) * tile_chunk).min(tiles));
-                // SAFETY: tasks write disjoint (rows, features) rectangles of out; the VNNI
-                // features (and AMX, for `amx::takes`) were checked when the weight took this
-                // path.
+                let (t0, t1) = (chunk * tile_chunk, ((chunk + 1) * tile_chunk).min(tiles(w)));
+                // SAFETY: tasks write disjoint (rows, features) rectangles of their outputs; the
+                // VNNI features (and AMX, for `amx::takes`) were checked when the weight took
+                // this path.
                 #[cfg(target_arch = "x86_64")]
                 if amx::takes(w, rows) {
                     return unsafe { amx::run_tiles(w, qx, r0, r1, t0, t1, out.get()) };

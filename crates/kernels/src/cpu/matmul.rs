@@ -387,7 +387,7 @@ pub(crate) fn matmul(
             };
             with_codec!(q.kind, C => run(pool, isa, x, n, k, q.reader::<C>(), rows, out))
         }
-        Weight::Int(w) => super::int8dot::matmul(pool, w, x, rows, out),
+        Weight::Int(w) => super::int8dot::matmul_many(pool, &[w], x, rows, &mut [out]),
     }
 }
 

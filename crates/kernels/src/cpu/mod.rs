@@ -461,6 +461,38 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn matmul_many(
+        &self,
+        x: &Buffer,
+        weights: &[&Weight],
+        rows: usize,
+        outs: &mut [&mut Buffer],
+    ) -> Result<()> {
+        check(weights.len() == outs.len(), "matmul_many", || {
+            format!("{} weights, {} outputs", weights.len(), outs.len())
+        })?;
+        let ints: Vec<&IntWeight> = weights
+            .iter()
+            .filter_map(|w| match w {
+                Weight::Int(w) => Some(w),
+                _ => None,
+            })
+            .collect();
+        if ints.len() < weights.len() || !int8dot::share_input(&ints) {
+            for (w, out) in weights.iter().zip(outs.iter_mut()) {
+                self.matmul(x, w, rows, out)?;
+            }
+            return Ok(());
+        }
+        for (w, out) in ints.iter().zip(outs.iter()) {
+            len_check("matmul_many", "x", x.0.len(), rows * w.cols)?;
+            len_check("matmul_many", "out", out.0.len(), rows * w.rows)?;
+        }
+        let mut outs: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o.0[..]).collect();
+        int8dot::matmul_many(&self.pool, &ints, &x.0, rows, &mut outs);
+        Ok(())
+    }
+
     fn write_kv(&self, cache: &mut KvCache, k: &Buffer, v: &Buffer, step: &Step) -> Result<()> {
         let layout = cache.layout;
         step.batch.validate(&layout)?;

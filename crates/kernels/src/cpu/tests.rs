@@ -1013,3 +1013,61 @@ fn integer_activation_case(activations: Activations, amx: bool) {
         }
     }
 }
+
+/// Several weights on one input (q/k/v, gate/up) give bitwise each weight's own matmul, on the
+/// shared integer pass (one quantization) and on the fallback (mixed kinds, different
+/// act-order permutations).
+#[test]
+fn matmul_many_is_each_matmul() {
+    let mut rng = rng();
+    let b = CpuBackend::new(2).unwrap();
+    let k = 608;
+    let int4 = QuantFormat::Int {
+        bits: 4,
+        asym: true,
+    };
+    let sets: [&[(QuantFormat, bool, usize)]; 3] = [
+        &[
+            (int4, false, 37),
+            (int4, false, 5),
+            (QuantFormat::Fp4, false, 64),
+        ],
+        &[(int4, true, 21), (int4, true, 16)],
+        &[(int4, false, 19), (QuantFormat::Fp8, false, 33)],
+    ];
+    for set in sets {
+        let hosts: Vec<HostWeight> = set
+            .iter()
+            .map(|&(format, perm, n)| packed_weight(&mut rng, format, 32, perm, n, k).0)
+            .collect();
+        let ws: Vec<Weight> = hosts.iter().map(|h| b.upload_weight(h).unwrap()).collect();
+        for rows in [1, 17, 70] {
+            let x = buffer(&b, &values(&mut rng, rows * k));
+            let mut outs: Vec<Buffer> = set.iter().map(|s| poisoned(&b, rows * s.2)).collect();
+            let refs: Vec<&Weight> = ws.iter().collect();
+            let mut out_refs: Vec<&mut Buffer> = outs.iter_mut().collect();
+            b.matmul_many(&x, &refs, rows, &mut out_refs).unwrap();
+            for ((w, out), s) in ws.iter().zip(&outs).zip(set) {
+                let mut alone = poisoned(&b, rows * s.2);
+                b.matmul(&x, w, rows, &mut alone).unwrap();
+                let (got, want) = (
+                    b.read(out, rows * s.2).unwrap(),
+                    b.read(&alone, rows * s.2).unwrap(),
+                );
+                assert!(
+                    got.iter()
+                        .zip(&want)
+                        .all(|(g, w)| g.to_bits() == w.to_bits()),
+                    "{set:?} rows {rows}: {} differs from its own matmul",
+                    s.0
+                );
+            }
+        }
+        let refs: Vec<&Weight> = ws.iter().collect();
+        let mut one = poisoned(&b, 70 * 64);
+        assert!(matches!(
+            b.matmul_many(&buffer(&b, &[0.0; 608]), &refs, 1, &mut [&mut one]),
+            Err(KernelError::Shape(m)) if m.starts_with("matmul_many")
+        ));
+    }
+}
