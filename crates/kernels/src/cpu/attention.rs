@@ -111,8 +111,18 @@ unsafe fn block_body<V: F32x16, E: Elem>(
 
     // Slots of the partition's keys, relative to p0.
     let mut slots = [0usize; PARTITION];
-    for j in p0..keys {
-        slots[j - p0] = job.cache.offset(table[j / bs] as usize * bs + j % bs, kvh);
+    // Block by block: a division per key would cost more than the key's arithmetic.
+    let mut j = p0;
+    while j < keys {
+        let block = j / bs;
+        let (base, end) = (
+            job.cache.block_offset(table[block] as usize, kvh),
+            ((block + 1) * bs).min(keys),
+        );
+        for (i, slot) in slots[j - p0..end - p0].iter_mut().enumerate() {
+            *slot = base + (j - block * bs + i) * hd;
+        }
+        j = end;
     }
 
     for c0 in (p0..keys).step_by(KEY_CHUNK) {

@@ -81,13 +81,20 @@ impl KvCache {
     /// Where kv head `kvh` of `slot` starts.
     #[inline(always)]
     fn offset(&self, slot: usize, kvh: usize) -> usize {
+        let bs = self.layout.block_size;
+        self.block_offset(slot / bs, kvh) + slot % bs * self.layout.head_dim
+    }
+
+    /// Where kv head `kvh` of `block`'s first slot starts.
+    #[inline(always)]
+    fn block_offset(&self, block: usize, kvh: usize) -> usize {
         let KvLayout {
-            block_size: bs,
+            block_size,
             kv_heads,
             head_dim,
             ..
         } = self.layout;
-        ((slot / bs * kv_heads + kvh) * bs + slot % bs) * head_dim
+        (block * kv_heads + kvh) * block_size * head_dim
     }
 }
 
@@ -237,6 +244,28 @@ impl CpuBackend {
     }
 }
 
+/// `len` copies of `value` in memory the OS may back with 2 MiB pages (Linux's transparent
+/// huge pages, asked for before the first write). Decode attention visits a few KiB of each of
+/// many scattered KV blocks: with 4 KiB pages nearly every visit missed the TLB, and a miss
+/// walks two levels of page tables in a VM.
+pub(crate) fn huge_page_vec<T: Copy>(len: usize, value: T) -> Vec<T> {
+    let mut v = Vec::with_capacity(len);
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        let (start, bytes) = (v.as_ptr() as usize, len * std::mem::size_of::<T>());
+        let first = start.next_multiple_of(PAGE);
+        let end = (start + bytes) / PAGE * PAGE;
+        if end > first {
+            // SAFETY: advice on whole pages of this allocation; no memory is read or written.
+            // It is only advice: where refused, the pages stay 4 KiB.
+            unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE) };
+        }
+    }
+    v.resize(len, value);
+    v
+}
+
 fn len_check(op: &str, what: &str, have: usize, need: usize) -> Result<()> {
     check(have >= need, op, || {
         format!("{what} holds {have} elements, needs {need}")
@@ -338,13 +367,13 @@ impl Backend for CpuBackend {
         let len = layout.slots() * layout.slot_width();
         let data = if self.f16_kv {
             KvData::F16 {
-                k: vec![f16::ZERO; len],
-                v: vec![f16::ZERO; len],
+                k: huge_page_vec(len, f16::ZERO),
+                v: huge_page_vec(len, f16::ZERO),
             }
         } else {
             KvData::F32 {
-                k: vec![0.0; len],
-                v: vec![0.0; len],
+                k: huge_page_vec(len, 0.0),
+                v: huge_page_vec(len, 0.0),
             }
         };
         Ok(KvCache { layout, data })
