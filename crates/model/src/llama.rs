@@ -325,6 +325,7 @@ impl<B: Backend> Model<B> {
                 &step,
                 batch.num_tokens(),
                 &mut observer,
+                (false, false),
             )?;
             Ok(b.read(&ws.x, len)?)
         })
@@ -373,8 +374,11 @@ impl<B: Backend> Model<B> {
         let (kv_layers, ws) = (&mut kv.layers, &mut *ws);
         let mut ops = |step: &B::Step| -> Result<()> {
             b.embedding(&self.embed, step, &mut ws.x)?;
+            // Unobserved, each layer's last residual add goes with the next layer's norm.
+            let (fuse, layers) = (last_layer.is_none(), kv_layers.len());
             for (i, cache) in kv_layers.iter_mut().enumerate() {
-                self.layer_step(i, ws, cache, step, n, &mut observer)?;
+                let residual = (fuse && i > 0, fuse && i + 1 < layers);
+                self.layer_step(i, ws, cache, step, n, &mut observer, residual)?;
                 if last_layer == Some(i) {
                     return Ok(());
                 }
@@ -409,6 +413,10 @@ impl<B: Backend> Model<B> {
     }
 
     /// Decoder layer `i` over the step's tokens: `ws.x` holds its input and receives its output.
+    /// `residual` = (pending, defer): with pending, the input is `ws.x + ws.proj` (the previous
+    /// layer deferred its last add, which goes with this layer's norm, one op); with defer, this
+    /// layer leaves its output as `ws.x + ws.proj` the same way.
+    #[allow(clippy::too_many_arguments)]
     fn layer_step(
         &self,
         i: usize,
@@ -417,6 +425,7 @@ impl<B: Backend> Model<B> {
         step: &B::Step,
         n: usize,
         observer: &mut Option<&mut (dyn MatmulObserver + Send)>,
+        (pending, defer): (bool, bool),
     ) -> Result<()> {
         let c = &self.config;
         let b = &self.backend;
@@ -434,14 +443,26 @@ impl<B: Backend> Model<B> {
             }
             Ok(())
         };
-        b.rms_norm(
-            &ws.x,
-            &layer.attn_norm,
-            c.rms_norm_eps,
-            n,
-            hidden,
-            &mut ws.normed,
-        )?;
+        if pending {
+            b.add_rms_norm(
+                &mut ws.x,
+                &ws.proj,
+                &layer.attn_norm,
+                c.rms_norm_eps,
+                n,
+                hidden,
+                &mut ws.normed,
+            )?;
+        } else {
+            b.rms_norm(
+                &ws.x,
+                &layer.attn_norm,
+                c.rms_norm_eps,
+                n,
+                hidden,
+                &mut ws.normed,
+            )?;
+        }
         watch(
             &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
             &ws.normed,
@@ -509,7 +530,9 @@ impl<B: Backend> Model<B> {
         b.silu_mul(&ws.gate, &ws.up, n * c.intermediate_size, &mut ws.act)?;
         watch(&["mlp.down_proj"], &ws.act, c.intermediate_size)?;
         b.matmul(&ws.act, &layer.down, n, &mut ws.proj)?;
-        b.add(&mut ws.x, &ws.proj, n * hidden)?;
+        if !defer {
+            b.add(&mut ws.x, &ws.proj, n * hidden)?;
+        }
         Ok(())
     }
 }

@@ -241,15 +241,21 @@ fn decode_graphs_replay_exactly() {
         .take(n)
         .collect();
     for (what, options) in [
-        ("bf16", LoadOptions::new(DenseFormat::BF16)),
         ("int4", int4),
+        ("bf16", LoadOptions::new(DenseFormat::BF16)),
     ] {
         let source = SyntheticSource::new("smollm2", &config, &options, 11).unwrap();
         let run = |graphs: bool| {
             let model = Model::load(backend(graphs), config.clone(), &source, options.dtype);
-            stepped(&model.unwrap(), &toks, &chunks)
+            let model = model.unwrap();
+            let logits = stepped(&model, &toks, &chunks);
+            (logits, model.backend().recorded_steps())
         };
-        let (want, got) = (run(false), run(true));
+        let ((want, none), (got, recorded)) = (run(false), run(true));
+        assert_eq!(none, 0);
+        // (1, bucket 32), (1, bucket 64), (4, bucket 64): recorded (not fallen back to direct,
+        // nor dropped by a scratch buffer's growth).
+        assert_eq!(recorded, 3, "{what}: decode steps recorded");
         assert_eq!(got.len(), want.len());
         let differ = got
             .iter()
@@ -258,7 +264,8 @@ fn decode_graphs_replay_exactly() {
             .count();
         let _ = writeln!(
             std::io::stderr(),
-            "decode graphs {what}: {} logits over {n} positions, {differ} differ",
+            "decode graphs {what}: {} logits over {n} positions, {differ} differ, {recorded} \
+             step shapes recorded",
             got.len()
         );
         assert_eq!(differ, 0, "{what}: replayed steps differ from direct ones");

@@ -131,6 +131,7 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
 attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positions, const u32* bt_off,
                  const u32* tables, int heads, int kv_heads, int hd, int bs, float scale, int chunk,
                  int splits, float* part, bf16_t* out) {
+    griddep_launch();  // with one split, the o projection's GEMV reads the output next
     extern __shared__ float smem[];
     __shared__ float hm[DEC_MAXG], hl[DEC_MAXG];
     const int group = heads / kv_heads;
@@ -275,6 +276,7 @@ attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32*
 // head), reading (hd + 2) floats per split that holds keys. Small next to the K/V reads.
 extern "C" __global__ void attention_combine(const float* part, const u32* positions, int heads, int hd,
                                              int chunk, int splits, bf16_t* out) {
+    griddep_launch();  // the o projection's GEMV reads the output next
     const size_t row = blockIdx.x;
     const int ns = (int)((positions[row / heads] + chunk) / chunk);
     const float* p = part + row * splits * (hd + 2);

@@ -19,6 +19,7 @@ extern "C" __global__ void embedding_bf16(const bf16_t* table, const u32* tokens
 
 // One block per row.
 extern "C" __global__ void rms_norm(const bf16_t* x, const bf16_t* w, float eps, int dim, bf16_t* out) {
+    griddep_launch();  // a decode GEMV reads the output next
     const bf16_t* xr = x + (size_t)blockIdx.x * dim;
     bf16_t* o = out + (size_t)blockIdx.x * dim;
     float ss = 0.0f;
@@ -34,6 +35,7 @@ extern "C" __global__ void rms_norm(const bf16_t* x, const bf16_t* w, float eps,
 // x += y, then out = rms_norm(x) * w, one block per row: the residual update and the next norm in
 // one launch, the same values as `add` then `rms_norm` (each thread re-reads only what it wrote).
 extern "C" __global__ void add_rms_norm(bf16_t* x, const bf16_t* y, const bf16_t* w, float eps, int dim, bf16_t* out) {
+    griddep_launch();  // a decode GEMV reads the output next
     bf16_t* xr = x + (size_t)blockIdx.x * dim;
     const bf16_t* yr = y + (size_t)blockIdx.x * dim;
     bf16_t* o = out + (size_t)blockIdx.x * dim;
@@ -101,6 +103,7 @@ extern "C" __global__ void write_kv(bf16_t* kc, bf16_t* vc, const bf16_t* k, con
 }
 
 extern "C" __global__ void silu_mul(const bf16_t* gate, const bf16_t* up, u32 n, bf16_t* out) {
+    griddep_launch();  // a decode GEMV reads the output next
     for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
         float g = bf2f(gate[i]);
         out[i] = f2bf(g / (1.0f + expf(-g)) * bf2f(up[i]));

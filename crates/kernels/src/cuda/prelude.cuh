@@ -34,6 +34,22 @@ __device__ __forceinline__ u32 fma_bf2(u32 a, u32 b, u32 c) {
     return r;
 }
 
+// Programmatic dependent launch (sm_90; nothing on older GPUs): a kernel launched with it (the
+// quantized decode GEMV) may start while the previous kernel runs, and must call griddep_wait
+// before reading anything earlier kernels wrote; a kernel that calls griddep_launch lets such a
+// successor start. Calling griddep_launch first thing is safe: the wait still waits for the whole
+// grid to finish and its writes to be visible.
+__device__ __forceinline__ void griddep_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void griddep_launch() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -36,14 +36,16 @@
 //
 // Bound aimed at: the codes and scales streamed once from HBM at the device-to-device copy
 // bandwidth (`marlin bench kernels` measures both in one run). Where it gets (H100 80GB HBM3, copy
-// 2871 GB/s, 2026-11-26): int4 g128 at 1-8 rows 53% of copy at 8192², 65-68% on 8192×28672 and
-// 28672×8192 (2.1-2.7x cuBLAS bf16 at m=1); int8 70-87%; at 16 rows (two mmas per tile) 41-53%.
-// It is not memory-bound: the time barely changes from the H100 to the H200 (40% more bandwidth),
-// and Nsight Compute shows the integer/logic pipe as the busiest with 2.6 instructions issued per
-// cycle per SM, about 180 per chunk (64 of them dequantization and 4 mma). A version of the same
-// loop with the dequantization and mma removed streams the same words at 94-96% of copy on the
-// large shapes, so what is left to take is instructions per weight (the per-chunk addressing and
-// the second bf16x2 operation per register), not the loads. Full tables: docs/benchmarks.md.
+// 2886 GB/s, 2026-11-26, third session): int4 g128 at m=1 84% of copy on 28672×8192 (3.3x cuBLAS
+// bf16), 69% on 8192×28672, 53% at 8192², 43% at 4096² (2.2-3.3x cuBLAS); 8 rows 51-71%, 16 rows
+// (two mmas per tile) 37-56%; int8 53-100%. It is not memory-bound: the time barely changes from
+// the H100 to the H200 (40% more bandwidth), and Nsight Compute (second session) showed the
+// integer/logic pipe as the busiest with 2.6 instructions issued per cycle per SM, about 180 per
+// chunk (64 of them dequantization and 4 mma). A version of the same loop with the dequantization
+// and mma removed streamed the same words at 94-96% of copy on the large shapes, so what is left
+// to take is instructions per weight (the SASS of the int4 g128 loop still spends ~25 of ~107
+// instructions per chunk on the ring's addressing and the activation bounds, and 16 on the
+// second bf16x2 operation per register), not the loads. Full tables: docs/benchmarks.md.
 
 #define QG_STAGES 6
 #define QG_MAXW 8
@@ -331,6 +333,9 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
         }
     };
     uint4 xa[U][NB][XW], xb[U][NB][XW];
+    // Launched as a programmatic dependent: the weights above are in flight while the kernel
+    // that writes x may still run; x (and the split-K workspace) only after it finished.
+    griddep_wait();
     if (steps > 0) fetch_x(xa);
     for (int i = 0; i < steps; i += 2) {
         step(i, xa, xb);
