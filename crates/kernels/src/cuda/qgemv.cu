@@ -45,7 +45,10 @@
 // and mma removed streamed the same words at 94-96% of copy on the large shapes, so what is left
 // to take is instructions per weight (the SASS of the int4 g128 loop still spends ~25 of ~107
 // instructions per chunk on the ring's addressing and the activation bounds, and 16 on the
-// second bf16x2 operation per register), not the loads. Full tables: docs/benchmarks.md.
+// second bf16x2 operation per register), not the loads. Trading that second operation for a
+// second mma (c s from one FMA, the -8 s as a constant fragment) measured 4-7% slower at m=1
+// (H100, int4 g32): the mma costs more issue time than the FMAs it saves. Full tables:
+// docs/benchmarks.md.
 
 #define QG_STAGES 6
 #define QG_MAXW 8
