@@ -44,7 +44,7 @@ def percentile(values, p):
 async def one_request(client, url, model, i, max_tokens):
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": f"Write a long story about {TOPICS[i % len(TOPICS)]}."}],
+        "messages": [{"role": "user", "content": f"Story {i}: write a long story about {TOPICS[i % len(TOPICS)]}."}],
         "max_tokens": max_tokens,
         "temperature": 0,
         "ignore_eos": True,

@@ -486,6 +486,22 @@ def main():
             assert metric(after, "marlin:num_requests_running") == 0
 
         @test
+        def shared_prefix_is_reused_with_the_same_answer():
+            # A prompt longer than one KV block, sent twice: the second request finds the
+            # first one's full blocks in the prefix cache and must answer the same.
+            prompt = "Here is a list of the planets of the solar system, in order: " * 3
+            before = a.metrics()
+            first = complete(client, prompt, 12)[0]
+            mid = a.metrics()
+            second = complete(client, prompt, 12)[0]
+            after = a.metrics()
+            assert first == second, (first, second)
+            hits = lambda m: metric(m, "marlin:prefix_cache_hits_total")
+            queries = lambda m: metric(m, "marlin:prefix_cache_queries_total")
+            assert hits(after) - hits(mid) >= 32, "the second request reused no blocks"
+            assert queries(after) - queries(mid) == queries(mid) - queries(before) > 32
+
+        @test
         def full_queue_answers_503():
             c = Server("--max-num-seqs", "1", "--max-queue", "1")
             servers.append(c)

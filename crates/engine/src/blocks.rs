@@ -1,5 +1,16 @@
 //! Paged KV-cache bookkeeping: the cache is split into fixed-size blocks of
 //! token slots, and each sequence owns a table of blocks that grows on demand.
+//!
+//! Prefix caching: a full block whose keys and values are computed is registered under its
+//! contents (its tokens and the key of the block before it, so a key names the whole prefix up
+//! to the block's end). A new sequence whose prompt starts with registered blocks shares them
+//! (counted references) and computes only the rest: requests with the same system prompt or
+//! chat history skip recomputing it. Shared blocks are full and never written again. A
+//! registered block no sequence uses stays cached until a fresh block is needed and none is
+//! free; then the least recently released is taken.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{DefaultHasher, Hash, Hasher};
 
 /// Not enough free blocks to satisfy a request; nothing was allocated.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -13,6 +24,8 @@ pub struct OutOfBlocks {
 #[derive(Debug, Default, Clone)]
 pub struct BlockTable {
     blocks: Vec<u32>,
+    /// Prefix keys of the leading full blocks seen by `register` or `share_prefix`.
+    keys: Vec<u64>,
 }
 
 impl BlockTable {
@@ -35,16 +48,31 @@ impl BlockTable {
     }
 }
 
+/// What a registered block holds: the key of the prefix before it and its own tokens. A lookup
+/// compares both, so a hash collision can never hand out the wrong keys and values.
+#[derive(Debug, Clone)]
+struct Contents {
+    parent: u64,
+    tokens: Vec<u32>,
+}
+
 /// Hands out cache blocks to block tables and takes them back.
 #[derive(Debug, Clone)]
 pub struct BlockManager {
     block_size: usize,
-    /// Popped from the end; starts in descending order so fresh caches hand
-    /// out low ids first, and freed blocks are reused before untouched ones.
+    /// Blocks holding nothing reusable. Popped from the end; starts in descending order so
+    /// fresh caches hand out low ids first, and freed blocks are reused before untouched ones.
     free: Vec<u32>,
-    /// Catches a block returned twice (e.g. from a cloned table), which would
-    /// otherwise let two sequences share cache slots silently.
-    allocated: Vec<bool>,
+    /// Tables using each block. Catches a block returned twice (e.g. from a cloned table),
+    /// which would otherwise let two sequences share cache slots silently.
+    refs: Vec<u32>,
+    /// Registered blocks by prefix key, and each registered block's key and contents.
+    cached: HashMap<u64, u32>,
+    registered: Vec<Option<(u64, Contents)>>,
+    /// Registered blocks no table uses, by release time (oldest first), and each one's time.
+    idle: BTreeMap<u64, u32>,
+    idle_since: Vec<u64>,
+    clock: u64,
 }
 
 impl BlockManager {
@@ -62,7 +90,12 @@ impl BlockManager {
         Self {
             block_size,
             free: (0..num_blocks as u32).rev().collect(),
-            allocated: vec![false; num_blocks],
+            refs: vec![0; num_blocks],
+            cached: HashMap::new(),
+            registered: vec![None; num_blocks],
+            idle: BTreeMap::new(),
+            idle_since: vec![0; num_blocks],
+            clock: 0,
         }
     }
 
@@ -71,20 +104,21 @@ impl BlockManager {
     }
 
     pub fn num_blocks(&self) -> usize {
-        self.allocated.len()
+        self.refs.len()
     }
 
+    /// Blocks a table can take: the free ones and the cached ones no table uses.
     pub fn num_free(&self) -> usize {
-        self.free.len()
+        self.free.len() + self.idle.len()
     }
 
-    /// Fraction of blocks in use, 0 for an empty cache.
+    /// Fraction of blocks in use by tables, 0 for an empty cache.
     pub fn usage(&self) -> f64 {
         let total = self.num_blocks();
         if total == 0 {
             return 0.0;
         }
-        (total - self.free.len()) as f64 / total as f64
+        (total - self.num_free()) as f64 / total as f64
     }
 
     /// Extra blocks `table` needs to hold `total_tokens` tokens.
@@ -95,42 +129,112 @@ impl BlockManager {
     }
 
     pub fn can_grow(&self, table: &BlockTable, total_tokens: usize) -> bool {
-        self.blocks_needed(table, total_tokens) <= self.free.len()
+        self.blocks_needed(table, total_tokens) <= self.num_free()
     }
 
-    /// Extends `table` to hold `total_tokens` tokens. All or nothing, so a
-    /// scheduler can try a request and back off without cleanup. Never
-    /// shrinks a table.
+    /// Extends `table` to hold `total_tokens` tokens, with free blocks first, then the least
+    /// recently released cached ones. All or nothing, so a scheduler can try a request and back
+    /// off without cleanup. Never shrinks a table.
     pub fn grow(&mut self, table: &mut BlockTable, total_tokens: usize) -> Result<(), OutOfBlocks> {
         let needed = self.blocks_needed(table, total_tokens);
-        if needed > self.free.len() {
+        if needed > self.num_free() {
             return Err(OutOfBlocks {
                 needed,
-                free: self.free.len(),
+                free: self.num_free(),
             });
         }
-        let start = self.free.len() - needed;
-        for &block in self.free[start..].iter().rev() {
-            self.allocated[block as usize] = true;
+        for _ in 0..needed {
+            let block = match self.free.pop() {
+                Some(block) => block,
+                None => {
+                    let (_, block) = self.idle.pop_first().expect("counted above");
+                    let (key, _) = self.registered[block as usize].take().expect("idle");
+                    self.cached.remove(&key);
+                    block
+                }
+            };
+            self.refs[block as usize] = 1;
             table.blocks.push(block);
         }
-        self.free.truncate(start);
         Ok(())
     }
 
-    /// Returns every block of `table` to the free list and empties it.
+    /// The key of the prefix ending with `tokens` (one block) after the prefix keyed `parent`.
+    fn key(parent: u64, tokens: &[u32]) -> u64 {
+        let mut h = DefaultHasher::new();
+        (parent, tokens).hash(&mut h);
+        h.finish()
+    }
+
+    /// Gives an empty `table` the registered blocks that hold the leading full blocks of
+    /// `tokens`, leaving at least the last token to compute (its logits are needed). Returns
+    /// the tokens covered.
+    pub fn share_prefix(&mut self, table: &mut BlockTable, tokens: &[u32]) -> usize {
+        debug_assert!(table.blocks.is_empty(), "sharing into a table in use");
+        let mut parent = 0;
+        for chunk in tokens[..tokens.len().saturating_sub(1)].chunks_exact(self.block_size) {
+            let key = Self::key(parent, chunk);
+            let Some(&block) = self.cached.get(&key) else {
+                break;
+            };
+            let (_, contents) = self.registered[block as usize].as_ref().expect("cached");
+            if contents.parent != parent || contents.tokens != chunk {
+                break;
+            }
+            let refs = &mut self.refs[block as usize];
+            if *refs == 0 {
+                self.idle.remove(&self.idle_since[block as usize]);
+            }
+            *refs += 1;
+            table.blocks.push(block);
+            table.keys.push(key);
+            parent = key;
+        }
+        table.blocks.len() * self.block_size
+    }
+
+    /// Registers the blocks of `table` that `computed` (the tokens whose keys and values are
+    /// in the cache) fills, past those already seen. A block whose contents another block
+    /// already holds stays private.
+    pub fn register(&mut self, table: &mut BlockTable, computed: &[u32]) {
+        let full = (computed.len() / self.block_size).min(table.blocks.len());
+        for i in table.keys.len()..full {
+            let parent = i.checked_sub(1).map_or(0, |p| table.keys[p]);
+            let tokens = &computed[i * self.block_size..(i + 1) * self.block_size];
+            let key = Self::key(parent, tokens);
+            table.keys.push(key);
+            let block = table.blocks[i];
+            if self.registered[block as usize].is_none() && !self.cached.contains_key(&key) {
+                self.cached.insert(key, block);
+                let tokens = tokens.to_vec();
+                self.registered[block as usize] = Some((key, Contents { parent, tokens }));
+            }
+        }
+    }
+
+    /// Returns every block of `table` (registered ones to the cache) and empties it.
     ///
     /// # Panics
     /// If a block is not currently allocated by this manager (double free).
     pub fn free(&mut self, table: &mut BlockTable) {
+        table.keys.clear();
         for block in table.blocks.drain(..).rev() {
-            let slot = self
-                .allocated
+            let refs = self
+                .refs
                 .get_mut(block as usize)
-                .filter(|allocated| **allocated)
+                .filter(|refs| **refs > 0)
                 .unwrap_or_else(|| panic!("block {block} freed but not allocated"));
-            *slot = false;
-            self.free.push(block);
+            *refs -= 1;
+            if *refs > 0 {
+                continue;
+            }
+            if self.registered[block as usize].is_some() {
+                self.clock += 1;
+                self.idle.insert(self.clock, block);
+                self.idle_since[block as usize] = self.clock;
+            } else {
+                self.free.push(block);
+            }
         }
     }
 }
@@ -241,6 +345,89 @@ mod tests {
         m.grow(&mut t, 4).unwrap();
         let mut copy = t.clone();
         m.free(&mut t);
+        m.free(&mut copy);
+    }
+
+    /// Blocks computed by one sequence are shared by the next with the same prefix, up to its
+    /// first differing block and never its last token; the shared count survives the first
+    /// sequence's release, and only whole matching contents are shared.
+    #[test]
+    fn prefix_blocks_are_shared_by_contents() {
+        let mut m = BlockManager::new(8, 4);
+        let prompt: Vec<u32> = (0..10).collect();
+        let mut a = BlockTable::default();
+        assert_eq!(m.share_prefix(&mut a, &prompt), 0);
+        m.grow(&mut a, 10).unwrap();
+        m.register(&mut a, &prompt);
+        assert_eq!(a.keys.len(), 2, "two full blocks of 4 in 10 tokens");
+
+        let mut b = BlockTable::default();
+        let mut other = prompt.clone();
+        other[6] = 99;
+        assert_eq!(
+            m.share_prefix(&mut b, &other),
+            4,
+            "the second block differs"
+        );
+        assert_eq!(b.blocks()[0], a.blocks()[0]);
+        m.free(&mut b);
+
+        // A prompt of exactly the two blocks shares only the first: its last token is computed.
+        assert_eq!(m.share_prefix(&mut b, &prompt[..8]), 4);
+        m.free(&mut b);
+
+        m.free(&mut a);
+        assert_eq!(
+            (m.num_free(), m.usage()),
+            (8, 0.0),
+            "cached blocks count as free"
+        );
+        let mut c = BlockTable::default();
+        assert_eq!(m.share_prefix(&mut c, &prompt), 8);
+        assert_eq!(m.num_free(), 6);
+        // The same tokens after a different first block are another prefix.
+        let mut shifted: Vec<u32> = vec![7, 7, 7, 7];
+        shifted.extend(&prompt[4..]);
+        let mut d = BlockTable::default();
+        assert_eq!(m.share_prefix(&mut d, &shifted), 0);
+    }
+
+    /// With no free block left, growing takes the least recently released cached block and
+    /// forgets what it held; blocks in use are never taken.
+    #[test]
+    fn idle_cached_blocks_are_evicted_oldest_first() {
+        let mut m = BlockManager::new(3, 2);
+        let (p, q): (Vec<u32>, Vec<u32>) = (vec![1, 2, 3], vec![4, 5, 6]);
+        let (mut a, mut b) = (BlockTable::default(), BlockTable::default());
+        m.grow(&mut a, 3).unwrap();
+        m.register(&mut a, &p[..2]);
+        m.grow(&mut b, 1).unwrap();
+        m.register(&mut b, &q[..2]);
+        m.free(&mut a); // a's first block cached (older), its second free
+        m.free(&mut b); // b's block cached (newer)
+        let mut c = BlockTable::default();
+        m.grow(&mut c, 4).unwrap(); // the free block, then the oldest cached one
+        let mut d = BlockTable::default();
+        assert_eq!(m.share_prefix(&mut d, &p), 0, "evicted");
+        assert_eq!(m.share_prefix(&mut d, &q), 2, "still cached");
+        assert!(m.grow(&mut c, 6).is_err(), "the shared block is in use");
+        m.free(&mut d);
+        m.free(&mut c);
+        assert_eq!(m.num_free(), 3);
+    }
+
+    #[test]
+    #[should_panic(expected = "freed but not allocated")]
+    fn shared_block_freed_too_often_panics() {
+        let mut m = BlockManager::new(2, 2);
+        let mut a = BlockTable::default();
+        m.grow(&mut a, 3).unwrap();
+        m.register(&mut a, &[1, 2, 3]);
+        let mut b = BlockTable::default();
+        m.share_prefix(&mut b, &[1, 2, 3]);
+        let mut copy = b.clone();
+        m.free(&mut b);
+        m.free(&mut a);
         m.free(&mut copy);
     }
 }

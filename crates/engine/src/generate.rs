@@ -176,6 +176,8 @@ impl Engine {
         let mut rows = Vec::with_capacity(seqs.len());
         for (seq, take) in seqs.iter_mut().zip(takes) {
             seq.computed += take;
+            self.blocks
+                .register(&mut seq.table, &seq.tokens[..seq.computed]);
             let wants = take > 0 && (all_logits || seq.computed == seq.tokens.len());
             rows.push(match (wants, all_logits) {
                 (false, _) => 0,
@@ -309,6 +311,16 @@ impl Engine {
         self.check_prompt(request.prompt.len(), request.max_tokens)?;
         request.sampling.validate()?;
         Ok(())
+    }
+
+    /// Gives a sequence with nothing computed the cached blocks that already hold the start
+    /// of its tokens (prefix caching, `blocks.rs`); returns the tokens it no longer computes.
+    pub fn share_prefix(&mut self, seq: &mut Sequence) -> usize {
+        if seq.computed > 0 || !seq.table.blocks().is_empty() {
+            return 0;
+        }
+        seq.computed = self.blocks.share_prefix(&mut seq.table, &seq.tokens);
+        seq.computed
     }
 
     /// Grows `seq`'s block table to hold `tokens` tokens; false (nothing allocated) when the

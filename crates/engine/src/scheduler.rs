@@ -59,6 +59,9 @@ pub trait Observer: Send + Sync {
     fn on_prompt_tokens(&self, _tokens: usize) {}
     /// `tokens` tokens were generated.
     fn on_generation_tokens(&self, _tokens: usize) {}
+    /// A sequence started (or restarted after preemption) with `queried` tokens, the first
+    /// `hit` of them already in cached blocks.
+    fn on_prefix_cache(&self, _queried: usize, _hit: usize) {}
     /// A request was cancelled because its sink closed.
     fn on_cancel(&self) {}
     /// The state after a step (and whenever the scheduler goes idle).
@@ -344,6 +347,9 @@ impl Scheduler {
                 break;
             }
             let mut entry = self.waiting.pop_front().expect("front exists");
+            let shared = self.engine.share_prefix(&mut entry.seq);
+            self.observer
+                .on_prefix_cache(entry.seq.tokens.len(), shared);
             let take = entry.seq.pending().min(budget);
             let tokens = entry.seq.computed + take;
             let reserved = self.engine.reserve(&mut entry.seq, tokens);

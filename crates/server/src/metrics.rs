@@ -29,6 +29,8 @@ pub struct Metrics {
     preemptions: IntCounter,
     prompt_tokens: IntCounter,
     generation_tokens: IntCounter,
+    prefix_cache_queries: IntCounter,
+    prefix_cache_hits: IntCounter,
     success: IntCounterVec,
     pub ttft: Histogram,
     pub itl: Histogram,
@@ -82,6 +84,14 @@ impl Metrics {
                 "Prompt tokens of the requests scheduled.",
             ),
             generation_tokens: counter("marlin:generation_tokens_total", "Tokens generated."),
+            prefix_cache_queries: counter(
+                "marlin:prefix_cache_queries_total",
+                "Tokens of the sequences started, looked up in the prefix cache.",
+            ),
+            prefix_cache_hits: counter(
+                "marlin:prefix_cache_hits_total",
+                "Tokens found in the prefix cache (their keys and values not recomputed).",
+            ),
             success: register(
                 &r,
                 IntCounterVec::new(
@@ -165,6 +175,10 @@ impl Observer for Metrics {
     }
     fn on_generation_tokens(&self, tokens: usize) {
         self.generation_tokens.inc_by(tokens as u64);
+    }
+    fn on_prefix_cache(&self, queried: usize, hit: usize) {
+        self.prefix_cache_queries.inc_by(queried as u64);
+        self.prefix_cache_hits.inc_by(hit as u64);
     }
     fn on_cancel(&self) {
         self.success.with_label_values(&["abort"]).inc();
