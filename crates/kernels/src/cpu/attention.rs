@@ -18,9 +18,11 @@
 //! not depend on the rest of the batch. A query with at most `PARTITION` keys takes one pass
 //! (scores, one max, exps, values in key order, times the inverse sum).
 //!
-//! Bound: decode reads the whole K and V once; at a batch of 32 short sequences that stream (not
-//! the arithmetic) is the cost, and software prefetching did not help: the prefetches stalled
-//! where the loads had. Prefill approaches FMA throughput once K and V are in L1 (one FMA per
+//! Bound: decode reads the whole K and V once, but at a batch of 32 short sequences the
+//! instructions are the cost, not that stream: `benches/attention.rs`'s serving step (32
+//! sequences of ~100 keys, f16 cache) takes ~300 us per layer whether the layer's keys are in
+//! cache or not (about 8 GB/s of keys and values), each key widened once per query of its GQA
+//! group. Software prefetching did not help (the prefetches stalled where the loads had). Prefill approaches FMA throughput once K and V are in L1 (one FMA per
 //! key or value element per query). Measured on SmolLM2's shape (9 heads, 3 kv
 //! heads, head_dim 64, `benches/attention.rs`) before the split: a 512-token prefill took 3.4 ms
 //! per layer; one decode token at 2048 keys 230 us, limited by there being only kv_heads = 3
