@@ -9,9 +9,11 @@
 //! tile (tested against the scalar definition).
 //!
 //! Bound: per 16 rows x 16 features x 32 columns, one tile product per activation code (16
-//! cycles each on the TMUL) and ~9 vector ops a row to scale the block's sums (ports 0 and 5,
-//! ~75 cycles), against ~300 cycles of two-code VNNI: the f32 scaling, not the TMUL, is the
-//! limit. nvfp4's groups of 16 (two sums per block) stay on VNNI.
+//! cycles each on the TMUL) against ~300 cycles of two-code VNNI; but with groups of 32 every
+//! block's sums must leave the tile unit to be scaled. Measured on this project's VM: 23 ns per
+//! block for the tile loads, products and stores, 24 ns for scaling the 16 rows' sums, and the
+//! two do not overlap, so 1.3-1.55x VNNI end to end (docs/benchmarks.md), far from the TMUL's
+//! peak. nvfp4's groups of 16 (two sums per block) stay on VNNI.
 
 use super::{load_scales, unpack, IntWeight, Layout, QuantizedRows, Scales, BLOCK, LANES};
 use super::{SyncPtr, PREFETCH_AHEAD};
@@ -56,8 +58,9 @@ fn request_tile_registers() -> bool {
     false
 }
 
-/// Whether `w` runs on AMX for a call of `rows` rows: from 8 rows on the tile unit is faster
-/// (docs/benchmarks.md); nvfp4 needs per-half sums.
+/// Whether `w` runs on AMX for a call of `rows` rows: from 8 rows (below, a call streams its
+/// weights at memory speed on VNNI already; the threshold is not tuned); not nvfp4, which
+/// needs per-half sums.
 pub(super) fn takes(w: &IntWeight, rows: usize) -> bool {
     w.amx && rows >= 8 && w.scales != Scales::E4m3
 }
@@ -207,10 +210,10 @@ macro_rules! store_sums {
 
 /// `run_tiles` for one weight kind; `operands` is the thread's `OPERANDS`.
 ///
-/// Software-pipelined: block `b`'s tile products (into one of two pairs of sum tiles) are
-/// issued, then block `b - LAG`'s sums scaled, then block `b`'s sums stored (to one of
-/// `LAG + 1` buffers): the TMUL works while the vector units scale, and the scaling reads
-/// stores issued a whole block earlier, ahead of any newer tile store.
+/// Pipelined: block `b`'s tile products (into one of two pairs of sum tiles) are issued, then
+/// block `b - LAG`'s sums scaled, then block `b`'s sums stored (to one of `LAG + 1` buffers), so
+/// the scaling reads stores issued a whole block earlier and a pair of sum tiles is reused only
+/// after its store (reusing one pair serialised the products: 45 ns a block against 23).
 #[allow(clippy::type_complexity)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
 unsafe fn groups<const L: u8, const S: u8, const ASYM: bool, const LO: bool>(
