@@ -34,18 +34,27 @@
 // bf16 output and zeroes the workspace and its counter, ready for the next call (and for CUDA
 // graph replays) without another launch.
 //
+// The loop's steps come in two kinds: unchecked steps, taken while this step's and the next
+// step's chunks all lie inside k (`nfull`, all but a partial last chunk of the row) and the chunks
+// the step issues are all the warp's, with no bounds checks on the activations (plain 16-byte
+// loads; rows past m read row 0, which only feeds output columns never written) and no check per
+// issued chunk; then checked steps for the rest. The scale's address is one 64-bit multiply-add
+// (`at8`). In the SASS of the int4 g128 m=1 loop that is ~84 instructions per chunk on the
+// unchecked path (~54 of them dequantization, mma and scaling), from ~107.
+//
 // Bound aimed at: the codes and scales streamed once from HBM at the device-to-device copy
 // bandwidth (`marlin bench kernels` measures both in one run). Where it gets (H100 80GB HBM3, copy
-// 2886 GB/s, 2026-11-26, third session): int4 g128 at m=1 84% of copy on 28672×8192 (3.3x cuBLAS
-// bf16), 69% on 8192×28672, 53% at 8192², 43% at 4096² (2.2-3.3x cuBLAS); 8 rows 51-71%, 16 rows
-// (two mmas per tile) 37-56%; int8 53-100%. It is not memory-bound: the time barely changes from
+// 2873 GB/s, 2026-11-26, fourth session): int4 g128 at m=1 86% of copy on 28672×8192 (3.3x
+// cuBLAS bf16), 76% on 8192×28672, 75% on 4096×14336, 57-60% at 8192² and 14336×4096, 45% at
+// 4096² (2.3-3.3x cuBLAS); 8 rows 45-76%, 16 rows (two mmas per tile) 38-67%; int8 (third
+// session) 53-100%. It is not memory-bound: the time barely changes from
 // the H100 to the H200 (40% more bandwidth), and Nsight Compute (second session) showed the
 // integer/logic pipe as the busiest with 2.6 instructions issued per cycle per SM, about 180 per
 // chunk (64 of them dequantization and 4 mma). A version of the same loop with the dequantization
 // and mma removed streamed the same words at 94-96% of copy on the large shapes, so what is left
-// to take is instructions per weight (the SASS of the int4 g128 loop still spends ~25 of ~107
-// instructions per chunk on the ring's addressing and the activation bounds, and 16 on the
-// second bf16x2 operation per register), not the loads. Trading that second operation for a
+// to take is instructions per weight (before the unchecked steps the SASS of the int4 g128 loop
+// spent ~25 of ~107 instructions per chunk on the ring's addressing and the activation bounds;
+// 16 still go to the second bf16x2 operation per register), not the loads. Trading that second operation for a
 // second mma (c s from one FMA, the -8 s as a constant fragment) measured 4-7% slower at m=1
 // (H100, int4 g32): the mma costs more issue time than the FMAs it saves. Full tables:
 // docs/benchmarks.md.
@@ -74,6 +83,14 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// base + 4 · 8 i (word 8 i of a u32 array) in one 64-bit multiply-add: written as C the compiler
+// folds the base's own offset into the sum and spends 4-6 instructions per address.
+__device__ __forceinline__ const u32* at8(const u32* base, u32 i) {
+    const u32* r;
+    asm("mad.wide.u32 %0, %1, 32, %2;" : "=l"(r) : "r"(i), "l"(base));
+    return r;
 }
 
 // (a & b) | c in one instruction (the compiler otherwise emits an AND and an OR).
@@ -231,9 +248,9 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
             if (ji < mine) {
                 cp_async16_at(rq + slot * QSLOT + u * QU, qi);
                 // The run's group: col / group by a multiply-high (gmul = ceil(2^32 / group)).
-                const int grp = min((int)__umulhi(ci, gmul), G - 1);
-                cp_async4_at(rs + slot * SSLOT + u * SU, s0 + grp * 8);
-                if (ASYM) cp_async4_at(ro + slot * SSLOT + u * SU, o0 + grp * 8);
+                const u32 grp = min(__umulhi(ci, gmul), (u32)G - 1);
+                cp_async4_at(rs + slot * SSLOT + u * SU, at8(s0, grp));
+                if (ASYM) cp_async4_at(ro + slot * SSLOT + u * SU, at8(o0, grp));
                 qi += qstride;
                 ci += col_stride;
                 ji++;
@@ -241,10 +258,25 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
         }
         cp_async_commit();
     };
+    // The same for a step whose chunks are all the warp's (ji + U <= mine): no check per chunk.
+    auto issue_fast = [&](int slot) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            cp_async16_at(rq + slot * QSLOT + u * QU, qi);
+            const u32 grp = min(__umulhi(ci, gmul), (u32)G - 1);
+            cp_async4_at(rs + slot * SSLOT + u * SU, at8(s0, grp));
+            if (ASYM) cp_async4_at(ro + slot * SSLOT + u * SU, at8(o0, grp));
+            qi += qstride;
+            ci += col_stride;
+        }
+        ji += U;
+        cp_async_commit();
+    };
     const bf16_t* xp[NB];
 #pragma unroll
     for (int b = 0; b < NB; b++) xp[b] = xrow[b] + col_first;
     int cx = col_first, jx = 0;
+    // Checked: rows past m, chunks past the warp's share and columns past k read as zeros.
     auto fetch_x = [&](uint4 (&v)[U][NB][XW]) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
@@ -258,6 +290,27 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
             jx++;
         }
     };
+    // Unchecked, for chunks known to lie inside k (16-byte loads only; rows past m read row 0,
+    // which only feeds the mma's output columns of those rows, never written). Leaves cx and jx
+    // behind: the loop moves them on once, after the unchecked steps.
+    auto fetch_x_fast = [&](uint4 (&v)[U][NB][XW]) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+#pragma unroll
+            for (int b = 0; b < NB; b++) {
+#pragma unroll
+                for (int w = 0; w < XW; w++) v[u][b][w] = *(const uint4*)(xp[b] + 8 * w);
+                xp[b] += col_stride;
+            }
+        }
+    };
+    // The warp's chunks whose columns all lie inside k (all of them but a partial last chunk of
+    // the row; none when rows are not 16-byte aligned): c_lo + warp + j W < k / CW.
+    int nfull = 0;
+    if (xvec) {
+        const int e = min(c_hi, k / CW) - c_lo - warp;
+        nfull = e > 0 ? min(mine, (e + W - 1) / W) : 0;
+    }
 
     float acc[NB][4];
 #pragma unroll
@@ -270,7 +323,9 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     int slot = 0, next = S - 1;
     // Step i: its chunks from the ring, the next step's issued and its activations fetched into
     // the other of two register sets (the loop runs two steps per pass, so no copies).
-    auto step = [&](int i, const uint4 (&xc)[U][NB][XW], uint4 (&xn)[U][NB][XW]) {
+    // FAST (steps whose chunks and whose next step's chunks are all whole, see nfull): no bounds
+    // checks on the activations and no check for chunks past the warp's share.
+    auto step = [&](const bool FAST, int i, const uint4 (&xc)[U][NB][XW], uint4 (&xn)[U][NB][XW]) {
         cp_async_wait<S - 2>();
         uint4 q[U];
         u32 sp[U], op[U];
@@ -280,13 +335,20 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
             sp[u] = ring_s[slot][u][tid];
             op[u] = ASYM ? ring_o[ASYM ? slot : 0][u][tid] : 0u;
         }
-        issue(next);
+        // Step i issues step i + S - 1's chunks.
+        if (FAST && i + S <= mine / U)
+            issue_fast(next);
+        else
+            issue(next);
         slot = slot == S - 1 ? 0 : slot + 1;
         next = next == S - 1 ? 0 : next + 1;
-        if (i + 1 < steps) fetch_x(xn);
+        if (FAST)
+            fetch_x_fast(xn);
+        else if (i + 1 < steps)
+            fetch_x(xn);
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            if (i * U + u >= mine) break;  // past the warp's share: the slot was not filled
+            if (!FAST && i * U + u >= mine) break;  // past the warp's share: the slot was not filled
             const QScale sc = qscale<BITS, ASYM && !POST>(sp[u], op[u]);
             const u32 words[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
             if (POST) {
@@ -340,9 +402,19 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     // that writes x may still run; x (and the split-K workspace) only after it finished.
     griddep_wait();
     if (steps > 0) fetch_x(xa);
-    for (int i = 0; i < steps; i += 2) {
-        step(i, xa, xb);
-        if (i + 1 < steps) step(i + 1, xb, xa);
+    // Step i is unchecked when steps i and i + 1 are whole: (i + 2) U <= nfull; an even count of
+    // them (the two register sets alternate), then the checked steps.
+    const int fast = max(0, nfull / U - 1) & ~1;
+    int i = 0;
+    for (; i < fast; i += 2) {
+        step(true, i, xa, xb);
+        step(true, i + 1, xb, xa);
+    }
+    jx += fast * U;
+    cx += fast * U * (int)col_stride;
+    for (; i < steps; i += 2) {
+        step(false, i, xa, xb);
+        if (i + 1 < steps) step(false, i + 1, xb, xa);
     }
     cp_async_wait<0>();
     __syncthreads();
