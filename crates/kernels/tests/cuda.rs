@@ -616,6 +616,11 @@ fn int4_int8_matmul() {
                 (40, 176, 16),
                 (33, 203, 203),
                 (272, 1024, 64),
+                // Large enough for the GEMV's unchecked steps (whole chunks past the ring's
+                // fill) at every row count, and a per-channel one ending in a partial chunk.
+                (4224, 3072, 128),
+                (4224, 3072, 32),
+                (4224, 3080, 3080),
             ] {
                 let t = quantize_rtn(&randv(&mut r, n * k, 0.1), n, k, format, group).unwrap();
                 check_quant(g, &mut r, &t, &format!("{format} {n}x{k} g{group}"));
