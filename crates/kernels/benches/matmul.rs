@@ -156,7 +156,11 @@ fn main() {
             let weights: Vec<_> = (0..copies)
                 .map(|_| b.upload_weight(&first).unwrap())
                 .collect();
-            let on_vnni = vnni.as_ref().map(|v| v.upload_weight(&first).unwrap());
+            let on_vnni = vnni.as_ref().map(|v| {
+                (0..copies)
+                    .map(|_| v.upload_weight(&first).unwrap())
+                    .collect::<Vec<_>>()
+            });
             for (rows, unit) in [(1, ""), (32, ""), (32, "vnni"), (512, ""), (512, "vnni")] {
                 if (only_rows != 0 && rows != only_rows) || (rows == 512 && n == 49152) {
                     continue;
@@ -164,7 +168,7 @@ fn main() {
                 // Batched rows again on VNNI, where AMX took them above: the same-run baseline.
                 let (b, weights) = match (unit, &vnni, &on_vnni) {
                     ("", ..) => (&b, &weights[..]),
-                    (_, Some(v), Some(w)) => (v, std::slice::from_ref(w)),
+                    (_, Some(v), Some(w)) => (v, &w[..]),
                     _ => continue,
                 };
                 let mut x = b.alloc(rows * k).unwrap();
@@ -173,8 +177,9 @@ fn main() {
                 let mut i = 0;
                 let flops = 2.0 * (rows * k * n) as f64;
                 let iters = ((2e8 / flops) as usize).clamp(1, 200);
+                // A serving step's 32 rows stream the weights like decode: cycle the copies.
                 let (secs, busy) = median(7, iters, threads, || {
-                    let w = if rows > 16 {
+                    let w = if rows > 32 {
                         &weights[0]
                     } else {
                         &weights[i % copies]
