@@ -3,10 +3,15 @@
 //! Like llama-bench, prompts are fixed pseudo-random tokens (speed does not depend on the text),
 //! prefill is timed over `--prompt-tokens` and decode over `--gen-tokens` greedy tokens that
 //! follow the prompt; each figure is the mean ± standard deviation over `--repetitions` runs after
-//! one warm-up run. The model is stepped directly (one sequence, its own KV blocks), so no
-//! tokenizer is needed and `--synthetic ARCH` can run random weights of a named shape.
+//! one warm-up run. The model is stepped directly (its own KV blocks), so no tokenizer is needed
+//! and `--synthetic ARCH` can run random weights of a named shape. With `--batch N`, N sequences
+//! with different prompts are prefilled one after another and then decode together, one batched
+//! forward per step (a serving step's shape without the server), and decode tok/s counts every
+//! sequence's tokens.
 
-use crate::session::{open_model, runner, BackendStart, LoadFiles, ModelArgs, WithBackend};
+use crate::session::{
+    open_model, runner, BackendStart, LoadFiles, ModelArgs, WithBackend, BLOCK_SIZE, STEP_TOKENS,
+};
 use anyhow::{Context, Result};
 use clap::Args;
 use marlin_engine::blocks::{BlockManager, BlockTable};
@@ -34,6 +39,9 @@ pub struct BenchArgs {
     pub gen_tokens: usize,
     #[arg(long, default_value_t = 3)]
     pub repetitions: usize,
+    /// Sequences decoding together, one batched forward per step
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
     /// Print one JSON object
     #[arg(long)]
     pub json: bool,
@@ -49,72 +57,94 @@ fn argmax(row: &[f32]) -> u32 {
     best as u32
 }
 
-/// One sequence stepped alone: its tokens, how many are in the KV cache, and its blocks.
-struct Solo<'a> {
-    runner: &'a mut dyn StepRunner,
-    blocks: &'a mut BlockManager,
+/// A sequence being benchmarked: its tokens, how many are in the KV cache, and its blocks.
+#[derive(Default)]
+struct Seq {
     table: BlockTable,
     tokens: Vec<u32>,
     computed: usize,
 }
 
-impl Solo<'_> {
-    /// Runs every pending token (in chunks of the step budget) and returns the last one's logits.
-    fn advance(&mut self) -> Result<Vec<f32>> {
-        let mut logits = Vec::new();
-        while self.computed < self.tokens.len() {
-            let take = (self.tokens.len() - self.computed).min(self.runner.max_step_tokens());
-            let context = self.computed + take;
-            let block_size = self.blocks.block_size();
-            self.blocks
-                .grow(&mut self.table, context)
-                .map_err(|_| anyhow::anyhow!("out of KV blocks for {context} tokens"))?;
-            let positions = self.computed..context;
-            let batch = StepBatch {
-                tokens: self.tokens[positions.clone()].to_vec(),
-                positions: positions.clone().map(|p| p as u32).collect(),
-                slots: positions.map(|p| self.table.slot(block_size, p)).collect(),
-                seqs: vec![SeqSpan {
-                    start: 0,
-                    len: take,
-                    context_len: context,
-                    block_table: self.table.blocks().to_vec(),
-                }],
-                logit_rows: vec![take as u32 - 1],
-            };
-            // The logits come back to the host, so the step's device work is finished here.
-            logits = self.runner.step(&batch)?;
-            self.computed = context;
+/// Runs up to `take` pending tokens of every sequence in one step and returns the logits of each
+/// sequence's last token, one row per sequence.
+fn step(
+    runner: &mut dyn StepRunner,
+    blocks: &mut BlockManager,
+    seqs: &mut [Seq],
+    take: usize,
+) -> Result<Vec<f32>> {
+    let block_size = blocks.block_size();
+    let mut batch = StepBatch {
+        tokens: Vec::new(),
+        positions: Vec::new(),
+        slots: Vec::new(),
+        seqs: Vec::new(),
+        logit_rows: Vec::new(),
+    };
+    for seq in seqs.iter_mut() {
+        let len = (seq.tokens.len() - seq.computed).min(take);
+        let context = seq.computed + len;
+        blocks
+            .grow(&mut seq.table, context)
+            .map_err(|_| anyhow::anyhow!("out of KV blocks for {context} tokens"))?;
+        let start = batch.tokens.len();
+        for p in seq.computed..context {
+            batch.tokens.push(seq.tokens[p]);
+            batch.positions.push(p as u32);
+            batch.slots.push(seq.table.slot(block_size, p));
         }
-        Ok(logits)
+        batch.seqs.push(SeqSpan {
+            start,
+            len,
+            context_len: context,
+            block_table: seq.table.blocks().to_vec(),
+        });
+        batch.logit_rows.push((start + len - 1) as u32);
+        seq.computed = context;
     }
+    // The logits come back to the host, so the step's device work is finished here.
+    Ok(runner.step(&batch)?)
 }
 
-/// Returns (prefill seconds, decode seconds).
+/// Returns (prefill seconds of all prompts, decode seconds): each prompt prefilled alone (in
+/// chunks of the step budget), then `gen_tokens` greedy tokens for all of them together.
 fn run_once(
     runner: &mut dyn StepRunner,
     blocks: &mut BlockManager,
-    prompt: &[u32],
+    prompts: &[Vec<u32>],
     gen_tokens: usize,
 ) -> Result<(f64, f64)> {
-    let mut seq = Solo {
-        runner,
-        blocks,
-        table: BlockTable::default(),
-        tokens: prompt.to_vec(),
-        computed: 0,
-    };
+    let mut seqs: Vec<Seq> = prompts
+        .iter()
+        .map(|p| Seq {
+            tokens: p.clone(),
+            ..Seq::default()
+        })
+        .collect();
+    let chunk = runner.max_step_tokens();
     let started = Instant::now();
-    let mut logits = seq.advance()?;
+    // The logits of each prompt's last token, one row per sequence.
+    let mut rows = Vec::new();
+    for seq in &mut seqs {
+        let mut last = Vec::new();
+        while seq.computed < seq.tokens.len() {
+            last = step(runner, blocks, std::slice::from_mut(seq), chunk)?;
+        }
+        rows.extend(last);
+    }
     let prefill = started.elapsed().as_secs_f64();
+    let vocab = runner.config().vocab_size;
     let started = Instant::now();
     for _ in 0..gen_tokens {
-        let token = argmax(&logits);
-        seq.tokens.push(token);
-        logits = seq.advance()?;
+        for (seq, row) in seqs.iter_mut().zip(rows.chunks(vocab)) {
+            seq.tokens.push(argmax(row));
+        }
+        rows = step(runner, blocks, &mut seqs, 1)?;
     }
     let decode = started.elapsed().as_secs_f64();
-    seq.blocks.free(&mut seq.table);
+    for seq in &mut seqs {
+        blocks.free(&mut seq.table);
+    }
     Ok((prefill, decode))
 }
 
@@ -138,6 +168,7 @@ struct LoadSynthetic<'a> {
     config: &'a ModelConfig,
     source: &'a SyntheticSource,
     dtype: marlin_kernels::DenseFormat,
+    kv_tokens: usize,
 }
 
 impl WithBackend for LoadSynthetic<'_> {
@@ -145,7 +176,7 @@ impl WithBackend for LoadSynthetic<'_> {
     fn run<B: Backend>(self, backend: B) -> Result<Self::Output> {
         let model = Model::load(backend, self.config.clone(), self.source, self.dtype)
             .context("cannot make the synthetic weights")?;
-        runner(model)
+        runner(model, self.kv_tokens)
     }
 }
 
@@ -161,10 +192,14 @@ struct Loaded {
 
 fn load(args: &BenchArgs) -> Result<Loaded> {
     let m = &args.model;
+    // Every sequence's prompt and generated tokens, in whole blocks.
+    let kv_tokens =
+        args.batch * (args.prompt_tokens + args.gen_tokens).next_multiple_of(BLOCK_SIZE);
     let options = m.load_options()?;
     let weights = match options.quantize {
         Some(q) => format!("{q} (embedding {})", options.embedding),
-        None => m.dtype.to_string(),
+        None if m.unpack || args.synthetic.is_some() => m.dtype.to_string(),
+        None => format!("as stored, unquantized tensors in {}", m.dtype),
     };
     if let Some(name) = &args.synthetic {
         let config = synthetic::config(name).with_context(|| format!("--synthetic {name}"))?;
@@ -176,6 +211,7 @@ fn load(args: &BenchArgs) -> Result<Loaded> {
                 config: &config,
                 source: &source,
                 dtype: options.dtype,
+                kv_tokens,
             },
         )?;
         return Ok(Loaded {
@@ -193,6 +229,7 @@ fn load(args: &BenchArgs) -> Result<Loaded> {
             files: &files,
             path: &path,
             options: &options,
+            kv_tokens,
         },
     )?;
     Ok(Loaded {
@@ -210,6 +247,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     anyhow::ensure!(args.prompt_tokens > 0, "--prompt-tokens must be at least 1");
     anyhow::ensure!(args.repetitions > 0, "--repetitions must be at least 1");
+    anyhow::ensure!(
+        (1..=STEP_TOKENS).contains(&args.batch),
+        "--batch must be 1 to {STEP_TOKENS} (the tokens one step holds)"
+    );
     let started = Instant::now();
     let Loaded {
         mut runner,
@@ -228,22 +269,29 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let layout = runner.kv_layout();
     let mut blocks = BlockManager::new(layout.num_blocks, layout.block_size);
     let mut state = 0x2545_f491_4f6c_dd1du64;
-    let prompt: Vec<u32> = (0..args.prompt_tokens)
+    let prompts: Vec<Vec<u32>> = (0..args.batch)
         .map(|_| {
-            state = state
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            ((state >> 33) % config.vocab_size as u64) as u32
+            (0..args.prompt_tokens)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    ((state >> 33) % config.vocab_size as u64) as u32
+                })
+                .collect()
         })
         .collect();
-    let warm_prompt = &prompt[..prompt.len().min(32)];
-    run_once(runner.as_mut(), &mut blocks, warm_prompt, 4)?;
+    let warm_prompts: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| p[..p.len().min(32)].to_vec())
+        .collect();
+    run_once(runner.as_mut(), &mut blocks, &warm_prompts, 4)?;
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     for _ in 0..args.repetitions {
-        let (p, d) = run_once(runner.as_mut(), &mut blocks, &prompt, args.gen_tokens)?;
-        prefill.push(args.prompt_tokens as f64 / p);
+        let (p, d) = run_once(runner.as_mut(), &mut blocks, &prompts, args.gen_tokens)?;
+        prefill.push((args.batch * args.prompt_tokens) as f64 / p);
         if args.gen_tokens > 0 {
-            decode.push(args.gen_tokens as f64 / d);
+            decode.push((args.batch * args.gen_tokens) as f64 / d);
         }
     }
     let (pp, pp_sd) = mean_sd(&prefill);
@@ -254,7 +302,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     let peak = peak_rss();
     let threads = rayon_threads(args.model.threads);
-    // The decode bound: every weight byte a token needs, streamed once at the copy bandwidth.
+    // The decode bound: every weight byte a step needs, streamed once at the copy bandwidth
+    // (a step decodes one token of each of the batch's sequences).
+    let steps = tg / args.batch as f64;
     let bound = decode_bytes
         .zip(start.copy_gbs)
         .map(|(bytes, gbs)| gbs * 1e9 / bytes as f64);
@@ -274,12 +324,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "load_seconds": load_seconds,
             "prompt_tokens": args.prompt_tokens,
             "gen_tokens": args.gen_tokens,
+            "batch": args.batch,
             "prefill_tok_s": pp, "prefill_tok_s_sd": pp_sd,
             "decode_tok_s": tg, "decode_tok_s_sd": tg_sd,
             "decode_weight_bytes": decode_bytes,
             "copy_gb_s": start.copy_gbs,
             "decode_bound_tok_s": bound,
-            "decode_share_of_bound": bound.map(|b| tg / b),
+            "decode_share_of_bound": bound.map(|b| steps / b),
             "peak_rss_bytes": peak,
         });
         println!("{json}");
@@ -306,13 +357,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "weights read and uploaded"
     };
     println!("load       {load_seconds:.2} s ({made})");
+    let per_sequence = |tokens| match args.batch {
+        1 => format!("{tokens} tokens"),
+        b => format!("{tokens} tokens × {b} sequences"),
+    };
     println!(
-        "prefill    {pp:.1} ± {pp_sd:.1} tok/s  ({} tokens)",
-        args.prompt_tokens
+        "prefill    {pp:.1} ± {pp_sd:.1} tok/s  ({})",
+        per_sequence(args.prompt_tokens)
     );
     println!(
-        "decode     {tg:.1} ± {tg_sd:.1} tok/s  ({} tokens)",
-        args.gen_tokens
+        "decode     {tg:.1} ± {tg_sd:.1} tok/s  ({}{})",
+        per_sequence(args.gen_tokens),
+        if args.batch > 1 {
+            ", one step for all"
+        } else {
+            ""
+        }
     );
     if let Some(bytes) = decode_bytes {
         println!(
@@ -322,8 +382,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if let (Some(gbs), Some(b)) = (start.copy_gbs, bound) {
         println!(
-            "bound      {b:.1} tok/s at the copy bandwidth {gbs:.0} GB/s: decode at {:.1}%",
-            100.0 * tg / b
+            "bound      {b:.1} steps/s at the copy bandwidth {gbs:.0} GB/s: decode at {:.1}%",
+            100.0 * steps / b
         );
     }
     if let Some(bytes) = peak {

@@ -223,6 +223,8 @@ pub struct LoadFiles<'a> {
     pub files: &'a ModelFiles,
     pub path: &'a std::path::Path,
     pub options: &'a LoadOptions,
+    /// Tokens of KV cache to hold if more than the model's context (`runner`).
+    pub kv_tokens: usize,
 }
 
 impl WithBackend for LoadFiles<'_> {
@@ -232,13 +234,14 @@ impl WithBackend for LoadFiles<'_> {
             .files
             .load_with(backend, self.options)
             .with_context(|| format!("cannot load the weights of {}", self.path.display()))?;
-        runner(model)
+        runner(model, self.kv_tokens)
     }
 }
 
-/// A model with a workspace of `STEP_TOKENS` and KV blocks for its whole context.
-pub fn runner<B: Backend>(model: Model<B>) -> Result<Box<dyn StepRunner>> {
-    let blocks = model.config.max_context.div_ceil(BLOCK_SIZE);
+/// A model with a workspace of `STEP_TOKENS` and KV blocks for its whole context or
+/// `kv_tokens`, whichever is more.
+pub fn runner<B: Backend>(model: Model<B>, kv_tokens: usize) -> Result<Box<dyn StepRunner>> {
+    let blocks = model.config.max_context.max(kv_tokens).div_ceil(BLOCK_SIZE);
     Ok(Box::new(Runner::new(
         model,
         STEP_TOKENS,
@@ -265,6 +268,7 @@ impl Session {
                 files: &files,
                 path: &path,
                 options: &options,
+                kv_tokens: 0,
             },
         )?;
         let stop_token_ids = files.stop_token_ids();

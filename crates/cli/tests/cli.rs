@@ -301,6 +301,27 @@ fn bench_runs_a_synthetic_shape_without_a_model_file() {
     // The copy line (and so the bound) is measured on CUDA only.
     assert!(v["copy_gb_s"].is_null() && v["kernels_from_cache"].is_null());
 
+    // Three sequences decoding together, one batched step each.
+    let out = marlin(&[
+        "bench",
+        "--synthetic",
+        "smollm2",
+        "--batch",
+        "3",
+        "--prompt-tokens",
+        "5",
+        "--gen-tokens",
+        "2",
+        "--repetitions",
+        "1",
+        "--json",
+    ]);
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["batch"], 3);
+    assert!(v["decode_tok_s"].as_f64().unwrap() > 0.0);
+    let e = failure(&["bench", "--synthetic", "smollm2", "--batch", "0"]);
+    assert!(e.contains("--batch must be 1 to 512"), "{e}");
+
     let e = failure(&["bench", "--synthetic", "llama4"]);
     for name in [
         "`llama4`",
