@@ -21,8 +21,10 @@
 //! Bound: decode reads the whole K and V once, but at a batch of 32 short sequences the
 //! instructions are the cost, not that stream: `benches/attention.rs`'s serving step (32
 //! sequences of ~100 keys, f16 cache) takes ~300 us per layer whether the layer's keys are in
-//! cache or not (about 8 GB/s of keys and values), each key widened once per query of its GQA
-//! group. Software prefetching did not help (the prefetches stalled where the loads had). Prefill approaches FMA throughput once K and V are in L1 (one FMA per
+//! cache or not (about 8 GB/s of keys and values). The heads of a token share each key's and
+//! value's load and widening (`SHARED_HEADS`): a 512-token prefill went 3.3 → 2.4 ms per layer,
+//! the serving step ~3% faster. Software prefetching did not help (the prefetches stalled where
+//! the loads had). Prefill approaches FMA throughput once K and V are in L1 (one FMA per
 //! key or value element per query). Measured on SmolLM2's shape (9 heads, 3 kv
 //! heads, head_dim 64, `benches/attention.rs`) before the split: a 512-token prefill took 3.4 ms
 //! per layer; one decode token at 2048 keys 230 us, limited by there being only kv_heads = 3
@@ -43,6 +45,9 @@ const KEY_CHUNK: usize = 64;
 /// (contexts up to ~170) spent more in split bookkeeping than it gained. From 512 keys on a
 /// single decode has at least two tasks per kv head.
 const PARTITION: usize = 256;
+/// Query heads of one token that share each key and value load: four keep the score sums and
+/// value accumulators (16 vectors) in AVX-512's registers.
+const SHARED_HEADS: usize = 4;
 
 /// What every task of one attention call shares.
 pub(crate) struct Job<'a> {
@@ -127,33 +132,36 @@ unsafe fn block_body<V: F32x16, E: Elem>(
         j = end;
     }
 
+    // The heads of a token share each key's and value's load and widening, up to
+    // `SHARED_HEADS` at once; every head's arithmetic stays that of a lone query.
     for c0 in (p0..keys).step_by(KEY_CHUNK) {
         let c1 = (c0 + KEY_CHUNK).min(keys);
-        for i in 0..queries {
-            let end = c1.min(end_of(i));
-            let (qi, scores) = (q.add(row(i)), scratch.add(i * PARTITION));
-            let mut max = *maxes.add(i);
-            let mut j = c0;
-            while j + 4 <= end {
-                let s = &slots[j - p0..j - p0 + 4];
-                let k4 = [kp.add(s[0]), kp.add(s[1]), kp.add(s[2]), kp.add(s[3])];
-                for (c, s) in V::hsum4(dot4::<V, E>(qi, k4, hd)).into_iter().enumerate() {
-                    let s = s * job.scale;
-                    *scores.add(j - p0 + c) = s;
-                    max = max.max(s);
+        for token in 0..t1 - t0 {
+            let end = c1.min(first_keys + token);
+            for (h, g) in head_groups(group) {
+                let (keys, first) = ((c0, end), token * group + h);
+                macro_rules! go {
+                    ($g:literal) => {
+                        score_heads::<V, E, $g>(
+                            job,
+                            (kp, q),
+                            &slots,
+                            p0,
+                            keys,
+                            first,
+                            &row,
+                            scratch,
+                            maxes,
+                        )
+                    };
                 }
-                j += 4;
+                match g {
+                    1 => go!(1),
+                    2 => go!(2),
+                    3 => go!(3),
+                    _ => go!(4),
+                }
             }
-            for j in j..end {
-                let k = kp.add(slots[j - p0]);
-                let s = match E::as_f32(k) {
-                    Some(k) => dot::<V>(qi, k, hd),
-                    None => V::hsum4(dot4::<V, E>(qi, [k; 4], hd))[0],
-                } * job.scale;
-                *scores.add(j - p0) = s;
-                max = max.max(s);
-            }
-            *maxes.add(i) = max;
         }
     }
 
@@ -173,33 +181,20 @@ unsafe fn block_body<V: F32x16, E: Elem>(
 
     for c0 in (p0..keys).step_by(KEY_CHUNK) {
         let c1 = (c0 + KEY_CHUNK).min(keys);
-        for i in 0..queries {
-            let end = c1.min(end_of(i));
-            let (p, o) = (scratch.add(i * PARTITION), dst(i));
-            // Four vectors of the output at a time stay in registers across the chunk.
-            for d in (0..hd).step_by(64) {
-                let lanes = (hd - d).min(64);
-                let mut acc = [V::zero(); 4];
-                for (a, acc) in acc.iter_mut().enumerate() {
-                    if a * 16 < lanes {
-                        *acc = V::load_part(o.add(d + a * 16), (lanes - a * 16).min(16));
-                    }
+        for token in 0..t1 - t0 {
+            let end = c1.min(first_keys + token);
+            for (h, g) in head_groups(group) {
+                let (keys, first) = ((c0, end), token * group + h);
+                macro_rules! go {
+                    ($g:literal) => {
+                        value_heads::<V, E, $g>(vp, hd, &slots, p0, keys, first, scratch, &dst)
+                    };
                 }
-                for j in c0..end {
-                    let (pj, v) = (V::splat(*p.add(j - p0)), vp.add(slots[j - p0] + d));
-                    for (a, acc) in acc.iter_mut().enumerate() {
-                        let at = a * 16;
-                        if at + 16 <= lanes {
-                            *acc = V::fma(pj, E::load::<V>(v.add(at)), *acc);
-                        } else if at < lanes {
-                            *acc = V::fma(pj, E::load_part::<V>(v.add(at), lanes - at), *acc);
-                        }
-                    }
-                }
-                for (a, acc) in acc.iter().enumerate() {
-                    if a * 16 < lanes {
-                        acc.store_part(o.add(d + a * 16), (lanes - a * 16).min(16));
-                    }
+                match g {
+                    1 => go!(1),
+                    2 => go!(2),
+                    3 => go!(3),
+                    _ => go!(4),
                 }
             }
         }
@@ -217,6 +212,113 @@ unsafe fn block_body<V: F32x16, E: Elem>(
                     let m = (hd - d).min(16);
                     V::mul(V::load_part(o.add(d), m), inv).store_part(o.add(d), m);
                 }
+            }
+        }
+    }
+}
+
+/// The heads of a GQA group in runs of at most `SHARED_HEADS`: (first head, heads).
+fn head_groups(group: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..group)
+        .step_by(SHARED_HEADS)
+        .map(move |h| (h, (group - h).min(SHARED_HEADS)))
+}
+
+/// Scores of queries `first..first + G` (heads of one token) against keys `c0..end` of the
+/// partition at `p0`, scaled, into their score rows, raising their maxes.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn score_heads<V: F32x16, E: Elem, const G: usize>(
+    job: &Job<'_>,
+    (kp, q): (*const E, *const f32),
+    slots: &[usize; PARTITION],
+    p0: usize,
+    (c0, end): (usize, usize),
+    first: usize,
+    row: &dyn Fn(usize) -> usize,
+    scratch: *mut f32,
+    maxes: *mut f32,
+) {
+    let hd = job.cache.layout.head_dim;
+    let q: [*const f32; G] = std::array::from_fn(|h| q.add(row(first + h)));
+    let scores: [*mut f32; G] = std::array::from_fn(|h| scratch.add((first + h) * PARTITION));
+    let mut max: [f32; G] = std::array::from_fn(|h| *maxes.add(first + h));
+    let mut j = c0;
+    while j + 4 <= end {
+        let s = &slots[j - p0..j - p0 + 4];
+        let k4 = [kp.add(s[0]), kp.add(s[1]), kp.add(s[2]), kp.add(s[3])];
+        for (h, sums) in dot4::<V, E, G>(q, k4, hd).into_iter().enumerate() {
+            for (c, s) in V::hsum4(sums).into_iter().enumerate() {
+                let s = s * job.scale;
+                *scores[h].add(j - p0 + c) = s;
+                max[h] = max[h].max(s);
+            }
+        }
+        j += 4;
+    }
+    for j in j..end {
+        let k = kp.add(slots[j - p0]);
+        for h in 0..G {
+            let s = match E::as_f32(k) {
+                Some(k) => dot::<V>(q[h], k, hd),
+                None => V::hsum4(dot4::<V, E, 1>([q[h]], [k; 4], hd)[0])[0],
+            } * job.scale;
+            *scores[h].add(j - p0) = s;
+            max[h] = max[h].max(s);
+        }
+    }
+    for (h, max) in max.into_iter().enumerate() {
+        *maxes.add(first + h) = max;
+    }
+}
+
+/// Values of keys `c0..end` weighted by the exps in the score rows of queries
+/// `first..first + G` (heads of one token), added to their outputs at `dst`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn value_heads<V: F32x16, E: Elem, const G: usize>(
+    vp: *const E,
+    hd: usize,
+    slots: &[usize; PARTITION],
+    p0: usize,
+    (c0, end): (usize, usize),
+    first: usize,
+    scratch: *const f32,
+    dst: &dyn Fn(usize) -> *mut f32,
+) {
+    let p: [*const f32; G] = std::array::from_fn(|h| scratch.add((first + h) * PARTITION));
+    let o: [*mut f32; G] = std::array::from_fn(|h| dst(first + h));
+    // Four vectors of each output at a time stay in registers across the chunk.
+    for d in (0..hd).step_by(64) {
+        let lanes = (hd - d).min(64);
+        let vectors = lanes.div_ceil(16);
+        let part = |a: usize| (lanes - a * 16).min(16);
+        let mut acc = [[V::zero(); 4]; G];
+        for (acc, o) in acc.iter_mut().zip(o) {
+            for (a, acc) in acc.iter_mut().enumerate().take(vectors) {
+                *acc = V::load_part(o.add(d + a * 16), part(a));
+            }
+        }
+        for j in c0..end {
+            let v = vp.add(slots[j - p0] + d);
+            let mut values = [V::zero(); 4];
+            for (a, value) in values.iter_mut().enumerate().take(vectors) {
+                *value = if part(a) == 16 {
+                    E::load::<V>(v.add(a * 16))
+                } else {
+                    E::load_part::<V>(v.add(a * 16), part(a))
+                };
+            }
+            for (acc, p) in acc.iter_mut().zip(p) {
+                let pj = V::splat(*p.add(j - p0));
+                for (acc, value) in acc.iter_mut().zip(values).take(vectors) {
+                    *acc = V::fma(pj, value, *acc);
+                }
+            }
+        }
+        for (acc, o) in acc.iter().zip(o) {
+            for (a, acc) in acc.iter().enumerate().take(vectors) {
+                acc.store_part(o.add(d + a * 16), part(a));
             }
         }
     }
@@ -275,23 +377,34 @@ unsafe fn combine_body<V: F32x16>(
     }
 }
 
-/// q against four keys: four sixteen-lane partial sums for one `hsum4`; an f16 key left over
-/// after the groups of four goes through here alone (f32 ones through `dot`).
+/// `G` queries against four keys: for each query four sixteen-lane partial sums for one
+/// `hsum4`, each key loaded (and widened) once for all; an f16 key left over after the groups
+/// of four goes through here alone (f32 ones through `dot`).
 #[inline(always)]
-unsafe fn dot4<V: F32x16, E: Elem>(q: *const f32, k: [*const E; 4], n: usize) -> [V; 4] {
-    let mut acc = [V::zero(); 4];
+unsafe fn dot4<V: F32x16, E: Elem, const G: usize>(
+    q: [*const f32; G],
+    k: [*const E; 4],
+    n: usize,
+) -> [[V; 4]; G] {
+    let mut acc = [[V::zero(); 4]; G];
     let mut d = 0;
     while d + 16 <= n {
-        let qv = V::load(q.add(d));
-        for c in 0..4 {
-            acc[c] = V::fma(qv, E::load::<V>(k[c].add(d)), acc[c]);
+        let keys: [V; 4] = std::array::from_fn(|c| E::load::<V>(k[c].add(d)));
+        for h in 0..G {
+            let qv = V::load(q[h].add(d));
+            for c in 0..4 {
+                acc[h][c] = V::fma(qv, keys[c], acc[h][c]);
+            }
         }
         d += 16;
     }
     if d < n {
-        let qv = V::load_part(q.add(d), n - d);
-        for c in 0..4 {
-            acc[c] = V::fma(qv, E::load_part::<V>(k[c].add(d), n - d), acc[c]);
+        let keys: [V; 4] = std::array::from_fn(|c| E::load_part::<V>(k[c].add(d), n - d));
+        for h in 0..G {
+            let qv = V::load_part(q[h].add(d), n - d);
+            for c in 0..4 {
+                acc[h][c] = V::fma(qv, keys[c], acc[h][c]);
+            }
         }
     }
     acc
