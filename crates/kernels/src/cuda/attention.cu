@@ -17,6 +17,7 @@
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
 attention(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positions, const u32* bt_off,
           const u32* tables, int heads, int kv_heads, int hd, int bs, float scale, bf16_t* out) {
+    pdl_enter();
     extern __shared__ float smem[];
     float* qs = smem;                          // hd
     float* sc = smem + 256;                    // ATT_CHUNK scores, later the partial outputs
@@ -131,7 +132,7 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
 attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positions, const u32* bt_off,
                  const u32* tables, int heads, int kv_heads, int hd, int bs, float scale, int chunk,
                  int splits, float* part, bf16_t* out) {
-    griddep_launch();  // with one split, the o projection's GEMV reads the output next
+    pdl_enter();
     extern __shared__ float smem[];
     __shared__ float hm[DEC_MAXG], hl[DEC_MAXG];
     const int group = heads / kv_heads;
@@ -272,22 +273,35 @@ attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32*
     }
 }
 
-// The splits of attention_decode rescaled to the common max and summed: one block per (token,
-// head), reading (hd + 2) floats per split that holds keys. Small next to the K/V reads.
+// The splits of attention_decode rescaled to the common max and summed: one block of 128 threads
+// per (token, head). Thread s first takes split s's max and sum (all in flight at once, rather
+// than serial loops over the splits), the block reduces them and keeps each split's weight in
+// shared memory, then thread d sums its dimension over the splits. Bound: (hd + 2) floats per
+// split, a few round trips of latency. H100, llama3-8b at 512 keys (17 splits), Nsight Compute:
+// 5.6 us -> 4.8 us a launch, of which ~2.5 us is any launch's floor there.
+// Shared memory: splits floats.
 extern "C" __global__ void attention_combine(const float* part, const u32* positions, int heads, int hd,
                                              int chunk, int splits, bf16_t* out) {
-    griddep_launch();  // the o projection's GEMV reads the output next
+    pdl_enter();
+    extern __shared__ float wts[];
     const size_t row = blockIdx.x;
     const int ns = (int)((positions[row / heads] + chunk) / chunk);
     const float* p = part + row * splits * (hd + 2);
     float m = NEG_INF;
-    for (int s = 0; s < ns; s++) m = fmaxf(m, p[s * (hd + 2) + hd]);
+    for (int s = threadIdx.x; s < ns; s += blockDim.x) m = fmaxf(m, p[s * (hd + 2) + hd]);
+    m = block_reduce(m, true);
     float l = 0.0f;
-    for (int s = 0; s < ns; s++) l += __expf(p[s * (hd + 2) + hd] - m) * p[s * (hd + 2) + hd + 1];
+    for (int s = threadIdx.x; s < ns; s += blockDim.x) {
+        const float e = __expf(p[s * (hd + 2) + hd] - m);
+        wts[s] = e;
+        l += e * p[s * (hd + 2) + hd + 1];
+    }
+    l = block_reduce(l, false);  // its barriers also publish wts[]
     const float inv = 1.0f / l;
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float a = 0.0f;
-        for (int s = 0; s < ns; s++) a += __expf(p[s * (hd + 2) + hd] - m) * p[s * (hd + 2) + d];
+#pragma unroll 8
+        for (int s = 0; s < ns; s++) a += wts[s] * p[s * (hd + 2) + d];
         out[row * hd + d] = f2bf(a * inv);
     }
 }

@@ -31,7 +31,7 @@ use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    LaunchConfig, PushKernelArg,
+    LaunchConfig,
 };
 use half::bf16;
 use marlin_quant::{DenseFormat, HostWeight, QuantTensor, WeightData};
@@ -74,18 +74,24 @@ const DEC_MIN_CHUNK: usize = 32;
 /// attention_decode blocks wanted per SM: a block has only 4 warps, and its loads are latency-
 /// bound, so several blocks per SM keep memory busy.
 const DEC_BLOCKS_PER_SM: usize = 4;
+/// 16-byte words of a row each thread of the vector norms holds (NORM_V in ops.cu).
+const NORM_V: usize = 4;
 
 /// Queues kernel `$name` on the backend's stream with the given arguments (device pointers as
-/// u64, sizes as i32/u32, floats as f32).
+/// u64, sizes as i32/u32, floats as f32, or one `DeviceRepr` struct), as a programmatic dependent
+/// launch on sm_90 (`CudaBackend::launch`).
 macro_rules! launch {
     ($self:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
-        let f = $self.func($name)?;
-        let mut b = $self.stream.launch_builder(f);
-        $( let a = $arg; b.arg(&a); )+
-        // SAFETY: each kernel's arguments match its CUDA signature, and callers checked that
-        // every buffer holds what the kernel reads or writes.
-        unsafe { b.launch($cfg) }.map_err(dev)?;
+        let mut params: Vec<*mut std::ffi::c_void> = Vec::new();
+        // Each argument lives in its own binding (shadowed, not dropped) until the launch.
+        $( let a = $arg; params.push(param(&a)); )+
+        $self.launch($name, $cfg, &mut params, true)?;
     }};
+}
+
+/// A kernel parameter's address, as cuLaunchKernelEx takes it.
+fn param<T: DeviceRepr>(a: &T) -> *mut std::ffi::c_void {
+    a as *const T as *mut std::ffi::c_void
 }
 
 fn dev(e: impl std::fmt::Debug) -> KernelError {
@@ -703,8 +709,13 @@ impl CudaBackend {
         let n = (bytes / 16) as u64;
         let (s, d) = (self.ptr(src), self.ptr(dst));
         let cfg = grid1((n as usize).min(132 * 64 * 256), 256);
-        launch!(self, "copy_u4", cfg, s, n, d);
-        Ok(())
+        // A plain launch: the copies of `copy_bandwidth` do not overlap their launch latency.
+        self.launch(
+            "copy_u4",
+            cfg,
+            &mut [param(&s), param(&n), param(&d)],
+            false,
+        )
     }
 
     /// `out = x · wᵀ` through cuBLAS whatever the row count (bf16 weights only): the baseline of
@@ -834,7 +845,7 @@ impl CudaBackend {
             launch!(
                 self,
                 "attention_combine",
-                cfg2((n * heads, 1), 128, 0),
+                cfg2((n * heads, 1), 128, 4 * splits as u32),
                 part,
                 step.positions(self)?,
                 heads as i32,
@@ -906,23 +917,22 @@ impl CudaBackend {
             args.counters = self.ptr(c);
         }
         let cfg = cfg2((strips, ksplit), 32 * warps as u32, 0);
-        if self.arch.0 >= 9 {
-            self.launch_dependent(&name, cfg, &args)
-        } else {
-            launch!(self, &name, cfg, args);
-            Ok(())
-        }
+        launch!(self, &name, cfg, args);
+        Ok(())
     }
 
-    /// Launches `name` (one argument, `arg`) with programmatic dependent launch (sm_90): its
-    /// blocks may start, and stream their weights, while the previous kernel of the stream still
-    /// runs (once that kernel's blocks all called `griddep_launch`); the kernel waits
-    /// (`griddep_wait`) before it reads anything earlier kernels write.
-    fn launch_dependent<T: DeviceRepr>(
+    /// Launches `name` with `params` (pointers to each argument, laid out as the kernel's
+    /// parameters). With `dependent` on sm_90 it is a programmatic dependent launch: its blocks
+    /// may start while the previous kernel of the stream still runs (once that kernel's blocks
+    /// all called `griddep_launch`), and every kernel waits (`griddep_wait`, `pdl_enter`) before
+    /// it touches memory that earlier kernels use. In a replayed decode step this hides the
+    /// launch latency between its ~325 short kernels.
+    fn launch(
         &self,
         name: &str,
         cfg: LaunchConfig,
-        arg: &T,
+        params: &mut [*mut std::ffi::c_void],
+        dependent: bool,
     ) -> Result<()> {
         use cudarc::driver::sys;
         let f = self.func(name)?;
@@ -944,13 +954,13 @@ impl CudaBackend {
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.stream.cu_stream(),
             attrs: &mut attr,
-            numAttrs: 1,
+            numAttrs: u32::from(dependent && self.arch.0 >= 9),
         };
-        let mut params = [arg as *const T as *mut std::ffi::c_void];
         self.ctx.bind_to_thread().map_err(dev)?;
-        // SAFETY: the kernel takes the one argument `arg` (a DeviceRepr struct laid out as its
-        // parameter), the configuration names this backend's stream, and `attr`, `config` and
-        // `params` outlive the call.
+        // SAFETY: each kernel's arguments match its CUDA signature (callers checked that every
+        // buffer holds what the kernel reads or writes), `params` points at them, the
+        // configuration names this backend's stream, and `attr`, `config` and `params` outlive
+        // the call.
         unsafe {
             sys::cuLaunchKernelEx(
                 &config,
@@ -1041,6 +1051,18 @@ fn grid1(items: usize, threads: u32) -> LaunchConfig {
     }
 }
 
+/// The kernel (`name`, or its vector form `name_v`) and threads per row of the norms over `dim`:
+/// the vector form when rows are whole 16-byte words, each thread holding up to NORM_V of them.
+fn norm_launch(name: &str, dim: usize) -> (String, u32) {
+    let words = dim / 8;
+    if dim.is_multiple_of(8) && words.div_ceil(NORM_V) <= 1024 {
+        let threads = words.div_ceil(NORM_V).next_multiple_of(32);
+        (format!("{name}_v"), threads as u32)
+    } else {
+        (name.to_string(), if dim >= 2048 { 512 } else { 256 })
+    }
+}
+
 fn cfg2(grid: (usize, usize), threads: u32, smem: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (grid.0.max(1) as u32, grid.1.max(1) as u32, 1),
@@ -1057,6 +1079,8 @@ fn kernel_names() -> Vec<String> {
         "embedding_bf16",
         "rms_norm",
         "add_rms_norm",
+        "rms_norm_v",
+        "add_rms_norm_v",
         "rope",
         "write_kv",
         "rope_write_kv",
@@ -1343,10 +1367,10 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let threads = if dim >= 2048 { 512 } else { 256 };
+        let (name, threads) = norm_launch("rms_norm", dim);
         launch!(
             self,
-            "rms_norm",
+            &name,
             cfg2((rows, 1), threads, 0),
             x.ptr,
             weight.ptr,
@@ -1656,11 +1680,11 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        // The thread count of rms_norm: the same sums in the same order.
-        let threads = if dim >= 2048 { 512 } else { 256 };
+        // The kernel and thread count of rms_norm: the same sums in the same order.
+        let (name, threads) = norm_launch("add_rms_norm", dim);
         launch!(
             self,
-            "add_rms_norm",
+            &name,
             cfg2((rows, 1), threads, 0),
             x.ptr,
             y.ptr,
