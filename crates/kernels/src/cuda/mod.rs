@@ -31,7 +31,7 @@ use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    LaunchConfig,
+    LaunchConfig, PinnedHostSlice,
 };
 use half::bf16;
 use marlin_quant::{DenseFormat, HostWeight, QuantTensor, WeightData};
@@ -350,6 +350,10 @@ pub struct CudaBackend {
     /// restores them). Grown when a weight is uploaded, so matmuls never allocate.
     splitk: Mutex<Option<(CudaSlice<f32>, CudaSlice<u32>)>>,
     graphs: Mutex<Graphs>,
+    /// Page-locked host memory that `read` copies into (grown on demand): a copy into pageable
+    /// memory goes through the driver's staging buffers, and a decode step reads its logits
+    /// (256 KiB for a 128k vocabulary) with the GPU idle until the next step is queued.
+    read_stage: Mutex<Option<PinnedHostSlice<u16>>>,
     graphs_on: AtomicBool,
     /// Set while a step is being recorded: the scratch buffers must not be reallocated then.
     capturing: AtomicBool,
@@ -473,6 +477,7 @@ impl CudaBackend {
             att_part: Mutex::new(Some(att_part)),
             splitk: Mutex::new(None),
             graphs: Mutex::new(Graphs::default()),
+            read_stage: Mutex::new(None),
             graphs_on: AtomicBool::new(
                 std::env::var("MARLIN_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             ),
@@ -1259,14 +1264,29 @@ impl Backend for CudaBackend {
         if len == 0 {
             return Ok(vec![]);
         }
-        let mut host = vec![0u16; len];
-        self.stream
-            .memcpy_dtoh(&src.data.slice(..len), &mut host)
-            .map_err(dev)?;
+        let mut stage = self.read_stage.lock().unwrap();
+        if stage.as_ref().is_none_or(|p| p.len() < len) {
+            *stage = None;
+            // Not write-combined (cudarc's default for pinned memory): the host reads it.
+            // SAFETY: the memory is written by the copy below before anything reads it.
+            let p = unsafe { self.ctx.alloc_pinned_with_flags::<u16>(len, 0) };
+            *stage = Some(p.map_err(dev)?);
+        }
+        let host = &mut stage.as_mut().unwrap().as_mut_slice().map_err(dev)?[..len];
+        self.ctx.bind_to_thread().map_err(dev)?;
+        // SAFETY: `host` is page-locked memory of `len` elements, `src` holds at least `len`
+        // (checked above), and the copy is finished (synchronize) before `host` is read.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(host, src.ptr, self.stream.cu_stream())
+        }
+        .map_err(dev)?;
         self.stream.synchronize().map_err(dev)?;
+        // bf16 to f32 is a shift (exact; a NaN stays a NaN), cheaper than `half`'s conversion,
+        // which tests each element for NaN: the H100 machine's host spent ~47 us a decode step
+        // in that loop over 128k logits, with the GPU idle (20 -> 13 us on a build machine).
         Ok(host
-            .into_iter()
-            .map(|b| bf16::from_bits(b).to_f32())
+            .iter()
+            .map(|&b| f32::from_bits(u32::from(b) << 16))
             .collect())
     }
 
