@@ -114,8 +114,11 @@ attention(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positi
 // Measured end to end on an H100 (docs/benchmarks.md, not per kernel): llama3-8b decode costs
 // ~12 us per layer more at 2048 keys than at 16, ~0.7 TB/s over the K/V bytes, a quarter of copy
 // bandwidth. DEC_UNROLL loads in flight per lane and 4 rather than 2 blocks per SM (meant to hide
-// load latency: a block has few keys per lane) measured the same as one load at a time; where
-// the rest goes needs a kernel profile.
+// load latency: a block has few keys per lane) measured the same as one load at a time. Nsight
+// Compute (fifth session, H100, 512 keys, four heads a block) showed why: a block is a chain of
+// ~2000 dependent instructions per warp at ~8 cycles each (shuffles, shared-memory round trips,
+// index arithmetic), one block per SM, not memory; one head a block (the host's choice while the
+// step's K/V fit the L2) took it from 11.0 to 7.2 us.
 
 #define DEC_THREADS 128
 #define DEC_CHUNK 256

@@ -488,7 +488,7 @@ struct QgArgs {
 #define QG_SEL(f) (pi == 0 ? a.p[0].f : pi == 1 ? a.p[1].f : a.p[2].f)
 #define QGEMV1(name, BITS, ASYM, NB, POST)                                                                      \
     extern "C" __global__ void __launch_bounds__(QG_MAXW * 32) name(const QgArgs a) {                           \
-        griddep_launch();                                                                                       \
+        griddep_launch(); /* the kernel after may start now: it waits for this one (pdl_enter) */               \
         const int sg = blockIdx.x;                                                                              \
         const int pi = (a.parts > 1 && sg >= a.p[1].strip0) + (a.parts > 2 && sg >= a.p[2].strip0);            \
         qgemv<BITS, ASYM, NB, POST>(QG_SEL(codes), QG_SEL(scales), QG_SEL(offsets), a.x, a.m, a.k, QG_SEL(n),   \
