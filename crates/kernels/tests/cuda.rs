@@ -350,6 +350,10 @@ fn decode_attention_split() {
         (&[(1, 3000)], 2, 2, 64, 32),
         (&[(1, 1), (1, 17), (1, 700), (1, 3000)], 8, 2, 64, 16),
         (&[(1, 700), (1, 40)], 24, 2, 128, 16),
+        // Keys and values past 32 MiB (counted at the key bucket): whole GQA groups per block,
+        // a group of 4, and one of 12 in two slices (8 + 4).
+        (&[(1, 3000), (1, 2500), (1, 40), (1, 900)], 32, 8, 128, 16),
+        (&[(1, 3000); 9], 24, 2, 128, 16),
     ];
     for &(seqs, heads, kv_heads, hd, bs) in cases {
         check_attention(g, &c, &mut r, seqs, heads, kv_heads, hd, bs);

@@ -17,6 +17,7 @@
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
 attention(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positions, const u32* bt_off,
           const u32* tables, int heads, int kv_heads, int hd, int bs, float scale, bf16_t* out) {
+    pdl_enter();
     extern __shared__ float smem[];
     float* qs = smem;                          // hd
     float* sc = smem + 256;                    // ATT_CHUNK scores, later the partial outputs
@@ -97,8 +98,10 @@ attention(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positi
 // Decode attention split along the keys (flash-decoding), for steps of few tokens.
 //
 // Block (token x kv head, split, group slice): one chunk of at most DEC_CHUNK keys of one kv head,
-// for up to DEC_MAXG query heads of its GQA group at once, so each K/V row is read from memory
-// once per group rather than once per query head. A key row is read by hd/8 lanes with one
+// for MAXG query heads of its GQA group at once. With the whole group (up to 8) in a block each
+// K/V row is read from memory once per group rather than once per query head; while the step's
+// keys and values fit the L2 the host takes one head per block instead (shorter blocks, more of
+// them per SM: see DEC_ONE_HEAD_BYTES in mod.rs). A key row is read by hd/8 lanes with one
 // 16-byte load each (the dot products finish with shuffles inside those lanes); probabilities are
 // formed per head by one warp; the V rows are read the same way, the key lanes summed with
 // shuffles and then across the four warps in shared memory. With one split the block writes the
@@ -111,11 +114,13 @@ attention(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positi
 // Measured end to end on an H100 (docs/benchmarks.md, not per kernel): llama3-8b decode costs
 // ~12 us per layer more at 2048 keys than at 16, ~0.7 TB/s over the K/V bytes, a quarter of copy
 // bandwidth. DEC_UNROLL loads in flight per lane and 4 rather than 2 blocks per SM (meant to hide
-// load latency: a block has few keys per lane) measured the same as one load at a time; where
-// the rest goes needs a kernel profile.
+// load latency: a block has few keys per lane) measured the same as one load at a time. Nsight
+// Compute (fifth session, H100, 512 keys, four heads a block) showed why: a block is a chain of
+// ~2000 dependent instructions per warp at ~8 cycles each (shuffles, shared-memory round trips,
+// index arithmetic), one block per SM, not memory; one head a block (the host's choice while the
+// step's K/V fit the L2) took it from 11.0 to 7.2 us.
 
 #define DEC_THREADS 128
-#define DEC_MAXG 8
 #define DEC_CHUNK 256
 #define DEC_UNROLL 4
 
@@ -125,18 +130,19 @@ __device__ __forceinline__ void unpack8(uint4 w, float* f) {
 }
 
 // hd is one of 8, 16, 32, 64, 128, 256 (hd/8 lanes per key divide a warp), chunk <= DEC_CHUNK.
-// Shared memory: max((DEC_MAXG * (hd + chunk) + chunk) * 4, 4 * DEC_MAXG * hd * 4) bytes.
+// MAXG: query heads per block (the host's choice, see `attention_decode` in mod.rs).
+// Shared memory: max((MAXG * (hd + chunk) + chunk) * 4, 4 * MAXG * hd * 4) bytes.
 // part: per (token, head, split) hd partial outputs, then max and sum.
-extern "C" __global__ void __launch_bounds__(DEC_THREADS)
-attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positions, const u32* bt_off,
-                 const u32* tables, int heads, int kv_heads, int hd, int bs, float scale, int chunk,
-                 int splits, float* part, bf16_t* out) {
-    griddep_launch();  // with one split, the o projection's GEMV reads the output next
+template <int MAXG>
+__device__ void attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positions,
+                                 const u32* bt_off, const u32* tables, int heads, int kv_heads, int hd, int bs,
+                                 float scale, int chunk, int splits, float* part, bf16_t* out) {
+    pdl_enter();
     extern __shared__ float smem[];
-    __shared__ float hm[DEC_MAXG], hl[DEC_MAXG];
+    __shared__ float hm[MAXG], hl[MAXG];
     const int group = heads / kv_heads;
     const int t = blockIdx.x / kv_heads, kvh = blockIdx.x % kv_heads, split = blockIdx.y;
-    const int g0 = blockIdx.z * DEC_MAXG, G = min(DEC_MAXG, group - g0);
+    const int g0 = blockIdx.z * MAXG, G = min(MAXG, group - g0);
     const int h0 = kvh * group + g0;
     const int nkeys = positions[t] + 1, c0 = split * chunk;
     if (c0 >= nkeys) return;  // a shorter sequence of the batch: attention_combine skips it
@@ -145,8 +151,8 @@ attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32*
     const int lpk = hd >> 3, sub = tid % lpk, kl = tid / lpk, nkl = DEC_THREADS / lpk;
     const int sw = kv_heads * hd;
     float* qs = smem;                             // G x hd, pre-scaled
-    float* sc = smem + DEC_MAXG * hd;             // G x chunk: scores, then probabilities
-    u32* sl = (u32*)(sc + DEC_MAXG * chunk);      // chunk slot offsets
+    float* sc = smem + MAXG * hd;             // G x chunk: scores, then probabilities
+    u32* sl = (u32*)(sc + MAXG * chunk);      // chunk slot offsets
     float* red = smem;                            // 4 warps x G x hd, once sc is consumed
     const u32* table = tables + bt_off[t];
     for (int i = tid; i < G * hd; i += DEC_THREADS)
@@ -172,7 +178,7 @@ attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32*
             float kf[8];
             unpack8(kw[u], kf);
 #pragma unroll
-            for (int g = 0; g < DEC_MAXG; g++) {
+            for (int g = 0; g < MAXG; g++) {
                 if (g < G) {
                     const float4* qp = (const float4*)(qs + g * hd + sub * 8);
                     const float4 a = qp[0], b = qp[1];
@@ -203,9 +209,9 @@ attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32*
         }
     }
     __syncthreads();
-    float acc[DEC_MAXG][8];
+    float acc[MAXG][8];
 #pragma unroll
-    for (int g = 0; g < DEC_MAXG; g++)
+    for (int g = 0; g < MAXG; g++)
 #pragma unroll
         for (int e = 0; e < 8; e++) acc[g][e] = 0.0f;
     for (int jb = kl; jb < cn; jb += DEC_UNROLL * nkl) {
@@ -222,7 +228,7 @@ attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32*
                 float vf[8];
                 unpack8(vw[u], vf);
 #pragma unroll
-                for (int g = 0; g < DEC_MAXG; g++) {
+                for (int g = 0; g < MAXG; g++) {
                     if (g < G) {
                         const float p = sc[g * chunk + j];
 #pragma unroll
@@ -234,7 +240,7 @@ attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32*
     }
     // Key lanes of a warp are lpk lanes apart; lanes 0..lpk-1 end with the warp's sums.
 #pragma unroll
-    for (int g = 0; g < DEC_MAXG; g++) {
+    for (int g = 0; g < MAXG; g++) {
         if (g < G) {
             for (int o = lpk; o < 32; o <<= 1)
 #pragma unroll
@@ -244,9 +250,9 @@ attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32*
     __syncthreads();  // sc and sl are read for the last time above; red overlays them
     if (lane < lpk) {
 #pragma unroll
-        for (int g = 0; g < DEC_MAXG; g++) {
+        for (int g = 0; g < MAXG; g++) {
             if (g < G) {
-                float4* r = (float4*)(red + (w * DEC_MAXG + g) * hd + sub * 8);
+                float4* r = (float4*)(red + (w * MAXG + g) * hd + sub * 8);
                 r[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
                 r[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
             }
@@ -257,7 +263,7 @@ attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32*
         const int g = i / hd, d = i % hd;
         float a = 0.0f;
 #pragma unroll
-        for (int ww = 0; ww < DEC_THREADS / 32; ww++) a += red[(ww * DEC_MAXG + g) * hd + d];
+        for (int ww = 0; ww < DEC_THREADS / 32; ww++) a += red[(ww * MAXG + g) * hd + d];
         const size_t row = (size_t)t * heads + h0 + g;
         if (splits == 1) {
             out[row * hd + d] = f2bf(a / hl[g]);
@@ -272,22 +278,48 @@ attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32*
     }
 }
 
-// The splits of attention_decode rescaled to the common max and summed: one block per (token,
-// head), reading (hd + 2) floats per split that holds keys. Small next to the K/V reads.
+#define ATT_DEC(G)                                                                                             \
+    extern "C" __global__ void __launch_bounds__(DEC_THREADS)                                                  \
+        attention_decode_g##G(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positions,        \
+                              const u32* bt_off, const u32* tables, int heads, int kv_heads, int hd, int bs,   \
+                              float scale, int chunk, int splits, float* part, bf16_t* out) {                  \
+        attention_decode<G>(q, kc, vc, positions, bt_off, tables, heads, kv_heads, hd, bs, scale, chunk, splits, \
+                            part, out);                                                                        \
+    }
+ATT_DEC(1)
+ATT_DEC(2)
+ATT_DEC(4)
+ATT_DEC(8)
+
+// The splits of attention_decode rescaled to the common max and summed: one block of 128 threads
+// per (token, head). Thread s first takes split s's max and sum (all in flight at once, rather
+// than serial loops over the splits), the block reduces them and keeps each split's weight in
+// shared memory, then thread d sums its dimension over the splits. Bound: (hd + 2) floats per
+// split, a few round trips of latency. H100, llama3-8b at 512 keys (17 splits), Nsight Compute:
+// 5.6 us -> 4.8 us a launch, of which ~2.5 us is any launch's floor there.
+// Shared memory: splits floats.
 extern "C" __global__ void attention_combine(const float* part, const u32* positions, int heads, int hd,
                                              int chunk, int splits, bf16_t* out) {
-    griddep_launch();  // the o projection's GEMV reads the output next
+    pdl_enter();
+    extern __shared__ float wts[];
     const size_t row = blockIdx.x;
     const int ns = (int)((positions[row / heads] + chunk) / chunk);
     const float* p = part + row * splits * (hd + 2);
     float m = NEG_INF;
-    for (int s = 0; s < ns; s++) m = fmaxf(m, p[s * (hd + 2) + hd]);
+    for (int s = threadIdx.x; s < ns; s += blockDim.x) m = fmaxf(m, p[s * (hd + 2) + hd]);
+    m = block_reduce(m, true);
     float l = 0.0f;
-    for (int s = 0; s < ns; s++) l += __expf(p[s * (hd + 2) + hd] - m) * p[s * (hd + 2) + hd + 1];
+    for (int s = threadIdx.x; s < ns; s += blockDim.x) {
+        const float e = __expf(p[s * (hd + 2) + hd] - m);
+        wts[s] = e;
+        l += e * p[s * (hd + 2) + hd + 1];
+    }
+    l = block_reduce(l, false);  // its barriers also publish wts[]
     const float inv = 1.0f / l;
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float a = 0.0f;
-        for (int s = 0; s < ns; s++) a += __expf(p[s * (hd + 2) + hd] - m) * p[s * (hd + 2) + d];
+#pragma unroll 8
+        for (int s = 0; s < ns; s++) a += wts[s] * p[s * (hd + 2) + d];
         out[row * hd + d] = f2bf(a * inv);
     }
 }

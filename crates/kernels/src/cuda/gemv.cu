@@ -107,11 +107,13 @@ __device__ void gemv_any(const typename L::T* w, const bf16_t* x, int m, int k, 
 
 #define GEMV_VEC(name, L, M) \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) name(const L::T* w, const bf16_t* x, int m, int k, int n, bf16_t* out) { \
+        pdl_enter(); \
         gemv_vec<L, M>(w, x, m, k, n, out); }
 #define GEMV_ALL(suffix, L) \
     GEMV_VEC(gemv_##suffix##_1, L, 1) GEMV_VEC(gemv_##suffix##_2, L, 2) GEMV_VEC(gemv_##suffix##_4, L, 4) \
     GEMV_VEC(gemv_##suffix##_8, L, 8) GEMV_VEC(gemv_##suffix##_16, L, 16) \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_##suffix##_any(const L::T* w, const bf16_t* x, int m, int k, int n, bf16_t* out) { \
+        pdl_enter(); \
         gemv_any<L>(w, x, m, k, n, out); }
 
 GEMV_ALL(f32, LdF32)

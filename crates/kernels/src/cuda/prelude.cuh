@@ -34,11 +34,12 @@ __device__ __forceinline__ u32 fma_bf2(u32 a, u32 b, u32 c) {
     return r;
 }
 
-// Programmatic dependent launch (sm_90; nothing on older GPUs): a kernel launched with it (the
-// quantized decode GEMV) may start while the previous kernel runs, and must call griddep_wait
-// before reading anything earlier kernels wrote; a kernel that calls griddep_launch lets such a
-// successor start. Calling griddep_launch first thing is safe: the wait still waits for the whole
-// grid to finish and its writes to be visible.
+// Programmatic dependent launch (sm_90; nothing on older GPUs): a kernel launched with it may
+// start while the previous kernel runs, and must call griddep_wait before it touches anything
+// earlier kernels read or write; a kernel that calls griddep_launch lets such a successor start.
+// Calling griddep_launch first thing is safe: the wait still waits for the whole grid to finish
+// and its writes to be visible. The quantized decode GEMV streams its weights (which no kernel
+// writes) before it waits.
 __device__ __forceinline__ void griddep_wait() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -48,6 +49,16 @@ __device__ __forceinline__ void griddep_launch() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+}
+
+// Every kernel but the device-to-device copy is launched as a programmatic dependent on sm_90
+// (`CudaBackend::launch`), and begins here: it lets its own successor start launching (so the
+// successor's blocks are resident when it ends: in a replayed decode step ~325 kernels run
+// back to back, each a few microseconds) and then waits for its predecessor. Every kernel waits
+// before its first memory access, so "predecessor finished" holds transitively down the stream.
+__device__ __forceinline__ void pdl_enter() {
+    griddep_launch();
+    griddep_wait();
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

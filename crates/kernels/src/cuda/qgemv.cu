@@ -488,6 +488,7 @@ struct QgArgs {
 #define QG_SEL(f) (pi == 0 ? a.p[0].f : pi == 1 ? a.p[1].f : a.p[2].f)
 #define QGEMV1(name, BITS, ASYM, NB, POST)                                                                      \
     extern "C" __global__ void __launch_bounds__(QG_MAXW * 32) name(const QgArgs a) {                           \
+        griddep_launch(); /* the kernel after may start now: it waits for this one (pdl_enter) */               \
         const int sg = blockIdx.x;                                                                              \
         const int pi = (a.parts > 1 && sg >= a.p[1].strip0) + (a.parts > 2 && sg >= a.p[2].strip0);            \
         qgemv<BITS, ASYM, NB, POST>(QG_SEL(codes), QG_SEL(scales), QG_SEL(offsets), a.x, a.m, a.k, QG_SEL(n),   \
@@ -581,6 +582,7 @@ __device__ void dequant(const uint4* codes, const u32* scales, const u32* offset
 #define DEQUANT(name, BITS, ASYM)                                                                            \
     extern "C" __global__ void name(const uint4* codes, const u32* scales, const u32* offsets, int s0, int strips, \
                                     int n, int k, u32 gmul, int G, int CH, bf16_t* dst) {                      \
+        pdl_enter();                                                                                           \
         dequant<BITS, ASYM>(codes, scales, offsets, s0, strips, n, k, gmul, G, CH, dst);                        \
     }
 DEQUANT(dequant_int4, 4, false)
@@ -601,6 +603,7 @@ __device__ void qembed(const u32* codes, const u32* scales, const u32* offsets, 
 #define QEMBED(name, BITS, ASYM)                                                                               \
     extern "C" __global__ void name(const u32* codes, const u32* scales, const u32* offsets, const u32* tokens, \
                                     int k, int group, int G, int CH, bf16_t* out) {                            \
+        pdl_enter();                                                                                           \
         qembed<BITS, ASYM>(codes, scales, offsets, tokens, k, group, G, CH, out);                              \
     }
 QEMBED(embedding_int4, 4, false)
