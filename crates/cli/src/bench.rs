@@ -474,7 +474,7 @@ mod kernels {
         let group = format.resolve_group(group, k)?;
         let mut t = QuantTensor::zeroed(format, n, k, group, None)?;
         for chunk in t.codes.chunks_mut(8) {
-            let r = rng.next().to_le_bytes();
+            let r = rng.next_u64().to_le_bytes();
             chunk.copy_from_slice(&r[..chunk.len()]);
         }
         let bits = format.bits() as i32;

@@ -302,10 +302,10 @@ pub struct SplitMix(u64);
 impl SplitMix {
     pub fn new(seed: u64, stream: u64) -> Self {
         let mut s = Self(seed ^ stream.wrapping_mul(0xd1b5_4a32_d192_ed03));
-        s.next();
+        s.next_u64();
         s
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -314,7 +314,7 @@ impl SplitMix {
     }
     /// Uniform on [-1, 1).
     pub fn symmetric(&mut self) -> f32 {
-        (self.next() >> 40) as f32 * (2.0 / (1u64 << 24) as f32) - 1.0
+        (self.next_u64() >> 40) as f32 * (2.0 / (1u64 << 24) as f32) - 1.0
     }
 }
 
@@ -346,7 +346,7 @@ fn fill_bytes(out: &mut [u8], seed: u64) {
         .for_each(|(i, chunk)| {
             let mut rng = SplitMix::new(seed, i as u64);
             for word in chunk.chunks_mut(8) {
-                let r = rng.next().to_le_bytes();
+                let r = rng.next_u64().to_le_bytes();
                 word.copy_from_slice(&r[..word.len()]);
             }
         });

@@ -328,7 +328,7 @@ impl GgufSource {
                 let bytes = source.file.tensor_bytes(tensor);
                 let rows = *tensor.dims.get(1).unwrap_or(&1) as usize;
                 let row_bytes = bytes.len() / rows.max(1);
-                if rows % (2 * h) != 0 || row_bytes * rows != bytes.len() {
+                if !rows.is_multiple_of(2 * h) || row_bytes * rows != bytes.len() {
                     return Err(ModelError::format(
                         source.file.path(),
                         format!("tensor `{name}`: {rows} rows do not split into {h} rotary heads"),

@@ -72,10 +72,7 @@ pub fn from_ggml(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Result
     let mut codes = vec![0u8; cols];
     // (scale bits, offset bits) per group of the current row.
     let mut params = vec![(0u16, 0u16); groups];
-    let direct = match ty {
-        GgmlType::Q6_K | GgmlType::Q8_K => false,
-        _ => true,
-    };
+    let direct = !matches!(ty, GgmlType::Q6_K | GgmlType::Q8_K);
     if !direct {
         let values = ggml::dequantize(ty, bytes, rows * cols)?;
         let tensor = quantize_rtn(&values, rows, cols, format, group)?;

@@ -1073,10 +1073,10 @@ mod tests {
         // Decoding codes (visiting order) with their group's params, scattered through perm,
         // gives back the dequantized matrix in the original order.
         for r in 0..rows {
-            for j in 0..cols {
+            for (j, &p) in perm.iter().enumerate() {
                 let (s, z) = q.params[r * (cols / g) + j / g];
                 let v = s * (q.codes[r * cols + j] as f32 - z);
-                assert_eq!(v, q.dequantized[r * cols + perm[j] as usize]);
+                assert_eq!(v, q.dequantized[r * cols + p as usize]);
             }
         }
         // With a diagonal H there is no propagation: act-order GPTQ is RTN on permuted groups.

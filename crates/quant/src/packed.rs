@@ -221,9 +221,7 @@ pub const E2M1: [f32; 16] = [
 /// The nearest E2M1 code (ties to the even mantissa), saturating at ±6.
 pub fn f32_to_e2m1(x: f32) -> u8 {
     let a = x.abs();
-    let m = if a.is_nan() {
-        0
-    } else if a <= 0.25 {
+    let m = if a.is_nan() || a <= 0.25 {
         0
     } else if a < 0.75 {
         1

@@ -732,7 +732,7 @@ mod tests {
                     .map(|k| ((s >> (16 * k)) & 0xffff) as f32 / 65536.0)
                     .sum::<f32>()
                     - 2.0;
-                if s % 97 == 0 {
+                if s.is_multiple_of(97) {
                     u * 6.0
                 } else {
                     u * 0.05

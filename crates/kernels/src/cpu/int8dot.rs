@@ -165,12 +165,12 @@ impl IntWeight {
     /// integers times a scale), with rows of whole 32-blocks and groups of 16 (nvfp4) or whole
     /// 32-blocks.
     pub(crate) fn supports(t: &QuantTensor) -> bool {
-        t.cols % BLOCK == 0
+        t.cols.is_multiple_of(BLOCK)
             && match t.format {
                 QuantFormat::Int { bits, .. } => {
-                    [2, 3, 4, 8].contains(&bits) && t.group % BLOCK == 0
+                    [2, 3, 4, 8].contains(&bits) && t.group.is_multiple_of(BLOCK)
                 }
-                QuantFormat::Fp4 | QuantFormat::Mxfp4 => t.group % BLOCK == 0,
+                QuantFormat::Fp4 | QuantFormat::Mxfp4 => t.group.is_multiple_of(BLOCK),
                 QuantFormat::Nvfp4 => t.group == 16,
                 QuantFormat::Fp8 => false,
             }

@@ -713,7 +713,7 @@ fn packed_matmul_matches_dequantized_reference() {
         };
         for rows in [1, 3, 16, 33, 300] {
             let x = values(&mut rng, rows * k);
-            let got = run_matmul(&b, &x, &uploaded, rows);
+            let got = run_matmul(b, &x, &uploaded, rows);
             for r in 0..rows {
                 let amax = x[r * k..(r + 1) * k]
                     .iter()
