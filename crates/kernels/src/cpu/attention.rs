@@ -143,37 +143,52 @@ unsafe fn block_body<V: F32x16, E: Elem>(
     }
 
     // The heads of a token share each key's and value's load and widening, up to
-    // `SHARED_HEADS` at once; every head's arithmetic stays that of a lone query.
-    for c0 in (p0..keys).step_by(KEY_CHUNK) {
-        let c1 = (c0 + KEY_CHUNK).min(keys);
-        for token in 0..t1 - t0 {
-            let end = c1.min(first_keys + token);
-            for (h, g) in head_groups(group) {
-                let (keys, first) = ((c0, end), token * group + h);
-                macro_rules! go {
-                    ($g:literal) => {
-                        score_heads::<V, E, $g>(
-                            job,
-                            (kp, q),
-                            &slots,
-                            p0,
-                            keys,
-                            first,
-                            &row,
-                            scratch,
-                            maxes,
-                        )
-                    };
-                }
-                match g {
-                    1 => go!(1),
-                    2 => go!(2),
-                    3 => go!(3),
-                    _ => go!(4),
+    // `SHARED_HEADS` at once; every head's arithmetic stays that of a lone query. `$body` runs
+    // for each chunk of keys, token and run of heads, with `$keys` the chunk's keys that token
+    // sees, `$first` the run's first query and `$g` its head count as a constant.
+    macro_rules! head_runs {
+        ($keys:ident, $first:ident, $g:ident => $body:expr) => {
+            for c0 in (p0..keys).step_by(KEY_CHUNK) {
+                let c1 = (c0 + KEY_CHUNK).min(keys);
+                for token in 0..t1 - t0 {
+                    let $keys = (c0, c1.min(first_keys + token));
+                    for (h, g) in head_groups(group) {
+                        let $first = token * group + h;
+                        match g {
+                            1 => {
+                                const $g: usize = 1;
+                                $body
+                            }
+                            2 => {
+                                const $g: usize = 2;
+                                $body
+                            }
+                            3 => {
+                                const $g: usize = 3;
+                                $body
+                            }
+                            _ => {
+                                const $g: usize = 4;
+                                $body
+                            }
+                        }
+                    }
                 }
             }
-        }
+        };
     }
+
+    head_runs!(keys, first, G => score_heads::<V, E, G>(
+        job,
+        (kp, q),
+        &slots,
+        p0,
+        keys,
+        first,
+        &row,
+        scratch,
+        maxes,
+    ));
 
     for i in 0..queries {
         let (scores, n) = (scratch.add(i * PARTITION), end_of(i).saturating_sub(p0));
@@ -189,26 +204,9 @@ unsafe fn block_body<V: F32x16, E: Elem>(
         std::ptr::write_bytes(dst(i), 0, hd);
     }
 
-    for c0 in (p0..keys).step_by(KEY_CHUNK) {
-        let c1 = (c0 + KEY_CHUNK).min(keys);
-        for token in 0..t1 - t0 {
-            let end = c1.min(first_keys + token);
-            for (h, g) in head_groups(group) {
-                let (keys, first) = ((c0, end), token * group + h);
-                macro_rules! go {
-                    ($g:literal) => {
-                        value_heads::<V, E, $g>(vp, hd, &slots, p0, keys, first, scratch, &dst)
-                    };
-                }
-                match g {
-                    1 => go!(1),
-                    2 => go!(2),
-                    3 => go!(3),
-                    _ => go!(4),
-                }
-            }
-        }
-    }
+    head_runs!(keys, first, G => value_heads::<V, E, G>(
+        vp, hd, &slots, p0, keys, first, scratch, &dst,
+    ));
 
     for i in 0..queries {
         match partial {
