@@ -1,19 +1,20 @@
 //! The integer path's batched rows on AMX, the tile unit of Sapphire Rapids and later Xeons.
 //!
-//! `tdpbsud` multiplies a tile of up to 16 rows x 32 int8 activation codes by one block's
-//! 32 x 16 weight operands (the 8 vectors the VNNI kernel feeds to `vpdpbusd` are exactly the
-//! 8 rows of AMX's weight tile) and adds 16 x 16 exact int32 sums: 8192 multiply-adds in one
-//! instruction, where VNNI issues 8 `vpdpbusd` per row, 16 with two-code activations. Each
-//! block's sums then take the VNNI kernel's f32 steps in the same order (`tile` in
-//! int8dot.rs), so every output is bitwise the same on either unit, whatever rows share its
-//! tile (tested against the scalar definition).
+//! `tdpbssd` multiplies a tile of up to 16 rows x 32 int8 activation codes by one block's
+//! 32 x 16 weight operands (the 8 vectors the VNNI kernel feeds to `vpdpbusd`, less the bias
+//! for symmetric codes, are exactly the 8 rows of AMX's weight tile) and adds 16 x 16 exact
+//! int32 sums: 8192 multiply-adds in one instruction, where VNNI issues 8 `vpdpbusd` per row,
+//! 16 with two-code activations. Each block's sums then take the VNNI kernel's f32 steps in
+//! the same order (`tile` in int8dot.rs), so every output is bitwise the same on either unit,
+//! whatever rows share its tile (tested against the scalar definition).
 //!
 //! Bound: per 16 rows x 16 features x 32 columns, one tile product per activation code (16
 //! cycles each on the TMUL) against ~300 cycles of two-code VNNI; but with groups of 32 every
-//! block's sums must leave the tile unit to be scaled. Measured on this project's VM: 23 ns per
-//! block for the tile loads, products and stores, 24 ns for scaling the 16 rows' sums, and the
-//! two do not overlap, so 1.3-1.55x VNNI end to end (docs/benchmarks.md), far from the TMUL's
-//! peak. nvfp4's groups of 16 (two sums per block) stay on VNNI.
+//! block's sums must leave the tile unit to be scaled, ~6 vector operations per row and block
+//! (`(hi << 7) + lo`, conversion, scale product, two FMAs). That scaling is the limit: in a
+//! 32-sequence decode step, switching it off made the step ~30% faster, switching off the tile
+//! products as well added nothing (docs/benchmarks.md). So 1.3-1.55x VNNI end to end, far from
+//! the TMUL's peak. nvfp4's groups of 16 (two sums per block) stay on VNNI.
 
 use super::SyncPtr;
 use super::{load_scales, unpack, IntWeight, Layout, QuantizedRows, Scales, BLOCK, LANES};
@@ -150,9 +151,10 @@ pub(super) unsafe fn run_tiles(
     asm!("tilerelease", options(nostack, nomem));
 }
 
-/// A block's products into sum tiles `$hi` (and `$lo` for two-code activations).
+/// A block's products (`$dp`: `tdpbssd` for signed weight operands, `tdpbsud` for unsigned)
+/// into sum tiles `$hi` (and `$lo` for two-code activations).
 macro_rules! products {
-    ($lo_codes:expr, $hi:literal, $lo:literal, $ops:expr, $codes:expr, $lo_ptr:expr, $k:expr) => {
+    ($dp:literal, $lo_codes:expr, $hi:literal, $lo:literal, $ops:expr, $codes:expr, $lo_ptr:expr, $k:expr) => {
         if $lo_codes {
             asm!(
                 "tileloadd tmm4, [{ops} + {stride64}*1]",
@@ -160,8 +162,8 @@ macro_rules! products {
                 concat!("tilezero ", $lo),
                 "tileloadd tmm2, [{codes} + {k}*1]",
                 "tileloadd tmm3, [{lo} + {k}*1]",
-                concat!("tdpbsud ", $hi, ", tmm2, tmm4"),
-                concat!("tdpbsud ", $lo, ", tmm3, tmm4"),
+                concat!($dp, " ", $hi, ", tmm2, tmm4"),
+                concat!($dp, " ", $lo, ", tmm3, tmm4"),
                 ops = in(reg) $ops,
                 stride64 = in(reg) 64usize,
                 codes = in(reg) $codes,
@@ -174,7 +176,7 @@ macro_rules! products {
                 "tileloadd tmm4, [{ops} + {stride64}*1]",
                 concat!("tilezero ", $hi),
                 "tileloadd tmm2, [{codes} + {k}*1]",
-                concat!("tdpbsud ", $hi, ", tmm2, tmm4"),
+                concat!($dp, " ", $hi, ", tmm2, tmm4"),
                 ops = in(reg) $ops,
                 stride64 = in(reg) 64usize,
                 codes = in(reg) $codes,
@@ -240,12 +242,17 @@ unsafe fn groups<const L: u8, const S: u8, const ASYM: bool, const LO: bool>(
     let nb = k / BLOCK;
     let block_bytes = w.layout.block_bytes();
     let blocks_per_unit = w.unit() / BLOCK;
-    let bias = w.bias;
+    // Symmetric codes become signed operands `c - bias` once, in the unpacking, so the sums
+    // need no bias term (2 of the ~8 vector operations per row and block of the scaling, which
+    // bounds this kernel); they are the same integers. Asymmetric int8 codes do not fit a
+    // signed byte and have no bias: they are read as they are stored.
+    let direct = L == Layout::U8 as u8 && ASYM;
+    let bias = _mm512_set1_epi8(w.bias as i8);
     let mut sums: [BlockSums; LAG + 1] =
         std::array::from_fn(|_| BlockSums([[0; LANES]; 2 * TILE_ROWS]));
     let sums_ptr: [*mut i32; LAG + 1] =
         std::array::from_fn(|i| sums[i].0.as_mut_ptr().cast::<i32>());
-    if L != Layout::U8 as u8 {
+    if !direct {
         operands.resize(nb * 8, _mm512_setzero_si512());
     }
     let mut configured = 0;
@@ -265,15 +272,16 @@ unsafe fn groups<const L: u8, const S: u8, const ASYM: bool, const LO: bool>(
         };
         // Every row group reads the tile's operands: unpack them once, ahead of the first
         // tile loads.
-        if L != Layout::U8 as u8 {
+        if !direct {
             for b in 0..nb {
                 for (i, v) in unpack::<L>(block_at(b)).into_iter().enumerate() {
+                    let v = if ASYM { v } else { _mm512_sub_epi8(v, bias) };
                     _mm512_store_si512(operands.as_mut_ptr().add(8 * b + i), v);
                 }
             }
         }
         let ops_at = |b: usize| {
-            if L == Layout::U8 as u8 {
+            if direct {
                 block_at(b)
             } else {
                 operands.as_ptr().add(8 * b).cast::<u8>()
@@ -289,7 +297,6 @@ unsafe fn groups<const L: u8, const S: u8, const ASYM: bool, const LO: bool>(
             let codes = qx.codes.as_ptr().add(g * k);
             let lo = qx.lo.as_ptr().add(if LO { g * k } else { 0 });
             let scales = qx.scales.as_ptr().add(g * nb);
-            let code_sums = qx.sums.as_ptr().add(2 * g * nb);
             let offset_scales = qx.offset_scales.as_ptr().add(g * nb);
             let mut acc = [_mm512_setzero_ps(); TILE_ROWS];
             // The VNNI kernel's steps for each row of block `b`, in its order.
@@ -315,13 +322,6 @@ unsafe fn groups<const L: u8, const S: u8, const ASYM: bool, const LO: bool>(
                     } else {
                         high
                     };
-                    // Asymmetric codes have no bias: adding its zero would be the same sum.
-                    let dot = if ASYM {
-                        dot
-                    } else {
-                        let sum = *code_sums.add(2 * (i * nb + b) + 1);
-                        _mm512_add_epi32(dot, _mm512_set1_epi32(-bias * sum))
-                    };
                     let ds = _mm512_mul_ps(scale, _mm512_set1_ps(d));
                     *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), ds, *acc);
                     if ASYM {
@@ -340,10 +340,11 @@ unsafe fn groups<const L: u8, const S: u8, const ASYM: bool, const LO: bool>(
                     }
                     let (ops, at) = (ops_at(b), b * BLOCK);
                     let (c, l) = (codes.add(at), lo.add(at));
-                    if b % 2 == 0 {
-                        products!(LO, "tmm0", "tmm1", ops, c, l, k);
-                    } else {
-                        products!(LO, "tmm5", "tmm6", ops, c, l, k);
+                    match (b % 2 == 0, direct) {
+                        (true, false) => products!("tdpbssd", LO, "tmm0", "tmm1", ops, c, l, k),
+                        (false, false) => products!("tdpbssd", LO, "tmm5", "tmm6", ops, c, l, k),
+                        (true, true) => products!("tdpbsud", LO, "tmm0", "tmm1", ops, c, l, k),
+                        (false, true) => products!("tdpbsud", LO, "tmm5", "tmm6", ops, c, l, k),
                     }
                 }
                 if b >= LAG {
