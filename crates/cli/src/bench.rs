@@ -74,13 +74,7 @@ fn step(
     take: usize,
 ) -> Result<Vec<f32>> {
     let block_size = blocks.block_size();
-    let mut batch = StepBatch {
-        tokens: Vec::new(),
-        positions: Vec::new(),
-        slots: Vec::new(),
-        seqs: Vec::new(),
-        logit_rows: Vec::new(),
-    };
+    let mut batch = StepBatch::default();
     for seq in seqs.iter_mut() {
         let len = (seq.tokens.len() - seq.computed).min(take);
         let context = seq.computed + len;

@@ -16,6 +16,7 @@
 //! products as well added nothing (docs/benchmarks.md). So 1.3-1.55x VNNI end to end, far from
 //! the TMUL's peak. nvfp4's groups of 16 (two sums per block) stay on VNNI.
 
+use super::super::simd::prefetch;
 use super::SyncPtr;
 use super::{load_scales, unpack, IntWeight, Layout, QuantizedRows, Scales, BLOCK, LANES};
 use std::arch::asm;
@@ -214,7 +215,7 @@ macro_rules! store_sums {
 #[inline(always)]
 unsafe fn prefetch_lines(start: *const u8, lines: std::ops::Range<usize>) {
     for line in lines {
-        _mm_prefetch::<_MM_HINT_T0>(start.add(64 * line).cast());
+        prefetch(start.add(64 * line));
     }
 }
 
