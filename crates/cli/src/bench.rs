@@ -24,8 +24,10 @@ use std::time::Instant;
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// `kernels`: instead of a model, sweep the CUDA matmul kernels over Llama-3 shapes, rows and
-    /// formats (one format with --quantize FMT), against cuBLAS bf16 and the copy bandwidth
-    #[arg(value_name = "WHAT", value_parser = ["kernels"])]
+    /// formats (one format with --quantize FMT), against cuBLAS bf16 and the copy bandwidth.
+    /// `serve`: start `marlin serve` (--model, --threads and the flags after `--`) or use --url,
+    /// and measure streamed chat requests of --gen-tokens tokens at each --concurrency
+    #[arg(value_name = "WHAT", value_parser = ["kernels", "serve"])]
     pub what: Option<String>,
     #[command(flatten)]
     pub model: ModelArgs,
@@ -42,9 +44,21 @@ pub struct BenchArgs {
     /// Sequences decoding together, one batched forward per step
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
-    /// Print one JSON object
+    /// Print one JSON object (with `serve`: one per level)
     #[arg(long)]
     pub json: bool,
+    /// With `serve`: requests kept in flight, one level after another
+    #[arg(long, num_args = 1.., default_values_t = [1, 8, 32])]
+    pub concurrency: Vec<usize>,
+    /// With `serve`: requests per level [default: 2 x concurrency, at least 8]
+    #[arg(long)]
+    pub requests: Option<usize>,
+    /// With `serve`: a running server (http://HOST:PORT) instead of starting one
+    #[arg(long)]
+    pub url: Option<String>,
+    /// With `serve`: flags for the `marlin serve` it starts
+    #[arg(last = true, value_name = "SERVE_FLAGS")]
+    pub serve_args: Vec<String>,
 }
 
 fn argmax(row: &[f32]) -> u32 {
@@ -235,9 +249,36 @@ fn load(args: &BenchArgs) -> Result<Loaded> {
     })
 }
 
+/// `bench serve`'s plan: the model and thread count go to the server it starts.
+fn serve_plan(args: BenchArgs) -> Result<crate::bench_serve::Plan> {
+    let address = args
+        .url
+        .as_deref()
+        .map(crate::bench_serve::address_of)
+        .transpose()?;
+    let mut serve_args = Vec::new();
+    if let Some(model) = &args.model.model {
+        serve_args.extend(["--model".to_owned(), model.clone()]);
+    }
+    if args.model.threads != 0 {
+        serve_args.extend(["--threads".to_owned(), args.model.threads.to_string()]);
+    }
+    serve_args.extend(args.serve_args);
+    Ok(crate::bench_serve::Plan {
+        address,
+        serve_args,
+        concurrency: args.concurrency,
+        requests: args.requests,
+        max_tokens: args.gen_tokens,
+        json: args.json,
+    })
+}
+
 pub fn run(args: BenchArgs) -> Result<()> {
-    if args.what.is_some() {
-        return kernels::run(&args);
+    match args.what.as_deref() {
+        Some("serve") => return crate::bench_serve::run(serve_plan(args)?),
+        Some(_) => return kernels::run(&args),
+        None => {}
     }
     anyhow::ensure!(args.prompt_tokens > 0, "--prompt-tokens must be at least 1");
     anyhow::ensure!(args.repetitions > 0, "--repetitions must be at least 1");

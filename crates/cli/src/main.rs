@@ -1,6 +1,7 @@
 //! `marlin`: run low-bit language models on the machine you have.
 
 mod bench;
+mod bench_serve;
 mod chat;
 mod eval;
 mod generate;

@@ -335,3 +335,45 @@ fn bench_runs_a_synthetic_shape_without_a_model_file() {
     let e = failure(&["bench", "--synthetic", "smollm2", "--model", "smollm2"]);
     assert!(e.contains("cannot be used with"), "{e}");
 }
+
+#[test]
+fn bench_serve_measures_each_concurrency_level() {
+    // A small KV cache keeps the server's start quick; 3 requests of 4 tokens at 1 and 2 streams.
+    let out = marlin(&[
+        "bench",
+        "serve",
+        "--concurrency",
+        "1",
+        "2",
+        "--requests",
+        "3",
+        "--gen-tokens",
+        "4",
+        "--json",
+        "--",
+        "--num-kv-blocks",
+        "64",
+    ]);
+    let levels: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(levels.len(), 2);
+    for (level, concurrency) in levels.iter().zip([1, 2]) {
+        assert_eq!(level["concurrency"], concurrency);
+        assert_eq!(level["requests"], 3);
+        // ignore_eos: every request generates exactly --gen-tokens.
+        assert_eq!(level["output_tokens"], 12);
+        assert!(level["output_tok_s"].as_f64().unwrap() > 0.0);
+        let (p50, p99) = (level["ttft_p50_ms"].as_f64(), level["ttft_p99_ms"].as_f64());
+        assert!(p50.unwrap() > 0.0 && p50 <= p99, "{level}");
+    }
+
+    let e = failure(&["bench", "serve", "--url", "https://example.com/v1"]);
+    assert!(e.contains("--url must look like http://HOST:PORT"), "{e}");
+    let e = failure(&["bench", "serve", "--concurrency", "0"]);
+    assert!(e.contains("--concurrency levels must be at least 1"), "{e}");
+    // Nothing listens on port 9 (discard) here: a clear connection error, not a hang.
+    let e = failure(&["bench", "serve", "--url", "http://127.0.0.1:9"]);
+    assert!(e.contains("connecting to 127.0.0.1:9"), "{e}");
+}
