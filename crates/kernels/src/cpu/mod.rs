@@ -304,7 +304,7 @@ impl Backend for CpuBackend {
                             idle += 1;
                             // Leave the core to other threads now and then (the server's
                             // HTTP side), without parking.
-                            if idle % 64 == 0 {
+                            if idle.is_multiple_of(64) {
                                 std::thread::yield_now();
                             } else {
                                 std::hint::spin_loop();
