@@ -228,3 +228,17 @@ pub fn argmax(row: &[f32]) -> u32 {
     }
     best.map_or(0, |(i, _)| i as u32)
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn argmax_takes_the_first_largest_number() {
+        let nan = f32::NAN;
+        assert_eq!(super::argmax(&[1.0, 3.0, 2.0, 3.0]), 1);
+        assert_eq!(super::argmax(&[nan, -1.0, nan, 0.5, 0.5]), 3);
+        assert_eq!(super::argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
+        assert_eq!(super::argmax(&[nan, f32::NEG_INFINITY]), 1);
+        assert_eq!(super::argmax(&[nan, nan]), 0);
+        assert_eq!(super::argmax(&[]), 0);
+    }
+}

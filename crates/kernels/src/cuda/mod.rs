@@ -82,8 +82,13 @@ const DEC_BLOCKS_PER_SM: usize = 4;
 /// warps to interleave, at the cost of reading K/V once per head, from the L2 while it fits.
 /// End to end on the H100 (llama3-8b int4, 512-token prompt, one call): 326-328 tok/s with
 /// four heads a block, 346-359 with one head and 8 blocks per SM (344-345 with two and 4).
+/// Since the splits combine in attention_decode's last block (sixth session), 16 blocks per SM:
+/// the same chunks at a 512-token context (the chunk floor, DEC_MIN_CHUNK), half as long ones
+/// at 2048 (64 keys, not 128): H100, one call, 340.1 / 339.6 -> 363.1 / 365.3 tok/s at a
+/// 2048-token prompt (H200: 16-key chunks at 512 measured the same as 32); a floor of 64, 128
+/// or 256 keys at 512 cost 4%, 11% and 18% (H100).
 const DEC_ONE_HEAD_BYTES: usize = 32 << 20;
-const DEC_BLOCKS_PER_SM_ONE_HEAD: usize = 8;
+const DEC_BLOCKS_PER_SM_ONE_HEAD: usize = 16;
 /// Threads of an argmax_rows block (ARGMAX_THREADS in ops.cu).
 const ARGMAX_THREADS: u32 = 1024;
 /// 16-byte words of a row each thread of the vector norms holds (NORM_V in ops.cu).
@@ -821,7 +826,7 @@ impl CudaBackend {
         let group = heads / layout.kv_heads;
         // Query heads per block and blocks wanted per SM: while the step's keys and values
         // (at most the bucket's for each token) fit the L2 a few times over, one head per block
-        // and 8 blocks per SM (each K/V row read `group` times, the repeats from the L2), else
+        // and 16 blocks per SM (each K/V row read `group` times, the repeats from the L2), else
         // the whole group (up to DEC_MAXG) and 4, each row read from memory once. A function of
         // the step's shape only, as a recording must be.
         let kv_bytes = n * step.key_bucket * layout.kv_heads * hd * 4;
