@@ -61,16 +61,6 @@ pub struct BenchArgs {
     pub serve_args: Vec<String>,
 }
 
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in row.iter().enumerate() {
-        if *v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 /// A sequence being benchmarked: its tokens, how many are in the KV cache, and its blocks.
 #[derive(Default)]
 struct Seq {
@@ -79,14 +69,14 @@ struct Seq {
     computed: usize,
 }
 
-/// Runs up to `take` pending tokens of every sequence in one step and returns the logits of each
-/// sequence's last token, one row per sequence.
+/// Runs up to `take` pending tokens of every sequence in one step and returns the greedy choice
+/// after each sequence's last token (argmax of its logits, taken on the device).
 fn step(
     runner: &mut dyn StepRunner,
     blocks: &mut BlockManager,
     seqs: &mut [Seq],
     take: usize,
-) -> Result<Vec<f32>> {
+) -> Result<Vec<u32>> {
     let block_size = blocks.block_size();
     let mut batch = StepBatch::default();
     for seq in seqs.iter_mut() {
@@ -110,8 +100,8 @@ fn step(
         batch.logit_rows.push((start + len - 1) as u32);
         seq.computed = context;
     }
-    // The logits come back to the host, so the step's device work is finished here.
-    Ok(runner.step(&batch)?)
+    // The ids come back to the host, so the step's device work is finished here.
+    Ok(runner.step_greedy(&batch)?)
 }
 
 /// Returns (prefill seconds of all prompts, decode seconds): each prompt prefilled alone (in
@@ -131,23 +121,22 @@ fn run_once(
         .collect();
     let chunk = runner.max_step_tokens();
     let started = Instant::now();
-    // The logits of each prompt's last token, one row per sequence.
-    let mut rows = Vec::new();
+    // The greedy token after each prompt, one per sequence.
+    let mut next = Vec::new();
     for seq in &mut seqs {
         let mut last = Vec::new();
         while seq.computed < seq.tokens.len() {
             last = step(runner, blocks, std::slice::from_mut(seq), chunk)?;
         }
-        rows.extend(last);
+        next.extend(last);
     }
     let prefill = started.elapsed().as_secs_f64();
-    let vocab = runner.config().vocab_size;
     let started = Instant::now();
     for _ in 0..gen_tokens {
-        for (seq, row) in seqs.iter_mut().zip(rows.chunks(vocab)) {
-            seq.tokens.push(argmax(row));
+        for (seq, &id) in seqs.iter_mut().zip(&next) {
+            seq.tokens.push(id);
         }
-        rows = step(runner, blocks, &mut seqs, 1)?;
+        next = step(runner, blocks, &mut seqs, 1)?;
     }
     let decode = started.elapsed().as_secs_f64();
     for seq in &mut seqs {

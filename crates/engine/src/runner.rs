@@ -13,6 +13,9 @@ pub trait StepRunner: Send {
     fn max_step_tokens(&self) -> usize;
     /// Runs a step and returns the logits of `batch.logit_rows`, row after row.
     fn step(&mut self, batch: &StepBatch) -> Result<Vec<f32>>;
+    /// Runs a step and returns the greedy choice (`marlin_kernels::argmax`) of each of
+    /// `batch.logit_rows`; only the ids leave the device.
+    fn step_greedy(&mut self, batch: &StepBatch) -> Result<Vec<u32>>;
     /// Runs a step only up to `observer.last_layer()`, showing it each linear layer's input.
     fn observe(
         &mut self,
@@ -75,6 +78,10 @@ impl<B: Backend> StepRunner for Runner<B> {
     }
     fn step(&mut self, batch: &StepBatch) -> Result<Vec<f32>> {
         self.model.forward(&mut self.workspace, &mut self.kv, batch)
+    }
+    fn step_greedy(&mut self, batch: &StepBatch) -> Result<Vec<u32>> {
+        self.model
+            .forward_greedy(&mut self.workspace, &mut self.kv, batch)
     }
     fn observe(
         &mut self,

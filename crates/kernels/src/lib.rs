@@ -208,4 +208,37 @@ pub trait Backend: Send + Sync + 'static {
         dim: usize,
         out: &mut Self::Buffer,
     ) -> Result<()>;
+    /// `argmax` of each of the first `rows` rows of `dim` in `x`, to the host (waits for the
+    /// device): greedy decoding reads one id a row instead of the logits. The default reads the
+    /// rows back and scans them on the host (the CPU backend's implementation).
+    fn argmax_rows(&self, x: &Self::Buffer, rows: usize, dim: usize) -> Result<Vec<u32>> {
+        let values = self.read(x, rows * dim)?;
+        Ok(values.chunks(dim.max(1)).map(argmax).collect())
+    }
+}
+
+/// The index of the largest value of `row`: the first on ties, NaN never (0 for a row without a
+/// number). What `Backend::argmax_rows` computes for each row.
+pub fn argmax(row: &[f32]) -> u32 {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &v) in row.iter().enumerate() {
+        if !v.is_nan() && best.is_none_or(|(_, b)| v > b) {
+            best = Some((i, v));
+        }
+    }
+    best.map_or(0, |(i, _)| i as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn argmax_takes_the_first_largest_number() {
+        let nan = f32::NAN;
+        assert_eq!(super::argmax(&[1.0, 3.0, 2.0, 3.0]), 1);
+        assert_eq!(super::argmax(&[nan, -1.0, nan, 0.5, 0.5]), 3);
+        assert_eq!(super::argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
+        assert_eq!(super::argmax(&[nan, f32::NEG_INFINITY]), 1);
+        assert_eq!(super::argmax(&[nan, nan]), 0);
+        assert_eq!(super::argmax(&[]), 0);
+    }
 }

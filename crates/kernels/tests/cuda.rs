@@ -328,12 +328,13 @@ fn paged_attention() {
     }
 }
 
-/// Decode steps (one new token per sequence) go to the split-key kernel (`attention_decode` and
-/// its combine): contexts of 1 key (one split), 17 (one partial split), 700 and 3000 (many
-/// splits, the last partial), GQA groups 1, 4 and 12 (two group slices of at most 8 heads), head
-/// dims 64 and 128, sequences of different lengths in one step (blocks past a short sequence's
-/// keys write nothing). The queries (up to 6 in size) make the softmax peaked, so a wrong max
-/// rescaling between splits shows.
+/// Decode steps (one new token per sequence) go to the split-key kernel (`attention_decode`,
+/// whose last block of a head combines its splits): contexts of 1 key (one split), 17 (one
+/// partial split), 700 and 3000 (many splits, the last partial), GQA groups 1, 4 and 12 (two
+/// group slices of at most 8 heads), head dims 64 and 128, sequences of different lengths in one
+/// step (blocks past a short sequence's keys write nothing). The queries (up to 6 in size) make
+/// the softmax peaked, so a wrong max rescaling between splits shows. Every case runs twice: the
+/// second run finds the counters of finished splits as the first left them (back at zero).
 #[test]
 fn decode_attention_split() {
     let Some(g) = gpu("decode_attention_split") else {
@@ -356,7 +357,9 @@ fn decode_attention_split() {
         (&[(1, 3000); 9], 24, 2, 128, 16),
     ];
     for &(seqs, heads, kv_heads, hd, bs) in cases {
-        check_attention(g, &c, &mut r, seqs, heads, kv_heads, hd, bs);
+        for _ in 0..2 {
+            check_attention(g, &c, &mut r, seqs, heads, kv_heads, hd, bs);
+        }
     }
 }
 
@@ -770,4 +773,46 @@ fn kernel_cache_is_reused() {
         load.from_cache,
         "the second backend compiled again: is $MARLIN_HOME/kernels writable?"
     );
+}
+
+/// `argmax_rows` against the host scan (`marlin_kernels::argmax`, the CPU backend's) on the same
+/// bf16 values: odd and 16-byte-multiple widths (the kernel's scalar and vector paths), a
+/// 128256-wide vocabulary, rows whose maximum repeats (the first index wins), rows with NaNs
+/// (never chosen) and rows of only NaN (0).
+#[test]
+fn argmax_rows() {
+    let Some(g) = gpu("argmax_rows") else {
+        return;
+    };
+    let c = cpu();
+    let mut r = rng();
+    for &(rows, dim) in &[(1, 1), (3, 7), (5, 1000), (2, 4104), (16, 333), (2, 128256)] {
+        let mut x = randv(&mut r, rows * dim, 4.0);
+        for row in x.chunks_mut(dim) {
+            match r.random_range(0..4) {
+                // Ties: the largest value again at a random later place.
+                0 if dim > 1 => {
+                    let m = row.iter().cloned().fold(f32::MIN, f32::max);
+                    let at = r.random_range(0..dim);
+                    row[at] = m;
+                }
+                1 => {
+                    for _ in 0..dim.div_ceil(3) {
+                        row[r.random_range(0..dim)] = f32::NAN;
+                    }
+                }
+                2 if dim < 10 => row.fill(f32::NAN),
+                _ => {}
+            }
+        }
+        let mut gx = g.alloc(rows * dim).unwrap();
+        g.write(&mut gx, &x).unwrap();
+        let mut cx = c.alloc(rows * dim).unwrap();
+        c.write(&mut cx, &x).unwrap();
+        let got = g.argmax_rows(&gx, rows, dim).unwrap();
+        let want = c.argmax_rows(&cx, rows, dim).unwrap();
+        let host: Vec<u32> = x.chunks(dim).map(marlin_kernels::argmax).collect();
+        assert_eq!(want, host, "CPU backend, {rows} x {dim}");
+        assert_eq!(got, want, "{rows} x {dim}");
+    }
 }

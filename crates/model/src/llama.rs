@@ -271,8 +271,26 @@ impl<B: Backend> Model<B> {
         batch: &StepBatch,
         observer: Option<&mut (dyn MatmulObserver + Send)>,
     ) -> Result<Vec<f32>> {
-        self.backend
-            .run_step(|| self.forward_inner(ws, kv, batch, observer))
+        self.backend.run_step(|| {
+            self.forward_inner(ws, kv, batch, observer, |b, logits, rows, vocab| {
+                b.read(logits, rows * vocab)
+            })
+        })
+    }
+
+    /// Runs one step and returns the greedy choice (`marlin_kernels::argmax`) of each of
+    /// `batch.logit_rows`: only the ids come back from the device, not the logits.
+    pub fn forward_greedy(
+        &self,
+        ws: &mut Workspace<B>,
+        kv: &mut KvCache<B>,
+        batch: &StepBatch,
+    ) -> Result<Vec<u32>> {
+        self.backend.run_step(|| {
+            self.forward_inner(ws, kv, batch, None, |b, logits, rows, vocab| {
+                b.argmax_rows(logits, rows, vocab)
+            })
+        })
     }
 
     /// The hidden states entering the first decoder layer for `batch`'s tokens (tokens ×
@@ -357,13 +375,16 @@ impl<B: Backend> Model<B> {
         Ok(self.backend.prepare_step(batch)?)
     }
 
-    fn forward_inner(
+    /// The step's ops, then `finish(backend, logits, rows, vocab)` reads its result back (none
+    /// with an observer, or without logit rows).
+    fn forward_inner<T>(
         &self,
         ws: &mut Workspace<B>,
         kv: &mut KvCache<B>,
         batch: &StepBatch,
         mut observer: Option<&mut (dyn MatmulObserver + Send)>,
-    ) -> Result<Vec<f32>> {
+        finish: impl FnOnce(&B, &B::Buffer, usize, usize) -> marlin_kernels::Result<Vec<T>>,
+    ) -> Result<Vec<T>> {
         let c = &self.config;
         let b = &self.backend;
         let n = batch.num_tokens();
@@ -409,7 +430,7 @@ impl<B: Backend> Model<B> {
         if rows == 0 {
             return Ok(Vec::new());
         }
-        Ok(b.read(&ws.logits, rows * c.vocab_size)?)
+        Ok(finish(b, &ws.logits, rows, c.vocab_size)?)
     }
 
     /// Decoder layer `i` over the step's tokens: `ws.x` holds its input and receives its output.

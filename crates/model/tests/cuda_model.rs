@@ -24,7 +24,7 @@ use marlin_kernels::cpu::{Activations, CpuBackend};
 use marlin_kernels::cuda::{self, CudaBackend};
 use marlin_kernels::{Backend, DenseFormat, SeqSpan, StepBatch};
 use marlin_model::synthetic::{self, SyntheticSource};
-use marlin_model::{LoadOptions, Model, ModelConfig, ModelFiles, QuantizeSpec};
+use marlin_model::{KvCache, LoadOptions, Model, ModelConfig, ModelFiles, QuantizeSpec, Workspace};
 use marlin_quant::QuantFormat;
 use std::io::Write;
 use std::path::PathBuf;
@@ -58,6 +58,18 @@ fn teacher_forced<B: Backend>(model: &Model<B>, tokens: &[u32]) -> Vec<f32> {
 
 /// Logits of every position of `tokens`, stepped in `chunks` (the first the largest).
 fn stepped<B: Backend>(model: &Model<B>, tokens: &[u32], chunks: &[usize]) -> Vec<f32> {
+    stepped_with(model, tokens, chunks, |ws, kv, batch| {
+        model.forward(ws, kv, batch).unwrap()
+    })
+}
+
+/// `forward` (or another step of the model) over `tokens` in `chunks`, every position a logit row.
+fn stepped_with<B: Backend, T>(
+    model: &Model<B>,
+    tokens: &[u32],
+    chunks: &[usize],
+    mut run: impl FnMut(&mut Workspace<B>, &mut KvCache<B>, &StepBatch) -> Vec<T>,
+) -> Vec<T> {
     const BLOCK: usize = 16;
     let n = tokens.len();
     let blocks = n.div_ceil(BLOCK);
@@ -83,7 +95,7 @@ fn stepped<B: Backend>(model: &Model<B>, tokens: &[u32], chunks: &[usize]) -> Ve
             }],
             logit_rows: (0..take as u32).collect(),
         };
-        logits.extend(model.forward(&mut ws, &mut kv, &batch).unwrap());
+        logits.extend(run(&mut ws, &mut kv, &batch));
         done = end;
     }
     assert_eq!(done, n);
@@ -270,4 +282,32 @@ fn decode_graphs_replay_exactly() {
         );
         assert_eq!(differ, 0, "{what}: replayed steps differ from direct ones");
     }
+}
+
+/// Greedy steps (`forward_greedy`: the argmax taken on the device, only ids read back) choose
+/// what the host scan of the same steps' logits chooses, over prefill and decode steps (graphs
+/// on, so replayed steps too).
+#[test]
+fn greedy_ids_match_logits() {
+    let Some(g) = gpu("greedy_ids_match_logits") else {
+        return;
+    };
+    let mut options = LoadOptions::new(DenseFormat::BF16);
+    options.quantize = Some(QuantizeSpec::new(QuantFormat::Int {
+        bits: 4,
+        asym: false,
+    }));
+    let config: ModelConfig = synthetic::config("smollm2").unwrap();
+    let source = SyntheticSource::new("smollm2", &config, &options, 5).unwrap();
+    let model = Model::load(g, config.clone(), &source, options.dtype).unwrap();
+    let toks = tokens(config.vocab_size);
+    let logits = stepped(&model, &toks, &CHUNKS);
+    let want: Vec<u32> = logits
+        .chunks(config.vocab_size)
+        .map(marlin_kernels::argmax)
+        .collect();
+    let got = stepped_with(&model, &toks, &CHUNKS, |ws, kv, batch| {
+        model.forward_greedy(ws, kv, batch).unwrap()
+    });
+    assert_eq!(got, want);
 }

@@ -105,8 +105,8 @@ attention(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positi
 // 16-byte load each (the dot products finish with shuffles inside those lanes); probabilities are
 // formed per head by one warp; the V rows are read the same way, the key lanes summed with
 // shuffles and then across the four warps in shared memory. With one split the block writes the
-// normalised output; otherwise it writes its unnormalised output, max and sum (f32) and
-// attention_combine rescales the splits.
+// normalised output; otherwise it writes its unnormalised output, max and sum (f32), and the last
+// block of its (token, kv head, slice) to finish rescales the splits (combine_splits).
 //
 // Bound: reading each K and V row of the context once (bandwidth). The host sizes the chunks so
 // that a single sequence still fills about four blocks per SM; for llama3-8b (8 kv heads, group of
@@ -120,6 +120,44 @@ attention(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positi
 // index arithmetic), one block per SM, not memory; one head a block (the host's choice while the
 // step's K/V fit the L2) took it from 11.0 to 7.2 us.
 
+// The splits of heads row0 .. row0 + G (rows of token x head) rescaled to their common max and
+// summed, by the last block of attention_decode to finish them: thread s first takes split s's
+// max and sum (all in flight at once, rather than serial loops over the splits), the block
+// reduces them and keeps each split's weight in `wts` (ns floats of shared memory), then thread
+// d sums its dimension over the splits. The other blocks' partials are read past the L1
+// (ld.global.cg), which holds nothing of them. Bound: (hd + 2) floats per split from the L2, a
+// few round trips of latency.
+__device__ __forceinline__ float ld_cg(const float* p) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+__device__ void combine_splits(const float* part, int row0, int G, int ns, int hd, int splits, float* wts,
+                               bf16_t* out) {
+    for (int g = 0; g < G; g++) {
+        const size_t row = (size_t)row0 + g;
+        const float* p = part + row * splits * (hd + 2);
+        float m = NEG_INF;
+        for (int s = threadIdx.x; s < ns; s += blockDim.x) m = fmaxf(m, ld_cg(p + s * (hd + 2) + hd));
+        m = block_reduce(m, true);
+        float l = 0.0f;
+        for (int s = threadIdx.x; s < ns; s += blockDim.x) {
+            const float e = __expf(ld_cg(p + s * (hd + 2) + hd) - m);
+            wts[s] = e;
+            l += e * ld_cg(p + s * (hd + 2) + hd + 1);
+        }
+        l = block_reduce(l, false);  // its barriers also publish wts[]
+        const float inv = 1.0f / l;
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+            float a = 0.0f;
+#pragma unroll 8
+            for (int s = 0; s < ns; s++) a += wts[s] * ld_cg(p + s * (hd + 2) + d);
+            out[row * hd + d] = f2bf(a * inv);
+        }
+        __syncthreads();  // wts is rewritten for the next head
+    }
+}
+
 #define DEC_THREADS 128
 #define DEC_CHUNK 256
 #define DEC_UNROLL 4
@@ -131,12 +169,14 @@ __device__ __forceinline__ void unpack8(uint4 w, float* f) {
 
 // hd is one of 8, 16, 32, 64, 128, 256 (hd/8 lanes per key divide a warp), chunk <= DEC_CHUNK.
 // MAXG: query heads per block (the host's choice, see `attention_decode` in mod.rs).
-// Shared memory: max((MAXG * (hd + chunk) + chunk) * 4, 4 * MAXG * hd * 4) bytes.
-// part: per (token, head, split) hd partial outputs, then max and sum.
+// Shared memory: max((MAXG * (hd + chunk) + chunk) * 4, 4 * MAXG * hd * 4, splits * 4) bytes.
+// part: per (token, head, split) hd partial outputs, then max and sum; counters: one per
+// (token x kv head, slice), zero between launches.
 template <int MAXG>
 __device__ void attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positions,
                                  const u32* bt_off, const u32* tables, int heads, int kv_heads, int hd, int bs,
-                                 float scale, int chunk, int splits, float* part, bf16_t* out) {
+                                 float scale, int chunk, int splits, float* part, u32* counters,
+                                 bf16_t* out) {
     pdl_enter();
     extern __shared__ float smem[];
     __shared__ float hm[MAXG], hl[MAXG];
@@ -145,7 +185,7 @@ __device__ void attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t
     const int g0 = blockIdx.z * MAXG, G = min(MAXG, group - g0);
     const int h0 = kvh * group + g0;
     const int nkeys = positions[t] + 1, c0 = split * chunk;
-    if (c0 >= nkeys) return;  // a shorter sequence of the batch: attention_combine skips it
+    if (c0 >= nkeys) return;  // a shorter sequence of the batch: not counted, not combined
     const int cn = min(chunk, nkeys - c0);
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
     const int lpk = hd >> 3, sub = tid % lpk, kl = tid / lpk, nkl = DEC_THREADS / lpk;
@@ -276,50 +316,33 @@ __device__ void attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t
             }
         }
     }
+    if (splits == 1) return;
+    // The last block of this (token, kv head, slice) to finish rescales the splits to their
+    // common max and sums them (a separate combine kernel cost ~4.7 us a layer in the replayed
+    // graph, mostly its launch and the wait for this one). The counter is restored to zero for
+    // the next launch (and graph replays) by that block.
+    __shared__ int last;
+    const int ns = (nkeys + chunk - 1) / chunk;
+    u32* counter = counters + blockIdx.x * gridDim.z + blockIdx.z;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(counter, 1u) == (u32)(ns - 1);
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    if (tid == 0) *counter = 0;
+    combine_splits(part, t * heads + h0, G, ns, hd, splits, smem, out);
 }
 
 #define ATT_DEC(G)                                                                                             \
     extern "C" __global__ void __launch_bounds__(DEC_THREADS)                                                  \
         attention_decode_g##G(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positions,        \
                               const u32* bt_off, const u32* tables, int heads, int kv_heads, int hd, int bs,   \
-                              float scale, int chunk, int splits, float* part, bf16_t* out) {                  \
+                              float scale, int chunk, int splits, float* part, u32* counters, bf16_t* out) {   \
         attention_decode<G>(q, kc, vc, positions, bt_off, tables, heads, kv_heads, hd, bs, scale, chunk, splits, \
-                            part, out);                                                                        \
+                            part, counters, out);                                                              \
     }
 ATT_DEC(1)
 ATT_DEC(2)
 ATT_DEC(4)
 ATT_DEC(8)
-
-// The splits of attention_decode rescaled to the common max and summed: one block of 128 threads
-// per (token, head). Thread s first takes split s's max and sum (all in flight at once, rather
-// than serial loops over the splits), the block reduces them and keeps each split's weight in
-// shared memory, then thread d sums its dimension over the splits. Bound: (hd + 2) floats per
-// split, a few round trips of latency. H100, llama3-8b at 512 keys (17 splits), Nsight Compute:
-// 5.6 us -> 4.8 us a launch, of which ~2.5 us is any launch's floor there.
-// Shared memory: splits floats.
-extern "C" __global__ void attention_combine(const float* part, const u32* positions, int heads, int hd,
-                                             int chunk, int splits, bf16_t* out) {
-    pdl_enter();
-    extern __shared__ float wts[];
-    const size_t row = blockIdx.x;
-    const int ns = (int)((positions[row / heads] + chunk) / chunk);
-    const float* p = part + row * splits * (hd + 2);
-    float m = NEG_INF;
-    for (int s = threadIdx.x; s < ns; s += blockDim.x) m = fmaxf(m, p[s * (hd + 2) + hd]);
-    m = block_reduce(m, true);
-    float l = 0.0f;
-    for (int s = threadIdx.x; s < ns; s += blockDim.x) {
-        const float e = __expf(p[s * (hd + 2) + hd] - m);
-        wts[s] = e;
-        l += e * p[s * (hd + 2) + hd + 1];
-    }
-    l = block_reduce(l, false);  // its barriers also publish wts[]
-    const float inv = 1.0f / l;
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float a = 0.0f;
-#pragma unroll 8
-        for (int s = 0; s < ns; s++) a += wts[s] * p[s * (hd + 2) + d];
-        out[row * hd + d] = f2bf(a * inv);
-    }
-}

@@ -82,8 +82,15 @@ const DEC_BLOCKS_PER_SM: usize = 4;
 /// warps to interleave, at the cost of reading K/V once per head, from the L2 while it fits.
 /// End to end on the H100 (llama3-8b int4, 512-token prompt, one call): 326-328 tok/s with
 /// four heads a block, 346-359 with one head and 8 blocks per SM (344-345 with two and 4).
+/// Since the splits combine in attention_decode's last block (sixth session), 16 blocks per SM:
+/// the same chunks at a 512-token context (the chunk floor, DEC_MIN_CHUNK), half as long ones
+/// at 2048 (64 keys, not 128): H100, one call, 340.1 / 339.6 -> 363.1 / 365.3 tok/s at a
+/// 2048-token prompt (H200: 16-key chunks at 512 measured the same as 32); a floor of 64, 128
+/// or 256 keys at 512 cost 4%, 11% and 18% (H100).
 const DEC_ONE_HEAD_BYTES: usize = 32 << 20;
-const DEC_BLOCKS_PER_SM_ONE_HEAD: usize = 8;
+const DEC_BLOCKS_PER_SM_ONE_HEAD: usize = 16;
+/// Threads of an argmax_rows block (ARGMAX_THREADS in ops.cu).
+const ARGMAX_THREADS: u32 = 1024;
 /// 16-byte words of a row each thread of the vector norms holds (NORM_V in ops.cu).
 const NORM_V: usize = 4;
 
@@ -343,8 +350,10 @@ pub struct CudaBackend {
     _blas_workspace: CudaSlice<u8>,
     funcs: HashMap<String, CudaFunction>,
     scratch: Mutex<Option<CudaSlice<u16>>>,
-    /// attention_decode's per-split partial outputs, grown on demand.
-    att_part: Mutex<Option<CudaSlice<f32>>>,
+    /// attention_decode's per-split partial outputs and its counters of finished splits, one per
+    /// (token x kv head, slice), zero between launches (the block that combines a head's splits
+    /// restores its counter); grown on demand.
+    att_part: Mutex<Option<(CudaSlice<f32>, CudaSlice<u32>)>>,
     /// The split-K workspace of the quantized decode kernel: f32 sums (16 rows x the widest
     /// quantized weight) and one counter per strip, zero between calls (the kernel's last block
     /// restores them). Grown when a weight is uploaded, so matmuls never allocate.
@@ -354,6 +363,8 @@ pub struct CudaBackend {
     /// memory goes through the driver's staging buffers, and a decode step reads its logits
     /// (256 KiB for a 128k vocabulary) with the GPU idle until the next step is queued.
     read_stage: Mutex<Option<PinnedHostSlice<u16>>>,
+    /// The ids `argmax_rows` writes on the device, grown on demand (no recording points at it).
+    argmax_ids: Mutex<Option<CudaSlice<u32>>>,
     graphs_on: AtomicBool,
     /// Set while a step is being recorded: the scratch buffers must not be reallocated then.
     capturing: AtomicBool,
@@ -446,7 +457,10 @@ impl CudaBackend {
         .map_err(dev)?;
         // 4 MiB from the start (one token of 32 heads of 128 over 250 splits), so that growing it
         // rarely drops the recorded steps.
-        let att_part = stream.alloc_zeros::<f32>(1 << 20).map_err(dev)?;
+        let att_part = (
+            stream.alloc_zeros::<f32>(1 << 20).map_err(dev)?,
+            stream.alloc_zeros::<u32>(1 << 12).map_err(dev)?,
+        );
         let started = std::time::Instant::now();
         let (cubin, from_cache) = compile::cubin(&SOURCES.concat(), arch).map_err(dev)?;
         let module = ctx
@@ -478,6 +492,7 @@ impl CudaBackend {
             splitk: Mutex::new(None),
             graphs: Mutex::new(Graphs::default()),
             read_stage: Mutex::new(None),
+            argmax_ids: Mutex::new(None),
             graphs_on: AtomicBool::new(
                 std::env::var("MARLIN_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             ),
@@ -811,7 +826,7 @@ impl CudaBackend {
         let group = heads / layout.kv_heads;
         // Query heads per block and blocks wanted per SM: while the step's keys and values
         // (at most the bucket's for each token) fit the L2 a few times over, one head per block
-        // and 8 blocks per SM (each K/V row read `group` times, the repeats from the L2), else
+        // and 16 blocks per SM (each K/V row read `group` times, the repeats from the L2), else
         // the whole group (up to DEC_MAXG) and 4, each row read from memory once. A function of
         // the step's shape only, as a recording must be.
         let kv_bytes = n * step.key_bucket * layout.kv_heads * hd * 4;
@@ -828,20 +843,34 @@ impl CudaBackend {
             .next_multiple_of(32)
             .clamp(DEC_MIN_CHUNK, DEC_CHUNK);
         let splits = max_keys.div_ceil(chunk);
-        let part = if splits > 1 {
+        let (part, counters) = if splits > 1 {
             let need = n * heads * splits * (hd + 2);
+            let blocks = n * layout.kv_heads * slices;
             let mut guard = self.att_part.lock().unwrap();
-            if guard.as_ref().is_none_or(|s| s.len() < need) {
+            if guard
+                .as_ref()
+                .is_none_or(|(p, c)| p.len() < need || c.len() < blocks)
+            {
+                let (p0, c0) = guard.as_ref().map_or((0, 0), |(p, c)| (p.len(), c.len()));
                 self.before_realloc()?;
                 *guard = None;
-                let len = need.next_power_of_two();
-                *guard = Some(self.stream.alloc_zeros::<f32>(len).map_err(dev)?);
+                *guard = Some((
+                    self.stream
+                        .alloc_zeros::<f32>(need.next_power_of_two().max(p0))
+                        .map_err(dev)?,
+                    self.stream
+                        .alloc_zeros::<u32>(blocks.next_power_of_two().max(c0))
+                        .map_err(dev)?,
+                ));
             }
-            self.ptr(guard.as_ref().unwrap())
+            let (p, c) = guard.as_ref().unwrap();
+            (self.ptr(p), self.ptr(c))
         } else {
-            0
+            (0, 0)
         };
-        let smem = ((hpb * (hd + chunk) + chunk) * 4).max(4 * hpb * hd * 4);
+        let smem = ((hpb * (hd + chunk) + chunk) * 4)
+            .max(4 * hpb * hd * 4)
+            .max(4 * splits);
         let cfg = LaunchConfig {
             grid_dim: ((n * layout.kv_heads) as u32, splits as u32, slices as u32),
             block_dim: (DEC_THREADS, 1, 1),
@@ -865,22 +894,9 @@ impl CudaBackend {
             chunk as i32,
             splits as i32,
             part,
+            counters,
             out.ptr
         );
-        if splits > 1 {
-            launch!(
-                self,
-                "attention_combine",
-                cfg2((n * heads, 1), 128, 4 * splits as u32),
-                part,
-                step.positions(self)?,
-                heads as i32,
-                hd as i32,
-                chunk as i32,
-                splits as i32,
-                out.ptr
-            );
-        }
         Ok(())
     }
 
@@ -1114,6 +1130,7 @@ fn kernel_names() -> Vec<String> {
         "add",
         "softmax",
         "gather_rows",
+        "argmax_rows",
         "f32_to_bf16",
         "f16_to_bf16",
         "copy_u4",
@@ -1122,7 +1139,6 @@ fn kernel_names() -> Vec<String> {
         "attention_decode_g2",
         "attention_decode_g4",
         "attention_decode_g8",
-        "attention_combine",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -1777,5 +1793,33 @@ impl Backend for CudaBackend {
             out.ptr
         );
         Ok(())
+    }
+
+    fn argmax_rows(&self, x: &Buffer, rows: usize, dim: usize) -> Result<Vec<u32>> {
+        len_check("argmax_rows", "x", x.len, rows * dim)?;
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let mut guard = self.argmax_ids.lock().unwrap();
+        if guard.as_ref().is_none_or(|ids| ids.len() < rows) {
+            *guard = None;
+            *guard = Some(
+                self.stream
+                    .alloc_zeros::<u32>(rows.next_power_of_two())
+                    .map_err(dev)?,
+            );
+        }
+        let ids = guard.as_ref().unwrap();
+        launch!(
+            self,
+            "argmax_rows",
+            cfg2((rows, 1), ARGMAX_THREADS, 0),
+            x.ptr,
+            dim as i32,
+            self.ptr(ids)
+        );
+        let host = self.stream.clone_dtoh(&ids.slice(..rows)).map_err(dev)?;
+        self.stream.synchronize().map_err(dev)?;
+        Ok(host)
     }
 }

@@ -220,3 +220,68 @@ extern "C" __global__ void f16_to_bf16(const f16_t* src, u64 n, bf16_t* dst) {
 extern "C" __global__ void copy_u4(const uint4* src, u64 n, uint4* dst) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) dst[i] = src[i];
 }
+
+// Index of the largest value of each row (the first on ties, NaN never, 0 for a row without a
+// number: `marlin_kernels::argmax`), one block of ARGMAX_THREADS per row; greedy decoding copies
+// these ids to the host instead of the logits (128k bf16 a token for Llama 3, then a host scan:
+// ~0.1 ms a token with the GPU idle). Each thread scans its 16-byte words in order (so a strict
+// > keeps the first index), then the block reduces (value, index) pairs. Bound: one read of the
+// row by one SM (256 KiB for 128k logits, a few us).
+#define ARGMAX_THREADS 1024
+#define ARGMAX_NONE 0xffffffffu
+__device__ __forceinline__ void argmax_take(float& best, u32& bi, float v, u32 i) {
+    if (i != ARGMAX_NONE && (bi == ARGMAX_NONE || v > best || (v == best && i < bi))) {
+        best = v;
+        bi = i;
+    }
+}
+extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS) argmax_rows(const bf16_t* x, int dim, u32* out) {
+    pdl_enter();
+    __shared__ float sb[32];
+    __shared__ u32 si[32];
+    const bf16_t* r = x + (size_t)blockIdx.x * dim;
+    float best = NEG_INF;
+    u32 bi = ARGMAX_NONE;
+    auto scan = [&](float v, u32 i) {
+        if (v == v && (bi == ARGMAX_NONE || v > best)) {
+            best = v;
+            bi = i;
+        }
+    };
+    if ((dim & 7) == 0) {
+        for (int i = threadIdx.x * 8; i < dim; i += ARGMAX_THREADS * 8) {
+            const uint4 w = *(const uint4*)(r + i);
+            const u32 ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                scan(bf_lo(ws[e]), i + 2 * e);
+                scan(bf_hi(ws[e]), i + 2 * e + 1);
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < dim; i += ARGMAX_THREADS) scan(bf2f(r[i]), i);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float v = __shfl_xor_sync(0xffffffffu, best, o);
+        const u32 i = __shfl_xor_sync(0xffffffffu, bi, o);
+        argmax_take(best, bi, v, i);
+    }
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    if (lane == 0) {
+        sb[w] = best;
+        si[w] = bi;
+    }
+    __syncthreads();
+    if (w == 0) {
+        best = sb[lane];
+        bi = si[lane];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float v = __shfl_xor_sync(0xffffffffu, best, o);
+            const u32 i = __shfl_xor_sync(0xffffffffu, bi, o);
+            argmax_take(best, bi, v, i);
+        }
+        if (lane == 0) out[blockIdx.x] = bi == ARGMAX_NONE ? 0u : bi;
+    }
+}
