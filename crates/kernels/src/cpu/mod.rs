@@ -273,6 +273,15 @@ fn len_check(op: &str, what: &str, have: usize, need: usize) -> Result<()> {
     })
 }
 
+/// Sets its flag when dropped, on return or unwinding alike.
+struct ReleaseOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ReleaseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
 impl Backend for CpuBackend {
     type Buffer = Buffer;
     type Weight = Weight;
@@ -312,9 +321,9 @@ impl Backend for CpuBackend {
                         }
                     });
                 }
-                let result = step();
-                done.store(true, Ordering::Release);
-                result
+                // Also when the step panics: the scope waits for the spinners before unwinding.
+                let _release = ReleaseOnDrop(&done);
+                step()
             })
         })
     }

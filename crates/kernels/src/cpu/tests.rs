@@ -1071,3 +1071,16 @@ fn matmul_many_is_each_matmul() {
         ));
     }
 }
+
+#[test]
+fn a_panicking_step_unwinds_and_the_pool_runs_the_next() {
+    // Two threads, so the step has a spinning helper that must be let go on unwinding.
+    let b = CpuBackend::new(2).unwrap();
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        b.run_step(|| panic!("the step failed"))
+    }));
+    assert!(caught.is_err());
+    let x = buffer(&b, &[1.0, 2.0, 3.0, 4.0]);
+    let read = b.run_step(|| b.read(&x, 4).unwrap());
+    assert_eq!(read, vec![1.0, 2.0, 3.0, 4.0]);
+}
