@@ -35,12 +35,6 @@ fn log_softmax(row: &[f32]) -> Vec<f64> {
     row.iter().map(|v| *v as f64 - log_sum).collect()
 }
 
-fn argmax(row: &[f32]) -> usize {
-    row.iter()
-        .enumerate()
-        .fold(0, |best, (i, v)| if *v > row[best] { i } else { best })
-}
-
 impl EvalStats {
     /// Adds one scored position: `logits` of the model under test, `reference` logits of the
     /// reference model at the same position, `next` the token that follows.
@@ -56,7 +50,8 @@ impl EvalStats {
             let kld: f64 = lq.iter().zip(&lp).map(|(q, p)| q.exp() * (q - p)).sum();
             self.kld += kld;
             self.kld_sq += kld * kld;
-            self.same_top1 += usize::from(argmax(logits) == argmax(reference));
+            self.same_top1 +=
+                usize::from(marlin_kernels::argmax(logits) == marlin_kernels::argmax(reference));
         }
     }
 

@@ -1,6 +1,7 @@
 //! Token sampling: penalties, temperature, top-k / top-p / min-p filtering and
 //! the final seeded draw, with Hugging Face / vLLM semantics.
 
+use marlin_kernels::argmax;
 use std::cmp::Ordering;
 
 use rand::rngs::StdRng;
@@ -270,27 +271,6 @@ impl Sampler {
     }
 }
 
-/// Argmax ignoring NaN; ties go to the lowest id. All-NaN yields 0.
-///
-/// The max over sixteen lanes (`f32::max` skips NaN) vectorises, then the first position holding
-/// it is the lowest id among ties: greedy decoding runs this over the whole vocabulary for every
-/// sequence of every step.
-fn argmax(logits: &[f32]) -> u32 {
-    let mut lanes = [f32::NEG_INFINITY; 16];
-    let chunks = logits.chunks_exact(16);
-    let tail = chunks.remainder();
-    for chunk in chunks {
-        for (m, &l) in lanes.iter_mut().zip(chunk) {
-            *m = m.max(l);
-        }
-    }
-    let max = tail
-        .iter()
-        .chain(&lanes)
-        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    logits.iter().position(|&l| l == max).unwrap_or(0) as u32
-}
-
 /// Reorders `cands` so the most probable come first and returns the length
 /// of the smallest such prefix whose weight reaches `target` (at least 1).
 /// Sorting proceeds in growing chunks: each chunk is partitioned off the
@@ -370,27 +350,6 @@ mod tests {
             ..SamplingParams::default()
         };
         assert_eq!(parsed, expected);
-    }
-
-    #[test]
-    fn argmax_matches_a_plain_scan_on_long_vocabularies() {
-        // Few distinct values so ties land in different lanes and chunks; NaN and infinities.
-        let mut rng = StdRng::seed_from_u64(7);
-        let pick = [f32::NAN, f32::NEG_INFINITY, f32::INFINITY, -2.0, 0.5, 3.0];
-        for len in [1, 15, 16, 17, 33, 1000, 49152, 49153] {
-            for _ in 0..20 {
-                let kinds = rng.random_range(2..=pick.len());
-                let logits: Vec<f32> = (0..len).map(|_| pick[rng.random_range(0..kinds)]).collect();
-                let mut want = 0;
-                let mut best: Option<f32> = None;
-                for (id, &l) in logits.iter().enumerate() {
-                    if !l.is_nan() && best.is_none_or(|b| l > b) {
-                        (want, best) = (id, Some(l));
-                    }
-                }
-                assert_eq!(argmax(&logits), want as u32, "{logits:?}");
-            }
-        }
     }
 
     #[test]

@@ -218,15 +218,26 @@ pub trait Backend: Send + Sync + 'static {
 }
 
 /// The index of the largest value of `row`: the first on ties, NaN never (0 for a row without a
-/// number). What `Backend::argmax_rows` computes for each row.
+/// number). What `Backend::argmax_rows` computes for each row, and greedy sampling on the host.
+///
+/// The max over sixteen lanes (`f32::max` skips NaN) vectorises, then the first position
+/// holding it is the lowest index among ties: greedy decoding runs this over the whole
+/// vocabulary for every sequence of every step (a scalar compare-and-branch scan took 3% of a
+/// 32-sequence `marlin bench` step).
 pub fn argmax(row: &[f32]) -> u32 {
-    let mut best: Option<(usize, f32)> = None;
-    for (i, &v) in row.iter().enumerate() {
-        if !v.is_nan() && best.is_none_or(|(_, b)| v > b) {
-            best = Some((i, v));
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = row.chunks_exact(16);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (m, &v) in lanes.iter_mut().zip(chunk) {
+            *m = m.max(v);
         }
     }
-    best.map_or(0, |(i, _)| i as u32)
+    let max = tail
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    row.iter().position(|&v| v == max).unwrap_or(0) as u32
 }
 
 #[cfg(test)]
@@ -240,5 +251,27 @@ mod tests {
         assert_eq!(super::argmax(&[nan, f32::NEG_INFINITY]), 1);
         assert_eq!(super::argmax(&[nan, nan]), 0);
         assert_eq!(super::argmax(&[]), 0);
+    }
+
+    #[test]
+    fn argmax_matches_a_plain_scan_on_long_rows() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        // Few distinct values so ties land in different lanes and chunks; NaN and infinities.
+        let mut rng = StdRng::seed_from_u64(7);
+        let pick = [f32::NAN, f32::NEG_INFINITY, f32::INFINITY, -2.0, 0.5, 3.0];
+        for len in [1, 15, 16, 17, 33, 1000, 49152, 49153] {
+            for _ in 0..20 {
+                let kinds = rng.random_range(2..=pick.len());
+                let row: Vec<f32> = (0..len).map(|_| pick[rng.random_range(0..kinds)]).collect();
+                let mut want = 0;
+                let mut best: Option<f32> = None;
+                for (i, &v) in row.iter().enumerate() {
+                    if !v.is_nan() && best.is_none_or(|b| v > b) {
+                        (want, best) = (i, Some(v));
+                    }
+                }
+                assert_eq!(super::argmax(&row), want as u32, "{row:?}");
+            }
+        }
     }
 }

@@ -353,7 +353,14 @@ impl Backend for CpuBackend {
 
     fn read(&self, src: &Buffer, len: usize) -> Result<Vec<f32>> {
         len_check("read", "source", src.0.len(), len)?;
-        Ok(src.0[..len].to_vec())
+        // A step's logits (32 sequences x 49152 floats is 6 MB) are copied by every thread: one
+        // core's copy left the other idle for ~1.5% of a batched serving step.
+        let src = &src.0[..len];
+        let mut out = vec![0.0; len];
+        self.for_chunks(&mut out, ELEM_CHUNK, |i, chunk| {
+            chunk.copy_from_slice(&src[i * ELEM_CHUNK..][..chunk.len()])
+        });
+        Ok(out)
     }
 
     fn upload_weight(&self, weight: &HostWeight) -> Result<Weight> {
