@@ -242,7 +242,7 @@ impl IntWeight {
             (w.tile_bytes(), w.unit_bytes(), layout.block_bytes());
         let (unit, bits, sets) = (w.unit(), t.format.bits(), w.scale_sets());
         let codes_bytes = unit / BLOCK * block_bytes;
-        let mut data = vec![0u8; t.rows.div_ceil(LANES) * tile_bytes];
+        let mut data = super::huge_page_vec(t.rows.div_ceil(LANES) * tile_bytes, 0u8);
         let row_bytes = t.row_bytes();
         data.par_chunks_mut(tile_bytes)
             .enumerate()

@@ -196,9 +196,8 @@ impl QuantWeight {
                 }
             }
         }
-        let mut codes = Vec::with_capacity(t.codes.len() + PAD);
-        codes.extend_from_slice(&t.codes);
-        codes.resize(t.codes.len() + PAD, 0);
+        let mut codes = super::huge_page_vec(t.codes.len() + PAD, 0u8);
+        codes[..t.codes.len()].copy_from_slice(&t.codes);
         Ok(Self {
             format: f,
             rows: t.rows,
