@@ -907,7 +907,8 @@ impl CudaBackend {
         let q0 = ws[0];
         // One row of whole chunks, 16-byte aligned: the kernel that streams the activations
         // through its copy ring (`_1`).
-        let one = rows == 1 && q0.cols.is_multiple_of(16 * q0.tile_span()) && x.ptr % 16 == 0;
+        let one =
+            rows == 1 && q0.cols.is_multiple_of(16 * q0.tile_span()) && x.ptr.is_multiple_of(16);
         let name = format!(
             "qgemv_int{}{}_{}{}",
             q0.bits,

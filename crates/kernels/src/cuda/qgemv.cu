@@ -210,6 +210,8 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     // U chunks per ring slot (per loop step) amortize the step's fixed work (wait, commit, scale
     // and activation addressing); with 16 rows the activations alone fill the registers, so 1.
     constexpr int TPU = BITS == 4 ? 4 : 2, CW = 16 * TPU, XW = TPU / 2, U = NB == 1 ? 2 : 1;
+    // XS keeps 3 stages: 4 fill the 48 KB of static shared memory exactly (rings merged) and
+    // measured slower end to end (H100, same call: 398-400 against 385-386 tok/s).
     constexpr int S = U == 2 ? (ASYM || XS ? 3 : 4) : QG_STAGES;
     // XS (one row, whole chunks): the activations ride in the ring too, XC 16-byte words a chunk
     // copied by the warp's first XC lanes, so their latency hides behind S - 1 steps like the
