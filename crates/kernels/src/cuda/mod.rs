@@ -905,11 +905,21 @@ impl CudaBackend {
     /// planned as one weight's.
     fn qgemv(&self, x: &Buffer, ws: &[&QuantWeight], rows: usize, outs: &[u64]) -> Result<()> {
         let q0 = ws[0];
+        // One row of whole chunks, 16-byte aligned: the kernel that streams the activations
+        // through its copy ring (`_1`).
+        let one =
+            rows == 1 && q0.cols.is_multiple_of(16 * q0.tile_span()) && x.ptr.is_multiple_of(16);
         let name = format!(
             "qgemv_int{}{}_{}{}",
             q0.bits,
             if q0.asym { "a" } else { "" },
-            if rows <= 8 { 8 } else { 16 },
+            if one {
+                1
+            } else if rows <= 8 {
+                8
+            } else {
+                16
+            },
             if q0.post() { "p" } else { "" }
         );
         let mut args = QgArgs {
@@ -1149,7 +1159,7 @@ fn kernel_names() -> Vec<String> {
         }
     }
     for q in ["int4", "int4a", "int8", "int8a"] {
-        for v in ["8", "16", "8p", "16p"] {
+        for v in ["1", "8", "16", "1p", "8p", "16p"] {
             names.push(format!("qgemv_{q}_{v}"));
         }
         names.push(format!("dequant_{q}"));

@@ -26,7 +26,11 @@
 // Loads: each lane streams its own words through a QG_STAGES-deep ring in shared memory filled
 // by `cp.async` (16-byte codes, 4-byte scale pair), so QG_STAGES - 1 chunks per lane are in flight
 // without holding registers, and no barrier is needed (a lane reads only what it copied). The
-// activations of the next chunk are loaded into registers while the current one is multiplied.
+// activations of the next chunk are loaded into registers while the current one is multiplied;
+// with one row of whole chunks (the `_1` kernels, batch-1 decode) they ride in the ring instead,
+// copied by a few lanes of the warp and read by all from shared memory: one step ahead, their L2
+// latency was the loop's most common stall (Nsight Compute, gate/up at m=1: 44% of the warps'
+// cycles waiting on a global load), and in the ring it hides behind S - 1 steps like the weights'.
 // A block of W warps takes one strip and a range of its chunks (the warps interleave chunk by
 // chunk, so a block reads one contiguous stream); the warps reduce through shared memory. When
 // the strips alone do not fill the GPU the chunks are split over gridDim.y blocks (split-K): they
@@ -199,17 +203,24 @@ __device__ __forceinline__ void load_x(const bf16_t* p, bool ok, int left, bool 
 // Strip s of a weight of n features whose strips are strips sg - s .. of the launch (several
 // weights of one input run as one launch, see QgArgs); the split-K sums of feature f of the
 // launch (row r) are ws[r * wstride + f], its strips' counters counters[sg].
-template <int BITS, bool ASYM, int NB, bool POST>
+template <int BITS, bool ASYM, int NB, bool POST, bool XS>
 __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets, const bf16_t* x, int m, int k,
                       int n, u32 gmul, int G, int CH, int cpb, float* ws, u32* counters, int wstride, int s, int sg,
                       bf16_t* out) {
     // U chunks per ring slot (per loop step) amortize the step's fixed work (wait, commit, scale
     // and activation addressing); with 16 rows the activations alone fill the registers, so 1.
     constexpr int TPU = BITS == 4 ? 4 : 2, CW = 16 * TPU, XW = TPU / 2, U = NB == 1 ? 2 : 1;
-    constexpr int S = U == 2 ? (ASYM ? 3 : 4) : QG_STAGES;
+    // XS keeps 3 stages: 4 fill the 48 KB of static shared memory exactly (rings merged) and
+    // measured slower end to end (H100, same call: 398-400 against 385-386 tok/s).
+    constexpr int S = U == 2 ? (ASYM || XS ? 3 : 4) : QG_STAGES;
+    // XS (one row, whole chunks): the activations ride in the ring too, XC 16-byte words a chunk
+    // copied by the warp's first XC lanes, so their latency hides behind S - 1 steps like the
+    // weights' (with registers, one step ahead, it was the loop's most common stall).
+    constexpr int XC = CW / 8;
     __shared__ uint4 ring_q[S][U][QG_MAXW * 32];
     __shared__ u32 ring_s[S][U][QG_MAXW * 32];
-    __shared__ u32 ring_o[ASYM ? S : 1][U][QG_MAXW * 32];
+    __shared__ u32 ring_o[ASYM ? S : 1][U][ASYM ? QG_MAXW * 32 : 1];
+    __shared__ uint4 ring_x[XS ? S : 1][U][XS ? QG_MAXW * XC : 1];
     __shared__ int last;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, W = blockDim.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -226,7 +237,8 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     const u32* s0 = scales + sbase;
     const u32* o0 = ASYM ? offsets + sbase : scales;
     const u32 rq = smem_u32(&ring_q[0][0][tid]), rs = smem_u32(&ring_s[0][0][tid]),
-              ro = smem_u32(&ring_o[0][0][tid]);
+              ro = smem_u32(&ring_o[0][0][ASYM ? tid : 0]), rx = smem_u32(&ring_x[0][0][XS ? warp * XC + lane % XC : 0]);
+    constexpr u32 XSLOT = U * QG_MAXW * XC * 16, XU = QG_MAXW * XC * 16;
     constexpr u32 QSLOT = U * QG_MAXW * 32 * 16, QU = QG_MAXW * 32 * 16, SSLOT = U * QG_MAXW * 32 * 4,
                   SU = QG_MAXW * 32 * 4;
     const bf16_t* xrow[NB];
@@ -242,11 +254,18 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     const uint4* qi = q0;
     u32 ci = col_first;
     int ji = 0;
-    auto issue = [&](int slot) {
+    const bf16_t* xi = x + (size_t)(c_lo + warp) * CW + 8 * (lane % XC);
+    // A chunk's activations (XS; not before griddep_wait, see the prologue).
+    auto issue_x = [&](int slot, int u) {
+        if (lane < XC) cp_async16_at(rx + slot * XSLOT + u * XU, xi);
+        xi += col_stride;
+    };
+    auto issue = [&](int slot, bool with_x) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
             if (ji < mine) {
                 cp_async16_at(rq + slot * QSLOT + u * QU, qi);
+                if (XS && with_x) issue_x(slot, u);
                 // The run's group: col / group by a multiply-high (gmul = ceil(2^32 / group)).
                 const u32 grp = min(__umulhi(ci, gmul), (u32)G - 1);
                 cp_async4_at(rs + slot * SSLOT + u * SU, at8(s0, grp));
@@ -263,6 +282,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
 #pragma unroll
         for (int u = 0; u < U; u++) {
             cp_async16_at(rq + slot * QSLOT + u * QU, qi);
+            if (XS) issue_x(slot, u);
             const u32 grp = min(__umulhi(ci, gmul), (u32)G - 1);
             cp_async4_at(rs + slot * SSLOT + u * SU, at8(s0, grp));
             if (ASYM) cp_async4_at(ro + slot * SSLOT + u * SU, at8(o0, grp));
@@ -319,7 +339,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
         for (int j = 0; j < 4; j++) acc[b][j] = 0.0f;
 
 #pragma unroll
-    for (int i = 0; i < S - 1; i++) issue(i);
+    for (int i = 0; i < S - 1; i++) issue(i, false);
     int slot = 0, next = S - 1;
     // Step i: its chunks from the ring, the next step's issued and its activations fetched into
     // the other of two register sets (the loop runs two steps per pass, so no copies).
@@ -333,19 +353,29 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
         for (int u = 0; u < U; u++) {
             q[u] = ring_q[slot][u][tid];
             sp[u] = ring_s[slot][u][tid];
-            op[u] = ASYM ? ring_o[ASYM ? slot : 0][u][tid] : 0u;
+            op[u] = ASYM ? ring_o[ASYM ? slot : 0][u][ASYM ? tid : 0] : 0u;
         }
+        uint4 xl[U][NB][XW];
+#pragma unroll
+        for (int u = 0; u < U; u++)
+#pragma unroll
+            for (int b = 0; b < NB; b++)
+#pragma unroll
+                for (int w = 0; w < XW; w++)
+                    xl[u][b][w] = XS ? ring_x[XS ? slot : 0][u][warp * XC + t * XW + w] : xc[u][b][w];
         // Step i issues step i + S - 1's chunks.
         if (FAST && i + S <= mine / U)
             issue_fast(next);
         else
-            issue(next);
+            issue(next, true);
         slot = slot == S - 1 ? 0 : slot + 1;
         next = next == S - 1 ? 0 : next + 1;
-        if (FAST)
+        if (XS) {
+        } else if (FAST) {
             fetch_x_fast(xn);
-        else if (i + 1 < steps)
+        } else if (i + 1 < steps) {
             fetch_x(xn);
+        }
 #pragma unroll
         for (int u = 0; u < U; u++) {
             if (!FAST && i * U + u >= mine) break;  // past the warp's share: the slot was not filled
@@ -366,7 +396,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
                     dequant_frag<BITS, ASYM, true>(words, ti, sc, a);
 #pragma unroll
                     for (int b = 0; b < NB; b++) {
-                        const u32* xw = (const u32*)xc[u][b];
+                        const u32* xw = (const u32*)xl[u][b];
                         mma_bf16(d[b], a, xw[2 * ti], xw[2 * ti + 1]);
                         if (ASYM) mma_bf16(e[b], ones, xw[2 * ti], xw[2 * ti + 1]);
                     }
@@ -391,7 +421,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
                 dequant_frag<BITS, ASYM, false>(words, ti, sc, a);
 #pragma unroll
                 for (int b = 0; b < NB; b++) {
-                    const u32* xw = (const u32*)xc[u][b];
+                    const u32* xw = (const u32*)xl[u][b];
                     mma_bf16(acc[b], a, xw[2 * ti], xw[2 * ti + 1]);
                 }
             }
@@ -401,7 +431,18 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     // Launched as a programmatic dependent: the weights above are in flight while the kernel
     // that writes x may still run; x (and the split-K workspace) only after it finished.
     griddep_wait();
-    if (steps > 0) fetch_x(xa);
+    if (XS) {
+        // The prologue's activations, one commit group per step after the weights' groups:
+        // step i still waits for all but the S - 2 newest groups.
+        for (int i = 0, j = 0; i < S - 1; i++) {
+#pragma unroll
+            for (int u = 0; u < U; u++, j++)
+                if (j < mine) issue_x(i, u);
+            cp_async_commit();
+        }
+    } else if (steps > 0) {
+        fetch_x(xa);
+    }
     // Step i is unchecked when steps i and i + 1 are whole: (i + 2) U <= nfull; an even count of
     // them (the two register sets alternate), then the checked steps.
     const int fast = max(0, nfull / U - 1) & ~1;
@@ -486,24 +527,28 @@ struct QgArgs {
 
 // Suffix p: the scale applied after the mma, for groups that cover whole chunks.
 #define QG_SEL(f) (pi == 0 ? a.p[0].f : pi == 1 ? a.p[1].f : a.p[2].f)
-#define QGEMV1(name, BITS, ASYM, NB, POST)                                                                      \
+#define QGEMV1(name, BITS, ASYM, NB, POST, XS)                                                                      \
     extern "C" __global__ void __launch_bounds__(QG_MAXW * 32) name(const QgArgs a) {                           \
         griddep_launch(); /* the kernel after may start now: it waits for this one (pdl_enter) */               \
         const int sg = blockIdx.x;                                                                              \
         const int pi = (a.parts > 1 && sg >= a.p[1].strip0) + (a.parts > 2 && sg >= a.p[2].strip0);            \
-        qgemv<BITS, ASYM, NB, POST>(QG_SEL(codes), QG_SEL(scales), QG_SEL(offsets), a.x, a.m, a.k, QG_SEL(n),   \
+        qgemv<BITS, ASYM, NB, POST, XS>(QG_SEL(codes), QG_SEL(scales), QG_SEL(offsets), a.x, a.m, a.k, QG_SEL(n),   \
                                     QG_SEL(gmul), QG_SEL(G), a.CH, a.cpb, a.ws, a.counters, a.wstride,          \
                                     sg - QG_SEL(strip0), sg, QG_SEL(out));                                      \
     }
-#define QGEMV(name, BITS, ASYM, NB) QGEMV1(name, BITS, ASYM, NB, false) QGEMV1(name##p, BITS, ASYM, NB, true)
-QGEMV(qgemv_int4_8, 4, false, 1)
-QGEMV(qgemv_int4_16, 4, false, 2)
-QGEMV(qgemv_int4a_8, 4, true, 1)
-QGEMV(qgemv_int4a_16, 4, true, 2)
-QGEMV(qgemv_int8_8, 8, false, 1)
-QGEMV(qgemv_int8_16, 8, false, 2)
-QGEMV(qgemv_int8a_8, 8, true, 1)
-QGEMV(qgemv_int8a_16, 8, true, 2)
+#define QGEMV(name, BITS, ASYM, NB, XS) QGEMV1(name, BITS, ASYM, NB, false, XS) QGEMV1(name##p, BITS, ASYM, NB, true, XS)
+QGEMV(qgemv_int4_8, 4, false, 1, false)
+QGEMV(qgemv_int4_1, 4, false, 1, true)
+QGEMV(qgemv_int4_16, 4, false, 2, false)
+QGEMV(qgemv_int4a_8, 4, true, 1, false)
+QGEMV(qgemv_int4a_1, 4, true, 1, true)
+QGEMV(qgemv_int4a_16, 4, true, 2, false)
+QGEMV(qgemv_int8_8, 8, false, 1, false)
+QGEMV(qgemv_int8_1, 8, false, 1, true)
+QGEMV(qgemv_int8_16, 8, false, 2, false)
+QGEMV(qgemv_int8a_8, 8, true, 1, false)
+QGEMV(qgemv_int8a_1, 8, true, 1, true)
+QGEMV(qgemv_int8a_16, 8, true, 2, false)
 
 // Element (row, col) of a re-laid weight, dequantized in f32 exactly as the CPU does (c - 2^(b-1))
 // times the f16 scale, or c times the scale plus the offset): the inverse of the layout above.
