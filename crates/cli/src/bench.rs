@@ -61,11 +61,13 @@ pub struct BenchArgs {
     pub serve_args: Vec<String>,
 }
 
-/// A sequence being benchmarked: its tokens, how many are in the KV cache, and its blocks.
+/// A sequence being benchmarked: its tokens (the first `prompt_len` given), how many are in the
+/// KV cache, and its blocks.
 #[derive(Default)]
 struct Seq {
     table: BlockTable,
     tokens: Vec<u32>,
+    prompt_len: usize,
     computed: usize,
 }
 
@@ -95,6 +97,7 @@ fn step(
             start,
             len,
             context_len: context,
+            prompt_len: seq.prompt_len,
             block_table: seq.table.blocks().to_vec(),
         });
         batch.logit_rows.push((start + len - 1) as u32);
@@ -116,6 +119,7 @@ fn run_once(
         .iter()
         .map(|p| Seq {
             tokens: p.clone(),
+            prompt_len: p.len(),
             ..Seq::default()
         })
         .collect();

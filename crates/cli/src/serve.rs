@@ -1,11 +1,10 @@
 //! `marlin serve`: the OpenAI-compatible HTTP server (crates/server) over one model.
 
-use crate::session::{ModelArgs, BLOCK_SIZE, STEP_TOKENS};
+use crate::session::{KvDtype, ModelArgs, BLOCK_SIZE, STEP_TOKENS};
 use anyhow::{Context, Result};
 use clap::Args;
 use marlin_engine::scheduler::SchedulerConfig;
 use marlin_engine::{Engine, Runner};
-use marlin_kernels::cpu::CpuBackend;
 use marlin_model::ModelFiles;
 use marlin_server::{LoadError, LoadedModel, ServerConfig};
 use std::path::Path;
@@ -44,25 +43,6 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on /v1 routes
     #[arg(long)]
     pub api_key: Option<String>,
-    /// What the KV cache stores: f16 (half the bytes decode attention reads per step, keys and
-    /// values rounded to f16; its cost is measured in docs/benchmarks.md) or f32
-    #[arg(long, value_enum, default_value_t = KvDtype::F16)]
-    pub kv_dtype: KvDtype,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KvDtype {
-    F16,
-    F32,
-}
-
-impl KvDtype {
-    fn bytes(self) -> u64 {
-        match self {
-            KvDtype::F16 => 2,
-            KvDtype::F32 => 4,
-        }
-    }
 }
 
 /// MemAvailable from /proc/meminfo, in bytes.
@@ -130,18 +110,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     // The same loading flags as every other command (--dtype, --quantize, ...).
     let options = args.model.load_options()?;
-    let cpu = (args.model.threads, args.model.activations());
+    let backend = args.model.cpu_backend()?;
     let (num_kv_blocks, block_size, max_num_seqs, kv_dtype) = (
         args.num_kv_blocks,
         args.block_size,
         args.max_num_seqs,
-        args.kv_dtype,
+        args.model.kv_dtype,
     );
     let load = move || -> std::result::Result<LoadedModel, LoadError> {
         let path = crate::models::resolve(model.as_deref())?;
         let files = ModelFiles::open(&path)?;
-        let backend =
-            CpuBackend::with_activations(cpu.0, cpu.1)?.with_f16_kv(kv_dtype == KvDtype::F16);
         let weights = files.load_with(backend, &options)?;
         let blocks = num_kv_blocks.unwrap_or_else(|| {
             default_kv_blocks(&weights.config, kv_dtype, block_size, max_num_seqs)

@@ -40,9 +40,29 @@ pub struct ModelArgs {
     pub device: Device,
     /// What int4/int8 weights multiply on CPUs with AVX-512 VNNI: int16 (two int8 codes per
     /// activation, about f16's precision), int8 (faster prefill, a visible accuracy cost) or
-    /// f32 (bitwise the same on every CPU); other CPUs always use f32 (docs/benchmarks.md)
+    /// f32 (bitwise the same on every CPU); other CPUs always use f32. With int16 or int8, CPUs
+    /// with AMX-BF16 run prompt tokens in bf16, as GPUs do (docs/benchmarks.md)
     #[arg(long, default_value = "int16", value_parser = parse_activations)]
     pub activations: Activations,
+    /// What the CPU's KV cache stores: f16 (half the bytes decode attention reads per step,
+    /// keys and values rounded to f16; its cost is measured in docs/benchmarks.md) or f32
+    #[arg(long, value_enum, default_value_t = KvDtype::F16)]
+    pub kv_dtype: KvDtype,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvDtype {
+    F16,
+    F32,
+}
+
+impl KvDtype {
+    pub fn bytes(self) -> u64 {
+        match self {
+            KvDtype::F16 => 2,
+            KvDtype::F32 => 4,
+        }
+    }
 }
 
 /// The backend a model runs on.
@@ -74,8 +94,8 @@ pub fn parse_device(s: &str) -> std::result::Result<Device, String> {
 }
 
 impl ModelArgs {
-    /// Just a model and a precision, nothing quantized on load and f32 activations throughout:
-    /// a reference model.
+    /// Just a model and a precision, nothing quantized on load, f32 activations and an f32 KV
+    /// cache: a reference model.
     pub fn plain(model: Option<String>, dtype: DenseFormat, threads: usize) -> Self {
         Self {
             model,
@@ -87,6 +107,7 @@ impl ModelArgs {
             unpack: false,
             device: Device::Cpu,
             activations: Activations::F32,
+            kv_dtype: KvDtype::F32,
         }
     }
 
@@ -97,10 +118,10 @@ impl ModelArgs {
 
     /// The CPU backend these flags ask for.
     pub fn cpu_backend(&self) -> Result<CpuBackend> {
-        Ok(CpuBackend::with_activations(
-            self.threads,
-            self.activations(),
-        )?)
+        Ok(
+            CpuBackend::with_activations(self.threads, self.activations())?
+                .with_f16_kv(self.kv_dtype == KvDtype::F16),
+        )
     }
 
     /// The loader options these flags ask for.

@@ -5,7 +5,10 @@
 //! contents (its tokens and the key of the block before it, so a key names the whole prefix up
 //! to the block's end). A new sequence whose prompt starts with registered blocks shares them
 //! (counted references) and computes only the rest: requests with the same system prompt or
-//! chat history skip recomputing it. Shared blocks are full and never written again. A
+//! chat history skip recomputing it. A key also counts the block's tokens that were given (its
+//! sequence's prompt) rather than generated, because the model may compute the two kinds with
+//! different arithmetic (`MatmulRows`): a block is only shared where it holds what the sequence
+//! would have computed itself. Shared blocks are full and never written again. A
 //! registered block no sequence uses stays cached until a fresh block is needed and none is
 //! free; then the least recently released is taken.
 
@@ -54,6 +57,8 @@ impl BlockTable {
 struct Contents {
     parent: u64,
     tokens: Vec<u32>,
+    /// How many of `tokens`, from the first, were prompt tokens.
+    given: usize,
 }
 
 /// Hands out cache blocks to block tables and takes them back.
@@ -159,26 +164,39 @@ impl BlockManager {
         Ok(())
     }
 
-    /// The key of the prefix ending with `tokens` (one block) after the prefix keyed `parent`.
-    fn key(parent: u64, tokens: &[u32]) -> u64 {
+    /// The key of the prefix ending with `tokens` (one block, the first `given` of them prompt
+    /// tokens) after the prefix keyed `parent`.
+    fn key(parent: u64, tokens: &[u32], given: usize) -> u64 {
         let mut h = DefaultHasher::new();
-        (parent, tokens).hash(&mut h);
+        (parent, tokens, given).hash(&mut h);
         h.finish()
     }
 
+    /// Prompt tokens in block `i` of a sequence whose first `prompt_len` tokens are its prompt.
+    fn given(&self, i: usize, prompt_len: usize) -> usize {
+        prompt_len.clamp(i * self.block_size, (i + 1) * self.block_size) - i * self.block_size
+    }
+
     /// Gives an empty `table` the registered blocks that hold the leading full blocks of
-    /// `tokens`, leaving at least the last token to compute (its logits are needed). Returns
-    /// the tokens covered.
-    pub fn share_prefix(&mut self, table: &mut BlockTable, tokens: &[u32]) -> usize {
+    /// `tokens` (the first `prompt_len` its prompt), leaving at least the last token to compute
+    /// (its logits are needed). Returns the tokens covered.
+    pub fn share_prefix(
+        &mut self,
+        table: &mut BlockTable,
+        tokens: &[u32],
+        prompt_len: usize,
+    ) -> usize {
         debug_assert!(table.blocks.is_empty(), "sharing into a table in use");
         let mut parent = 0;
-        for chunk in tokens[..tokens.len().saturating_sub(1)].chunks_exact(self.block_size) {
-            let key = Self::key(parent, chunk);
+        let chunks = tokens[..tokens.len().saturating_sub(1)].chunks_exact(self.block_size);
+        for (i, chunk) in chunks.enumerate() {
+            let given = self.given(i, prompt_len);
+            let key = Self::key(parent, chunk, given);
             let Some(&block) = self.cached.get(&key) else {
                 break;
             };
             let (_, contents) = self.registered[block as usize].as_ref().expect("cached");
-            if contents.parent != parent || contents.tokens != chunk {
+            if contents.parent != parent || contents.tokens != chunk || contents.given != given {
                 break;
             }
             let refs = &mut self.refs[block as usize];
@@ -194,20 +212,26 @@ impl BlockManager {
     }
 
     /// Registers the blocks of `table` that `computed` (the tokens whose keys and values are
-    /// in the cache) fills, past those already seen. A block whose contents another block
-    /// already holds stays private.
-    pub fn register(&mut self, table: &mut BlockTable, computed: &[u32]) {
+    /// in the cache, the first `prompt_len` of the sequence its prompt) fills, past those
+    /// already seen. A block whose contents another block already holds stays private.
+    pub fn register(&mut self, table: &mut BlockTable, computed: &[u32], prompt_len: usize) {
         let full = (computed.len() / self.block_size).min(table.blocks.len());
         for i in table.keys.len()..full {
             let parent = i.checked_sub(1).map_or(0, |p| table.keys[p]);
             let tokens = &computed[i * self.block_size..(i + 1) * self.block_size];
-            let key = Self::key(parent, tokens);
+            let given = self.given(i, prompt_len);
+            let key = Self::key(parent, tokens, given);
             table.keys.push(key);
             let block = table.blocks[i];
             if self.registered[block as usize].is_none() && !self.cached.contains_key(&key) {
                 self.cached.insert(key, block);
                 let tokens = tokens.to_vec();
-                self.registered[block as usize] = Some((key, Contents { parent, tokens }));
+                let contents = Contents {
+                    parent,
+                    tokens,
+                    given,
+                };
+                self.registered[block as usize] = Some((key, contents));
             }
         }
     }
@@ -356,16 +380,16 @@ mod tests {
         let mut m = BlockManager::new(8, 4);
         let prompt: Vec<u32> = (0..10).collect();
         let mut a = BlockTable::default();
-        assert_eq!(m.share_prefix(&mut a, &prompt), 0);
+        assert_eq!(m.share_prefix(&mut a, &prompt, 10), 0);
         m.grow(&mut a, 10).unwrap();
-        m.register(&mut a, &prompt);
+        m.register(&mut a, &prompt, 10);
         assert_eq!(a.keys.len(), 2, "two full blocks of 4 in 10 tokens");
 
         let mut b = BlockTable::default();
         let mut other = prompt.clone();
         other[6] = 99;
         assert_eq!(
-            m.share_prefix(&mut b, &other),
+            m.share_prefix(&mut b, &other, 10),
             4,
             "the second block differs"
         );
@@ -373,7 +397,7 @@ mod tests {
         m.free(&mut b);
 
         // A prompt of exactly the two blocks shares only the first: its last token is computed.
-        assert_eq!(m.share_prefix(&mut b, &prompt[..8]), 4);
+        assert_eq!(m.share_prefix(&mut b, &prompt[..8], 8), 4);
         m.free(&mut b);
 
         m.free(&mut a);
@@ -383,13 +407,40 @@ mod tests {
             "cached blocks count as free"
         );
         let mut c = BlockTable::default();
-        assert_eq!(m.share_prefix(&mut c, &prompt), 8);
+        assert_eq!(m.share_prefix(&mut c, &prompt, 10), 8);
         assert_eq!(m.num_free(), 6);
         // The same tokens after a different first block are another prefix.
         let mut shifted: Vec<u32> = vec![7, 7, 7, 7];
         shifted.extend(&prompt[4..]);
         let mut d = BlockTable::default();
-        assert_eq!(m.share_prefix(&mut d, &shifted), 0);
+        assert_eq!(m.share_prefix(&mut d, &shifted, 10), 0);
+    }
+
+    /// A block holding generated tokens is shared only by a sequence that also generated them
+    /// (its own recomputation after preemption), not by a prompt that happens to repeat them:
+    /// the model may compute prompt tokens with other arithmetic.
+    #[test]
+    fn generated_blocks_are_not_shared_as_prompt() {
+        let mut m = BlockManager::new(8, 4);
+        let tokens: Vec<u32> = (0..10).collect();
+        let mut a = BlockTable::default();
+        m.grow(&mut a, 10).unwrap();
+        // Prompt of 6: block 0 all given, block 1 two given and two generated.
+        m.register(&mut a, &tokens, 6);
+        let mut b = BlockTable::default();
+        assert_eq!(
+            m.share_prefix(&mut b, &tokens, 10),
+            4,
+            "block 1 was generated in part"
+        );
+        m.free(&mut b);
+        assert_eq!(
+            m.share_prefix(&mut b, &tokens, 6),
+            8,
+            "the same sequence recomputed"
+        );
+        m.free(&mut b);
+        m.free(&mut a);
     }
 
     /// With no free block left, growing takes the least recently released cached block and
@@ -400,16 +451,16 @@ mod tests {
         let (p, q): (Vec<u32>, Vec<u32>) = (vec![1, 2, 3], vec![4, 5, 6]);
         let (mut a, mut b) = (BlockTable::default(), BlockTable::default());
         m.grow(&mut a, 3).unwrap();
-        m.register(&mut a, &p[..2]);
+        m.register(&mut a, &p[..2], 3);
         m.grow(&mut b, 1).unwrap();
-        m.register(&mut b, &q[..2]);
+        m.register(&mut b, &q[..2], 3);
         m.free(&mut a); // a's first block cached (older), its second free
         m.free(&mut b); // b's block cached (newer)
         let mut c = BlockTable::default();
         m.grow(&mut c, 4).unwrap(); // the free block, then the oldest cached one
         let mut d = BlockTable::default();
-        assert_eq!(m.share_prefix(&mut d, &p), 0, "evicted");
-        assert_eq!(m.share_prefix(&mut d, &q), 2, "still cached");
+        assert_eq!(m.share_prefix(&mut d, &p, 3), 0, "evicted");
+        assert_eq!(m.share_prefix(&mut d, &q, 3), 2, "still cached");
         assert!(m.grow(&mut c, 6).is_err(), "the shared block is in use");
         m.free(&mut d);
         m.free(&mut c);
@@ -422,9 +473,9 @@ mod tests {
         let mut m = BlockManager::new(2, 2);
         let mut a = BlockTable::default();
         m.grow(&mut a, 3).unwrap();
-        m.register(&mut a, &[1, 2, 3]);
+        m.register(&mut a, &[1, 2, 3], 3);
         let mut b = BlockTable::default();
-        m.share_prefix(&mut b, &[1, 2, 3]);
+        m.share_prefix(&mut b, &[1, 2, 3], 3);
         let mut copy = b.clone();
         m.free(&mut b);
         m.free(&mut a);

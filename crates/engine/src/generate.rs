@@ -161,6 +161,7 @@ impl Engine {
                 start,
                 len: take,
                 context_len: context,
+                prompt_len: seq.prompt_len,
                 block_table: seq.table.blocks().to_vec(),
             });
         }
@@ -177,7 +178,7 @@ impl Engine {
         for (seq, take) in seqs.iter_mut().zip(takes) {
             seq.computed += take;
             self.blocks
-                .register(&mut seq.table, &seq.tokens[..seq.computed]);
+                .register(&mut seq.table, &seq.tokens[..seq.computed], seq.prompt_len);
             let wants = take > 0 && (all_logits || seq.computed == seq.tokens.len());
             rows.push(match (wants, all_logits) {
                 (false, _) => 0,
@@ -258,6 +259,7 @@ impl Engine {
                 start: 0,
                 len: tokens.len(),
                 context_len: tokens.len(),
+                prompt_len: tokens.len(),
                 block_table: table.blocks().to_vec(),
             }],
             logit_rows: Vec::new(),
@@ -319,7 +321,9 @@ impl Engine {
         if seq.computed > 0 || !seq.table.blocks().is_empty() {
             return 0;
         }
-        seq.computed = self.blocks.share_prefix(&mut seq.table, &seq.tokens);
+        seq.computed = self
+            .blocks
+            .share_prefix(&mut seq.table, &seq.tokens, seq.prompt_len);
         seq.computed
     }
 

@@ -29,6 +29,7 @@ fn main() {
             start: 0,
             len: to - from,
             context_len: to,
+            prompt_len: 0,
             block_table: table.clone(),
         }],
         logit_rows: vec![],
@@ -110,6 +111,7 @@ fn batched_decode(b: &CpuBackend, heads: usize, layout: KvLayout) {
             start: s,
             len: 1,
             context_len: lens[s],
+            prompt_len: 0,
             block_table: tables[s].clone(),
         });
         step.tokens.push(0);
@@ -129,6 +131,7 @@ fn batched_decode(b: &CpuBackend, heads: usize, layout: KvLayout) {
             start: 0,
             len: slots,
             context_len: slots,
+            prompt_len: 0,
             block_table: (0..layout.num_blocks as u32).collect(),
         }],
         logit_rows: vec![],

@@ -5,7 +5,7 @@
 //! memory as in a real forward pass rather than from L2. `cargo bench -p marlin-kernels`.
 
 use marlin_kernels::cpu::{amx_available, CpuBackend};
-use marlin_kernels::{Backend, DenseFormat, HostWeight, QuantFormat};
+use marlin_kernels::{Backend, DenseFormat, HostWeight, MatmulRows, QuantFormat};
 use marlin_quant::quantize_rtn;
 use std::time::{Duration, Instant};
 
@@ -114,7 +114,7 @@ fn main() {
                         &weights[i % copies]
                     };
                     i += 1;
-                    b.matmul(&x, w, rows, &mut out).unwrap();
+                    b.matmul(&x, w, MatmulRows::plain(rows), &mut out).unwrap();
                 });
                 println!(
                     "{:<8} {:>5} {:>6} {:>5} {:>5} {:>8.1}us {:>9.1} {:>8.1} {:>4.0}%",
@@ -134,7 +134,9 @@ fn main() {
 
     // Packed formats (default groups) on the same shapes: decode (1 row, weights cycled past
     // 64 MB) and prefill (512 rows). BENCH_FORMATS=int4,int8-asym,... picks some.
-    // With AMX, a second backend runs the batched rows on VNNI alone.
+    // Batched rows run as generated rows (integer activations, on AMX where the CPU has it),
+    // then as prompt rows ("prompt": bf16 tiles where the CPU has AMX-BF16); with AMX, a second
+    // backend runs them on VNNI alone.
     let vnni = amx_available().then(|| {
         CpuBackend::new(env("BENCH_THREADS", 0))
             .unwrap()
@@ -161,19 +163,30 @@ fn main() {
                     .map(|_| v.upload_weight(&first).unwrap())
                     .collect::<Vec<_>>()
             });
-            for (rows, unit) in [(1, ""), (32, ""), (32, "vnni"), (512, ""), (512, "vnni")] {
+            let units = [
+                (1, ""),
+                (32, ""),
+                (32, "prompt"),
+                (32, "vnni"),
+                (512, ""),
+                (512, "prompt"),
+                (512, "vnni"),
+            ];
+            for (rows, unit) in units {
                 if (only_rows != 0 && rows != only_rows) || (rows == 512 && n == 49152) {
                     continue;
                 }
                 // Batched rows again on VNNI, where AMX took them above: the same-run baseline.
                 let (b, weights) = match (unit, &vnni, &on_vnni) {
-                    ("", ..) => (&b, &weights[..]),
+                    ("" | "prompt", ..) => (&b, &weights[..]),
                     (_, Some(v), Some(w)) => (v, &w[..]),
                     _ => continue,
                 };
                 let mut x = b.alloc(rows * k).unwrap();
                 b.write(&mut x, &values(rows * k, 99)).unwrap();
                 let mut out = b.alloc(rows * n).unwrap();
+                let all_rows = [0..rows];
+                let prompt: &[_] = if unit == "prompt" { &all_rows } else { &[] };
                 let mut i = 0;
                 let flops = 2.0 * (rows * k * n) as f64;
                 let iters = ((2e8 / flops) as usize).clamp(1, 200);
@@ -185,7 +198,16 @@ fn main() {
                         &weights[i % copies]
                     };
                     i += 1;
-                    b.matmul(&x, w, rows, &mut out).unwrap();
+                    b.matmul(
+                        &x,
+                        w,
+                        MatmulRows {
+                            count: rows,
+                            prompt,
+                        },
+                        &mut out,
+                    )
+                    .unwrap();
                 });
                 println!(
                     "{:<8} {:>5} {:>6} {:>15} {:>5} {:>8.1}us {:>9.1} {:>8.1} {:>4.0}%",
@@ -194,7 +216,11 @@ fn main() {
                     n,
                     format!(
                         "{format}/{group}{}",
-                        if unit.is_empty() { "" } else { " vnni" }
+                        if unit.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" {unit}")
+                        }
                     ),
                     rows,
                     secs * 1e6,
@@ -212,7 +238,8 @@ fn main() {
         .unwrap();
     let (x16, mut o8) = (b.alloc(16).unwrap(), b.alloc(8).unwrap());
     let (secs, busy) = median(9, 1000, threads, || {
-        b.matmul(&x16, &tiny, 1, &mut o8).unwrap()
+        b.matmul(&x16, &tiny, MatmulRows::plain(1), &mut o8)
+            .unwrap()
     });
     println!(
         "call overhead (8x16 matmul): {:.1}us, busy {:.0}%",
@@ -281,7 +308,7 @@ fn main() {
         all.push(b.upload_weight(&head).unwrap());
         let mut token = || {
             for w in &all {
-                b.matmul(&x, w, 1, &mut out).unwrap();
+                b.matmul(&x, w, MatmulRows::plain(1), &mut out).unwrap();
             }
         };
         let (secs, busy) = b.install(|| median(9, 3, threads, &mut token));

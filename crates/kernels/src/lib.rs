@@ -11,7 +11,7 @@ pub mod cuda;
 mod step;
 
 pub use marlin_quant::{DenseFormat, HostWeight, QuantFormat, QuantTensor, WeightData};
-pub use step::{KvLayout, SeqSpan, StepBatch};
+pub use step::{KvLayout, MatmulRows, SeqSpan, StepBatch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -107,12 +107,13 @@ pub trait Backend: Send + Sync + 'static {
         head_dim: usize,
         table: &Self::Buffer,
     ) -> Result<()>;
-    /// `out[r, :] = x[r, :] · weightᵀ` for `rows` rows: x is rows x cols, out is rows x weight rows.
+    /// `out[r, :] = x[r, :] · weightᵀ` for `rows.count` rows: x is rows x cols, out is rows x
+    /// weight rows.
     fn matmul(
         &self,
         x: &Self::Buffer,
         weight: &Self::Weight,
-        rows: usize,
+        rows: MatmulRows,
         out: &mut Self::Buffer,
     ) -> Result<()>;
     /// `outs[i][r, :] = x[r, :] · weights[i]ᵀ` for each i: projections of one input (q, k and v;
@@ -121,7 +122,7 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         x: &Self::Buffer,
         weights: &[&Self::Weight],
-        rows: usize,
+        rows: MatmulRows,
         outs: &mut [&mut Self::Buffer],
     ) -> Result<()> {
         check(weights.len() == outs.len(), "matmul_many", || {

@@ -2,6 +2,7 @@
 //! each one's keys and values live in the paged cache.
 
 use crate::{check, Result};
+use std::ops::Range;
 
 /// Shape of one layer's paged KV pool: `num_blocks` blocks of `block_size` token slots, each slot
 /// holding `kv_heads * head_dim` keys and as many values.
@@ -31,8 +32,30 @@ pub struct SeqSpan {
     pub len: usize,
     /// Tokens in its cache after this step, new ones included.
     pub context_len: usize,
+    /// Leading tokens of the sequence that were given (its prompt); those at later positions
+    /// were generated. A backend may compute the two kinds differently (`MatmulRows`).
+    pub prompt_len: usize,
     /// Physical block of each logical block of the sequence.
     pub block_table: Vec<u32>,
+}
+
+/// The rows of a matmul's input: `count` rows, of which the `prompt` runs are prompt tokens.
+///
+/// A backend may compute prompt rows with other arithmetic than generated ones (the CPU runs
+/// them on bf16 tiles: a prompt is many rows at once, while generated rows come one per
+/// sequence and step). The choice follows each row's own kind, never the rows beside it, so a
+/// sequence computes the same alone or batched, and again when it is recomputed.
+#[derive(Debug, Clone, Copy)]
+pub struct MatmulRows<'a> {
+    pub count: usize,
+    pub prompt: &'a [Range<usize>],
+}
+
+impl MatmulRows<'_> {
+    /// `count` rows computed alike (none of them a prompt token).
+    pub fn plain(count: usize) -> MatmulRows<'static> {
+        MatmulRows { count, prompt: &[] }
+    }
 }
 
 /// A batch in the style of paged-attention engines; prefill and decode are the same call with
@@ -52,6 +75,24 @@ pub struct StepBatch {
 impl StepBatch {
     pub fn num_tokens(&self) -> usize {
         self.tokens.len()
+    }
+
+    /// The runs of tokens that are prompt tokens (`SeqSpan::prompt_len`), in order.
+    pub fn prompt_rows(&self) -> Vec<Range<usize>> {
+        let mut runs: Vec<Range<usize>> = Vec::new();
+        for seq in &self.seqs {
+            let first_pos = seq.context_len.saturating_sub(seq.len);
+            let given = seq.prompt_len.saturating_sub(first_pos).min(seq.len);
+            if given == 0 {
+                continue;
+            }
+            let run = seq.start..seq.start + given;
+            match runs.last_mut() {
+                Some(last) if last.end == run.start => last.end = run.end,
+                _ => runs.push(run),
+            }
+        }
+        runs
     }
 
     /// `validate`, plus that `heads` query heads share the layout's kv heads evenly (GQA).
@@ -145,5 +186,37 @@ impl StepBatch {
             })?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(start: usize, len: usize, context_len: usize, prompt_len: usize) -> SeqSpan {
+        SeqSpan {
+            start,
+            len,
+            context_len,
+            prompt_len,
+            block_table: vec![],
+        }
+    }
+
+    /// Runs of prompt tokens across sequences: a prefill chunk, a decode token, a recomputed
+    /// sequence whose generated tail follows its prompt, and adjacent runs merged.
+    #[test]
+    fn prompt_rows_are_the_given_tokens() {
+        let batch = StepBatch {
+            seqs: vec![
+                span(0, 4, 8, 20),  // chunk of a long prompt: all 4 given
+                span(4, 3, 3, 3),   // whole prompt, adjacent: merged
+                span(7, 1, 30, 12), // decode
+                span(8, 6, 6, 4),   // recomputed: 4 given, 2 generated
+                span(14, 2, 10, 9), // positions 8, 9: only 8 given
+            ],
+            ..Default::default()
+        };
+        assert_eq!(batch.prompt_rows(), vec![0..7, 8..12, 14..15]);
     }
 }

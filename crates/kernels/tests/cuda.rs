@@ -189,6 +189,7 @@ fn make_step(r: &mut StdRng, seqs: &[(usize, usize)], block_size: usize) -> (Ste
             start,
             len,
             context_len: ctx,
+            prompt_len: 0,
             block_table: table,
         });
         b.logit_rows.push((b.tokens.len() - 1) as u32);

@@ -4,7 +4,7 @@
 use crate::config::ModelConfig;
 use crate::weights::TensorSource;
 use crate::Result;
-use marlin_kernels::{Backend, DenseFormat, KvLayout, StepBatch};
+use marlin_kernels::{Backend, DenseFormat, KvLayout, MatmulRows, StepBatch};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A number never handed out before in this process: names a model's weights, a workspace or a
@@ -336,12 +336,16 @@ impl<B: Backend> Model<B> {
         b.run_step(|| {
             let step = self.prepare(ws, &kv.layout, batch)?;
             b.write(&mut ws.x, input)?;
+            let prompt = batch.prompt_rows();
             self.layer_step(
                 layer,
                 ws,
                 &mut kv.layers[layer],
                 &step,
-                batch.num_tokens(),
+                MatmulRows {
+                    count: batch.num_tokens(),
+                    prompt: &prompt,
+                },
                 &mut observer,
                 (false, false),
             )?;
@@ -390,6 +394,11 @@ impl<B: Backend> Model<B> {
         let n = batch.num_tokens();
         let rows = batch.logit_rows.len();
         let step = self.prepare(ws, &kv.layout, batch)?;
+        let prompt = batch.prompt_rows();
+        let token_rows = MatmulRows {
+            count: n,
+            prompt: &prompt,
+        };
         let last_layer = observer.as_deref().map(|o| o.last_layer());
         let key = [self.id, ws.id, kv.id];
         let (kv_layers, ws) = (&mut kv.layers, &mut *ws);
@@ -399,7 +408,7 @@ impl<B: Backend> Model<B> {
             let (fuse, layers) = (last_layer.is_none(), kv_layers.len());
             for (i, cache) in kv_layers.iter_mut().enumerate() {
                 let residual = (fuse && i > 0, fuse && i + 1 < layers);
-                self.layer_step(i, ws, cache, step, n, &mut observer, residual)?;
+                self.layer_step(i, ws, cache, step, token_rows, &mut observer, residual)?;
                 if last_layer == Some(i) {
                     return Ok(());
                 }
@@ -418,7 +427,7 @@ impl<B: Backend> Model<B> {
                 &mut ws.normed,
             )?;
             let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-            b.matmul(&ws.normed, head, rows, &mut ws.logits)
+            b.matmul(&ws.normed, head, MatmulRows::plain(rows), &mut ws.logits)
                 .map_err(Into::into)
         };
         if last_layer.is_some() {
@@ -444,10 +453,11 @@ impl<B: Backend> Model<B> {
         ws: &mut Workspace<B>,
         cache: &mut B::KvCache,
         step: &B::Step,
-        n: usize,
+        rows: MatmulRows,
         observer: &mut Option<&mut (dyn MatmulObserver + Send)>,
         (pending, defer): (bool, bool),
     ) -> Result<()> {
+        let n = rows.count;
         let c = &self.config;
         let b = &self.backend;
         let layer = &self.layers[i];
@@ -491,7 +501,7 @@ impl<B: Backend> Model<B> {
         )?;
         match &layer.qk_norms {
             Some((q_norm, k_norm)) => {
-                b.matmul(&ws.normed, &layer.q, n, &mut ws.unnormed)?;
+                b.matmul(&ws.normed, &layer.q, rows, &mut ws.unnormed)?;
                 b.rms_norm(
                     &ws.unnormed,
                     q_norm,
@@ -500,7 +510,7 @@ impl<B: Backend> Model<B> {
                     hd,
                     &mut ws.q,
                 )?;
-                b.matmul(&ws.normed, &layer.k, n, &mut ws.unnormed)?;
+                b.matmul(&ws.normed, &layer.k, rows, &mut ws.unnormed)?;
                 b.rms_norm(
                     &ws.unnormed,
                     k_norm,
@@ -509,12 +519,12 @@ impl<B: Backend> Model<B> {
                     hd,
                     &mut ws.k,
                 )?;
-                b.matmul(&ws.normed, &layer.v, n, &mut ws.v)?;
+                b.matmul(&ws.normed, &layer.v, rows, &mut ws.v)?;
             }
             None => b.matmul_many(
                 &ws.normed,
                 &[&layer.q, &layer.k, &layer.v],
-                n,
+                rows,
                 &mut [&mut ws.q, &mut ws.k, &mut ws.v],
             )?,
         }
@@ -531,7 +541,7 @@ impl<B: Backend> Model<B> {
         )?;
         b.attention(&ws.q, cache, step, heads, scale, &mut ws.attn)?;
         watch(&["self_attn.o_proj"], &ws.attn, heads * hd)?;
-        b.matmul(&ws.attn, &layer.o, n, &mut ws.proj)?;
+        b.matmul(&ws.attn, &layer.o, rows, &mut ws.proj)?;
         b.add_rms_norm(
             &mut ws.x,
             &ws.proj,
@@ -545,12 +555,12 @@ impl<B: Backend> Model<B> {
         b.matmul_many(
             &ws.normed,
             &[&layer.gate, &layer.up],
-            n,
+            rows,
             &mut [&mut ws.gate, &mut ws.up],
         )?;
         b.silu_mul(&ws.gate, &ws.up, n * c.intermediate_size, &mut ws.act)?;
         watch(&["mlp.down_proj"], &ws.act, c.intermediate_size)?;
-        b.matmul(&ws.act, &layer.down, n, &mut ws.proj)?;
+        b.matmul(&ws.act, &layer.down, rows, &mut ws.proj)?;
         if !defer {
             b.add(&mut ws.x, &ws.proj, n * hidden)?;
         }

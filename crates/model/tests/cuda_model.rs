@@ -91,6 +91,7 @@ fn stepped_with<B: Backend, T>(
                 start: 0,
                 len: take,
                 context_len: end,
+                prompt_len: 0,
                 block_table: table[..end.div_ceil(BLOCK)].to_vec(),
             }],
             logit_rows: (0..take as u32).collect(),

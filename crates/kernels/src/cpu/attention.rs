@@ -597,6 +597,7 @@ mod tests {
                     start: batch.tokens.len(),
                     len: to - from,
                     context_len: to,
+                    prompt_len: 0,
                     block_table: self.tables[seq].clone(),
                 });
                 for pos in from..to {

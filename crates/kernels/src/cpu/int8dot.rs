@@ -38,6 +38,7 @@
 //! (one 512-bit op per cycle per core: ~330 G int8 multiply-adds/s on 2 cores at 2.6 GHz).
 
 use super::{Activations, SyncPtr};
+use crate::MatmulRows;
 use half::f16;
 use marlin_quant::packed::get_code;
 use marlin_quant::{QuantFormat, QuantTensor};
@@ -47,6 +48,8 @@ use std::cell::RefCell;
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod amx_bf16;
 
 /// Activation block: one int8 scale per 32 activations.
 pub(crate) const BLOCK: usize = 32;
@@ -384,6 +387,57 @@ thread_local! {
 pub(crate) fn share_input(ws: &[&IntWeight]) -> bool {
     ws.windows(2)
         .all(|p| p[0].cols == p[1].cols && p[0].perm == p[1].perm && p[0].lo == p[1].lo)
+}
+
+thread_local! {
+    /// The generated rows of a call that has prompt rows too, and their outputs.
+    static GENERATED: RefCell<(Vec<f32>, Vec<Vec<f32>>)> = RefCell::new(Default::default());
+}
+
+/// `matmul_many` over `rows`: the prompt rows on bf16 tiles where every weight takes them
+/// (`amx_bf16`), the other rows through integer activations, gathered so each path sees only
+/// its own rows. Caller has checked as for `matmul_many` and that the prompt runs lie within
+/// `rows.count`.
+pub(crate) fn matmul_rows(
+    pool: &ThreadPool,
+    ws: &[&IntWeight],
+    x: &[f32],
+    rows: MatmulRows,
+    outs: &mut [&mut [f32]],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if !rows.prompt.is_empty() && ws.iter().all(|w| amx_bf16::takes(w)) {
+        let prompt: usize = rows.prompt.iter().map(|r| r.len()).sum();
+        if prompt < rows.count {
+            let k = ws[0].cols;
+            let mut generated = Vec::with_capacity(rows.count - prompt);
+            let mut next = 0;
+            for run in rows.prompt.iter().chain([&(rows.count..rows.count)]) {
+                generated.extend(next..run.start);
+                next = run.end;
+            }
+            GENERATED.with_borrow_mut(|(gx, gouts)| {
+                gx.clear();
+                for &r in &generated {
+                    gx.extend_from_slice(&x[r * k..(r + 1) * k]);
+                }
+                gouts.resize_with(ws.len(), Vec::new);
+                for (o, w) in gouts.iter_mut().zip(ws) {
+                    o.resize(generated.len() * w.rows, 0.0);
+                }
+                let mut views: Vec<&mut [f32]> = gouts.iter_mut().map(|o| &mut o[..]).collect();
+                matmul_many(pool, ws, gx, generated.len(), &mut views);
+                for ((o, out), w) in gouts.iter().zip(outs.iter_mut()).zip(ws) {
+                    let n = w.rows;
+                    for (i, &r) in generated.iter().enumerate() {
+                        out[r * n..(r + 1) * n].copy_from_slice(&o[i * n..(i + 1) * n]);
+                    }
+                }
+            });
+        }
+        return amx_bf16::matmul_many(pool, ws, x, rows.prompt, outs);
+    }
+    matmul_many(pool, ws, x, rows.count, outs)
 }
 
 /// `outs[i][r, n] = sum_k x[r, k] * W_i[n, k]` through integer activations, quantized once for

@@ -9,7 +9,7 @@ mod simd;
 #[cfg(test)]
 mod tests;
 
-use crate::{check, Backend, KernelError, KvLayout, Result, StepBatch};
+use crate::{check, Backend, KernelError, KvLayout, MatmulRows, Result, StepBatch};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 pub use int8dot::IntWeight;
@@ -133,6 +133,15 @@ pub fn integer_activations_available() -> bool {
 /// Whether this CPU runs batched integer matmuls on AMX tiles (Sapphire Rapids and later).
 pub fn amx_available() -> bool {
     int8dot::amx_available()
+}
+
+/// Whether this CPU runs the prompt rows of packed weights on AMX-BF16 tiles
+/// (`MatmulRows::prompt`); elsewhere they take the integer path with the other rows.
+pub fn bf16_prompt_tiles_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return int8dot::amx_bf16::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// What int4/int8 weights multiply on the CPU. The integer kinds need AVX-512 VNNI; elsewhere
@@ -537,11 +546,20 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn matmul(&self, x: &Buffer, weight: &Weight, rows: usize, out: &mut Buffer) -> Result<()> {
+    fn matmul(
+        &self,
+        x: &Buffer,
+        weight: &Weight,
+        rows: MatmulRows,
+        out: &mut Buffer,
+    ) -> Result<()> {
+        if let Weight::Int(_) = weight {
+            return self.matmul_many(x, &[weight], rows, &mut [out]);
+        }
         let (n, k) = weight.shape();
-        len_check("matmul", "x", x.0.len(), rows * k)?;
-        len_check("matmul", "out", out.0.len(), rows * n)?;
-        matmul::matmul(&self.pool, self.isa, &x.0, weight, rows, &mut out.0);
+        len_check("matmul", "x", x.0.len(), rows.count * k)?;
+        len_check("matmul", "out", out.0.len(), rows.count * n)?;
+        matmul::matmul(&self.pool, self.isa, &x.0, weight, rows.count, &mut out.0);
         Ok(())
     }
 
@@ -549,7 +567,7 @@ impl Backend for CpuBackend {
         &self,
         x: &Buffer,
         weights: &[&Weight],
-        rows: usize,
+        rows: MatmulRows,
         outs: &mut [&mut Buffer],
     ) -> Result<()> {
         check(weights.len() == outs.len(), "matmul_many", || {
@@ -569,11 +587,21 @@ impl Backend for CpuBackend {
             return Ok(());
         }
         for (w, out) in ints.iter().zip(outs.iter()) {
-            len_check("matmul_many", "x", x.0.len(), rows * w.cols)?;
-            len_check("matmul_many", "out", out.0.len(), rows * w.rows)?;
+            len_check("matmul_many", "x", x.0.len(), rows.count * w.cols)?;
+            len_check("matmul_many", "out", out.0.len(), rows.count * w.rows)?;
+        }
+        if let Some(run) = rows
+            .prompt
+            .iter()
+            .find(|r| r.start > r.end || r.end > rows.count)
+        {
+            return Err(KernelError::Shape(format!(
+                "matmul: prompt rows {run:?} of {} rows",
+                rows.count
+            )));
         }
         let mut outs: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o.0[..]).collect();
-        int8dot::matmul_many(&self.pool, &ints, &x.0, rows, &mut outs);
+        int8dot::matmul_rows(&self.pool, &ints, &x.0, rows, &mut outs);
         Ok(())
     }
 

@@ -65,7 +65,7 @@ fn run_matmul(b: &CpuBackend, x: &[f32], w: &Weight, rows: usize) -> Vec<f32> {
     b.matmul(
         &buffer(b, &x[..rows * b.weight_shape(w).1]),
         w,
-        rows,
+        MatmulRows::plain(rows),
         &mut out,
     )
     .unwrap();
@@ -369,9 +369,19 @@ fn matmul_rejects_short_buffers() {
     let w = b
         .upload_weight(&HostWeight::from_f32(DenseFormat::F16, 4, 8, &[0.0; 32]).unwrap())
         .unwrap();
-    let err = b.matmul(&b.alloc(15).unwrap(), &w, 2, &mut b.alloc(8).unwrap());
+    let err = b.matmul(
+        &b.alloc(15).unwrap(),
+        &w,
+        MatmulRows::plain(2),
+        &mut b.alloc(8).unwrap(),
+    );
     assert!(matches!(err, Err(KernelError::Shape(m)) if m.starts_with("matmul")));
-    let err = b.matmul(&b.alloc(16).unwrap(), &w, 2, &mut b.alloc(7).unwrap());
+    let err = b.matmul(
+        &b.alloc(16).unwrap(),
+        &w,
+        MatmulRows::plain(2),
+        &mut b.alloc(7).unwrap(),
+    );
     assert!(matches!(err, Err(KernelError::Shape(m)) if m.starts_with("matmul")));
 }
 
@@ -424,6 +434,7 @@ impl AttnCase {
                 start: b.tokens.len(),
                 len: to - from,
                 context_len: to,
+                prompt_len: 0,
                 block_table: self.tables[i].clone(),
             });
             for p in from..to {
@@ -1014,6 +1025,97 @@ fn integer_activation_case(activations: Activations, amx: bool) {
     }
 }
 
+/// Prompt rows (`MatmulRows::prompt`) of packed weights run on bf16 tiles where the CPU has
+/// AMX-BF16: each within bf16's error of the dequantized product, and bitwise the same whatever
+/// rows come with it, prompt or generated (those keep the integer path's bits).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn prompt_rows_are_bf16_products_whatever_rows_come_with_them() {
+    if !super::int8dot::amx_bf16::available() {
+        eprintln!("skipped: no AMX-BF16 tiles (prompt rows take the integer path)");
+        return;
+    }
+    let mut rng = rng();
+    let b = CpuBackend::new(2).unwrap();
+    let int = |bits, asym| QuantFormat::Int { bits, asym };
+    let cases = [
+        (int(4, false), 32, false),
+        (int(4, true), 32, true),
+        (int(8, false), 32, false),
+        (int(8, true), PER_CHANNEL, false),
+        (int(3, true), 64, true),
+        (int(2, false), 128, false),
+        (QuantFormat::Fp4, 32, false),
+        (QuantFormat::Mxfp4, 32, false),
+        (QuantFormat::Nvfp4, 16, true),
+    ];
+    let bf16 = |v: f32| half::bf16::from_f32(v).to_f32() as f64;
+    let rows = 70;
+    for (format, group, perm) in cases {
+        // 53 features: three whole tiles (a pair and a single) and a partial one.
+        let (n, k) = (53, if group <= 32 { 160 + 448 } else { 5 * group });
+        let (host, dequantized) = packed_weight(&mut rng, format, group, perm, n, k);
+        let w = b.upload_weight(&host).unwrap();
+        let mut x = values(&mut rng, rows * k);
+        x[3 * k + 7] = 40.0;
+        let run = |prompt: &[std::ops::Range<usize>]| {
+            let mut out = poisoned(&b, rows * n);
+            let rows = MatmulRows {
+                count: rows,
+                prompt,
+            };
+            b.matmul(&buffer(&b, &x), &w, rows, &mut out).unwrap();
+            b.read(&out, rows.count * n).unwrap()
+        };
+        let all = run(&[0..rows]);
+        let (rounded, exact): (Vec<f64>, Vec<f64>) = (0..rows * n)
+            .map(|i| {
+                let (r, f) = (i / n, i % n);
+                let (xr, wr) = (&x[r * k..(r + 1) * k], &dequantized[f * k..(f + 1) * k]);
+                let dot = |g: &dyn Fn(f32) -> f64| {
+                    xr.iter().zip(wr).map(|(&a, &c)| g(a) * g(c)).sum::<f64>()
+                };
+                (dot(&bf16), dot(&|v| v as f64))
+            })
+            .unzip();
+        let case = format!("{format} g{group} perm {perm}");
+        let err = rel_err(&all, &rounded);
+        assert!(err < 1e-4, "{case}: {err:e} from the bf16-rounded product");
+        let err = rel_err(&all, &exact);
+        assert!(err < 1e-2, "{case}: {err:e} from the exact product");
+        let generated = run(&[]);
+        let mixed_runs = [2..9, 9..10, 40..rows];
+        let mixed = run(&mixed_runs);
+        let alone = run(&[5..6]);
+        for r in 0..rows {
+            let prompt = mixed_runs.iter().any(|run| run.contains(&r));
+            let want = if prompt { &all } else { &generated };
+            let row = |v: &[f32]| {
+                v[r * n..(r + 1) * n]
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(
+                row(&mixed),
+                row(want),
+                "{case}: row {r} (prompt {prompt}) depends on its batch"
+            );
+        }
+        let row5 = |v: &[f32]| {
+            v[5 * n..6 * n]
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            row5(&alone),
+            row5(&all),
+            "{case}: a prompt row alone differs"
+        );
+    }
+}
+
 /// Several weights on one input (q/k/v, gate/up) give bitwise each weight's own matmul, on the
 /// shared integer pass (one quantization) and on the fallback (mixed kinds, different
 /// act-order permutations).
@@ -1046,10 +1148,12 @@ fn matmul_many_is_each_matmul() {
             let mut outs: Vec<Buffer> = set.iter().map(|s| poisoned(&b, rows * s.2)).collect();
             let refs: Vec<&Weight> = ws.iter().collect();
             let mut out_refs: Vec<&mut Buffer> = outs.iter_mut().collect();
-            b.matmul_many(&x, &refs, rows, &mut out_refs).unwrap();
+            b.matmul_many(&x, &refs, MatmulRows::plain(rows), &mut out_refs)
+                .unwrap();
             for ((w, out), s) in ws.iter().zip(&outs).zip(set) {
                 let mut alone = poisoned(&b, rows * s.2);
-                b.matmul(&x, w, rows, &mut alone).unwrap();
+                b.matmul(&x, w, MatmulRows::plain(rows), &mut alone)
+                    .unwrap();
                 let (got, want) = (
                     b.read(out, rows * s.2).unwrap(),
                     b.read(&alone, rows * s.2).unwrap(),
@@ -1066,7 +1170,7 @@ fn matmul_many_is_each_matmul() {
         let refs: Vec<&Weight> = ws.iter().collect();
         let mut one = poisoned(&b, 70 * 64);
         assert!(matches!(
-            b.matmul_many(&buffer(&b, &[0.0; 608]), &refs, 1, &mut [&mut one]),
+            b.matmul_many(&buffer(&b, &[0.0; 608]), &refs, MatmulRows::plain(1), &mut [&mut one]),
             Err(KernelError::Shape(m)) if m.starts_with("matmul_many")
         ));
     }

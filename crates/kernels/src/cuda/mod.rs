@@ -26,7 +26,7 @@ mod quant;
 
 pub use cudarc;
 
-use crate::{check, Backend, KernelError, KvLayout, Result, StepBatch};
+use crate::{check, Backend, KernelError, KvLayout, MatmulRows, Result, StepBatch};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
@@ -1483,7 +1483,15 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn matmul(&self, x: &Buffer, weight: &Weight, rows: usize, out: &mut Buffer) -> Result<()> {
+    fn matmul(
+        &self,
+        x: &Buffer,
+        weight: &Weight,
+        rows: MatmulRows,
+        out: &mut Buffer,
+    ) -> Result<()> {
+        // Prompt and generated rows run alike here.
+        let rows = rows.count;
         let (n, k) = weight.shape();
         len_check("matmul", "x", x.len, rows * k)?;
         len_check("matmul", "out", out.len, rows * n)?;
@@ -1535,9 +1543,10 @@ impl Backend for CudaBackend {
         &self,
         x: &Buffer,
         weights: &[&Weight],
-        rows: usize,
+        rows: MatmulRows,
         outs: &mut [&mut Buffer],
     ) -> Result<()> {
+        let rows = rows.count;
         check(weights.len() == outs.len(), "matmul_many", || {
             format!("{} weights, {} outputs", weights.len(), outs.len())
         })?;
@@ -1558,7 +1567,7 @@ impl Backend for CudaBackend {
             });
         if !fusable {
             for (w, out) in weights.iter().zip(outs.iter_mut()) {
-                self.matmul(x, w, rows, out)?;
+                self.matmul(x, w, MatmulRows::plain(rows), out)?;
             }
             return Ok(());
         }

@@ -1,0 +1,360 @@
+//! Prompt rows of packed weights on AMX-BF16 (`MatmulRows::prompt`).
+//!
+//! The integer path (`amx.rs`) keeps every 32-column block's sums apart, because each block
+//! has its own activation scale, and scaling them on the vector unit is what bounds it. Here a
+//! 16-feature tile of W is dequantized once into `tdpbf16ps`'s operand layout (bf16 pairs of
+//! consecutive columns), and the activations are plain bf16, so the sums stay in a tile
+//! register across the whole of k: per 16 rows x 16 features x 32 columns, one tile product
+//! and two tile loads, nothing on the vector unit. The dequantization (~150 vector operations
+//! a block) is paid once per tile and shared by every prompt row of the call.
+//!
+//! Bound: `tdpbf16ps` does 16 x 16 x 32 multiply-adds in 16 cycles, ~1.3 T/s on 2 cores at
+//! 2.6 GHz; SmolLM2's 30 layers at 512 rows measured ~3x faster than the integer AMX path on
+//! one thread (docs/benchmarks.md). A row's sums depend on its own activations and the tile
+//! alone, so rows give the same bits whatever rows share their tile.
+//!
+//! Precision: activations and weights rounded to bf16 (8 significant bits) with f32 sums, as a
+//! GPU's bf16 kernels compute; about 2e-3 relative error on a matmul's outputs.
+
+use super::SyncPtr;
+use super::{load_scales, unpack, IntWeight, Layout, Scales, BLOCK, LANES};
+use rayon::prelude::*;
+use rayon::ThreadPool;
+use std::arch::asm;
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+use std::ops::Range;
+use std::sync::OnceLock;
+
+/// Rows of one activation tile, the most AMX holds.
+const TILE_ROWS: usize = 16;
+
+/// Whether this CPU has AMX-BF16 (and AVX512-BF16 to round into it) with the tile registers
+/// granted.
+pub(crate) fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        // CPUID.(EAX=7, ECX=0):EDX bit 22 is AMX-BF16; CPUID.(EAX=7, ECX=1):EAX bit 5 is
+        // AVX512-BF16.
+        #[allow(unused_unsafe)]
+        let (amx_bf16, avx512_bf16) = unsafe {
+            (
+                __cpuid_count(7, 0).edx & (1 << 22) != 0,
+                __cpuid_count(7, 1).eax & (1 << 5) != 0,
+            )
+        };
+        amx_bf16 && avx512_bf16 && super::amx::available() && super::available()
+    })
+}
+
+/// Whether `w`'s prompt rows take this path.
+pub(crate) fn takes(w: &IntWeight) -> bool {
+    w.amx && available()
+}
+
+/// The tile registers' shapes for `rows` activation rows: tmm0 and tmm3 the sums of two
+/// feature tiles (rows x 16 f32), tmm1 the activations (rows x 32 bf16), tmm2 and tmm4 the
+/// two feature tiles' weights (16 column pairs x 16 features).
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+impl TileConfig {
+    fn new(rows: usize) -> Self {
+        let mut c = [0u8; 64];
+        c[0] = 1; // palette 1
+        let shapes = [(rows, 64u16), (rows, 64), (16, 64), (rows, 64), (16, 64)];
+        for (tile, (tile_rows, bytes)) in shapes.into_iter().enumerate() {
+            c[16 + 2 * tile..18 + 2 * tile].copy_from_slice(&bytes.to_le_bytes());
+            c[48 + tile] = tile_rows as u8;
+        }
+        Self(c)
+    }
+}
+
+/// Sixteen rows of sixteen sums, as `tilestored` leaves them.
+#[repr(C, align(64))]
+struct TileSums([[f32; LANES]; TILE_ROWS]);
+
+thread_local! {
+    /// The calling thread's prompt rows in bf16, and each worker's dequantized weight tiles.
+    static ROWS: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    static WEIGHTS: RefCell<Vec<__m512i>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `outs[i][r, :] = x[r, :] · W_i` for the rows `r` in `prompt`, every weight's tiles one
+/// parallel pass. Caller has checked `takes` for each weight, that they share their input
+/// (`share_input`), and the lengths of `x` and `outs`.
+pub(crate) fn matmul_many(
+    pool: &ThreadPool,
+    ws: &[&IntWeight],
+    x: &[f32],
+    prompt: &[Range<usize>],
+    outs: &mut [&mut [f32]],
+) {
+    let Some(w0) = ws.first() else { return };
+    let k = w0.cols;
+    let rows: Vec<u32> = prompt
+        .iter()
+        .flat_map(|r| r.clone())
+        .map(|r| r as u32)
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    ROWS.with_borrow_mut(|a| {
+        a.resize(rows.len() * k, 0);
+        pool.install(|| {
+            a.par_chunks_mut(k).zip(&rows).for_each(|(dst, &r)| {
+                let src = &x[r as usize * k..(r as usize + 1) * k];
+                // SAFETY: `available` checked AVX512-BF16.
+                match &w0.perm {
+                    None => unsafe { to_bf16(src, dst) },
+                    Some(perm) => {
+                        let gathered: Vec<f32> = perm.iter().map(|&p| src[p as usize]).collect();
+                        unsafe { to_bf16(&gathered, dst) }
+                    }
+                }
+            })
+        });
+        let a = &a[..];
+        // Tiles go in pairs (one activation load feeds two products); a task is a run of
+        // pairs of one weight, four tasks per thread so work stealing evens out.
+        let pairs = |w: &IntWeight| w.rows.div_ceil(2 * LANES);
+        let all: usize = ws.iter().map(|w| pairs(w)).sum();
+        let chunk = all.div_ceil(pool.current_num_threads() * 4).max(1);
+        let tasks: Vec<usize> = ws.iter().map(|w| pairs(w).div_ceil(chunk)).collect();
+        let outs: Vec<SyncPtr<f32>> = outs.iter_mut().map(|o| SyncPtr(o.as_mut_ptr())).collect();
+        let rows = &rows[..];
+        pool.install(|| {
+            (0..tasks.iter().sum()).into_par_iter().for_each(|mut t| {
+                let mut i = 0;
+                while t >= tasks[i] {
+                    t -= tasks[i];
+                    i += 1;
+                }
+                let (w, out) = (ws[i], outs[i]);
+                let p = t * chunk..((t + 1) * chunk).min(pairs(w));
+                // SAFETY: tasks write disjoint features of their output; `takes` checked the
+                // instruction sets and the tile registers.
+                WEIGHTS.with_borrow_mut(|b| unsafe { run_pairs(w, a, rows, p, b, out.get()) })
+            })
+        });
+    })
+}
+
+/// Rounds a row to bf16 (nearest even).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn to_bf16(x: &[f32], out: &mut [u16]) {
+    let (mut i, n) = (0, x.len());
+    while i + 32 <= n {
+        let lo = _mm512_loadu_ps(x.as_ptr().add(i));
+        let hi = _mm512_loadu_ps(x.as_ptr().add(i + 16));
+        let pair: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+        _mm512_storeu_si512(out.as_mut_ptr().add(i).cast(), pair);
+        i += 32;
+    }
+    for j in i..n {
+        out[j] = half::bf16::from_f32(x[j]).to_bits();
+    }
+}
+
+/// Feature tile pairs `pairs` of `w` against every prompt row: `a` holds them in bf16 (stride
+/// k), `rows[i]` is where compact row i goes in `out`.
+///
+/// # Safety
+/// AVX512-BF16 and AMX-BF16 available with the tile registers granted; `out` holds every row
+/// of `rows` by `w.rows`; no other task writes these features.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma,f16c")]
+unsafe fn run_pairs(
+    w: &IntWeight,
+    a: &[u16],
+    rows: &[u32],
+    pairs: Range<usize>,
+    b: &mut Vec<__m512i>,
+    out: *mut f32,
+) {
+    let nb = w.cols / BLOCK;
+    // Two tiles' operands: per block 16 rows of column pairs x 16 features, 1 KiB.
+    b.resize(2 * nb * 16, _mm512_setzero_si512());
+    let tiles = w.rows.div_ceil(LANES);
+    for pair in pairs {
+        let t = 2 * pair;
+        let second = t + 1 < tiles;
+        dequantize(w, t, b.as_mut_ptr());
+        if second {
+            dequantize(w, t + 1, b.as_mut_ptr().add(nb * 16));
+        }
+        multiply(w, a, rows, t, second, b.as_ptr(), out);
+    }
+    // Leave the tile registers unused, so context switches need not save them.
+    asm!("tilerelease", options(nostack, nomem));
+}
+
+/// Tile `t` of `w` into `dst` (`nb` blocks of 16 vectors): vector `2c + h` of a block holds,
+/// in lane f, feature f's columns `4c + 2h` and `4c + 2h + 1` as bf16, lower column low.
+#[inline(always)]
+unsafe fn dequantize(w: &IntWeight, t: usize, dst: *mut __m512i) {
+    macro_rules! go {
+        ($layout:ident, $scales:ident, $asym:literal, $half:literal) => {
+            tile_values::<{ Layout::$layout as u8 }, { Scales::$scales as u8 }, $asym, $half>(
+                w, t, dst,
+            )
+        };
+    }
+    match (w.layout, w.scales, w.asym) {
+        (Layout::U8, _, false) => go!(U8, F16, false, false),
+        (Layout::U8, _, true) => go!(U8, F16, true, false),
+        (Layout::U4, _, false) => go!(U4, F16, false, false),
+        (Layout::U4, _, true) => go!(U4, F16, true, false),
+        (Layout::U3, _, false) => go!(U3, F16, false, false),
+        (Layout::U3, _, true) => go!(U3, F16, true, false),
+        (Layout::U2, _, false) => go!(U2, F16, false, false),
+        (Layout::U2, _, true) => go!(U2, F16, true, false),
+        (Layout::E2m1, Scales::F16, _) => go!(E2m1, F16, false, false),
+        (Layout::E2m1, Scales::Bf16, _) => go!(E2m1, Bf16, false, false),
+        (Layout::E2m1, Scales::E4m3, _) => go!(E2m1, E4m3, false, true),
+    }
+}
+
+/// `dequantize` for one weight kind. `HALF`: scales per 16 columns (operands 0..4, 4..8).
+#[inline(always)]
+unsafe fn tile_values<const L: u8, const S: u8, const ASYM: bool, const HALF: bool>(
+    w: &IntWeight,
+    t: usize,
+    mut dst: *mut __m512i,
+) {
+    let (block_bytes, scale_bytes) = (w.layout.block_bytes(), w.scale_bytes());
+    let unit = w.unit();
+    let blocks_per_unit = unit / BLOCK;
+    let bias = _mm512_set1_ps(w.bias as f32);
+    let factor = _mm512_set1_ps(w.factor);
+    let byte = _mm512_set1_epi32(0xff);
+    // Word 2i takes the first vector's value i, word 2i + 1 the second's.
+    let interleave = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
+        19, 3, 18, 2, 17, 1, 16, 0,
+    );
+    let mut p = w.data.as_ptr().add(t * w.tile_bytes());
+    for _ in 0..w.cols / unit {
+        let params = p.add(blocks_per_unit * block_bytes);
+        let scale = _mm512_mul_ps(load_scales::<S>(params), factor);
+        let scale2 = if HALF {
+            _mm512_mul_ps(load_scales::<S>(params.add(scale_bytes)), factor)
+        } else {
+            scale
+        };
+        // code * s + (offset - bias * s): the bias folded into the offset, one FMA a weight.
+        let offset = |s| {
+            let o = if ASYM {
+                _mm512_cvtph_ps(_mm256_loadu_si256(params.add(scale_bytes).cast()))
+            } else {
+                _mm512_setzero_ps()
+            };
+            _mm512_fnmadd_ps(bias, s, o)
+        };
+        let (offset1, offset2) = (offset(scale), offset(scale2));
+        for _ in 0..blocks_per_unit {
+            let ops = unpack::<L>(p);
+            p = p.add(block_bytes);
+            for (c, op) in ops.into_iter().enumerate() {
+                let (s, o) = if HALF && c >= 4 {
+                    (scale2, offset2)
+                } else {
+                    (scale, offset1)
+                };
+                // Byte j of each lane is the code of column 4c + j.
+                let value = |codes: __m512i| _mm512_fmadd_ps(_mm512_cvtepi32_ps(codes), s, o);
+                let low_byte = |codes| _mm512_and_si512(codes, byte);
+                let (v0, v1) = (
+                    value(low_byte(op)),
+                    value(low_byte(_mm512_srli_epi32::<8>(op))),
+                );
+                let (v2, v3) = (
+                    value(low_byte(_mm512_srli_epi32::<16>(op))),
+                    value(_mm512_srli_epi32::<24>(op)),
+                );
+                let low: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(v1, v0));
+                let high: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(v3, v2));
+                _mm512_store_si512(dst.add(2 * c), _mm512_permutexvar_epi16(interleave, low));
+                _mm512_store_si512(
+                    dst.add(2 * c + 1),
+                    _mm512_permutexvar_epi16(interleave, high),
+                );
+            }
+            dst = dst.add(16);
+        }
+        p = p.add(w.unit_bytes() - blocks_per_unit * block_bytes);
+    }
+}
+
+/// Every prompt row against feature tiles `t` (and `t + 1` when `second`), whose operands
+/// `b` holds, into `out`.
+#[inline(always)]
+unsafe fn multiply(
+    w: &IntWeight,
+    a: &[u16],
+    rows: &[u32],
+    t: usize,
+    second: bool,
+    b: *const __m512i,
+    out: *mut f32,
+) {
+    let (k, n) = (w.cols, w.rows);
+    let nb = k / BLOCK;
+    let b2 = b.add(nb * 16);
+    let mut sums = TileSums([[0.0; LANES]; TILE_ROWS]);
+    let mut configured = 0;
+    for g in (0..rows.len()).step_by(TILE_ROWS) {
+        let count = (rows.len() - g).min(TILE_ROWS);
+        if count != configured {
+            let config = TileConfig::new(count);
+            asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly));
+            configured = count;
+        }
+        let x = a.as_ptr().add(g * k).cast::<u8>();
+        asm!("tilezero tmm0", "tilezero tmm3", options(nostack, nomem));
+        for blk in 0..nb {
+            if second {
+                asm!(
+                    "tileloadd tmm1, [{x} + {stride}*1]",
+                    "tileloadd tmm2, [{b} + {b_stride}*1]",
+                    "tileloadd tmm4, [{b2} + {b_stride}*1]",
+                    "tdpbf16ps tmm0, tmm1, tmm2",
+                    "tdpbf16ps tmm3, tmm1, tmm4",
+                    x = in(reg) x.add(blk * 64),
+                    stride = in(reg) 2 * k,
+                    b = in(reg) b.add(blk * 16),
+                    b2 = in(reg) b2.add(blk * 16),
+                    b_stride = in(reg) 64usize,
+                    options(nostack, readonly),
+                );
+            } else {
+                asm!(
+                    "tileloadd tmm1, [{x} + {stride}*1]",
+                    "tileloadd tmm2, [{b} + {b_stride}*1]",
+                    "tdpbf16ps tmm0, tmm1, tmm2",
+                    x = in(reg) x.add(blk * 64),
+                    stride = in(reg) 2 * k,
+                    b = in(reg) b.add(blk * 16),
+                    b_stride = in(reg) 64usize,
+                    options(nostack, readonly),
+                );
+            }
+        }
+        let tiles = if second { 2 } else { 1 };
+        for tile in 0..tiles {
+            let at = sums.0.as_mut_ptr();
+            if tile == 0 {
+                asm!("tilestored [{at} + {s}*1], tmm0", at = in(reg) at, s = in(reg) 64usize, options(nostack));
+            } else {
+                asm!("tilestored [{at} + {s}*1], tmm3", at = in(reg) at, s = in(reg) 64usize, options(nostack));
+            }
+            let f0 = (t + tile) * LANES;
+            let mask = ((1u32 << LANES.min(n - f0)) - 1) as __mmask16;
+            for (i, &r) in rows[g..g + count].iter().enumerate() {
+                let v = _mm512_load_ps(sums.0[i].as_ptr());
+                _mm512_mask_storeu_ps(out.add(r as usize * n + f0), mask, v);
+            }
+        }
+    }
+}
