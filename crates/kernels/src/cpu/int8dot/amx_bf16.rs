@@ -52,20 +52,23 @@ pub(crate) fn takes(w: &IntWeight) -> bool {
     w.amx && available()
 }
 
-/// The tile registers' shapes for `rows` activation rows: tmm0 and tmm3 the sums of two
-/// feature tiles (rows x 16 f32), tmm1 the activations (rows x 32 bf16), tmm2 and tmm4 the
-/// two feature tiles' weights (16 column pairs x 16 features).
+/// The tile registers' shapes for two groups of `first` and `second` activation rows (second
+/// 0: one group): tmm0/tmm1 the first group's sums for the two feature tiles (rows x 16 f32),
+/// tmm2/tmm3 the second's, tmm4/tmm5 the groups' activations (rows x 32 bf16), tmm6/tmm7 the
+/// feature tiles' weights (16 column pairs x 16 features). Four independent sums keep four
+/// products in flight: a product waits for the previous one into the same tile.
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
 impl TileConfig {
-    fn new(rows: usize) -> Self {
+    fn new(first: usize, second: usize) -> Self {
         let mut c = [0u8; 64];
         c[0] = 1; // palette 1
-        let shapes = [(rows, 64u16), (rows, 64), (16, 64), (rows, 64), (16, 64)];
-        for (tile, (tile_rows, bytes)) in shapes.into_iter().enumerate() {
-            c[16 + 2 * tile..18 + 2 * tile].copy_from_slice(&bytes.to_le_bytes());
-            c[48 + tile] = tile_rows as u8;
+        let bytes = |rows: usize| if rows == 0 { 0 } else { 64u16 };
+        let shapes = [first, first, second, second, first, second, 16, 16];
+        for (tile, rows) in shapes.into_iter().enumerate() {
+            c[16 + 2 * tile..18 + 2 * tile].copy_from_slice(&bytes(rows).to_le_bytes());
+            c[48 + tile] = rows as u8;
         }
         Self(c)
     }
@@ -287,8 +290,9 @@ unsafe fn tile_values<const L: u8, const S: u8, const ASYM: bool, const HALF: bo
     }
 }
 
-/// Every prompt row against feature tiles `t` (and `t + 1` when `second`), whose operands
-/// `b` holds, into `out`.
+/// Every prompt row against feature tiles `t` and `t + 1` (when `second`), whose operands `b`
+/// holds, into `out`. Row groups go in pairs; a row's products are the same instructions in
+/// the same order whichever group it is in, paired or not.
 #[inline(always)]
 unsafe fn multiply(
     w: &IntWeight,
@@ -303,53 +307,97 @@ unsafe fn multiply(
     let nb = k / BLOCK;
     let b2 = b.add(nb * 16);
     let mut sums = TileSums([[0.0; LANES]; TILE_ROWS]);
-    let mut configured = 0;
-    for g in (0..rows.len()).step_by(TILE_ROWS) {
-        let count = (rows.len() - g).min(TILE_ROWS);
-        if count != configured {
-            let config = TileConfig::new(count);
+    let mut configured = (0, 0);
+    let groups = rows.len().div_ceil(TILE_ROWS);
+    for pair in (0..groups).step_by(2) {
+        let g1 = pair * TILE_ROWS;
+        let count1 = (rows.len() - g1).min(TILE_ROWS);
+        let g2 = g1 + TILE_ROWS;
+        let count2 = if pair + 1 < groups {
+            (rows.len() - g2).min(TILE_ROWS)
+        } else {
+            0
+        };
+        if (count1, count2) != configured {
+            let config = TileConfig::new(count1, count2);
             asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly));
-            configured = count;
+            configured = (count1, count2);
         }
-        let x = a.as_ptr().add(g * k).cast::<u8>();
-        asm!("tilezero tmm0", "tilezero tmm3", options(nostack, nomem));
-        for blk in 0..nb {
-            if second {
+        let x1 = a.as_ptr().add(g1 * k).cast::<u8>();
+        let stride = 2 * k;
+        if count2 > 0 {
+            let x2 = a.as_ptr().add(g2 * k).cast::<u8>();
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+            for blk in 0..nb {
                 asm!(
-                    "tileloadd tmm1, [{x} + {stride}*1]",
-                    "tileloadd tmm2, [{b} + {b_stride}*1]",
-                    "tileloadd tmm4, [{b2} + {b_stride}*1]",
-                    "tdpbf16ps tmm0, tmm1, tmm2",
-                    "tdpbf16ps tmm3, tmm1, tmm4",
-                    x = in(reg) x.add(blk * 64),
-                    stride = in(reg) 2 * k,
+                    "tileloadd tmm4, [{x1} + {stride}*1]",
+                    "tileloadd tmm6, [{b} + {b_stride}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tileloadd tmm7, [{b2} + {b_stride}*1]",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tileloadd tmm5, [{x2} + {stride}*1]",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    x1 = in(reg) x1.add(blk * 64),
+                    x2 = in(reg) x2.add(blk * 64),
+                    stride = in(reg) stride,
                     b = in(reg) b.add(blk * 16),
                     b2 = in(reg) b2.add(blk * 16),
                     b_stride = in(reg) 64usize,
                     options(nostack, readonly),
                 );
-            } else {
+            }
+        } else {
+            asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+            for blk in 0..nb {
                 asm!(
-                    "tileloadd tmm1, [{x} + {stride}*1]",
-                    "tileloadd tmm2, [{b} + {b_stride}*1]",
-                    "tdpbf16ps tmm0, tmm1, tmm2",
-                    x = in(reg) x.add(blk * 64),
-                    stride = in(reg) 2 * k,
+                    "tileloadd tmm4, [{x1} + {stride}*1]",
+                    "tileloadd tmm6, [{b} + {b_stride}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tileloadd tmm7, [{b2} + {b_stride}*1]",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    x1 = in(reg) x1.add(blk * 64),
+                    stride = in(reg) stride,
                     b = in(reg) b.add(blk * 16),
+                    b2 = in(reg) b2.add(blk * 16),
                     b_stride = in(reg) 64usize,
                     options(nostack, readonly),
                 );
             }
         }
-        let tiles = if second { 2 } else { 1 };
-        for tile in 0..tiles {
-            let at = sums.0.as_mut_ptr();
-            if tile == 0 {
-                asm!("tilestored [{at} + {s}*1], tmm0", at = in(reg) at, s = in(reg) 64usize, options(nostack));
-            } else {
-                asm!("tilestored [{at} + {s}*1], tmm3", at = in(reg) at, s = in(reg) 64usize, options(nostack));
+        // (sum tile, first row, rows, feature tile)
+        let tiles = [
+            (0, g1, count1, t),
+            (1, g1, count1, t + 1),
+            (2, g2, count2, t),
+            (3, g2, count2, t + 1),
+        ];
+        for (tile, g, count, feature_tile) in tiles {
+            if count == 0 || (feature_tile > t && !second) {
+                continue;
             }
-            let f0 = (t + tile) * LANES;
+            let at = sums.0.as_mut_ptr();
+            match tile {
+                0 => {
+                    asm!("tilestored [{at} + {s}*1], tmm0", at = in(reg) at, s = in(reg) 64usize, options(nostack))
+                }
+                1 => {
+                    asm!("tilestored [{at} + {s}*1], tmm1", at = in(reg) at, s = in(reg) 64usize, options(nostack))
+                }
+                2 => {
+                    asm!("tilestored [{at} + {s}*1], tmm2", at = in(reg) at, s = in(reg) 64usize, options(nostack))
+                }
+                _ => {
+                    asm!("tilestored [{at} + {s}*1], tmm3", at = in(reg) at, s = in(reg) 64usize, options(nostack))
+                }
+            }
+            let f0 = feature_tile * LANES;
             let mask = ((1u32 << LANES.min(n - f0)) - 1) as __mmask16;
             for (i, &r) in rows[g..g + count].iter().enumerate() {
                 let v = _mm512_load_ps(sums.0[i].as_ptr());
