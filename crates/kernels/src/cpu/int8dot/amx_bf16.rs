@@ -5,12 +5,13 @@
 //! 16-feature tile of W is dequantized once into `tdpbf16ps`'s operand layout (bf16 pairs of
 //! consecutive columns), and the activations are plain bf16, so the sums stay in a tile
 //! register across the whole of k: per 16 rows x 16 features x 32 columns, one tile product
-//! and two tile loads, nothing on the vector unit. The dequantization (~150 vector operations
+//! and one to two tile loads, nothing on the vector unit. The dequantization (~160 vector operations
 //! a block) is paid once per tile and shared by every prompt row of the call.
 //!
-//! Bound: `tdpbf16ps` does 16 x 16 x 32 multiply-adds in 16 cycles, ~1.3 T/s on 2 cores at
-//! 2.6 GHz; SmolLM2's 30 layers at 512 rows measured ~3x faster than the integer AMX path on
-//! one thread (docs/benchmarks.md). A row's sums depend on its own activations and the tile
+//! Bound: `tdpbf16ps` does 16 x 16 x 32 multiply-adds in 16 cycles, ~5 TFLOP/s on 2 cores at
+//! 2.6 GHz. At 512 rows SmolLM2's gate/up and down reach 1.1-1.2 TFLOP/s, about a fifth of it
+//! and 2.0-2.6x the integer tiles (docs/benchmarks.md); the rest goes to the dequantization and
+//! to activation tiles read from L2. A row's sums depend on its own activations and the tile
 //! alone, so rows give the same bits whatever rows share their tile.
 //!
 //! Precision: activations and weights rounded to bf16 (8 significant bits) with f32 sums, as a
