@@ -447,7 +447,7 @@ mod kernels {
     use anyhow::{Context, Result};
     use marlin_kernels::cuda::cudarc::driver::sys::CUevent_flags;
     use marlin_kernels::cuda::{Buffer, CudaBackend, Weight};
-    use marlin_kernels::{Backend, DenseFormat, HostWeight};
+    use marlin_kernels::{Backend, DenseFormat, HostWeight, MatmulRows};
     use marlin_model::synthetic::SplitMix;
     use marlin_quant::{QuantFormat, QuantTensor};
 
@@ -612,7 +612,7 @@ mod kernels {
                 for (ri, &m) in ROWS.iter().enumerate() {
                     let calls = ws.len().max(10);
                     let us = time_us(&g, calls, |i| {
-                        Ok(g.matmul(&x, &ws[i % ws.len()], m, &mut out)?)
+                        Ok(g.matmul(&x, &ws[i % ws.len()], MatmulRows::plain(m), &mut out)?)
                     })?;
                     let moved = bytes + 2 * m * (n + k);
                     let gbs = moved as f64 / us / 1e3;

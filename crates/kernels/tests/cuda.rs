@@ -8,7 +8,7 @@
 
 use marlin_kernels::cpu::CpuBackend;
 use marlin_kernels::cuda::{self, CudaBackend};
-use marlin_kernels::{Backend, DenseFormat, HostWeight, KvLayout, SeqSpan, StepBatch};
+use marlin_kernels::{Backend, DenseFormat, HostWeight, KvLayout, MatmulRows, SeqSpan, StepBatch};
 use marlin_quant::{quantize_rtn, QuantFormat, QuantTensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -559,8 +559,10 @@ fn dense_matmul() {
                 let (gx, cx) = pair(g, &c, &x);
                 let mut go = poisoned(g, rows * n);
                 let mut co = c.alloc(rows * n).unwrap();
-                g.matmul(&gx, &gw, rows, &mut go).unwrap();
-                c.matmul(&cx, &cw, rows, &mut co).unwrap();
+                g.matmul(&gx, &gw, MatmulRows::plain(rows), &mut go)
+                    .unwrap();
+                c.matmul(&cx, &cw, MatmulRows::plain(rows), &mut co)
+                    .unwrap();
                 assert_close(
                     &format!("matmul {format} {n}x{k} rows {rows}"),
                     &g.read(&go, rows * n).unwrap(),
@@ -598,7 +600,8 @@ fn check_quant(g: &CudaBackend, r: &mut StdRng, t: &QuantTensor, what: &str) {
         let mut gx = g.alloc(rows * k).unwrap();
         g.write(&mut gx, &x).unwrap();
         let mut go = poisoned(g, rows * n);
-        g.matmul(&gx, &gw, rows, &mut go).unwrap();
+        g.matmul(&gx, &gw, MatmulRows::plain(rows), &mut go)
+            .unwrap();
         assert_close(
             &format!("{what} rows {rows}"),
             &g.read(&go, rows * n).unwrap(),
@@ -677,7 +680,8 @@ fn matmul_many_quant() {
                     let mut outs: Vec<cuda::Buffer> =
                         ts.iter().map(|t| poisoned(g, rows * t.rows)).collect();
                     let mut out_refs: Vec<&mut cuda::Buffer> = outs.iter_mut().collect();
-                    g.matmul_many(&gx, &refs, rows, &mut out_refs).unwrap();
+                    g.matmul_many(&gx, &refs, MatmulRows::plain(rows), &mut out_refs)
+                        .unwrap();
                     for (i, (t, o)) in ts.iter().zip(&outs).enumerate() {
                         assert_close(
                             &format!("{format} k {k} weight {i} of {shapes:?} rows {rows}"),

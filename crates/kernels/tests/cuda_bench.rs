@@ -8,7 +8,7 @@
 
 use marlin_kernels::cuda::cudarc::driver::sys::CUevent_flags;
 use marlin_kernels::cuda::{self, CudaBackend, Weight};
-use marlin_kernels::{Backend, DenseFormat, HostWeight};
+use marlin_kernels::{Backend, DenseFormat, HostWeight, MatmulRows};
 use marlin_quant::{QuantFormat, QuantTensor};
 use rand::{Rng, SeedableRng};
 
@@ -116,10 +116,12 @@ fn bench_decode_matmul() {
         let mut out = g.alloc(16 * n).unwrap();
         for rows in ROWS {
             let qi = time_us(&g, |i| {
-                g.matmul(&x, &q[i % q.len()], rows, &mut out).unwrap()
+                g.matmul(&x, &q[i % q.len()], MatmulRows::plain(rows), &mut out)
+                    .unwrap()
             });
             let gemv = time_us(&g, |i| {
-                g.matmul(&x, &d[i % d.len()], rows, &mut out).unwrap()
+                g.matmul(&x, &d[i % d.len()], MatmulRows::plain(rows), &mut out)
+                    .unwrap()
             });
             let blas = time_us(&g, |i| {
                 g.matmul_cublas(&x, &d[i % d.len()], rows, &mut out)
