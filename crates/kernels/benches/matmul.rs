@@ -185,8 +185,12 @@ fn main() {
                 let mut x = b.alloc(rows * k).unwrap();
                 b.write(&mut x, &values(rows * k, 99)).unwrap();
                 let mut out = b.alloc(rows * n).unwrap();
-                let all_rows = [0..rows];
-                let prompt: &[_] = if unit == "prompt" { &all_rows } else { &[] };
+                let all_rows = 0..rows;
+                let prompt = if unit == "prompt" {
+                    std::slice::from_ref(&all_rows)
+                } else {
+                    &[]
+                };
                 let mut i = 0;
                 let flops = 2.0 * (rows * k * n) as f64;
                 let iters = ((2e8 / flops) as usize).clamp(1, 200);

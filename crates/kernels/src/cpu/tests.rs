@@ -1067,7 +1067,7 @@ fn prompt_rows_are_bf16_products_whatever_rows_come_with_them() {
             b.matmul(&buffer(&b, &x), &w, rows, &mut out).unwrap();
             b.read(&out, rows.count * n).unwrap()
         };
-        let all = run(&[0..rows]);
+        let all = run(std::slice::from_ref(&(0..rows)));
         let (rounded, exact): (Vec<f64>, Vec<f64>) = (0..rows * n)
             .map(|i| {
                 let (r, f) = (i / n, i % n);
@@ -1086,7 +1086,7 @@ fn prompt_rows_are_bf16_products_whatever_rows_come_with_them() {
         let generated = run(&[]);
         let mixed_runs = [2..9, 9..10, 40..rows];
         let mixed = run(&mixed_runs);
-        let alone = run(&[5..6]);
+        let alone = run(std::slice::from_ref(&(5..6)));
         for r in 0..rows {
             let prompt = mixed_runs.iter().any(|run| run.contains(&r));
             let want = if prompt { &all } else { &generated };
