@@ -46,6 +46,26 @@ use rayon::prelude::*;
 use rayon::ThreadPool;
 use std::cell::RefCell;
 
+/// Calls `$go!(layout, scales, asym, half)` with `$w`'s kind as constants, one instantiation
+/// of a kernel per kind. `half`: scales per 16 columns (nvfp4).
+macro_rules! for_each_kind {
+    ($w:expr, $go:ident) => {
+        match ($w.layout, $w.scales, $w.asym) {
+            (Layout::U8, _, false) => $go!(U8, F16, false, false),
+            (Layout::U8, _, true) => $go!(U8, F16, true, false),
+            (Layout::U4, _, false) => $go!(U4, F16, false, false),
+            (Layout::U4, _, true) => $go!(U4, F16, true, false),
+            (Layout::U3, _, false) => $go!(U3, F16, false, false),
+            (Layout::U3, _, true) => $go!(U3, F16, true, false),
+            (Layout::U2, _, false) => $go!(U2, F16, false, false),
+            (Layout::U2, _, true) => $go!(U2, F16, true, false),
+            (Layout::E2m1, Scales::F16, _) => $go!(E2m1, F16, false, false),
+            (Layout::E2m1, Scales::Bf16, _) => $go!(E2m1, Bf16, false, false),
+            (Layout::E2m1, Scales::E4m3, _) => $go!(E2m1, E4m3, false, true),
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod amx;
 #[cfg(target_arch = "x86_64")]
@@ -659,19 +679,7 @@ unsafe fn run_tiles(
             }
         }};
     }
-    match (w.layout, w.scales, w.asym) {
-        (Layout::U8, _, false) => rows!(U8, F16, false, false),
-        (Layout::U8, _, true) => rows!(U8, F16, true, false),
-        (Layout::U4, _, false) => rows!(U4, F16, false, false),
-        (Layout::U4, _, true) => rows!(U4, F16, true, false),
-        (Layout::U3, _, false) => rows!(U3, F16, false, false),
-        (Layout::U3, _, true) => rows!(U3, F16, true, false),
-        (Layout::U2, _, false) => rows!(U2, F16, false, false),
-        (Layout::U2, _, true) => rows!(U2, F16, true, false),
-        (Layout::E2m1, Scales::F16, _) => rows!(E2m1, F16, false, false),
-        (Layout::E2m1, Scales::Bf16, _) => rows!(E2m1, Bf16, false, false),
-        (Layout::E2m1, Scales::E4m3, _) => rows!(E2m1, E4m3, false, true),
-    }
+    for_each_kind!(w, rows)
 }
 
 #[cfg(not(target_arch = "x86_64"))]

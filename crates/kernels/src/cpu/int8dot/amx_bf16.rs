@@ -205,19 +205,7 @@ unsafe fn dequantize(w: &IntWeight, t: usize, dst: *mut __m512i) {
             )
         };
     }
-    match (w.layout, w.scales, w.asym) {
-        (Layout::U8, _, false) => go!(U8, F16, false, false),
-        (Layout::U8, _, true) => go!(U8, F16, true, false),
-        (Layout::U4, _, false) => go!(U4, F16, false, false),
-        (Layout::U4, _, true) => go!(U4, F16, true, false),
-        (Layout::U3, _, false) => go!(U3, F16, false, false),
-        (Layout::U3, _, true) => go!(U3, F16, true, false),
-        (Layout::U2, _, false) => go!(U2, F16, false, false),
-        (Layout::U2, _, true) => go!(U2, F16, true, false),
-        (Layout::E2m1, Scales::F16, _) => go!(E2m1, F16, false, false),
-        (Layout::E2m1, Scales::Bf16, _) => go!(E2m1, Bf16, false, false),
-        (Layout::E2m1, Scales::E4m3, _) => go!(E2m1, E4m3, false, true),
-    }
+    for_each_kind!(w, go)
 }
 
 /// `dequantize` for one weight kind. `HALF`: scales per 16 columns (operands 0..4, 4..8).
