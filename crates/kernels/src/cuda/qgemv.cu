@@ -522,7 +522,7 @@ struct QgArgs {
     const bf16_t* x;
     float* ws;
     u32* counters;
-    int parts, m, k, CH, cpb, wstride;
+    int parts, m, k, CH, cpb, wstride, strips;
 };
 
 // Suffix p: the scale applied after the mma, for groups that cover whole chunks.
@@ -549,6 +549,338 @@ QGEMV(qgemv_int8_16, 8, false, 2, false)
 QGEMV(qgemv_int8a_8, 8, true, 1, false)
 QGEMV(qgemv_int8a_1, 8, true, 1, true)
 QGEMV(qgemv_int8a_16, 8, true, 2, false)
+
+// The one-row decode kernel, persistent (`_1s` kernels; batch-1 decode, x 16-byte aligned, rows
+// of a multiple of 16 chunks: k a multiple of 1024 for int4, 512 for int8): a grid of as many
+// blocks as the GPU holds at once, each walking an equal, contiguous range of the launch's chunks
+// taken strip after strip (stream-K). The block-per-strip kernel (`_1`) ran gate/up of llama3-8b
+// as 1792 blocks of 4 ring steps a warp, 4.5 waves of 396: every block filled its ring from empty
+// before its first multiply and drained it at its end, and the last half wave left half the SMs
+// idle. Here a warp's copy ring runs on across strip boundaries (the next strip's codes are in
+// flight while this one is reduced), and all blocks end together.
+//
+// Ranges are whole rounds of QG_ROUND = 16 chunks (one ring step of two chunks for each of the 8
+// warps: warp w takes chunks w and w + 8 of a round), and strips are whole rounds, so every warp
+// has the same steps, a step never straddles a strip, and the loop checks for a strip's end once
+// a step, not once a chunk (a first version with ranges of single chunks ran ~178 instructions a
+// chunk in gate/up against ~146 for `_1`, and was 20-25% slower, Nsight Compute, H100).
+// At a strip's end each warp writes its accumulators to shared memory and the block meets at a
+// barrier (the warps arrive at the same step); then 16 threads add the warps in a fixed order. A
+// strip wholly inside the block's range is written directly; one shared with other blocks (at
+// most the first and the last strip of a range) goes through the split-K workspace: each block
+// stores its partial sums in its own slot (its index less that of the strip's first block), and
+// at the block's end (so that the fence and atomics hold up no barrier) bumps the strip's counter;
+// the last block to do so adds the slots in slot order, so the result does not depend on which
+// block finishes first (graph replays stay bitwise equal to direct runs), writes the output and
+// zeroes the slots and the counter for the next launch. The host keeps every range at least
+// 1/15 of a strip long, so a strip has at most 16 blocks.
+//
+// Bound aimed at: the codes, scales and activations streamed once at the copy bandwidth, with no
+// wave tail and no ring refill between strips; numbers in docs/benchmarks.md (eighth session).
+#define QG_ROUND 16
+
+// Weight i of a launch holds its strips p[i].strip0 .. p[i + 1].strip0.
+__device__ __forceinline__ int qg_part(const QgArgs& a, int sg) {
+    return (a.parts > 1 && sg >= a.p[1].strip0) + (a.parts > 2 && sg >= a.p[2].strip0);
+}
+
+// The block whose range holds round r of R: blocks own rounds [floor(b R / B), floor((b + 1) R / B))
+// (the host keeps R B below 2^32).
+__device__ __forceinline__ int qg_block_of(u32 r, u32 R, u32 B) { return (int)(((r + 1) * B - 1) / R); }
+
+__device__ __forceinline__ void bar_sync_all() { asm volatile("barrier.sync 0;" ::: "memory"); }
+
+__device__ __forceinline__ u32 atom_add_acq_rel(u32* p, u32 v) {
+    u32 r;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(r) : "l"(p), "r"(v) : "memory");
+    return r;
+}
+
+// The end of strip st, by threads 0-15 (feature tid of the strip): the warps' sums red[w][tid]
+// added in warp order, then the output written (a strip wholly inside the block's rounds
+// [r0, r1)), or the block's partial sum stored in its slot of the workspace (false: the strip
+// waits for qg_fixup at the block's end).
+__device__ __forceinline__ bool qg_strip_end(const QgArgs& a, const float* red, int st, u32 r0, u32 r1) {
+    const int tid = threadIdx.x;
+    float v = 0.0f;
+#pragma unroll
+    for (int w = 0; w < QG_MAXW; w++) v += red[w * 16 + tid];
+    const u32 cr = (u32)a.CH / QG_ROUND, R = (u32)a.strips * cr, s0 = (u32)st * cr, s1 = s0 + cr;
+    if (s0 >= r0 && s1 <= r1) {
+        const int pi = qg_part(a, st);
+        const int feat = (st - QG_SEL(strip0)) * 16 + tid;
+        if (feat < QG_SEL(n)) QG_SEL(out)[feat] = f2bf(v);
+        return true;
+    }
+    const int first = qg_block_of(s0, R, gridDim.x);
+    __stcg(a.ws + (size_t)st * 256 + ((int)blockIdx.x - first) * 16 + tid, v);
+    return false;
+}
+
+// Strip st's cnt slots added in slot order by the strip's last block, written out, and zeroed
+// (with the strip's counter) for the next launch.
+__device__ __forceinline__ void qg_combine(const QgArgs& a, int st, int cnt) {
+    const int tid = threadIdx.x;
+    float* wsp = a.ws + (size_t)st * 256 + tid;
+    float v[16];
+#pragma unroll
+    for (int j = 0; j < 16; j++) v[j] = j < cnt ? __ldcg(wsp + j * 16) : 0.0f;
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 16; j++)
+        if (j < cnt) {
+            sum += v[j];
+            __stcg(wsp + j * 16, 0.0f);
+        }
+    const int pi = qg_part(a, st);
+    const int feat = (st - QG_SEL(strip0)) * 16 + tid;
+    if (feat < QG_SEL(n)) QG_SEL(out)[feat] = f2bf(sum);
+    if (tid == 0) a.counters[st] = 0;
+}
+
+// The block's shared strips (at most its first, pa, and its last, pb; -1: none), by threads
+// 0-15 at the block's end: one fence for both slots, both counters bumped at once, and the
+// strips whose last block this is combined.
+__device__ __forceinline__ void qg_fixup(const QgArgs& a, int pa, int pb) {
+    if (pa < 0) return;
+    const int tid = threadIdx.x;
+    const u32 cr = (u32)a.CH / QG_ROUND, R = (u32)a.strips * cr;
+    auto count = [&](int st) {
+        return qg_block_of((u32)(st + 1) * cr - 1, R, gridDim.x) - qg_block_of((u32)st * cr, R, gridDim.x) + 1;
+    };
+    // The slots were stored before; a release add publishes them with the count, an acquire
+    // one (the same instruction) lets the last block read the others' slots: one round trip
+    // to the L2 instead of a fence and then the atomic.
+    __syncwarp(0xffffu);
+    u32 la = 0, lb = 0;
+    if (tid == 0) {
+        la = atom_add_acq_rel(&a.counters[pa], 1u);
+        if (pb >= 0) lb = atom_add_acq_rel(&a.counters[pb], 1u);
+    }
+    la = __shfl_sync(0xffffu, la, 0);
+    lb = __shfl_sync(0xffffu, lb, 0);
+    const int ca = count(pa), cb = pb >= 0 ? count(pb) : 0;
+    const bool da = la == (u32)ca - 1, db = pb >= 0 && lb == (u32)cb - 1;
+    if (!da && !db) return;
+    __syncwarp(0xffffu);  // orders the other lanes' reads after lane 0's acquire
+    if (da) qg_combine(a, pa, ca);
+    if (db) qg_combine(a, pb, cb);
+}
+
+// Dynamic shared memory of qgemv_1s with S ring stages (its size is the host's `qg1s_smem`): the rings of
+// codes, scales, offsets (ASYM) and activations, then the warps' strip sums.
+template <int BITS, bool ASYM, int S>
+struct Qg1sSmem {
+    static constexpr int TPU = BITS == 4 ? 4 : 2, XC = 16 * TPU / 8, U = 2, W = QG_MAXW;
+    uint4 ring_q[S][U][W * 32];
+    u32 ring_s[S][U][W * 32];
+    u32 ring_o[ASYM ? S : 1][U][ASYM ? W * 32 : 1];
+    uint4 ring_x[S][U][W * XC];
+    float red[2][W][16];
+};
+
+template <int BITS, bool ASYM, bool POST, int S>
+__device__ void qgemv_1s(const QgArgs& a) {
+    constexpr int TPU = BITS == 4 ? 4 : 2, CW = 16 * TPU, XW = TPU / 2, XC = CW / 8, U = 2, W = QG_MAXW;
+    static_assert(U * W == QG_ROUND, "a round is one step of every warp");
+    extern __shared__ uint4 qg_dyn[];
+    auto& sm = *reinterpret_cast<Qg1sSmem<BITS, ASYM, S>*>(qg_dyn);
+    auto& ring_q = sm.ring_q;
+    auto& ring_s = sm.ring_s;
+    auto& ring_o = sm.ring_o;
+    auto& ring_x = sm.ring_x;
+    auto& red = sm.red;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int CH = a.CH, cr = CH / QG_ROUND;
+    // The block's rounds [r0, r1): every warp takes two chunks of each, in one ring step.
+    const u32 R = (u32)a.strips * cr;
+    const u32 r0 = R * blockIdx.x / gridDim.x, r1 = R * (blockIdx.x + 1) / gridDim.x;
+    const int steps = (int)(r1 - r0);
+    const int s_first = (int)(r0 / cr), s_last = (int)((r1 - 1) / cr);
+    const u32 rq = smem_u32(&ring_q[0][0][tid]), rs = smem_u32(&ring_s[0][0][tid]),
+              ro = smem_u32(&ring_o[0][0][ASYM ? tid : 0]), rx = smem_u32(&ring_x[0][0][warp * XC + lane % XC]);
+    constexpr u32 XSLOT = U * W * XC * 16, XU = W * XC * 16;
+    constexpr u32 QSLOT = U * W * 32 * 16, QU = W * 32 * 16, SSLOT = U * W * 32 * 4, SU = W * 32 * 4;
+
+    // Issue cursor: strip is and round ib (its first chunk, within the strip) of the next step to
+    // copy, and the addresses of the warp's first chunk of it (the second is W chunks on).
+    int is = s_first, ib = (int)(r0 % cr) * QG_ROUND, ji = 0;
+    const uint4* qi = nullptr;
+    const u32 *sb = nullptr, *ob = nullptr;
+    const bf16_t* xi = nullptr;
+    u32 ci = 0, gmul = 0, gmax = 0;
+    // Points the cursor at chunk c of launch strip s (once per strip).
+    auto seek = [&](int s, int c) {
+        const int pi = qg_part(a, s);
+        const int ls = s - QG_SEL(strip0);
+        const u32 G = (u32)QG_SEL(G);
+        qi = QG_SEL(codes) + ((size_t)ls * CH + c) * 32 + lane;
+        sb = QG_SEL(scales) + (size_t)ls * G * 8 + g;
+        if (ASYM) ob = QG_SEL(offsets) + (size_t)ls * G * 8 + g;
+        gmul = QG_SEL(gmul);
+        gmax = G - 1;
+        ci = (u32)c * CW + 4 * TPU * t;
+        xi = a.x + (size_t)c * CW + 8 * (lane % XC);
+    };
+    seek(is, ib + warp);
+    // One step's two chunks into ring slot `slot`; with_x: their activations too (not before
+    // griddep_wait). Past the block's last step it only commits an empty group.
+    auto issue = [&](int slot, bool with_x) {
+        if (ji < steps) {
+            cp_async16_at(rq + slot * QSLOT, qi);
+            cp_async16_at(rq + slot * QSLOT + QU, qi + W * 32);
+            if (with_x && lane < XC) {
+                cp_async16_at(rx + slot * XSLOT, xi);
+                cp_async16_at(rx + slot * XSLOT + XU, xi + W * CW);
+            }
+            const u32 g0 = min(__umulhi(ci, gmul), gmax), g1 = min(__umulhi(ci + W * CW, gmul), gmax);
+            cp_async4_at(rs + slot * SSLOT, at8(sb, g0));
+            cp_async4_at(rs + slot * SSLOT + SU, at8(sb, g1));
+            if (ASYM) {
+                cp_async4_at(ro + slot * SSLOT, at8(ob, g0));
+                cp_async4_at(ro + slot * SSLOT + SU, at8(ob, g1));
+            }
+            ji++;
+            ib += QG_ROUND;
+            if (ib < CH) {
+                qi += QG_ROUND * 32;
+                ci += QG_ROUND * CW;
+                xi += QG_ROUND * CW;
+            } else {
+                ib = 0;
+                is++;
+                if (ji < steps) seek(is, warp);
+            }
+        }
+        cp_async_commit();
+    };
+
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    int pa = -1, pb = -1;  // the block's shared strips (threads 0-15)
+    // Consume cursor: strip cs and round cb of the next step; cur: the strip being accumulated.
+    int cs = s_first, cb = (int)(r0 % cr), cur = s_first;
+    // Strip st's sums: acc to shared memory, the barrier, then 16 threads finish the strip.
+    // red[st & 1] is written again only for strip st + 2, after the next barrier, which the
+    // finishing threads reach after reading it.
+    auto flush = [&](int st) {
+        const int p = st & 1;
+        if (t == 0) {
+            red[p][warp][g] = acc[0];
+            red[p][warp][g + 8] = acc[2];
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) acc[j] = 0.0f;
+        bar_sync_all();
+        if (tid < 16 && !qg_strip_end(a, &red[p][0][0], st, r0, r1)) {
+            if (pa < 0)
+                pa = st;
+            else
+                pb = st;
+        }
+    };
+
+#pragma unroll
+    for (int i = 0; i < S - 1; i++) issue(i, false);
+    // Launched as a programmatic dependent: the weights above are in flight while the kernel that
+    // writes x may still run; x (and the workspace) only after it finished. The prologue's
+    // activations go as one commit group per step after the weights' groups: step i still waits
+    // for all but the S - 2 newest groups.
+    griddep_wait();
+#pragma unroll
+    for (int i = 0; i < S - 1; i++) {
+        if (i < steps && lane < XC) {
+            const int c = (int)((r0 + i) % cr) * QG_ROUND + warp;
+            cp_async16_at(rx + i * XSLOT, a.x + (size_t)c * CW + 8 * (lane % XC));
+            cp_async16_at(rx + i * XSLOT + XU, a.x + (size_t)(c + W) * CW + 8 * (lane % XC));
+        }
+        cp_async_commit();
+    }
+    int slot = 0, next = S - 1;
+    for (int i = 0; i < steps; i++) {
+        cp_async_wait<S - 2>();
+        // The activations were copied by other lanes of the warp.
+        __syncwarp();
+        issue(next, true);
+        next = slot;
+        if (cur != cs) {
+            do {
+                flush(cur++);
+            } while (cur != cs);
+        }
+        uint4 qv[U], xl[U][XW];
+        u32 sp[U], op[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            qv[u] = ring_q[slot][u][tid];
+            sp[u] = ring_s[slot][u][tid];
+            op[u] = ASYM ? ring_o[ASYM ? slot : 0][u][ASYM ? tid : 0] : 0u;
+#pragma unroll
+            for (int w = 0; w < XW; w++) xl[u][w] = ring_x[slot][u][warp * XC + t * XW + w];
+        }
+        slot = slot == S - 1 ? 0 : slot + 1;
+        if (++cb == cr) {
+            cb = 0;
+            cs++;
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const QScale sc = qscale<BITS, ASYM && !POST>(sp[u], op[u]);
+            const u32 words[4] = {qv[u].x, qv[u].y, qv[u].z, qv[u].w};
+            const u32* xw = (const u32*)xl[u];
+            if (POST) {
+                // One group over the whole chunk: integer products summed over its tiles, then
+                // scaled once (and the offset times the activations' sum, from an all-ones mma).
+                float d[4] = {0.0f, 0.0f, 0.0f, 0.0f}, e[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                const u32 ones[4] = {0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u};
+#pragma unroll
+                for (int ti = 0; ti < TPU; ti++) {
+                    u32 fr[4];
+                    dequant_frag<BITS, ASYM, true>(words, ti, sc, fr);
+                    mma_bf16(d, fr, xw[2 * ti], xw[2 * ti + 1]);
+                    if (ASYM) mma_bf16(e, ones, xw[2 * ti], xw[2 * ti + 1]);
+                }
+                float olo = 0.0f, ohi = 0.0f;
+                if (ASYM) {
+                    olo = h2f((f16_t)(op[u] & 0xffff));
+                    ohi = h2f((f16_t)(op[u] >> 16));
+                }
+                acc[0] += ASYM ? fmaf(sc.slo, d[0], olo * e[0]) : sc.slo * d[0];
+                acc[1] += ASYM ? fmaf(sc.slo, d[1], olo * e[1]) : sc.slo * d[1];
+                acc[2] += ASYM ? fmaf(sc.shi, d[2], ohi * e[2]) : sc.shi * d[2];
+                acc[3] += ASYM ? fmaf(sc.shi, d[3], ohi * e[3]) : sc.shi * d[3];
+            } else {
+#pragma unroll
+                for (int ti = 0; ti < TPU; ti++) {
+                    u32 fr[4];
+                    dequant_frag<BITS, ASYM, false>(words, ti, sc, fr);
+                    mma_bf16(acc, fr, xw[2 * ti], xw[2 * ti + 1]);
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+    // The block's last strip (and any it never reached, which cannot happen with steps > 0).
+    while (cur <= s_last) flush(cur++);
+    if (tid < 16) qg_fixup(a, pa, pb);
+}
+// Suffix p: scaled after the mma. `_1s` kernels: 3 ring stages (what the block-per-strip kernel
+// keeps); `_1d`: 4, more bytes in flight per warp (the persistent kernel fills its ring once).
+// Both at most 64 registers, 4 blocks of 8 warps per SM.
+#define QGEMV1S(name, BITS, ASYM, POST, S)                                                       \
+    extern "C" __global__ void __launch_bounds__(QG_MAXW * 32, 4) name(const QgArgs a) {         \
+        griddep_launch(); /* the kernel after may start now: it waits for this one (pdl_enter) */ \
+        qgemv_1s<BITS, ASYM, POST, S>(a);                                                      \
+    }
+#define QGEMV1SS(q, BITS, ASYM)                             \
+    QGEMV1S(qgemv_##q##_1s, BITS, ASYM, false, 3)           \
+    QGEMV1S(qgemv_##q##_1sp, BITS, ASYM, true, 3)           \
+    QGEMV1S(qgemv_##q##_1d, BITS, ASYM, false, 4)           \
+    QGEMV1S(qgemv_##q##_1dp, BITS, ASYM, true, 4)
+QGEMV1SS(int4, 4, false)
+QGEMV1SS(int4a, 4, true)
+QGEMV1SS(int8, 8, false)
+QGEMV1SS(int8a, 8, true)
 
 // Element (row, col) of a re-laid weight, dequantized in f32 exactly as the CPU does (c - 2^(b-1))
 // times the f16 scale, or c times the scale plus the offset): the inverse of the layout above.
