@@ -657,10 +657,9 @@ fn one_row_persistent_gemv() {
         for asym in [false, true] {
             let format = QuantFormat::Int { bits, asym };
             for &(n, k, group) in &[
-                (13000usize, 256usize, 32usize),
-                (12990, 640, 128),
-                (40, 4096, 32),
-                (300, 4096, 4096),
+                (9000usize, 1024usize, 32usize),
+                (12990, 2048, 128),
+                (8500, 1024, 1024),
             ] {
                 let t = quantize_rtn(&randv(&mut r, n * k, 0.1), n, k, format, group).unwrap();
                 let what = format!("{format} {n}x{k} g{group} rows 1");

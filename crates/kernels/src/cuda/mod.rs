@@ -941,18 +941,28 @@ impl CudaBackend {
                     "qgemv_int{}{}_1{}{}",
                     q0.bits,
                     if q0.asym { "a" } else { "" },
-                    if std::env::var("MARLIN_QG_VARIANT").is_ok_and(|v| v == "d") { "d" } else { "s" },
+                    match std::env::var("MARLIN_QG_VARIANT").as_deref() {
+                        Ok("d") => "d",
+                        Ok("s") => "s",
+                        _ => "i",
+                    },
                     if q0.post() { "p" } else { "" }
                 );
                 let mut resident = self.qg_resident.get(&name).copied().unwrap_or(self.sms);
                 if let Some(b) = std::env::var("MARLIN_QG_BPS").ok().and_then(|v| v.parse::<usize>().ok()) {
                     resident = resident.min(b * self.sms);
                 }
-                let blocks = resident.min(rounds / least).max(1);
+                let ilv = name.contains("_1i");
+                let blocks = if ilv {
+                    resident.min(strips)
+                } else {
+                    resident.min(rounds / least).max(1)
+                };
                 let mode = std::env::var("MARLIN_QG_PERSISTENT").unwrap_or_default();
                 let wanted = match mode.as_str() {
                     "0" => false,
                     "2" => true,
+                    _ if ilv => strips > resident,
                     _ => strips >= 2 * resident,
                 };
                 ((rounds as u64 * blocks as u64) < 1 << 32 && wanted).then_some(blocks)
@@ -973,8 +983,12 @@ impl CudaBackend {
             },
             if q0.post() { "p" } else { "" }
         );
-        if persistent.is_some() && std::env::var("MARLIN_QG_VARIANT").is_ok_and(|v| v == "d") {
-            name = name.replace("_1s", "_1d");
+        if persistent.is_some() {
+            match std::env::var("MARLIN_QG_VARIANT").as_deref() {
+                Ok("d") => name = name.replace("_1s", "_1d"),
+                Ok("s") => {}
+                _ => name = name.replace("_1s", "_1i"),
+            }
         }
         let smem = qg1s_smem(&name).unwrap_or(0);
         let mut args = QgArgs {
@@ -1223,7 +1237,7 @@ fn kernel_names() -> Vec<String> {
             names.push(format!("qgemv_{q}_{v}"));
         }
         names.push(format!("dequant_{q}"));
-        for v in ["1d", "1dp"] {
+        for v in ["1d", "1dp", "1i", "1ip"] {
             names.push(format!("qgemv_{q}_{v}"));
         }
         names.push(format!("embedding_{q}"));
@@ -1243,7 +1257,7 @@ fn qg1s_smem(name: &str) -> Option<usize> {
         None => (false, rest),
     };
     let stages = match rest.trim_end_matches('p') {
-        "_1s" => 3,
+        "_1s" | "_1i" => 3,
         "_1d" => 4,
         _ => return None,
     };

@@ -600,13 +600,13 @@ __device__ __forceinline__ u32 atom_add_acq_rel(u32* p, u32 v) {
 // added in warp order, then the output written (a strip wholly inside the block's rounds
 // [r0, r1)), or the block's partial sum stored in its slot of the workspace (false: the strip
 // waits for qg_fixup at the block's end).
-__device__ __forceinline__ bool qg_strip_end(const QgArgs& a, const float* red, int st, u32 r0, u32 r1) {
+__device__ __forceinline__ bool qg_strip_end(const QgArgs& a, const float* red, int st, u32 r0, u32 r1, bool whole) {
     const int tid = threadIdx.x;
     float v = 0.0f;
 #pragma unroll
     for (int w = 0; w < QG_MAXW; w++) v += red[w * 16 + tid];
     const u32 cr = (u32)a.CH / QG_ROUND, R = (u32)a.strips * cr, s0 = (u32)st * cr, s1 = s0 + cr;
-    if (s0 >= r0 && s1 <= r1) {
+    if (whole || (s0 >= r0 && s1 <= r1)) {
         const int pi = qg_part(a, st);
         const int feat = (st - QG_SEL(strip0)) * 16 + tid;
         if (feat < QG_SEL(n)) QG_SEL(out)[feat] = f2bf(v);
@@ -679,7 +679,7 @@ struct Qg1sSmem {
     float red[2][W][16];
 };
 
-template <int BITS, bool ASYM, bool POST, int S>
+template <int BITS, bool ASYM, bool POST, int S, bool ILV>
 __device__ void qgemv_1s(const QgArgs& a) {
     constexpr int TPU = BITS == 4 ? 4 : 2, CW = 16 * TPU, XW = TPU / 2, XC = CW / 8, U = 2, W = QG_MAXW;
     static_assert(U * W == QG_ROUND, "a round is one step of every warp");
@@ -695,9 +695,14 @@ __device__ void qgemv_1s(const QgArgs& a) {
     const int CH = a.CH, cr = CH / QG_ROUND;
     // The block's rounds [r0, r1): every warp takes two chunks of each, in one ring step.
     const u32 R = (u32)a.strips * cr;
-    const u32 r0 = R * blockIdx.x / gridDim.x, r1 = R * (blockIdx.x + 1) / gridDim.x;
-    const int steps = (int)(r1 - r0);
-    const int s_first = (int)(r0 / cr), s_last = (int)((r1 - 1) / cr);
+    // ILV: whole strips blockIdx.x, + gridDim.x, ... instead (the blocks at work read
+    // neighbouring strips, as the block-per-strip kernel's resident blocks do).
+    const u32 r0 = ILV ? 0 : R * blockIdx.x / gridDim.x, r1 = ILV ? 0 : R * (blockIdx.x + 1) / gridDim.x;
+    const int nsb = ILV ? (a.strips - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x : 0;
+    const int steps = ILV ? nsb * cr : (int)(r1 - r0);
+    const int sstep = ILV ? (int)gridDim.x : 1;
+    const int s_first = ILV ? (int)blockIdx.x : (int)(r0 / cr);
+    const int s_last = ILV ? s_first + (nsb - 1) * sstep : (int)((r1 - 1) / cr);
     const u32 rq = smem_u32(&ring_q[0][0][tid]), rs = smem_u32(&ring_s[0][0][tid]),
               ro = smem_u32(&ring_o[0][0][ASYM ? tid : 0]), rx = smem_u32(&ring_x[0][0][warp * XC + lane % XC]);
     constexpr u32 XSLOT = U * W * XC * 16, XU = W * XC * 16;
@@ -749,7 +754,7 @@ __device__ void qgemv_1s(const QgArgs& a) {
                 xi += QG_ROUND * CW;
             } else {
                 ib = 0;
-                is++;
+                is += sstep;
                 if (ji < steps) seek(is, warp);
             }
         }
@@ -759,12 +764,12 @@ __device__ void qgemv_1s(const QgArgs& a) {
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     int pa = -1, pb = -1;  // the block's shared strips (threads 0-15)
     // Consume cursor: strip cs and round cb of the next step; cur: the strip being accumulated.
-    int cs = s_first, cb = (int)(r0 % cr), cur = s_first;
+    int cs = s_first, cb = (int)(r0 % cr), cur = s_first, nflush = 0;
     // Strip st's sums: acc to shared memory, the barrier, then 16 threads finish the strip.
     // red[st & 1] is written again only for strip st + 2, after the next barrier, which the
     // finishing threads reach after reading it.
     auto flush = [&](int st) {
-        const int p = st & 1;
+        const int p = nflush++ & 1;
         if (t == 0) {
             red[p][warp][g] = acc[0];
             red[p][warp][g + 8] = acc[2];
@@ -772,7 +777,7 @@ __device__ void qgemv_1s(const QgArgs& a) {
 #pragma unroll
         for (int j = 0; j < 4; j++) acc[j] = 0.0f;
         bar_sync_all();
-        if (tid < 16 && !qg_strip_end(a, &red[p][0][0], st, r0, r1)) {
+        if (tid < 16 && !qg_strip_end(a, &red[p][0][0], st, r0, r1, ILV)) {
             if (pa < 0)
                 pa = st;
             else
@@ -790,7 +795,7 @@ __device__ void qgemv_1s(const QgArgs& a) {
 #pragma unroll
     for (int i = 0; i < S - 1; i++) {
         if (i < steps && lane < XC) {
-            const int c = (int)((r0 + i) % cr) * QG_ROUND + warp;
+            const int c = (int)((r0 + i) % cr) * QG_ROUND + warp;  // (r0 = 0 with ILV)
             cp_async16_at(rx + i * XSLOT, a.x + (size_t)c * CW + 8 * (lane % XC));
             cp_async16_at(rx + i * XSLOT + XU, a.x + (size_t)(c + W) * CW + 8 * (lane % XC));
         }
@@ -805,7 +810,8 @@ __device__ void qgemv_1s(const QgArgs& a) {
         next = slot;
         if (cur != cs) {
             do {
-                flush(cur++);
+                flush(cur);
+                cur += sstep;
             } while (cur != cs);
         }
         uint4 qv[U], xl[U][XW];
@@ -821,7 +827,7 @@ __device__ void qgemv_1s(const QgArgs& a) {
         slot = slot == S - 1 ? 0 : slot + 1;
         if (++cb == cr) {
             cb = 0;
-            cs++;
+            cs += sstep;
         }
 #pragma unroll
         for (int u = 0; u < U; u++) {
@@ -861,22 +867,27 @@ __device__ void qgemv_1s(const QgArgs& a) {
     }
     cp_async_wait<0>();
     // The block's last strip (and any it never reached, which cannot happen with steps > 0).
-    while (cur <= s_last) flush(cur++);
+    while (cur <= s_last) {
+        flush(cur);
+        cur += sstep;
+    }
     if (tid < 16) qg_fixup(a, pa, pb);
 }
 // Suffix p: scaled after the mma. `_1s` kernels: 3 ring stages (what the block-per-strip kernel
 // keeps); `_1d`: 4, more bytes in flight per warp (the persistent kernel fills its ring once).
 // Both at most 64 registers, 4 blocks of 8 warps per SM.
-#define QGEMV1S(name, BITS, ASYM, POST, S)                                                       \
+#define QGEMV1S(name, BITS, ASYM, POST, S, ILV)                                                  \
     extern "C" __global__ void __launch_bounds__(QG_MAXW * 32, 4) name(const QgArgs a) {         \
         griddep_launch(); /* the kernel after may start now: it waits for this one (pdl_enter) */ \
-        qgemv_1s<BITS, ASYM, POST, S>(a);                                                      \
+        qgemv_1s<BITS, ASYM, POST, S, ILV>(a);                                                 \
     }
 #define QGEMV1SS(q, BITS, ASYM)                             \
-    QGEMV1S(qgemv_##q##_1s, BITS, ASYM, false, 3)           \
-    QGEMV1S(qgemv_##q##_1sp, BITS, ASYM, true, 3)           \
-    QGEMV1S(qgemv_##q##_1d, BITS, ASYM, false, 4)           \
-    QGEMV1S(qgemv_##q##_1dp, BITS, ASYM, true, 4)
+    QGEMV1S(qgemv_##q##_1s, BITS, ASYM, false, 3, false)    \
+    QGEMV1S(qgemv_##q##_1sp, BITS, ASYM, true, 3, false)    \
+    QGEMV1S(qgemv_##q##_1d, BITS, ASYM, false, 4, false)    \
+    QGEMV1S(qgemv_##q##_1dp, BITS, ASYM, true, 4, false)    \
+    QGEMV1S(qgemv_##q##_1i, BITS, ASYM, false, 3, true)     \
+    QGEMV1S(qgemv_##q##_1ip, BITS, ASYM, true, 3, true)
 QGEMV1SS(int4, 4, false)
 QGEMV1SS(int4a, 4, true)
 QGEMV1SS(int8, 8, false)
