@@ -51,9 +51,6 @@ const SOURCES: [&str; 5] = [
 pub const DECODE_MAX_ROWS: usize = 16;
 /// Most warps per block of the quantized decode kernel (QG_MAXW in qgemv.cu).
 const QG_WARPS: usize = 8;
-/// Chunks of a persistent one-row decode kernel's round (QG_ROUND in qgemv.cu): one ring step of
-/// two chunks for each of its QG_WARPS warps.
-const QG_ROUND: usize = 16;
 /// Most weights one quantized decode launch multiplies (QG_PARTS in qgemv.cu).
 const QG_PARTS: usize = 3;
 /// Warps of the quantized decode kernel wanted per SM: what fits (3 blocks of 8 warps at its ~80
@@ -341,7 +338,6 @@ struct QgArgs {
     chunks: i32,
     cpb: i32,
     wstride: i32,
-    strips: i32,
 }
 
 // SAFETY: plain old data laid out as the kernel's struct (repr(C), the same field order and types).
@@ -353,9 +349,6 @@ pub struct CudaBackend {
     blas: CudaBlas,
     _blas_workspace: CudaSlice<u8>,
     funcs: HashMap<String, CudaFunction>,
-    /// Blocks of each persistent one-row decode kernel (`qgemv_*_1s*`) the GPU holds at once
-    /// (its occupancy per SM times the SMs): the most such a launch runs.
-    qg_resident: HashMap<String, usize>,
     scratch: Mutex<Option<CudaSlice<u16>>>,
     /// attention_decode's per-split partial outputs and its counters of finished splits, one per
     /// (token x kv head, slice), zero between launches (the block that combines a head's splits
@@ -474,18 +467,8 @@ impl CudaBackend {
             .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
             .map_err(dev)?;
         let mut funcs = HashMap::new();
-        let mut qg_resident = HashMap::new();
         for name in kernel_names() {
             let f = module.load_function(&name).map_err(dev)?;
-            if let Some(smem) = qg1s_smem(&name) {
-                use cudarc::driver::sys::CUfunction_attribute_enum as A;
-                f.set_attribute(A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-                    .map_err(dev)?;
-                let per_sm = f
-                    .occupancy_max_active_blocks_per_multiprocessor(32 * QG_WARPS as u32, smem, None)
-                    .map_err(dev)? as usize;
-                qg_resident.insert(name.clone(), per_sm.max(1) * sms);
-            }
             funcs.insert(name, f);
         }
         let kernels = KernelLoad {
@@ -504,7 +487,6 @@ impl CudaBackend {
             blas,
             _blas_workspace: blas_workspace,
             funcs,
-            qg_resident,
             scratch: Mutex::new(None),
             att_part: Mutex::new(Some(att_part)),
             splitk: Mutex::new(None),
@@ -927,70 +909,19 @@ impl CudaBackend {
         // through its copy ring (`_1`).
         let one =
             rows == 1 && q0.cols.is_multiple_of(16 * q0.tile_span()) && x.ptr.is_multiple_of(16);
-        let strips: usize = ws.iter().map(|q| q.strips).sum();
-        // The persistent kernel (one row, whole rounds of QG_ROUND chunks): as many blocks as
-        // are resident at once, each an equal range of the launch's rounds at least 1/15 of a
-        // strip long (a strip then spans at most 16 blocks: the 16 slots per strip of the
-        // workspace, see qgemv_1s), its round arithmetic in 32 bits (rounds × blocks < 2^32).
-        let persistent = (one && q0.chunks.is_multiple_of(QG_ROUND))
-            .then(|| {
-                let per_strip = q0.chunks / QG_ROUND;
-                let rounds = strips * per_strip;
-                let least = per_strip.div_ceil(15);
-                let name = format!(
-                    "qgemv_int{}{}_1{}{}",
-                    q0.bits,
-                    if q0.asym { "a" } else { "" },
-                    match std::env::var("MARLIN_QG_VARIANT").as_deref() {
-                        Ok("d") => "d",
-                        Ok("s") => "s",
-                        _ => "i",
-                    },
-                    if q0.post() { "p" } else { "" }
-                );
-                let mut resident = self.qg_resident.get(&name).copied().unwrap_or(self.sms);
-                if let Some(b) = std::env::var("MARLIN_QG_BPS").ok().and_then(|v| v.parse::<usize>().ok()) {
-                    resident = resident.min(b * self.sms);
-                }
-                let ilv = name.contains("_1i");
-                let blocks = if ilv {
-                    resident.min(strips)
-                } else {
-                    resident.min(rounds / least).max(1)
-                };
-                let mode = std::env::var("MARLIN_QG_PERSISTENT").unwrap_or_default();
-                let wanted = match mode.as_str() {
-                    "0" => false,
-                    "2" => true,
-                    _ if ilv => strips > resident,
-                    _ => strips >= 2 * resident,
-                };
-                ((rounds as u64 * blocks as u64) < 1 << 32 && wanted).then_some(blocks)
-            })
-            .flatten();
-        let mut name = format!(
+        let name = format!(
             "qgemv_int{}{}_{}{}",
             q0.bits,
             if q0.asym { "a" } else { "" },
-            if persistent.is_some() {
-                "1s"
-            } else if one {
-                "1"
+            if one {
+                1
             } else if rows <= 8 {
-                "8"
+                8
             } else {
-                "16"
+                16
             },
             if q0.post() { "p" } else { "" }
         );
-        if persistent.is_some() {
-            match std::env::var("MARLIN_QG_VARIANT").as_deref() {
-                Ok("d") => name = name.replace("_1s", "_1d"),
-                Ok("s") => {}
-                _ => name = name.replace("_1s", "_1i"),
-            }
-        }
-        let smem = qg1s_smem(&name).unwrap_or(0);
         let mut args = QgArgs {
             x: x.ptr,
             parts: ws.len() as i32,
@@ -999,7 +930,7 @@ impl CudaBackend {
             chunks: q0.chunks as i32,
             ..QgArgs::default()
         };
-        let mut strip0 = 0;
+        let mut strips = 0;
         for (i, (q, &out)) in ws.iter().zip(outs).enumerate() {
             args.p[i] = QgPart {
                 codes: self.ptr(&q.codes),
@@ -1009,18 +940,13 @@ impl CudaBackend {
                 gmul: q.group_mul(),
                 n: q.rows as i32,
                 groups: q.groups as i32,
-                strip0: strip0 as i32,
+                strip0: strips as i32,
             };
-            strip0 += q.strips;
+            strips += q.strips;
         }
         let (warps, ksplit, cpb) = QuantWeight::plan(strips, q0.chunks, self.sms);
         args.cpb = cpb as i32;
         args.wstride = (16 * strips) as i32;
-        args.strips = strips as i32;
-        let (grid, warps) = match persistent {
-            Some(blocks) => ((blocks, 1), QG_WARPS),
-            None => ((strips, ksplit), warps),
-        };
         {
             let mut guard = self.splitk.lock().unwrap();
             let (sums, counters) = (DECODE_MAX_ROWS * strips * 16, strips);
@@ -1042,7 +968,7 @@ impl CudaBackend {
             args.ws = self.ptr(w);
             args.counters = self.ptr(c);
         }
-        let cfg = cfg2(grid, 32 * warps as u32, smem as u32);
+        let cfg = cfg2((strips, ksplit), 32 * warps as u32, 0);
         launch!(self, &name, cfg, args);
         Ok(())
     }
@@ -1233,39 +1159,13 @@ fn kernel_names() -> Vec<String> {
         }
     }
     for q in ["int4", "int4a", "int8", "int8a"] {
-        for v in ["1", "8", "16", "1s", "1p", "8p", "16p", "1sp"] {
+        for v in ["1", "8", "16", "1p", "8p", "16p"] {
             names.push(format!("qgemv_{q}_{v}"));
         }
         names.push(format!("dequant_{q}"));
-        for v in ["1d", "1dp", "1i", "1ip"] {
-            names.push(format!("qgemv_{q}_{v}"));
-        }
         names.push(format!("embedding_{q}"));
     }
     names
-}
-
-/// Dynamic shared memory of a persistent one-row decode kernel (`qgemv_int{4,8}[a]_1{s,d}[p]`,
-/// Qg1sSmem in qgemv.cu): S ring stages (3 for `_1s`, 4 for `_1d`) of two chunks for each of
-/// QG_WARPS warps (codes 16 bytes a lane, scales and offsets 4, activations 64 or 128 bytes a
-/// warp), then the warps' strip sums; None for other kernels.
-fn qg1s_smem(name: &str) -> Option<usize> {
-    let rest = name.strip_prefix("qgemv_int")?;
-    let (bits, rest) = rest.split_at(1);
-    let (asym, rest) = match rest.strip_prefix('a') {
-        Some(r) => (true, r),
-        None => (false, rest),
-    };
-    let stages = match rest.trim_end_matches('p') {
-        "_1s" | "_1i" => 3,
-        "_1d" => 4,
-        _ => return None,
-    };
-    let (lanes, xc) = (32 * QG_WARPS, if bits == "4" { 8 } else { 4 });
-    let per_stage = 2 * (lanes * 16 + lanes * 4 + QG_WARPS * xc * 16);
-    // The offsets' ring, or its one-element stand-in padded to the activations' alignment.
-    let offsets = if asym { stages * 2 * lanes * 4 } else { 16 };
-    Some(stages * per_stage + offsets + 2 * QG_WARPS * 16 * 4)
 }
 
 impl Backend for CudaBackend {
