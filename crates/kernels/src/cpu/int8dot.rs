@@ -506,12 +506,8 @@ pub(crate) fn matmul_many(
         let outs: Vec<SyncPtr<f32>> = outs.iter_mut().map(|o| SyncPtr(o.as_mut_ptr())).collect();
         let qx = &*qx;
         pool.install(|| {
-            (0..tasks.iter().sum()).into_par_iter().for_each(|mut t| {
-                let mut i = 0;
-                while t >= tasks[i] {
-                    t -= tasks[i];
-                    i += 1;
-                }
+            (0..tasks.iter().sum()).into_par_iter().for_each(|t| {
+                let (i, t) = task_of(&tasks, t);
                 let (w, out) = (ws[i], outs[i]);
                 let (chunk, block) = (t / blocks, t % blocks);
                 let (r0, r1) = (block * row_block, ((block + 1) * row_block).min(rows));
@@ -527,6 +523,17 @@ pub(crate) fn matmul_many(
             })
         });
     })
+}
+
+/// For a pass that numbers each weight's tasks after those of the weights before it
+/// (`tasks[i]` of weight i): which weight task `t` belongs to, and its number within it.
+fn task_of(tasks: &[usize], mut t: usize) -> (usize, usize) {
+    let mut i = 0;
+    while t >= tasks[i] {
+        t -= tasks[i];
+        i += 1;
+    }
+    (i, t)
 }
 
 /// Quantizes `rows` rows of `k` activations (k a multiple of 32) into `q`, with low codes

@@ -18,7 +18,7 @@
 //! GPU's bf16 kernels compute; about 2e-3 relative error on a matmul's outputs.
 
 use super::SyncPtr;
-use super::{load_scales, unpack, IntWeight, Layout, Scales, BLOCK, LANES};
+use super::{load_scales, task_of, unpack, IntWeight, Layout, Scales, BLOCK, LANES};
 use rayon::prelude::*;
 use rayon::ThreadPool;
 use std::arch::asm;
@@ -130,12 +130,8 @@ pub(crate) fn matmul_many(
         let outs: Vec<SyncPtr<f32>> = outs.iter_mut().map(|o| SyncPtr(o.as_mut_ptr())).collect();
         let rows = &rows[..];
         pool.install(|| {
-            (0..tasks.iter().sum()).into_par_iter().for_each(|mut t| {
-                let mut i = 0;
-                while t >= tasks[i] {
-                    t -= tasks[i];
-                    i += 1;
-                }
+            (0..tasks.iter().sum()).into_par_iter().for_each(|t| {
+                let (i, t) = task_of(&tasks, t);
                 let (w, out) = (ws[i], outs[i]);
                 let p = t * chunk..((t + 1) * chunk).min(pairs(w));
                 // SAFETY: tasks write disjoint features of their output; `takes` checked the
