@@ -105,19 +105,23 @@ pub(crate) fn matmul_many(
     if rows.is_empty() {
         return;
     }
+    // Act-order: stored column j holds input column perm[j], so the prompt rows are gathered
+    // once to match.
+    let gathered: Option<Vec<f32>> = w0.perm.as_ref().map(|perm| {
+        rows.iter()
+            .flat_map(|&r| perm.iter().map(move |&p| x[r as usize * k + p as usize]))
+            .collect()
+    });
     ROWS.with_borrow_mut(|a| {
         a.resize(rows.len() * k, 0);
         pool.install(|| {
-            a.par_chunks_mut(k).zip(&rows).for_each(|(dst, &r)| {
-                let src = &x[r as usize * k..(r as usize + 1) * k];
+            a.par_chunks_mut(k).enumerate().for_each(|(i, dst)| {
+                let src = match &gathered {
+                    Some(g) => &g[i * k..(i + 1) * k],
+                    None => &x[rows[i] as usize * k..(rows[i] as usize + 1) * k],
+                };
                 // SAFETY: `available` checked AVX512-BF16.
-                match &w0.perm {
-                    None => unsafe { to_bf16(src, dst) },
-                    Some(perm) => {
-                        let gathered: Vec<f32> = perm.iter().map(|&p| src[p as usize]).collect();
-                        unsafe { to_bf16(&gathered, dst) }
-                    }
-                }
+                unsafe { to_bf16(src, dst) }
             })
         });
         let a = &a[..];
