@@ -120,19 +120,19 @@ attention(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positi
 // index arithmetic), one block per SM, not memory; one head a block (the host's choice while the
 // step's K/V fit the L2) took it from 11.0 to 7.2 us.
 //
-// Early loads: the kernel lets its successor launch and reads, before griddep_wait, what no
-// kernel of the step writes: the step's positions and block tables (copied from the host before
-// the step's first kernel) and the K and V rows of the first pass (DEC_UNROLL keys a lane) that
-// belong to earlier steps, into registers. Only q and the step's own keys wait for
-// rope_write_kv. In the replayed decode graph attention cost ~10.4 us a
-// layer (ninth session: 0.33 ms a token of llama3-8b at 512 keys, measured by leaving it out),
-// mostly a chain of dependent round trips (positions, table, K and V, the split counter, the
-// combine) that began only once rope_write_kv had ended. The 32 registers the early rows take are
-// bounded by each variant's launch bounds to the blocks an SM the host plans for (8 with one head,
-// 4 with a group; unbounded the one-head kernel took 72 registers, 7 blocks an SM, and a 2048-key
-// step's ~1050 working blocks no longer fitted one wave: 4.6% slower there). Copying the rows
-// into shared memory instead (cp.async, 16 KB a block, no registers) gained nothing at 512 keys
-// and lost 2.6% at 2048 (H100, same call as the old binary).
+// Early loads: the kernel lets its successor launch and reads, before griddep_wait, what no kernel
+// of the step writes: the step's positions and block tables (copied from the host before the step's
+// first kernel) and the K and V rows of the first pass (DEC_UNROLL keys a lane) that belong to
+// earlier steps, into registers. Only q and the step's own keys wait for rope_write_kv. In the
+// replayed decode graph attention cost ~10.4 us a layer (ninth session: 0.33 ms a token of
+// llama3-8b at 512 keys, measured by leaving it out), mostly a chain of dependent round trips
+// (positions, table, K and V, the split counter, the combine) that began only once rope_write_kv
+// had ended. The 32 registers the early rows take are capped by launch bounds: 8 blocks an SM with
+// one head (64 registers; 10 fitted before, the host sizes the chunks for 16) and 4 with a group
+// (what the host plans). Unbounded, the one-head kernel took 72 registers, 7 blocks an SM, and a
+// 2048-key step's ~1050 working blocks no longer fitted one wave: 4.6% slower there. Copying the
+// rows into shared memory instead (cp.async, 16 KB a block, no registers) gained nothing at 512
+// keys and lost 2.6% at 2048 (H100, same call as the old binary).
 
 // The splits of heads row0 .. row0 + G (rows of token x head) rescaled to their common max and
 // summed, by the last block of attention_decode to finish them: thread s first takes split s's
