@@ -119,6 +119,20 @@ attention(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positi
 // ~2000 dependent instructions per warp at ~8 cycles each (shuffles, shared-memory round trips,
 // index arithmetic), one block per SM, not memory; one head a block (the host's choice while the
 // step's K/V fit the L2) took it from 11.0 to 7.2 us.
+//
+// Early loads: the kernel lets its successor launch and reads, before griddep_wait, what no kernel
+// of the step writes: the step's positions and block tables (copied from the host before the step's
+// first kernel) and the K and V rows of the first pass (DEC_UNROLL keys a lane) that belong to
+// earlier steps, into registers. Only q and the step's own keys wait for rope_write_kv. In the
+// replayed decode graph attention cost ~10.4 us a layer (ninth session: 0.33 ms a token of
+// llama3-8b at 512 keys, measured by leaving it out), mostly a chain of dependent round trips
+// (positions, table, K and V, the split counter, the combine) that began only once rope_write_kv
+// had ended. The 32 registers the early rows take are capped by launch bounds: 8 blocks an SM with
+// one head (64 registers; 10 fitted before, the host sizes the chunks for 16) and 4 with a group
+// (what the host plans). Unbounded, the one-head kernel took 72 registers, 7 blocks an SM, and a
+// 2048-key step's ~1050 working blocks no longer fitted one wave: 4.6% slower there. Copying the
+// rows into shared memory instead (cp.async, 16 KB a block, no registers) gained nothing at 512
+// keys and lost 2.6% at 2048 (H100, same call as the old binary).
 
 // The splits of heads row0 .. row0 + G (rows of token x head) rescaled to their common max and
 // summed, by the last block of attention_decode to finish them: thread s first takes split s's
@@ -177,7 +191,9 @@ __device__ void attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t
                                  const u32* bt_off, const u32* tables, int heads, int kv_heads, int hd, int bs,
                                  float scale, int chunk, int splits, float* part, u32* counters,
                                  bf16_t* out) {
-    pdl_enter();
+    // Before griddep_wait (see "Early loads" above): the step's positions and block tables, then
+    // the first pass's K and V rows of keys no kernel of this step writes.
+    griddep_launch();
     extern __shared__ float smem[];
     __shared__ float hm[MAXG], hl[MAXG];
     const int group = heads / kv_heads;
@@ -195,12 +211,25 @@ __device__ void attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t
     u32* sl = (u32*)(sc + MAXG * chunk);      // chunk slot offsets
     float* red = smem;                            // 4 warps x G x hd, once sc is consumed
     const u32* table = tables + bt_off[t];
-    for (int i = tid; i < G * hd; i += DEC_THREADS)
-        qs[i] = bf2f(q[((size_t)t * heads + h0) * hd + i]) * scale;
     for (int j = tid; j < cn; j += DEC_THREADS) {
         const int kj = c0 + j;
         sl[j] = (table[kj / bs] * (u32)bs + (u32)(kj % bs)) * (u32)sw + (u32)(kvh * hd);
     }
+    // Keys of the chunk below `early` were written by earlier steps: this step's tokens (n of
+    // them, gridDim.x / kv_heads) write only their own positions, and a sequence's tokens in one
+    // step are consecutive, so every key before nkeys - n is older than the step.
+    const int early = min(cn, nkeys - (int)(gridDim.x / kv_heads) - c0);
+    __syncthreads();
+    uint4 kw0[DEC_UNROLL], vw0[DEC_UNROLL];
+#pragma unroll
+    for (int u = 0; u < DEC_UNROLL; u++) {
+        const int j = u * nkl + kl;
+        kw0[u] = j < early ? *(const uint4*)(kc + sl[j] + sub * 8) : make_uint4(0, 0, 0, 0);
+        vw0[u] = j < early ? *(const uint4*)(vc + sl[j] + sub * 8) : make_uint4(0, 0, 0, 0);
+    }
+    griddep_wait();
+    for (int i = tid; i < G * hd; i += DEC_THREADS)
+        qs[i] = bf2f(q[((size_t)t * heads + h0) * hd + i]) * scale;
     __syncthreads();
     // Scores, DEC_UNROLL keys per lane per pass with their loads issued together: a block has
     // few keys per lane, so one memory round trip per key would dominate. The loop bound is
@@ -210,7 +239,7 @@ __device__ void attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t
 #pragma unroll
         for (int u = 0; u < DEC_UNROLL; u++) {
             const int j = jb + u * nkl + kl;
-            kw[u] = j < cn ? *(const uint4*)(kc + sl[j] + sub * 8) : make_uint4(0, 0, 0, 0);
+            kw[u] = j < early && jb == 0 ? kw0[u] : j < cn ? *(const uint4*)(kc + sl[j] + sub * 8) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int u = 0; u < DEC_UNROLL; u++) {
@@ -259,7 +288,7 @@ __device__ void attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t
 #pragma unroll
         for (int u = 0; u < DEC_UNROLL; u++) {
             const int j = jb + u * nkl;
-            vw[u] = j < cn ? *(const uint4*)(vc + sl[j] + sub * 8) : make_uint4(0, 0, 0, 0);
+            vw[u] = j < early && jb == kl ? vw0[u] : j < cn ? *(const uint4*)(vc + sl[j] + sub * 8) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int u = 0; u < DEC_UNROLL; u++) {
@@ -334,15 +363,15 @@ __device__ void attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t
     combine_splits(part, t * heads + h0, G, ns, hd, splits, smem, out);
 }
 
-#define ATT_DEC(G)                                                                                             \
-    extern "C" __global__ void __launch_bounds__(DEC_THREADS)                                                  \
+#define ATT_DEC(G, MINB)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(DEC_THREADS, MINB)                                            \
         attention_decode_g##G(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positions,        \
                               const u32* bt_off, const u32* tables, int heads, int kv_heads, int hd, int bs,   \
                               float scale, int chunk, int splits, float* part, u32* counters, bf16_t* out) {   \
         attention_decode<G>(q, kc, vc, positions, bt_off, tables, heads, kv_heads, hd, bs, scale, chunk, splits, \
                             part, counters, out);                                                              \
     }
-ATT_DEC(1)
-ATT_DEC(2)
-ATT_DEC(4)
-ATT_DEC(8)
+ATT_DEC(1, 8)
+ATT_DEC(2, 4)
+ATT_DEC(4, 4)
+ATT_DEC(8, 4)

@@ -39,7 +39,8 @@ __device__ __forceinline__ u32 fma_bf2(u32 a, u32 b, u32 c) {
 // earlier kernels read or write; a kernel that calls griddep_launch lets such a successor start.
 // Calling griddep_launch first thing is safe: the wait still waits for the whole grid to finish
 // and its writes to be visible. The quantized decode GEMV streams its weights (which no kernel
-// writes) before it waits.
+// writes) before it waits, and decode attention its step's positions, block tables and the K/V
+// rows of earlier steps.
 __device__ __forceinline__ void griddep_wait() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
