@@ -500,18 +500,41 @@ mod kernels {
             return Ok(HostWeight::new(DenseFormat::BF16, n, k, bytes)?);
         };
         let group = format.resolve_group(group, k)?;
-        let mut t = QuantTensor::zeroed(format, n, k, group, None)?;
+        // The largest code value: 2^(b-1) for integers, 448 for E4M3, 6 for E2M1.
+        let top = match format {
+            QuantFormat::Int { bits, .. } => (1u32 << (bits - 1)) as f32,
+            QuantFormat::Fp8 => 448.0,
+            _ => 6.0,
+        };
+        let step = scale * 1.7 / top;
+        let tensor_scale = (format == QuantFormat::Nvfp4).then_some(step);
+        let mut t = QuantTensor::zeroed(format, n, k, group, tensor_scale)?;
         for chunk in t.codes.chunks_mut(8) {
             let r = rng.next_u64().to_le_bytes();
             chunk.copy_from_slice(&r[..chunk.len()]);
         }
         let bits = format.bits() as i32;
-        let step = scale * 1.7 / (1 << (bits - 1)) as f32;
         let mut scales = Vec::with_capacity(t.scales.len() / 2);
-        for s in t.scales.chunks_mut(2) {
-            let v = step * (1.0 + 0.25 * rng.symmetric());
-            s.copy_from_slice(&f16_bits(v));
-            scales.push(v);
+        match format {
+            // A power of two near the step (E8M0), or E4M3 1.0 to 1.875 times the tensor scale.
+            QuantFormat::Mxfp4 => {
+                let e = (127.0 + step.log2()).round() as u8;
+                t.scales
+                    .iter_mut()
+                    .for_each(|b| *b = e + (rng.next_u64() & 1) as u8);
+            }
+            QuantFormat::Nvfp4 => {
+                t.scales
+                    .iter_mut()
+                    .for_each(|b| *b = 0x38 + (rng.next_u64() & 7) as u8);
+            }
+            _ => {
+                for s in t.scales.chunks_mut(2) {
+                    let v = step * (1.0 + 0.25 * rng.symmetric());
+                    s.copy_from_slice(&f16_bits(v));
+                    scales.push(v);
+                }
+            }
         }
         if let Some(offsets) = &mut t.offsets {
             let mid = ((1 << bits) - 1) as f32 / 2.0;
@@ -571,23 +594,17 @@ mod kernels {
         let int = |bits, asym| Some(QuantFormat::Int { bits, asym });
         let formats: Vec<(Option<QuantFormat>, usize)> = match args.model.quantize {
             Some(f) => vec![(Some(f), args.model.group_size.unwrap_or(GROUP))],
-            None => vec![
-                (None, 0),
-                (int(4, false), GROUP),
-                (int(4, false), 32),
-                (int(4, true), GROUP),
-                (int(8, false), GROUP),
-                (int(8, true), GROUP),
-            ],
+            None => {
+                let mut all = vec![(None, 0), (int(4, false), 32)];
+                all.extend(QuantFormat::ALL.map(|f| (Some(f), f.fixed_group().unwrap_or(GROUP))));
+                all
+            }
         };
         println!("device     {}", g.name());
         println!("copy       {copy:.0} GB/s (1 GiB, 16-byte copy kernel, read + written)");
         println!(
             "weights    random; copies rotated over {} MB; median of 5 runs",
             ROTATE_BYTES >> 20
-        );
-        println!(
-            "other formats (fp8, fp4, mxfp4, nvfp4, int3, int2, act-order) are expanded to bf16 at upload: see the bf16 rows"
         );
         println!();
         println!("| shape n × k | format | rows | µs | GB/s | % of copy | TFLOP/s | cuBLAS bf16 µs | vs cuBLAS |");

@@ -262,7 +262,7 @@ fn embedding_rope_gather() {
     );
 }
 
-/// A packed embedding table (int4/int8 in the decode kernel's layout on the GPU) gathers rows
+/// A packed embedding table (every format, in the decode kernel's layout on the GPU) gathers rows
 /// equal, bit for bit, to the CPU's dequantized rows rounded to bf16: both compute each value in
 /// f32 exactly as docs/format.md defines it.
 #[test]
@@ -278,29 +278,28 @@ fn quantized_embedding() {
         g.prepare_step(&step).unwrap(),
         c.prepare_step(&step).unwrap(),
     );
-    for bits in [4u8, 8] {
-        for asym in [false, true] {
-            let format = QuantFormat::Int { bits, asym };
-            // 50 rows: a partial strip of 16; widths not a multiple of the 64-column chunks.
-            for &(dim, group) in &[(160usize, 32usize), (203, 203), (384, 128)] {
-                let t =
-                    quantize_rtn(&randv(&mut r, 50 * dim, 1.0), 50, dim, format, group).unwrap();
-                let table = HostWeight::quant(t).unwrap();
-                let (gt, ct) = (
-                    g.upload_weight(&table).unwrap(),
-                    c.upload_weight(&table).unwrap(),
-                );
-                let mut go = poisoned(g, n * dim);
-                let mut co = c.alloc(n * dim).unwrap();
-                g.embedding(&gt, &gs, &mut go).unwrap();
-                c.embedding(&ct, &cs, &mut co).unwrap();
-                let want: Vec<f32> = c.read(&co, n * dim).unwrap().into_iter().map(bf).collect();
-                assert_eq!(
-                    g.read(&go, n * dim).unwrap(),
-                    want,
-                    "embedding {format} {dim} g{group}"
-                );
-            }
+    for format in QuantFormat::ALL {
+        // 50 rows: a partial strip of 16; widths not a multiple of the 64-column chunks.
+        for &(dim, group) in &[(160usize, 32usize), (203, 203), (384, 128)] {
+            let Some(group) = test_group(format, dim, group) else {
+                continue;
+            };
+            let t = quantize_rtn(&randv(&mut r, 50 * dim, 1.0), 50, dim, format, group).unwrap();
+            let table = HostWeight::quant(t).unwrap();
+            let (gt, ct) = (
+                g.upload_weight(&table).unwrap(),
+                c.upload_weight(&table).unwrap(),
+            );
+            let mut go = poisoned(g, n * dim);
+            let mut co = c.alloc(n * dim).unwrap();
+            g.embedding(&gt, &gs, &mut go).unwrap();
+            c.embedding(&ct, &cs, &mut co).unwrap();
+            let want: Vec<f32> = c.read(&co, n * dim).unwrap().into_iter().map(bf).collect();
+            assert_eq!(
+                g.read(&go, n * dim).unwrap(),
+                want,
+                "embedding {format} {dim} g{group}"
+            );
         }
     }
 }
@@ -575,18 +574,28 @@ fn dense_matmul() {
 
 /// x · Wᵀ in f64 from the tensor's exact dequantized values.
 fn reference(t: &QuantTensor, x: &[f32], rows: usize) -> Vec<f32> {
+    use rayon::prelude::*;
     let w = t.dequantize();
     let (n, k) = (t.rows, t.cols);
-    let mut out = vec![0.0f32; rows * n];
-    for r in 0..rows {
-        for j in 0..n {
+    (0..rows * n)
+        .into_par_iter()
+        .map(|e| {
+            let (r, j) = (e / n, e % n);
             let s: f64 = (0..k)
                 .map(|i| x[r * k + i] as f64 * w[j * k + i] as f64)
                 .sum();
-            out[r * n + j] = s as f32;
-        }
+            s as f32
+        })
+        .collect()
+}
+
+/// The group a test asks of `format`: its own block length for the MX/NV formats, which fix it
+/// (None when `k` is not whole blocks).
+fn test_group(format: QuantFormat, k: usize, group: usize) -> Option<usize> {
+    match format.fixed_group() {
+        Some(g) => k.is_multiple_of(g).then_some(g),
+        None => Some(group),
     }
-    out
 }
 
 fn check_quant(g: &CudaBackend, r: &mut StdRng, t: &QuantTensor, what: &str) {
@@ -624,32 +633,33 @@ fn check_quant(g: &CudaBackend, r: &mut StdRng, t: &QuantTensor, what: &str) {
     }
 }
 
+/// Every packed format through the decode kernels (1-16 rows) and the prefill expansion (17, 40).
 #[test]
-fn int4_int8_matmul() {
-    let Some(g) = gpu("int4_int8_matmul") else {
+fn quant_matmul_every_format() {
+    let Some(g) = gpu("quant_matmul_every_format") else {
         return;
     };
     let mut r = rng();
-    for bits in [4u8, 8] {
-        for asym in [false, true] {
-            let format = QuantFormat::Int { bits, asym };
-            // (n, k, group): groups of 128, 32 and 16 (whole chunks, scaled after the mma, or
-            // parts of one, scaled per weight), per channel with k not a multiple of 16.
-            for &(n, k, group) in &[
-                (77usize, 384usize, 128usize),
-                (50, 224, 32),
-                (40, 176, 16),
-                (33, 203, 203),
-                (272, 1024, 64),
-                // Large enough for the GEMV's unchecked steps (whole chunks past the ring's
-                // fill) at every row count, and a per-channel one ending in a partial chunk.
-                (4224, 3072, 128),
-                (4224, 3072, 32),
-                (4224, 3080, 3080),
-            ] {
-                let t = quantize_rtn(&randv(&mut r, n * k, 0.1), n, k, format, group).unwrap();
-                check_quant(g, &mut r, &t, &format!("{format} {n}x{k} g{group}"));
-            }
+    for format in QuantFormat::ALL {
+        // (n, k, group): groups of 128, 32 and 16 (whole chunks, scaled after the mma, or
+        // parts of one, scaled per weight), per channel with k not a multiple of 16.
+        for &(n, k, group) in &[
+            (77usize, 384usize, 128usize),
+            (50, 224, 32),
+            (40, 176, 16),
+            (33, 203, 203),
+            (272, 1024, 64),
+            // Large enough for the GEMV's unchecked steps (whole chunks past the ring's
+            // fill) at every row count, and a per-channel one ending in a partial chunk.
+            (4224, 3072, 128),
+            (4224, 3072, 32),
+            (4224, 3080, 3080),
+        ] {
+            let Some(group) = test_group(format, k, group) else {
+                continue;
+            };
+            let t = quantize_rtn(&randv(&mut r, n * k, 0.1), n, k, format, group).unwrap();
+            check_quant(g, &mut r, &t, &format!("{format} {n}x{k} g{group}"));
         }
     }
 }
@@ -669,40 +679,38 @@ fn matmul_many_quant() {
         (1024, &[(77, 64), (300, 64)]),
         (224, &[(50, 32), (33, 224)]),
     ];
-    for bits in [4u8, 8] {
-        for asym in [false, true] {
-            let format = QuantFormat::Int { bits, asym };
-            for &(k, shapes) in &sets {
-                let ts: Vec<QuantTensor> = shapes
-                    .iter()
-                    .map(|&(n, group)| {
-                        quantize_rtn(&randv(&mut r, n * k, 0.1), n, k, format, group).unwrap()
-                    })
-                    .collect();
-                let ws: Vec<cuda::Weight> = ts
-                    .iter()
-                    .map(|t| {
-                        g.upload_weight(&HostWeight::quant(t.clone()).unwrap())
-                            .unwrap()
-                    })
-                    .collect();
-                let refs: Vec<&cuda::Weight> = ws.iter().collect();
-                for rows in [1, 3, 8, 9, 16] {
-                    let x = randv(&mut r, rows * k, 1.0);
-                    let mut gx = g.alloc(rows * k).unwrap();
-                    g.write(&mut gx, &x).unwrap();
-                    let mut outs: Vec<cuda::Buffer> =
-                        ts.iter().map(|t| poisoned(g, rows * t.rows)).collect();
-                    let mut out_refs: Vec<&mut cuda::Buffer> = outs.iter_mut().collect();
-                    g.matmul_many(&gx, &refs, MatmulRows::plain(rows), &mut out_refs)
-                        .unwrap();
-                    for (i, (t, o)) in ts.iter().zip(&outs).enumerate() {
-                        assert_close(
-                            &format!("{format} k {k} weight {i} of {shapes:?} rows {rows}"),
-                            &g.read(o, rows * t.rows).unwrap(),
-                            &reference(t, &x, rows),
-                        );
-                    }
+    for format in QuantFormat::ALL {
+        for &(k, shapes) in &sets {
+            let ts: Vec<QuantTensor> = shapes
+                .iter()
+                .map(|&(n, group)| {
+                    let group = test_group(format, k, group).unwrap();
+                    quantize_rtn(&randv(&mut r, n * k, 0.1), n, k, format, group).unwrap()
+                })
+                .collect();
+            let ws: Vec<cuda::Weight> = ts
+                .iter()
+                .map(|t| {
+                    g.upload_weight(&HostWeight::quant(t.clone()).unwrap())
+                        .unwrap()
+                })
+                .collect();
+            let refs: Vec<&cuda::Weight> = ws.iter().collect();
+            for rows in [1, 3, 8, 9, 16] {
+                let x = randv(&mut r, rows * k, 1.0);
+                let mut gx = g.alloc(rows * k).unwrap();
+                g.write(&mut gx, &x).unwrap();
+                let mut outs: Vec<cuda::Buffer> =
+                    ts.iter().map(|t| poisoned(g, rows * t.rows)).collect();
+                let mut out_refs: Vec<&mut cuda::Buffer> = outs.iter_mut().collect();
+                g.matmul_many(&gx, &refs, MatmulRows::plain(rows), &mut out_refs)
+                    .unwrap();
+                for (i, (t, o)) in ts.iter().zip(&outs).enumerate() {
+                    assert_close(
+                        &format!("{format} k {k} weight {i} of {shapes:?} rows {rows}"),
+                        &g.read(o, rows * t.rows).unwrap(),
+                        &reference(t, &x, rows),
+                    );
                 }
             }
         }
@@ -747,30 +755,81 @@ fn add_rms_norm_fused() {
     }
 }
 
-#[test]
-fn other_quant_formats_matmul() {
-    let Some(g) = gpu("other_quant_formats_matmul") else {
-        return;
-    };
-    let mut r = rng();
-    let (n, k) = (37usize, 256usize);
-    for format in QuantFormat::ALL {
-        let group = format.resolve_group(32, k).unwrap();
-        let t = quantize_rtn(&randv(&mut r, n * k, 0.1), n, k, format, group).unwrap();
-        check_quant(g, &mut r, &t, &format!("{format} {n}x{k} g{group}"));
-    }
-    // Act-order int4: a column permutation (dequantized at upload for now).
-    let format = QuantFormat::Int {
-        bits: 4,
-        asym: false,
-    };
-    let mut t = quantize_rtn(&randv(&mut r, n * k, 0.1), n, k, format, 32).unwrap();
+/// A random permutation of `k` columns.
+fn permutation(r: &mut StdRng, k: usize) -> Vec<u32> {
     let mut perm: Vec<u32> = (0..k as u32).collect();
     for i in (1..k).rev() {
         perm.swap(i, r.random_range(0..=i));
     }
-    t.perm = Some(perm);
-    check_quant(g, &mut r, &t, "int4 act-order");
+    perm
+}
+
+/// Act-order weights (stored columns permuted): the activations are reordered on the GPU before
+/// the decode kernel or the prefill expansion; weights of one permutation share a launch and a
+/// reordering, a weight with another permutation runs apart.
+#[test]
+fn act_order_matmul() {
+    let Some(g) = gpu("act_order_matmul") else {
+        return;
+    };
+    let mut r = rng();
+    for format in [
+        QuantFormat::Int {
+            bits: 4,
+            asym: false,
+        },
+        QuantFormat::Int {
+            bits: 3,
+            asym: true,
+        },
+        QuantFormat::Fp4,
+    ] {
+        for &(n, k, group) in &[(37usize, 256usize, 32usize), (300, 1024, 128)] {
+            let mut t = quantize_rtn(&randv(&mut r, n * k, 0.1), n, k, format, group).unwrap();
+            t.perm = Some(permutation(&mut r, k));
+            check_quant(
+                g,
+                &mut r,
+                &t,
+                &format!("{format} act-order {n}x{k} g{group}"),
+            );
+        }
+        let k = 512;
+        let shared = permutation(&mut r, k);
+        let ts: Vec<QuantTensor> = [(96usize, Some(&shared)), (40, Some(&shared)), (40, None)]
+            .iter()
+            .map(|&(n, perm)| {
+                let mut t = quantize_rtn(&randv(&mut r, n * k, 0.1), n, k, format, 64).unwrap();
+                t.perm = Some(perm.cloned().unwrap_or_else(|| permutation(&mut r, k)));
+                t
+            })
+            .collect();
+        let ws: Vec<cuda::Weight> = ts
+            .iter()
+            .map(|t| {
+                g.upload_weight(&HostWeight::quant(t.clone()).unwrap())
+                    .unwrap()
+            })
+            .collect();
+        let refs: Vec<&cuda::Weight> = ws.iter().collect();
+        for rows in [1, 5, 16, 33] {
+            let x = randv(&mut r, rows * k, 1.0);
+            let mut gx = g.alloc(rows * k).unwrap();
+            g.write(&mut gx, &x).unwrap();
+            let mut outs: Vec<cuda::Buffer> =
+                ts.iter().map(|t| poisoned(g, rows * t.rows)).collect();
+            let mut out_refs: Vec<&mut cuda::Buffer> = outs.iter_mut().collect();
+            g.matmul_many(&gx, &refs, MatmulRows::plain(rows), &mut out_refs)
+                .unwrap();
+            for (i, (t, o)) in ts.iter().zip(&outs).enumerate() {
+                assert_close(
+                    &format!("{format} act-order matmul_many weight {i} rows {rows}"),
+                    &g.read(o, rows * t.rows).unwrap(),
+                    &reference(t, &x, rows),
+                );
+            }
+        }
+    }
 }
 
 #[test]

@@ -13,10 +13,11 @@
 //!
 //! Weights: dense f32/f16/bf16 stay in their format (a GEMV per format reads them at decode, up to
 //! 2 rows for bf16);
-//! int4 and int8 `QuantTensor`s without act-order are re-laid for the tensor-core decode kernel
-//! (`qgemv.cu`), and a packed embedding table is gathered from that same layout (no second,
-//! dense copy of the table); other packed formats are dequantized to bf16 at upload (correct,
-//! not yet fast).
+//! packed `QuantTensor`s of every format are re-laid for the tensor-core decode kernel
+//! (`qgemv.cu`, compiled once per format), and a packed embedding table is gathered from that
+//! same layout (no second, dense copy of the table). An act-order weight's activations are
+//! reordered into its stored column order first. Only 2-/3-bit weights with groups of 16 (which
+//! the CLI never makes) are dequantized to bf16 at upload.
 //! Above 16 rows, a weight that is not bf16 is expanded to bf16 a slab of features at a time into
 //! a scratch buffer, and cuBLAS multiplies. The quantized decode kernel's split-K workspace is
 //! allocated when weights are uploaded, so a decode matmul allocates nothing.
@@ -34,18 +35,20 @@ use cudarc::driver::{
     LaunchConfig, PinnedHostSlice,
 };
 use half::bf16;
-use marlin_quant::{DenseFormat, HostWeight, QuantTensor, WeightData};
+use marlin_quant::{DenseFormat, HostWeight, QuantFormat, QuantTensor, WeightData};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-const SOURCES: [&str; 5] = [
-    include_str!("prelude.cuh"),
+const PRELUDE: &str = include_str!("prelude.cuh");
+/// The kernels every model uses, one module.
+const COMMON: [&str; 3] = [
     include_str!("ops.cu"),
     include_str!("attention.cu"),
     include_str!("gemv.cu"),
-    include_str!("qgemv.cu"),
 ];
+/// The packed-weight kernels, one module per format (`format_module`).
+const QGEMV: &str = include_str!("qgemv.cu");
 
 /// Rows up to which matmul runs the GEMV kernels; above, cuBLAS.
 pub const DECODE_MAX_ROWS: usize = 16;
@@ -149,10 +152,9 @@ pub struct DenseWeight {
     ptr: u64,
 }
 
-/// An int4/int8 weight in the decode kernel's layout.
+/// A packed weight in the decode kernel's layout.
 pub struct QuantWeight {
-    bits: usize,
-    asym: bool,
+    format: QuantFormat,
     rows: usize,
     cols: usize,
     group: usize,
@@ -162,16 +164,23 @@ pub struct QuantWeight {
     codes: CudaSlice<u32>,
     scales: CudaSlice<u32>,
     offsets: Option<CudaSlice<u32>>,
+    /// int3's third bits (see `quant.rs`).
+    planes: Option<CudaSlice<u32>>,
+    /// nvfp4's tensor scale (1 otherwise).
+    tensor_scale: f32,
+    /// Act-order: the stored columns' input columns, and a hash of them (weights with the same
+    /// permutation share one reordering of their input).
+    perm: Option<(CudaSlice<u32>, u64)>,
 }
 
 impl QuantWeight {
     /// k-tiles of 16 columns per 16-byte word (a chunk).
     fn tile_span(&self) -> usize {
-        if self.bits == 4 {
-            4
-        } else {
-            2
-        }
+        quant::tile_span(self.format)
+    }
+
+    fn perm_key(&self) -> Option<u64> {
+        self.perm.as_ref().map(|p| p.1)
     }
 
     /// ceil(2^32 / group): the decode kernel divides a column by the group with a multiply-high,
@@ -209,7 +218,7 @@ impl QuantWeight {
 
 pub enum Weight {
     Dense(DenseWeight),
-    Quant(QuantWeight),
+    Quant(Box<QuantWeight>),
 }
 
 impl Weight {
@@ -225,7 +234,8 @@ impl Weight {
         match self {
             Weight::Dense(w) => w.data.len(),
             Weight::Quant(w) => {
-                4 * (w.codes.len() + w.scales.len() + w.offsets.as_ref().map_or(0, |o| o.len()))
+                let extra = |o: &Option<CudaSlice<u32>>| o.as_ref().map_or(0, |o| o.len());
+                4 * (w.codes.len() + w.scales.len() + extra(&w.offsets) + extra(&w.planes))
             }
         }
     }
@@ -317,8 +327,10 @@ struct QgPart {
     codes: u64,
     scales: u64,
     offsets: u64,
+    planes: u64,
     out: u64,
     gmul: u32,
+    tensor_scale: f32,
     n: i32,
     groups: i32,
     strip0: i32,
@@ -358,6 +370,9 @@ pub struct CudaBackend {
     /// quantized weight) and one counter per strip, zero between calls (the kernel's last block
     /// restores them). Grown when a weight is uploaded, so matmuls never allocate.
     splitk: Mutex<Option<(CudaSlice<f32>, CudaSlice<u32>)>>,
+    /// Activations reordered for act-order weights (`with_stored_order`); sized for decode when
+    /// such a weight is uploaded, grown by prefill.
+    permuted: Mutex<Option<CudaSlice<u16>>>,
     graphs: Mutex<Graphs>,
     /// Page-locked host memory that `read` copies into (grown on demand): a copy into pageable
     /// memory goes through the driver's staging buffers, and a decode step reads its logits
@@ -405,9 +420,7 @@ pub fn compile_kernels(arch: (i32, i32)) -> Result<usize> {
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err(dev("no NVRTC library (libnvrtc)"));
     }
-    compile::cubin(&SOURCES.concat(), arch)
-        .map(|(c, _)| c.len())
-        .map_err(dev)
+    Ok(compile_modules(arch)?.iter().map(|m| m.0.len()).sum())
 }
 
 impl CudaBackend {
@@ -462,14 +475,17 @@ impl CudaBackend {
             stream.alloc_zeros::<u32>(1 << 12).map_err(dev)?,
         );
         let started = std::time::Instant::now();
-        let (cubin, from_cache) = compile::cubin(&SOURCES.concat(), arch).map_err(dev)?;
-        let module = ctx
-            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
-            .map_err(dev)?;
         let mut funcs = HashMap::new();
-        for name in kernel_names() {
-            let f = module.load_function(&name).map_err(dev)?;
-            funcs.insert(name, f);
+        let mut from_cache = true;
+        for ((cubin, cached), (_, names)) in compile_modules(arch)?.into_iter().zip(modules()) {
+            from_cache &= cached;
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+                .map_err(dev)?;
+            for name in names {
+                let f = module.load_function(&name).map_err(dev)?;
+                funcs.insert(name, f);
+            }
         }
         let kernels = KernelLoad {
             from_cache,
@@ -490,6 +506,7 @@ impl CudaBackend {
             scratch: Mutex::new(None),
             att_part: Mutex::new(Some(att_part)),
             splitk: Mutex::new(None),
+            permuted: Mutex::new(None),
             graphs: Mutex::new(Graphs::default()),
             read_stage: Mutex::new(None),
             argmax_ids: Mutex::new(None),
@@ -617,8 +634,8 @@ impl CudaBackend {
         Ok(b)
     }
 
-    /// Uploads a packed tensor: int4/int8 (no act-order) in the tensor-core decode layout, any
-    /// other format dequantized to bf16.
+    /// Uploads a packed tensor in the tensor-core decode layout (see `quant::supported` for the
+    /// one exception, dequantized to bf16).
     pub fn upload_quant(&self, t: &QuantTensor) -> Result<Weight> {
         t.validate()
             .map_err(|e| KernelError::Shape(format!("upload_weight: {e}")))?;
@@ -648,9 +665,27 @@ impl CudaBackend {
                 ));
             }
         }
-        Ok(Weight::Quant(QuantWeight {
-            bits: r.bits,
-            asym: r.asym,
+        let perm = match &t.perm {
+            Some(p) => {
+                let mut guard = self.permuted.lock().unwrap();
+                let need = DECODE_MAX_ROWS * t.cols;
+                if guard.as_ref().is_none_or(|b| b.len() < need) {
+                    self.before_realloc()?;
+                    *guard = None;
+                    *guard = Some(s.alloc_zeros::<u16>(need).map_err(dev)?);
+                }
+                let key = p.iter().fold(0xcbf29ce484222325u64, |h, &v| {
+                    (h ^ u64::from(v)).wrapping_mul(0x100000001b3)
+                });
+                Some((s.clone_htod(p).map_err(dev)?, key))
+            }
+            None => None,
+        };
+        let upload = |v: &Option<Vec<u32>>| -> Result<Option<CudaSlice<u32>>> {
+            v.as_ref().map(|v| s.clone_htod(v).map_err(dev)).transpose()
+        };
+        Ok(Weight::Quant(Box::new(QuantWeight {
+            format: t.format,
             rows: t.rows,
             cols: t.cols,
             group: t.group,
@@ -659,11 +694,11 @@ impl CudaBackend {
             chunks: r.chunks,
             codes: s.clone_htod(&r.words).map_err(dev)?,
             scales: s.clone_htod(&r.scales).map_err(dev)?,
-            offsets: match &r.offsets {
-                Some(o) => Some(s.clone_htod(o).map_err(dev)?),
-                None => None,
-            },
-        }))
+            offsets: upload(&r.offsets)?,
+            planes: upload(&r.planes)?,
+            tensor_scale: t.tensor_scale.unwrap_or(1.0),
+            perm,
+        })))
     }
 
     fn upload_dense(&self, weight: &HostWeight) -> Result<Weight> {
@@ -698,6 +733,9 @@ impl CudaBackend {
     /// A second device copy of a weight (benchmarks rotate copies to defeat the L2).
     pub fn duplicate_weight(&self, w: &Weight) -> Result<Weight> {
         let s = &self.stream;
+        let copy = |v: &Option<CudaSlice<u32>>| -> Result<Option<CudaSlice<u32>>> {
+            v.as_ref().map(|v| s.clone_dtod(v).map_err(dev)).transpose()
+        };
         Ok(match w {
             Weight::Dense(d) => {
                 let data = s.clone_dtod(&d.data).map_err(dev)?;
@@ -710,9 +748,8 @@ impl CudaBackend {
                     ptr,
                 })
             }
-            Weight::Quant(q) => Weight::Quant(QuantWeight {
-                bits: q.bits,
-                asym: q.asym,
+            Weight::Quant(q) => Weight::Quant(Box::new(QuantWeight {
+                format: q.format,
                 rows: q.rows,
                 cols: q.cols,
                 group: q.group,
@@ -721,11 +758,14 @@ impl CudaBackend {
                 chunks: q.chunks,
                 codes: s.clone_dtod(&q.codes).map_err(dev)?,
                 scales: s.clone_dtod(&q.scales).map_err(dev)?,
-                offsets: match &q.offsets {
-                    Some(o) => Some(s.clone_dtod(o).map_err(dev)?),
+                offsets: copy(&q.offsets)?,
+                planes: copy(&q.planes)?,
+                tensor_scale: q.tensor_scale,
+                perm: match &q.perm {
+                    Some((p, key)) => Some((s.clone_dtod(p).map_err(dev)?, *key)),
                     None => None,
                 },
-            }),
+            })),
         })
     }
 
@@ -900,19 +940,47 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Runs `f` on `x`, or, for an act-order weight, on x's rows reordered into the weight's
+    /// stored column order (in the `permuted` buffer, held while `f` queues its kernels).
+    fn with_stored_order(
+        &self,
+        x: u64,
+        q: &QuantWeight,
+        rows: usize,
+        f: impl FnOnce(u64) -> Result<()>,
+    ) -> Result<()> {
+        let Some((perm, _)) = &q.perm else {
+            return f(x);
+        };
+        let k = q.cols;
+        let mut guard = self.permuted.lock().unwrap();
+        if guard.as_ref().is_none_or(|b| b.len() < rows * k) {
+            self.before_realloc()?;
+            *guard = None;
+            *guard = Some(self.stream.alloc_zeros::<u16>(rows * k).map_err(dev)?);
+        }
+        let xp = self.ptr(guard.as_ref().unwrap());
+        let cfg = cfg2((k.div_ceil(256), rows), 256, 0);
+        launch!(self, "permute_cols", cfg, x, self.ptr(perm), k as i32, xp);
+        f(xp)
+    }
+
     /// `outs[i] = x · ws[i]ᵀ` (rows ≤ DECODE_MAX_ROWS) in one launch of the quantized decode
-    /// kernel: the weights share bits, symmetry, width and scaling (`post`), and their strips are
-    /// planned as one weight's.
-    fn qgemv(&self, x: &Buffer, ws: &[&QuantWeight], rows: usize, outs: &[u64]) -> Result<()> {
+    /// kernel: the weights share format, width, scaling (`post`) and column order, and their
+    /// strips are planned as one weight's.
+    fn qgemv(&self, x: u64, ws: &[&QuantWeight], rows: usize, outs: &[u64]) -> Result<()> {
+        let q0 = ws[0];
+        self.with_stored_order(x, q0, rows, |x| self.qgemv_stored(x, ws, rows, outs))
+    }
+
+    fn qgemv_stored(&self, x: u64, ws: &[&QuantWeight], rows: usize, outs: &[u64]) -> Result<()> {
         let q0 = ws[0];
         // One row of whole chunks, 16-byte aligned: the kernel that streams the activations
         // through its copy ring (`_1`).
-        let one =
-            rows == 1 && q0.cols.is_multiple_of(16 * q0.tile_span()) && x.ptr.is_multiple_of(16);
+        let one = rows == 1 && q0.cols.is_multiple_of(16 * q0.tile_span()) && x.is_multiple_of(16);
         let name = format!(
-            "qgemv_int{}{}_{}{}",
-            q0.bits,
-            if q0.asym { "a" } else { "" },
+            "qgemv_{}_{}{}",
+            quant::tag(q0.format),
             if one {
                 1
             } else if rows <= 8 {
@@ -923,7 +991,7 @@ impl CudaBackend {
             if q0.post() { "p" } else { "" }
         );
         let mut args = QgArgs {
-            x: x.ptr,
+            x,
             parts: ws.len() as i32,
             m: rows as i32,
             k: q0.cols as i32,
@@ -936,8 +1004,10 @@ impl CudaBackend {
                 codes: self.ptr(&q.codes),
                 scales: self.ptr(&q.scales),
                 offsets: q.offsets.as_ref().map_or(0, |o| self.ptr(o)),
+                planes: q.planes.as_ref().map_or(0, |p| self.ptr(p)),
                 out,
                 gmul: q.group_mul(),
+                tensor_scale: q.tensor_scale,
                 n: q.rows as i32,
                 groups: q.groups as i32,
                 strip0: strips as i32,
@@ -1026,7 +1096,8 @@ impl CudaBackend {
     }
 
     /// Prefill with a weight that is not bf16: slabs of features expanded to bf16, then cuBLAS.
-    fn matmul_expanded(&self, x: &Buffer, w: &Weight, rows: usize, out: &Buffer) -> Result<()> {
+    /// (An act-order weight's `x` in its stored column order, see `with_stored_order`.)
+    fn matmul_expanded(&self, x: u64, w: &Weight, rows: usize, out: u64) -> Result<()> {
         let (n, k) = w.shape();
         let slab = ((SCRATCH_ELEMS / k.max(1)) / 16 * 16).clamp(16, n.div_ceil(16) * 16);
         let mut guard = self.scratch.lock().unwrap();
@@ -1057,22 +1128,20 @@ impl CudaBackend {
                     );
                 }
                 Weight::Quant(q) => {
-                    let f = match (q.bits, q.asym) {
-                        (4, false) => "dequant_int4",
-                        (4, true) => "dequant_int4a",
-                        (8, false) => "dequant_int8",
-                        _ => "dequant_int8a",
-                    };
+                    let f = format!("dequant_{}", quant::tag(q.format));
                     let (codes, scales) = (self.ptr(&q.codes), self.ptr(&q.scales));
                     let offsets = q.offsets.as_ref().map_or(0, |o| self.ptr(o));
+                    let planes = q.planes.as_ref().map_or(0, |p| self.ptr(p));
                     let strips = nc.div_ceil(16);
                     launch!(
                         self,
-                        f,
+                        &f,
                         grid1(strips * q.chunks * 32, 256),
                         codes,
                         scales,
                         offsets,
+                        planes,
+                        q.tensor_scale,
                         (n0 / 16) as i32,
                         strips as i32,
                         n as i32,
@@ -1084,7 +1153,7 @@ impl CudaBackend {
                     );
                 }
             }
-            self.gemm(x.ptr, scratch, rows, nc, k, n, out.ptr + 2 * n0 as u64)?;
+            self.gemm(x, scratch, rows, nc, k, n, out + 2 * n0 as u64)?;
         }
         Ok(())
     }
@@ -1123,8 +1192,52 @@ fn cfg2(grid: (usize, usize), threads: u32, smem: u32) -> LaunchConfig {
     }
 }
 
-/// Every kernel of the module.
-fn kernel_names() -> Vec<String> {
+/// The kernel modules, each its source and its kernels' names: the common kernels, then one
+/// module per packed format (the decode kernel's instances are large: compiled apart, they
+/// compile in parallel, and a change to one format's code leaves the others' cache entries valid).
+fn modules() -> Vec<(String, Vec<String>)> {
+    let mut all = vec![(
+        [PRELUDE].iter().chain(&COMMON).copied().collect(),
+        common_names(),
+    )];
+    for format in QuantFormat::ALL {
+        let tag = quant::tag(format);
+        let (bits, asym, kind) = match format {
+            QuantFormat::Int { bits, asym } => (bits, asym, "K_INT"),
+            QuantFormat::Fp8 => (8, false, "K_FP8"),
+            QuantFormat::Fp4 => (4, false, "K_FP4"),
+            QuantFormat::Mxfp4 => (4, false, "K_MX"),
+            QuantFormat::Nvfp4 => (4, false, "K_NV"),
+        };
+        let source = format!("{PRELUDE}{QGEMV}\nQFORMAT({tag}, {bits}, {asym}, {kind})\n");
+        let mut names: Vec<String> = ["1", "8", "16", "1p", "8p", "16p"]
+            .iter()
+            .map(|v| format!("qgemv_{tag}_{v}"))
+            .collect();
+        names.push(format!("dequant_{tag}"));
+        names.push(format!("embedding_{tag}"));
+        all.push((source, names));
+    }
+    all
+}
+
+/// Every module's CUBIN for `sm_{major}{minor}` (and whether it came from the disk cache), in
+/// `modules()` order, compiled on parallel threads.
+fn compile_modules(arch: (i32, i32)) -> Result<Vec<(Vec<u8>, bool)>> {
+    let sources = modules();
+    std::thread::scope(|scope| {
+        let jobs: Vec<_> = sources
+            .iter()
+            .map(|(source, _)| scope.spawn(move || compile::cubin(source, arch)))
+            .collect();
+        jobs.into_iter()
+            .map(|j| j.join().map_err(|_| dev("NVRTC panicked"))?.map_err(dev))
+            .collect()
+    })
+}
+
+/// The common module's kernels.
+fn common_names() -> Vec<String> {
     let mut names: Vec<String> = [
         "embedding_f32",
         "embedding_f16",
@@ -1144,6 +1257,7 @@ fn kernel_names() -> Vec<String> {
         "f32_to_bf16",
         "f16_to_bf16",
         "copy_u4",
+        "permute_cols",
         "attention",
         "attention_decode_g1",
         "attention_decode_g2",
@@ -1157,13 +1271,6 @@ fn kernel_names() -> Vec<String> {
         for m in ["1", "2", "4", "8", "16", "any"] {
             names.push(format!("gemv_{f}_{m}"));
         }
-    }
-    for q in ["int4", "int4a", "int8", "int8a"] {
-        for v in ["1", "8", "16", "1p", "8p", "16p"] {
-            names.push(format!("qgemv_{q}_{v}"));
-        }
-        names.push(format!("dequant_{q}"));
-        names.push(format!("embedding_{q}"));
     }
     names
 }
@@ -1391,9 +1498,10 @@ impl Backend for CudaBackend {
         let d = match table {
             Weight::Dense(d) => d,
             Weight::Quant(q) => {
-                let f = format!("embedding_int{}{}", q.bits, if q.asym { "a" } else { "" });
+                let f = format!("embedding_{}", quant::tag(q.format));
                 let (codes, scales) = (self.ptr(&q.codes), self.ptr(&q.scales));
                 let offsets = q.offsets.as_ref().map_or(0, |o| self.ptr(o));
+                let planes = q.planes.as_ref().map_or(0, |p| self.ptr(p));
                 let cfg = cfg2((dim.div_ceil(256), tokens.len()), 256, 0);
                 launch!(
                     self,
@@ -1402,6 +1510,8 @@ impl Backend for CudaBackend {
                     codes,
                     scales,
                     offsets,
+                    planes,
+                    q.tensor_scale,
                     step.tokens(self)?,
                     dim as i32,
                     q.group as i32,
@@ -1505,7 +1615,12 @@ impl Backend for CudaBackend {
             }
         }
         if rows > DECODE_MAX_ROWS {
-            return self.matmul_expanded(x, weight, rows, out);
+            return match weight {
+                Weight::Quant(q) => self.with_stored_order(x.ptr, q, rows, |x| {
+                    self.matmul_expanded(x, weight, rows, out.ptr)
+                }),
+                Weight::Dense(_) => self.matmul_expanded(x.ptr, weight, rows, out.ptr),
+            };
         }
         match weight {
             Weight::Dense(d) => {
@@ -1534,7 +1649,7 @@ impl Backend for CudaBackend {
                     out.ptr
                 );
             }
-            Weight::Quant(q) => self.qgemv(x, &[q], rows, &[out.ptr])?,
+            Weight::Quant(q) => self.qgemv(x.ptr, &[&**q], rows, &[out.ptr])?,
         }
         Ok(())
     }
@@ -1554,7 +1669,7 @@ impl Backend for CudaBackend {
         let quant: Vec<&QuantWeight> = weights
             .iter()
             .filter_map(|w| match w {
-                Weight::Quant(q) => Some(q),
+                Weight::Quant(q) => Some(&**q),
                 Weight::Dense(_) => None,
             })
             .collect();
@@ -1563,7 +1678,8 @@ impl Backend for CudaBackend {
             && quant.len() == weights.len()
             && quant.iter().all(|q| {
                 let q0 = quant[0];
-                (q.bits, q.asym, q.cols, q.post()) == (q0.bits, q0.asym, q0.cols, q0.post())
+                (q.format, q.cols, q.post(), q.perm_key())
+                    == (q0.format, q0.cols, q0.post(), q0.perm_key())
             });
         if !fusable {
             for (w, out) in weights.iter().zip(outs.iter_mut()) {
@@ -1577,7 +1693,7 @@ impl Backend for CudaBackend {
             len_check("matmul_many", "out", out.len, rows * q.rows)?;
         }
         let ptrs: Vec<u64> = outs.iter().map(|o| o.ptr).collect();
-        self.qgemv(x, &quant, rows, &ptrs)
+        self.qgemv(x.ptr, &quant, rows, &ptrs)
     }
 
     fn rope_write_kv(

@@ -205,6 +205,14 @@ extern "C" __global__ void gather_rows(const bf16_t* x, const u32* rows, int dim
     if (d < dim) out[(size_t)i * dim + d] = x[(size_t)rows[i] * dim + d];
 }
 
+// Rows of activations in a weight's stored column order (act-order: stored column j multiplies
+// input column perm[j]); grid (column blocks, rows).
+extern "C" __global__ void permute_cols(const bf16_t* x, const u32* perm, int k, bf16_t* out) {
+    pdl_enter();
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j < k) out[(size_t)blockIdx.y * k + j] = x[(size_t)blockIdx.y * k + perm[j]];
+}
+
 // Dense weights to bf16 (rows n0..n1 of a row-major matrix of k columns), for cuBLAS.
 extern "C" __global__ void f32_to_bf16(const float* src, u64 n, bf16_t* dst) {
     pdl_enter();

@@ -104,6 +104,74 @@ __device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {
     return r;
 }
 
+// x << n for n of either sign (a right shift when negative; n is a compile-time constant).
+__device__ __forceinline__ u32 shl(u32 x, int n) { return n >= 0 ? x << n : x >> -n; }
+__device__ __forceinline__ void cp_async8_at(u32 dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src) : "memory");
+}
+
+// What a code means (BITS and ASYM say the rest): an integer, an E4M3 value times an f16 scale,
+// or an E2M1 value times an f16 scale, an E8M0 power of two (MX) or an E4M3 scale times the
+// tensor's f32 scale (NV).
+#define K_INT 0
+#define K_FP8 1
+#define K_FP4 2
+#define K_MX 3
+#define K_NV 4
+
+// One 16-bit scale of a group as f32, exactly as docs/format.md defines it.
+template <int KIND>
+__device__ __forceinline__ float scale_value(u32 v, float ts) {
+    if (KIND == K_MX) return v == 0 ? __uint_as_float(0x00400000u) : __uint_as_float(v << 23);
+    if (KIND == K_NV) {
+        // E4M3 in f32's bits is the value times 2^-120 (subnormals included), then exact.
+        const float e = __uint_as_float((v & 0x7fu) << 20) * __uint_as_float(0x7b800000u);  // 2^120
+        return ((v & 0x80u) ? -e : e) * ts;
+    }
+    return h2f((f16_t)v);
+}
+
+// Register j of tile i of a lane's chunk as the bf16x2 pair of its codes' exact values before
+// scaling (c - 2^(b-1) symmetric, c asymmetric, the E4M3 / E2M1 value), for the formats that
+// are not int4/int8 and for the element-wise decoders. Where each code sits (`cuda/quant.rs`
+// writes it): int2 and int3's low two bits at bit 2 (j + 4 (i & 1)) + 16 h of word i / 2, int3's
+// third bit at bit j + 4 (i & 3) + 16 h of plane word i / 4; E4M3 at byte 2 h + 1 - (j & 1) of
+// word 2 i + j / 2 (so one mask or shift puts both bytes at the top of their halves); E2M1 as
+// int4 (nibble j + 4 h of word i).
+template <int BITS, bool ASYM, int KIND>
+__device__ __forceinline__ u32 code_pair(const u32* w, const u32* plane, int i, int j) {
+    if (KIND == K_FP8) {
+        const u32 v = w[2 * i + (j >> 1)];
+        const u32 t = (j & 1) ? (v << 8) & 0xff00ff00u : v & 0xff00ff00u;
+        // s eeee mmm at bits 15..8: eeee mmm to bf16's 10..4, the sign stays: the bf16 is the
+        // value times 2^-120 (E4M3 subnormals land on bf16 subnormals), then exact.
+        return fma_bf2(and_or(t, 0x80008000u, (t >> 4) & 0x07f007f0u), 0x7b807b80u, 0x80008000u);
+    } else if (KIND != K_INT) {
+        const u32 v = w[i];
+        // s ee m: ee m to bf16's 8..6 and s to 15: the value times 2^-126, then exact.
+        const u32 r = and_or(shl(v, 12 - 4 * j), 0x80008000u, shl(v, 6 - 4 * j) & 0x01c001c0u);
+        return fma_bf2(r, 0x7e807e80u, 0x80008000u);
+    } else if (BITS == 4) {
+        return fma_bf2(and_or(w[i] >> (4 * j), 0x000f000fu, 0x43004300u), 0x3f803f80u, ASYM ? 0xc300c300u : 0xc308c308u);
+    } else {
+        // 128 + c in bf16, then less 128 (and 2^(b-1)).
+        u32 c = and_or(w[i >> 1] >> (2 * (j + 4 * (i & 1))), 0x00030003u, 0x43004300u);
+        if (BITS == 3) c = and_or(shl(plane[i >> 2], 2 - (j + 4 * (i & 3))), 0x00040004u, c);
+        return fma_bf2(c, 0x3f803f80u, ASYM ? 0xc300c300u : BITS == 3 ? 0xc304c304u : 0xc302c302u);
+    }
+}
+
+// The exact value of code h of register j of tile i, before scaling (every format).
+template <int BITS, bool ASYM, int KIND>
+__device__ __forceinline__ float code_at(const u32* w, const u32* plane, int i, int j, int h) {
+    if (KIND == K_INT && BITS == 8) {
+        const int c = (w[2 * i + (j >> 1)] >> (8 * ((j & 1) * 2 + h))) & 255;
+        return (float)(ASYM ? c : c - 128);
+    }
+    const u32 p = code_pair<BITS, ASYM, KIND>(w, plane, i, j);
+    return h ? bf_hi(p) : bf_lo(p);
+}
+
 // d += a · b on tensor cores (m16n8k16, bf16 in, f32 accumulate).
 __device__ __forceinline__ void mma_bf16(float* d, const u32* a, u32 b0, u32 b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -119,14 +187,14 @@ struct QScale {
     float slo, shi, olo, ohi;
 };
 
-template <int BITS, bool ASYM>
-__device__ __forceinline__ QScale qscale(u32 sp, u32 op) {
+template <int BITS, bool ASYM, int KIND>
+__device__ __forceinline__ QScale qscale(u32 sp, u32 op, float ts) {
     QScale r;
-    r.slo = h2f((f16_t)(sp & 0xffff));
-    r.shi = h2f((f16_t)(sp >> 16));
+    r.slo = scale_value<KIND>(sp & 0xffff, ts);
+    r.shi = scale_value<KIND>(sp >> 16, ts);
     r.olo = ASYM ? h2f((f16_t)(op & 0xffff)) : 0.0f;
     r.ohi = ASYM ? h2f((f16_t)(op >> 16)) : 0.0f;
-    if (BITS == 4 && !ASYM) {
+    if (!ASYM && !(KIND == K_INT && BITS == 8)) {
         r.lo2 = pack_bf2(r.slo, r.slo);
         r.hi2 = pack_bf2(r.shi, r.shi);
     }
@@ -135,9 +203,24 @@ __device__ __forceinline__ QScale qscale(u32 sp, u32 op) {
 
 // The A fragment (bf16) of tile i of a lane's 16-byte word: with POST the exact integers
 // (c - 2^(b-1), or c when asymmetric), the scale (and offset) applied after the mma; else scaled.
-template <int BITS, bool ASYM, bool POST>
-__device__ __forceinline__ void dequant_frag(const u32* words, int i, const QScale& s, u32* a) {
-    if (POST && BITS == 4) {
+template <int BITS, bool ASYM, int KIND, bool POST>
+__device__ __forceinline__ void dequant_frag(const u32* words, const u32* plane, int i, const QScale& s, u32* a) {
+    if (KIND != K_INT || BITS < 4) {
+        // The other formats: exact values (code_pair), then scaled in bf16 (one rounding: the
+        // scale is rounded to bf16 first, as for int4), or in f32 with the offset.
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const u32 c = code_pair<BITS, ASYM, KIND>(words, plane, i, j);
+            if (POST) {
+                a[j] = c;
+            } else if (!ASYM) {
+                a[j] = fma_bf2(c, (j & 1) ? s.hi2 : s.lo2, 0x80008000u);
+            } else {
+                const float sc = (j & 1) ? s.shi : s.slo, of = (j & 1) ? s.ohi : s.olo;
+                a[j] = pack_bf2(fmaf(bf_lo(c), sc, of), fmaf(bf_hi(c), sc, of));
+            }
+        }
+    } else if (POST && BITS == 4) {
         const u32 w = words[i];
 #pragma unroll
         for (int j = 0; j < 4; j++)
@@ -203,16 +286,20 @@ __device__ __forceinline__ void load_x(const bf16_t* p, bool ok, int left, bool 
 // Strip s of a weight of n features whose strips are strips sg - s .. of the launch (several
 // weights of one input run as one launch, see QgArgs); the split-K sums of feature f of the
 // launch (row r) are ws[r * wstride + f], its strips' counters counters[sg].
-template <int BITS, bool ASYM, int NB, bool POST, bool XS>
-__device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets, const bf16_t* x, int m, int k,
-                      int n, u32 gmul, int G, int CH, int cpb, float* ws, u32* counters, int wstride, int s, int sg,
-                      bf16_t* out) {
+template <int BITS, bool ASYM, int KIND, int NB, bool POST, bool XS>
+__device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets, const uint2* planes, float ts,
+                      const bf16_t* x, int m, int k, int n, u32 gmul, int G, int CH, int cpb, float* ws,
+                      u32* counters, int wstride, int s, int sg, bf16_t* out) {
     // U chunks per ring slot (per loop step) amortize the step's fixed work (wait, commit, scale
-    // and activation addressing); with 16 rows the activations alone fill the registers, so 1.
-    constexpr int TPU = BITS == 4 ? 4 : 2, CW = 16 * TPU, XW = TPU / 2, U = NB == 1 ? 2 : 1;
+    // and activation addressing); with 16 rows, or 32 columns a lane (2- and 3-bit chunks), the
+    // activations alone fill the registers, so 1.
+    constexpr int TPU = BITS == 8 ? 2 : BITS == 4 ? 4 : 8, CW = 16 * TPU, XW = TPU / 2;
+    constexpr int U = NB == 1 && TPU <= 4 ? 2 : 1;
+    constexpr bool PLANE = BITS == 3;
     // XS keeps 3 stages: 4 fill the 48 KB of static shared memory exactly (rings merged) and
-    // measured slower end to end (H100, same call: 398-400 against 385-386 tok/s).
-    constexpr int S = U == 2 ? (ASYM || XS ? 3 : 4) : QG_STAGES;
+    // measured slower end to end (H100, same call: 398-400 against 385-386 tok/s). 2- and 3-bit
+    // chunks are twice as wide: 4 stages hold as many columns in flight as 8 of int4's.
+    constexpr int S = U == 2 ? (ASYM || XS ? 3 : 4) : TPU == 8 ? 4 : QG_STAGES;
     // XS (one row, whole chunks): the activations ride in the ring too, XC 16-byte words a chunk
     // copied by the warp's first XC lanes, so their latency hides behind S - 1 steps like the
     // weights' (with registers, one step ahead, it was the loop's most common stall).
@@ -221,6 +308,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     __shared__ u32 ring_s[S][U][QG_MAXW * 32];
     __shared__ u32 ring_o[ASYM ? S : 1][U][ASYM ? QG_MAXW * 32 : 1];
     __shared__ uint4 ring_x[XS ? S : 1][U][XS ? QG_MAXW * XC : 1];
+    __shared__ uint2 ring_h[PLANE ? S : 1][U][PLANE ? QG_MAXW * 32 : 1];
     __shared__ int last;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, W = blockDim.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -228,6 +316,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     const int mine = max(0, (c_hi - c_lo - warp + W - 1) / W), steps = (mine + U - 1) / U;
     const bool xvec = (k & 7) == 0;
     const uint4* qbase = codes + (size_t)s * CH * 32 + lane;
+    const uint2* hq = PLANE ? planes + (size_t)s * CH * 32 + lane + (size_t)(c_lo + warp) * 32 : nullptr;
     const size_t sbase = (size_t)s * G * 8 + g;
     // The warp's j-th chunk is c_lo + warp + j W: its codes are j W 32 words after the first, its
     // lane run starts j W CW columns after the first. Everything per step is an offset from these
@@ -237,7 +326,9 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     const u32* s0 = scales + sbase;
     const u32* o0 = ASYM ? offsets + sbase : scales;
     const u32 rq = smem_u32(&ring_q[0][0][tid]), rs = smem_u32(&ring_s[0][0][tid]),
-              ro = smem_u32(&ring_o[0][0][ASYM ? tid : 0]), rx = smem_u32(&ring_x[0][0][XS ? warp * XC + lane % XC : 0]);
+              ro = smem_u32(&ring_o[0][0][ASYM ? tid : 0]), rx = smem_u32(&ring_x[0][0][XS ? warp * XC + lane % XC : 0]),
+              rh = smem_u32(&ring_h[0][0][PLANE ? tid : 0]);
+    constexpr u32 HSLOT = U * QG_MAXW * 32 * 8, HU = QG_MAXW * 32 * 8;
     constexpr u32 XSLOT = U * QG_MAXW * XC * 16, XU = QG_MAXW * XC * 16;
     constexpr u32 QSLOT = U * QG_MAXW * 32 * 16, QU = QG_MAXW * 32 * 16, SSLOT = U * QG_MAXW * 32 * 4,
                   SU = QG_MAXW * 32 * 4;
@@ -265,6 +356,10 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
         for (int u = 0; u < U; u++) {
             if (ji < mine) {
                 cp_async16_at(rq + slot * QSLOT + u * QU, qi);
+                if (PLANE) {
+                    cp_async8_at(rh + slot * HSLOT + u * HU, hq);
+                    hq += qstride;
+                }
                 if (XS && with_x) issue_x(slot, u);
                 // The run's group: col / group by a multiply-high (gmul = ceil(2^32 / group)).
                 const u32 grp = min(__umulhi(ci, gmul), (u32)G - 1);
@@ -282,6 +377,10 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
 #pragma unroll
         for (int u = 0; u < U; u++) {
             cp_async16_at(rq + slot * QSLOT + u * QU, qi);
+            if (PLANE) {
+                cp_async8_at(rh + slot * HSLOT + u * HU, hq);
+                hq += qstride;
+            }
             if (XS) issue_x(slot, u);
             const u32 grp = min(__umulhi(ci, gmul), (u32)G - 1);
             cp_async4_at(rs + slot * SSLOT + u * SU, at8(s0, grp));
@@ -348,10 +447,12 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     auto step = [&](const bool FAST, int i, const uint4 (&xc)[U][NB][XW], uint4 (&xn)[U][NB][XW]) {
         cp_async_wait<S - 2>();
         uint4 q[U];
+        uint2 hp[U];
         u32 sp[U], op[U];
 #pragma unroll
         for (int u = 0; u < U; u++) {
             q[u] = ring_q[slot][u][tid];
+            hp[u] = PLANE ? ring_h[PLANE ? slot : 0][u][PLANE ? tid : 0] : make_uint2(0, 0);
             sp[u] = ring_s[slot][u][tid];
             op[u] = ASYM ? ring_o[ASYM ? slot : 0][u][ASYM ? tid : 0] : 0u;
         }
@@ -379,8 +480,8 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
 #pragma unroll
         for (int u = 0; u < U; u++) {
             if (!FAST && i * U + u >= mine) break;  // past the warp's share: the slot was not filled
-            const QScale sc = qscale<BITS, ASYM && !POST>(sp[u], op[u]);
-            const u32 words[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
+            const QScale sc = qscale<BITS, ASYM && !POST, KIND>(sp[u], op[u], ts);
+            const u32 words[4] = {q[u].x, q[u].y, q[u].z, q[u].w}, plane[2] = {hp[u].x, hp[u].y};
             if (POST) {
                 // One group over the whole chunk: integer products summed over its tiles, then
                 // scaled once (and the offset times the activations' sum, from an all-ones mma).
@@ -393,7 +494,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
 #pragma unroll
                 for (int ti = 0; ti < TPU; ti++) {
                     u32 a[4];
-                    dequant_frag<BITS, ASYM, true>(words, ti, sc, a);
+                    dequant_frag<BITS, ASYM, KIND, true>(words, plane, ti, sc, a);
 #pragma unroll
                     for (int b = 0; b < NB; b++) {
                         const u32* xw = (const u32*)xl[u][b];
@@ -418,7 +519,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
 #pragma unroll
             for (int ti = 0; ti < TPU; ti++) {
                 u32 a[4];
-                dequant_frag<BITS, ASYM, false>(words, ti, sc, a);
+                dequant_frag<BITS, ASYM, KIND, false>(words, plane, ti, sc, a);
 #pragma unroll
                 for (int b = 0; b < NB; b++) {
                     const u32* xw = (const u32*)xl[u][b];
@@ -513,8 +614,10 @@ struct QgPart {
     const uint4* codes;
     const u32* scales;
     const u32* offsets;
+    const uint2* planes;
     bf16_t* out;
     u32 gmul;
+    float ts;
     int n, G, strip0;
 };
 struct QgArgs {
@@ -527,72 +630,69 @@ struct QgArgs {
 
 // Suffix p: the scale applied after the mma, for groups that cover whole chunks.
 #define QG_SEL(f) (pi == 0 ? a.p[0].f : pi == 1 ? a.p[1].f : a.p[2].f)
-#define QGEMV1(name, BITS, ASYM, NB, POST, XS)                                                                      \
+#define QGEMV1(name, BITS, ASYM, KIND, NB, POST, XS)                                                              \
     extern "C" __global__ void __launch_bounds__(QG_MAXW * 32) name(const QgArgs a) {                           \
         griddep_launch(); /* the kernel after may start now: it waits for this one (pdl_enter) */               \
         const int sg = blockIdx.x;                                                                              \
         const int pi = (a.parts > 1 && sg >= a.p[1].strip0) + (a.parts > 2 && sg >= a.p[2].strip0);            \
-        qgemv<BITS, ASYM, NB, POST, XS>(QG_SEL(codes), QG_SEL(scales), QG_SEL(offsets), a.x, a.m, a.k, QG_SEL(n),   \
-                                    QG_SEL(gmul), QG_SEL(G), a.CH, a.cpb, a.ws, a.counters, a.wstride,          \
-                                    sg - QG_SEL(strip0), sg, QG_SEL(out));                                      \
+        qgemv<BITS, ASYM, KIND, NB, POST, XS>(QG_SEL(codes), QG_SEL(scales), QG_SEL(offsets), QG_SEL(planes),   \
+                                              QG_SEL(ts), a.x, a.m, a.k, QG_SEL(n), QG_SEL(gmul), QG_SEL(G), a.CH, \
+                                              a.cpb, a.ws, a.counters, a.wstride, sg - QG_SEL(strip0), sg,         \
+                                              QG_SEL(out));                                                     \
     }
-#define QGEMV(name, BITS, ASYM, NB, XS) QGEMV1(name, BITS, ASYM, NB, false, XS) QGEMV1(name##p, BITS, ASYM, NB, true, XS)
-QGEMV(qgemv_int4_8, 4, false, 1, false)
-QGEMV(qgemv_int4_1, 4, false, 1, true)
-QGEMV(qgemv_int4_16, 4, false, 2, false)
-QGEMV(qgemv_int4a_8, 4, true, 1, false)
-QGEMV(qgemv_int4a_1, 4, true, 1, true)
-QGEMV(qgemv_int4a_16, 4, true, 2, false)
-QGEMV(qgemv_int8_8, 8, false, 1, false)
-QGEMV(qgemv_int8_1, 8, false, 1, true)
-QGEMV(qgemv_int8_16, 8, false, 2, false)
-QGEMV(qgemv_int8a_8, 8, true, 1, false)
-QGEMV(qgemv_int8a_1, 8, true, 1, true)
-QGEMV(qgemv_int8a_16, 8, true, 2, false)
+// One format: its kernels for 1 row of whole chunks, up to 8 and up to 16 rows, scaled per
+// weight and (suffix p) after the mma; its prefill expansion and its embedding gather.
+#define QFORMAT(tag, BITS, ASYM, KIND)                                      \
+    QGEMV1(qgemv_##tag##_1, BITS, ASYM, KIND, 1, false, true)               \
+    QGEMV1(qgemv_##tag##_8, BITS, ASYM, KIND, 1, false, false)              \
+    QGEMV1(qgemv_##tag##_16, BITS, ASYM, KIND, 2, false, false)             \
+    QGEMV1(qgemv_##tag##_1p, BITS, ASYM, KIND, 1, true, true)               \
+    QGEMV1(qgemv_##tag##_8p, BITS, ASYM, KIND, 1, true, false)              \
+    QGEMV1(qgemv_##tag##_16p, BITS, ASYM, KIND, 2, true, false)             \
+    DEQUANT(dequant_##tag, BITS, ASYM, KIND)                                \
+    QEMBED(embedding_##tag, BITS, ASYM, KIND)
 
-// Element (row, col) of a re-laid weight, dequantized in f32 exactly as the CPU does (c - 2^(b-1))
-// times the f16 scale, or c times the scale plus the offset): the inverse of the layout above.
-template <int BITS, bool ASYM>
-__device__ __forceinline__ float q_elem(const u32* codes, const u32* scales, const u32* offsets, int row, int col,
-                                        int group, int G, int CH) {
-    constexpr int TPU = BITS == 4 ? 4 : 2, CW = 16 * TPU;
+// Element (row, col) of a re-laid weight, dequantized in f32 exactly as the CPU does (the code's
+// value times the scale, plus the offset when asymmetric): the inverse of the layout above.
+template <int BITS, bool ASYM, int KIND>
+__device__ __forceinline__ float q_elem(const u32* codes, const u32* scales, const u32* offsets, const u32* planes,
+                                        float ts, int row, int col, int group, int G, int CH) {
+    constexpr int TPU = BITS == 8 ? 2 : BITS == 4 ? 4 : 8, CW = 16 * TPU;
     const int s = row >> 4, rr = row & 15, c = col / CW, cc = col % CW;
     const int t = cc / (4 * TPU), r4 = cc % (4 * TPU), i = r4 >> 2, jh = (r4 >> 1) & 1, h = r4 & 1;
     const int g = rr & 7, j = (rr >> 3) + 2 * jh, lane = g * 4 + t;
-    const u32* word = codes + (((size_t)s * CH + c) * 32 + lane) * 4;
-    int q;
-    if (BITS == 4) {
-        q = (word[i] >> (4 * (j + 4 * h))) & 15;
-    } else {
-        q = (word[2 * i + (j >> 1)] >> (8 * ((j & 1) * 2 + h))) & 255;
-    }
+    const size_t word = ((size_t)s * CH + c) * 32 + lane;
+    const float v = code_at<BITS, ASYM, KIND>(codes + word * 4, BITS == 3 ? planes + word * 2 : nullptr, i, j, h);
     const size_t at = ((size_t)s * G + min(col / group, G - 1)) * 8 + g;
     const int half = 16 * (rr >> 3);
-    const float sc = h2f((f16_t)(scales[at] >> half));
-    return ASYM ? fmaf((float)q, sc, h2f((f16_t)(offsets[at] >> half))) : (float)(q - (1 << (BITS - 1))) * sc;
+    const float sc = scale_value<KIND>((scales[at] >> half) & 0xffff, ts);
+    return ASYM ? fmaf(v, sc, h2f((f16_t)(offsets[at] >> half))) : v * sc;
 }
 
 // The re-laid weight back to row-major bf16 for the strips s0 .. s0 + strips, for cuBLAS at
 // prefill: one thread per 16-byte word (a lane of a chunk of a strip), which holds a run of 4 TPU
 // columns of features g and g + 8 (see the layout above), written as bf16 rows of dst (row r of
 // dst is feature 16 s0 + r). Values as in q_elem, so the CPU's rounded to bf16.
-template <int BITS, bool ASYM>
-__device__ void dequant(const uint4* codes, const u32* scales, const u32* offsets, int s0, int strips, int n, int k,
-                        u32 gmul, int G, int CH, bf16_t* dst) {
-    constexpr int TPU = BITS == 4 ? 4 : 2, CW = 16 * TPU, RUN = 4 * TPU;
+template <int BITS, bool ASYM, int KIND>
+__device__ void dequant(const uint4* codes, const u32* scales, const u32* offsets, const uint2* planes, float ts,
+                        int s0, int strips, int n, int k, u32 gmul, int G, int CH, bf16_t* dst) {
+    constexpr int TPU = BITS == 8 ? 2 : BITS == 4 ? 4 : 8, CW = 16 * TPU, RUN = 4 * TPU;
     const size_t words = (size_t)strips * CH * 32;
     for (size_t id = (size_t)blockIdx.x * blockDim.x + threadIdx.x; id < words; id += (size_t)gridDim.x * blockDim.x) {
         const int lane = id & 31, c = (id >> 5) % CH, sl = (id >> 5) / CH, s = s0 + sl;
         const int g = lane >> 2, t = lane & 3, col0 = c * CW + RUN * t;
-        const uint4 q = codes[((size_t)s * CH + c) * 32 + lane];
-        const u32 w[4] = {q.x, q.y, q.z, q.w};
+        const size_t wi = ((size_t)s * CH + c) * 32 + lane;
+        const uint4 q = codes[wi];
+        const uint2 hp = BITS == 3 ? planes[wi] : make_uint2(0, 0);
+        const u32 w[4] = {q.x, q.y, q.z, q.w}, plane[2] = {hp.x, hp.y};
         const size_t at = ((size_t)s * G + min((int)__umulhi((u32)col0, gmul), G - 1)) * 8 + g;
         const u32 sp = scales[at], op = ASYM ? offsets[at] : 0u;
 #pragma unroll
         for (int hi = 0; hi < 2; hi++) {
             const int row = s * 16 + g + 8 * hi;
             if (row >= n) continue;
-            const float sc = h2f((f16_t)(sp >> (16 * hi))), of = ASYM ? h2f((f16_t)(op >> (16 * hi))) : 0.0f;
+            const float sc = scale_value<KIND>((sp >> (16 * hi)) & 0xffff, ts);
+            const float of = ASYM ? h2f((f16_t)(op >> (16 * hi))) : 0.0f;
             u32 out[RUN / 2];
 #pragma unroll
             for (int e = 0; e < RUN; e += 2) {
@@ -600,14 +700,8 @@ __device__ void dequant(const uint4* codes, const u32* scales, const u32* offset
                 float v[2];
 #pragma unroll
                 for (int h = 0; h < 2; h++) {
-                    const int i = e >> 2, jh = (e >> 1) & 1, j = hi + 2 * jh;
-                    int code;
-                    if (BITS == 4) {
-                        code = (w[i] >> (4 * (j + 4 * h))) & 15;
-                    } else {
-                        code = (w[2 * i + (j >> 1)] >> (8 * ((j & 1) * 2 + h))) & 255;
-                    }
-                    v[h] = ASYM ? fmaf((float)code, sc, of) : (float)(code - (1 << (BITS - 1))) * sc;
+                    const float cv = code_at<BITS, ASYM, KIND>(w, plane, e >> 2, hi + 2 * ((e >> 1) & 1), h);
+                    v[h] = ASYM ? fmaf(cv, sc, of) : cv * sc;
                 }
                 out[e >> 1] = pack_bf2(v[0], v[1]);
             }
@@ -624,34 +718,25 @@ __device__ void dequant(const uint4* codes, const u32* scales, const u32* offset
         }
     }
 }
-#define DEQUANT(name, BITS, ASYM)                                                                            \
-    extern "C" __global__ void name(const uint4* codes, const u32* scales, const u32* offsets, int s0, int strips, \
-                                    int n, int k, u32 gmul, int G, int CH, bf16_t* dst) {                      \
+#define DEQUANT(name, BITS, ASYM, KIND)                                                                        \
+    extern "C" __global__ void name(const uint4* codes, const u32* scales, const u32* offsets, const uint2* planes, \
+                                    float ts, int s0, int strips, int n, int k, u32 gmul, int G, int CH,         \
+                                    bf16_t* dst) {                                                             \
         pdl_enter();                                                                                           \
-        dequant<BITS, ASYM>(codes, scales, offsets, s0, strips, n, k, gmul, G, CH, dst);                        \
+        dequant<BITS, ASYM, KIND>(codes, scales, offsets, planes, ts, s0, strips, n, k, gmul, G, CH, dst);      \
     }
-DEQUANT(dequant_int4, 4, false)
-DEQUANT(dequant_int4a, 4, true)
-DEQUANT(dequant_int8, 8, false)
-DEQUANT(dequant_int8a, 8, true)
 
 // Embedding rows gathered from a re-laid table (a quantized, possibly tied, embedding): grid
 // (column blocks, tokens), one thread per column; each value equals the CPU's rounded to bf16.
-template <int BITS, bool ASYM>
-__device__ void qembed(const u32* codes, const u32* scales, const u32* offsets, const u32* tokens, int k,
-                       int group, int G, int CH, bf16_t* out) {
-    const int col = blockIdx.x * blockDim.x + threadIdx.x;
-    if (col >= k) return;
-    const int row = (int)tokens[blockIdx.y];
-    out[(size_t)blockIdx.y * k + col] = f2bf(q_elem<BITS, ASYM>(codes, scales, offsets, row, col, group, G, CH));
-}
-#define QEMBED(name, BITS, ASYM)                                                                               \
-    extern "C" __global__ void name(const u32* codes, const u32* scales, const u32* offsets, const u32* tokens, \
-                                    int k, int group, int G, int CH, bf16_t* out) {                            \
+#define QEMBED(name, BITS, ASYM, KIND)                                                                         \
+    extern "C" __global__ void name(const u32* codes, const u32* scales, const u32* offsets, const u32* planes, \
+                                    float ts, const u32* tokens, int k, int group, int G, int CH, bf16_t* out) { \
         pdl_enter();                                                                                           \
-        qembed<BITS, ASYM>(codes, scales, offsets, tokens, k, group, G, CH, out);                              \
+        const int col = blockIdx.x * blockDim.x + threadIdx.x;                                                 \
+        if (col >= k) return;                                                                                  \
+        out[(size_t)blockIdx.y * k + col] = f2bf(                                                              \
+            q_elem<BITS, ASYM, KIND>(codes, scales, offsets, planes, ts, (int)tokens[blockIdx.y], col, group, G, CH)); \
     }
-QEMBED(embedding_int4, 4, false)
-QEMBED(embedding_int4a, 4, true)
-QEMBED(embedding_int8, 8, false)
-QEMBED(embedding_int8a, 8, true)
+
+// The host compiles this file once per packed format, appending that format's QFORMAT line
+// (`modules` in `cuda/mod.rs`).
