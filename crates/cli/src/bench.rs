@@ -593,7 +593,11 @@ mod kernels {
         let copy = g.copy_bandwidth(1 << 30)?;
         let int = |bits, asym| Some(QuantFormat::Int { bits, asym });
         let formats: Vec<(Option<QuantFormat>, usize)> = match args.model.quantize {
-            Some(f) => vec![(Some(f), args.model.group_size.unwrap_or(GROUP))],
+            Some(f) => vec![(
+                Some(f),
+                f.fixed_group()
+                    .unwrap_or(args.model.group_size.unwrap_or(GROUP)),
+            )],
             None => {
                 let mut all = vec![(None, 0), (int(4, false), 32)];
                 all.extend(QuantFormat::ALL.map(|f| (Some(f), f.fixed_group().unwrap_or(GROUP))));

@@ -541,7 +541,9 @@ fn rope_write_kv_fused() {
     }
 }
 
-const ROWS: [usize; 8] = [1, 2, 5, 8, 9, 16, 17, 40];
+/// Row counts of the matmul tests: the GEMV / decode kernels (1-16), the packed decode kernel in
+/// 16-row blocks (17, 40: batched decode) and the expansion to bf16 for cuBLAS (130).
+const ROWS: [usize; 9] = [1, 2, 5, 8, 9, 16, 17, 40, 130];
 
 #[test]
 fn dense_matmul() {
@@ -696,7 +698,7 @@ fn matmul_many_quant() {
                 })
                 .collect();
             let refs: Vec<&cuda::Weight> = ws.iter().collect();
-            for rows in [1, 3, 8, 9, 16] {
+            for rows in [1, 3, 8, 9, 16, 33] {
                 let x = randv(&mut r, rows * k, 1.0);
                 let mut gx = g.alloc(rows * k).unwrap();
                 g.write(&mut gx, &x).unwrap();
@@ -812,7 +814,7 @@ fn act_order_matmul() {
             })
             .collect();
         let refs: Vec<&cuda::Weight> = ws.iter().collect();
-        for rows in [1, 5, 16, 33] {
+        for rows in [1, 5, 16, 33, 130] {
             let x = randv(&mut r, rows * k, 1.0);
             let mut gx = g.alloc(rows * k).unwrap();
             g.write(&mut gx, &x).unwrap();

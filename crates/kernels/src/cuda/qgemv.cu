@@ -625,7 +625,8 @@ struct QgArgs {
     const bf16_t* x;
     float* ws;
     u32* counters;
-    int parts, m, k, CH, cpb, wstride;
+    // 16-row blocks: above 16 rows (batched decode) each strip runs once per block of rows.
+    int parts, m, k, CH, cpb, wstride, row_blocks;
 };
 
 // Suffix p: the scale applied after the mma, for groups that cover whole chunks.
@@ -633,12 +634,14 @@ struct QgArgs {
 #define QGEMV1(name, BITS, ASYM, KIND, NB, POST, XS)                                                              \
     extern "C" __global__ void __launch_bounds__(QG_MAXW * 32) name(const QgArgs a) {                           \
         griddep_launch(); /* the kernel after may start now: it waits for this one (pdl_enter) */               \
-        const int sg = blockIdx.x;                                                                              \
+        /* A strip's row blocks are neighbours: they run together and share its weights in the L2. */          \
+        const int sg = blockIdx.x / a.row_blocks, rb = blockIdx.x - sg * a.row_blocks;                          \
         const int pi = (a.parts > 1 && sg >= a.p[1].strip0) + (a.parts > 2 && sg >= a.p[2].strip0);            \
         qgemv<BITS, ASYM, KIND, NB, POST, XS>(QG_SEL(codes), QG_SEL(scales), QG_SEL(offsets), QG_SEL(planes),   \
-                                              QG_SEL(ts), a.x, a.m, a.k, QG_SEL(n), QG_SEL(gmul), QG_SEL(G), a.CH, \
-                                              a.cpb, a.ws, a.counters, a.wstride, sg - QG_SEL(strip0), sg,         \
-                                              QG_SEL(out));                                                     \
+                                              QG_SEL(ts), a.x + (size_t)rb * 16 * a.k, min(16, a.m - rb * 16), a.k, \
+                                              QG_SEL(n), QG_SEL(gmul), QG_SEL(G), a.CH, a.cpb, a.ws, a.counters,   \
+                                              a.wstride, sg - QG_SEL(strip0), sg,                               \
+                                              QG_SEL(out) + (size_t)rb * 16 * QG_SEL(n));                       \
     }
 // One format: its kernels for 1 row of whole chunks, up to 8 and up to 16 rows, scaled per
 // weight and (suffix p) after the mma; its prefill expansion and its embedding gather.
