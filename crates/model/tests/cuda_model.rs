@@ -224,6 +224,28 @@ fn synthetic_smollm2_int4() {
     check_synthetic("synthetic_smollm2_int4", &options);
 }
 
+/// The other packed formats' kernels in a whole model: int3 (2-bit plane plus a third-bit plane),
+/// fp8, nvfp4 (E4M3 block scales times a tensor scale) and asymmetric int2 linear layers.
+#[test]
+fn synthetic_smollm2_other_formats() {
+    for format in [
+        QuantFormat::Int {
+            bits: 3,
+            asym: false,
+        },
+        QuantFormat::Fp8,
+        QuantFormat::Nvfp4,
+        QuantFormat::Int {
+            bits: 2,
+            asym: true,
+        },
+    ] {
+        let mut options = LoadOptions::new(DenseFormat::BF16);
+        options.quantize = Some(QuantizeSpec::new(format));
+        check_synthetic(&format!("synthetic_smollm2 {format}"), &options);
+    }
+}
+
 /// Decode steps recorded as CUDA graphs and replayed give the logits of the same steps run op by
 /// op, bit for bit: 1-token steps (recorded at the second, replayed from the third, across
 /// context buckets 32 and 64) and 4-token steps (cuBLAS for bf16 weights inside the recording).
