@@ -52,12 +52,6 @@ const QGEMV: &str = include_str!("qgemv.cu");
 
 /// Rows up to which matmul runs the GEMV kernels (and steps are recorded as CUDA graphs).
 pub const DECODE_MAX_ROWS: usize = 16;
-/// Rows up to which a packed weight runs the decode kernel, in blocks of 16 rows (batched
-/// decode); above, the weight is expanded to bf16 for cuBLAS. Each block of rows costs about
-/// what 16 rows do (the kernel is bound by its instructions, not by the weights, which the
-/// blocks of a strip share through the L2): H100, int4 g128 8192×8192, 22 µs at 16 rows, 41 at
-/// 32, 79 at 64, 160 at 128, against 138-143 µs expanded for cuBLAS at 32-128 rows.
-const QG_MAX_ROWS: usize = 64;
 /// Most warps per block of the quantized decode kernel (QG_MAXW in qgemv.cu).
 const QG_WARPS: usize = 8;
 /// Most weights one quantized decode launch multiplies (QG_PARTS in qgemv.cu).
@@ -183,6 +177,22 @@ impl QuantWeight {
     /// k-tiles of 16 columns per 16-byte word (a chunk).
     fn tile_span(&self) -> usize {
         quant::tile_span(self.format)
+    }
+
+    /// Rows up to which this weight runs the decode kernel, in blocks of 16 rows (batched
+    /// decode); above, it is expanded to bf16 for cuBLAS. Each block of rows costs about what 16
+    /// rows do (the kernel is bound by its instructions, not by the weights, which the blocks of
+    /// a strip share through the L2): H100, int4 g128 8192×8192, 22 µs at 16 rows, 40 at 32, 79
+    /// at 64, 143 at 128, against 138-143 µs expanded at 32-128 rows. Over the kernel sweep the
+    /// blocks were 1.4-4.4x faster than the expansion at 32 rows for every format, and at 64 rows
+    /// 1.1-2.1x for 4-bit and symmetric 2-/3-bit weights but 0.75-1.75x for 8-bit codes and
+    /// asymmetric 2-/3-bit ones.
+    fn max_decode_rows(&self) -> usize {
+        if self.format.bits() == 8 || (self.format.is_asym() && self.format.bits() < 4) {
+            32
+        } else {
+            64
+        }
     }
 
     fn perm_key(&self) -> Option<u64> {
@@ -972,7 +982,7 @@ impl CudaBackend {
         f(xp)
     }
 
-    /// `outs[i] = x · ws[i]ᵀ` (rows ≤ QG_MAX_ROWS) in one launch of the quantized decode
+    /// `outs[i] = x · ws[i]ᵀ` (rows ≤ `max_decode_rows`) in one launch of the quantized decode
     /// kernel: the weights share format, width, scaling (`post`) and column order, and their
     /// strips are planned as one weight's. Above 16 rows every strip runs once per 16 rows,
     /// without split-K.
@@ -1629,7 +1639,7 @@ impl Backend for CudaBackend {
             }
         }
         match weight {
-            Weight::Quant(q) if rows > QG_MAX_ROWS => {
+            Weight::Quant(q) if rows > q.max_decode_rows() => {
                 return self.with_stored_order(x.ptr, q, rows, |x| {
                     self.matmul_expanded(x, weight, rows, out.ptr)
                 })
@@ -1690,7 +1700,7 @@ impl Backend for CudaBackend {
                 Weight::Dense(_) => None,
             })
             .collect();
-        let fusable = (1..=QG_MAX_ROWS).contains(&rows)
+        let fusable = (1..=quant.first().map_or(0, |q| q.max_decode_rows())).contains(&rows)
             && (2..=QG_PARTS).contains(&quant.len())
             && quant.len() == weights.len()
             && quant.iter().all(|q| {
