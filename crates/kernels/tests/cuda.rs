@@ -197,6 +197,26 @@ fn make_step(r: &mut StdRng, seqs: &[(usize, usize)], block_size: usize) -> (Ste
     (b, total_blocks)
 }
 
+/// The rows of `table` the step's tokens pick, gathered on the GPU (into a poisoned buffer) and
+/// on the CPU: `len` values each.
+fn embed_both(
+    g: &CudaBackend,
+    c: &CpuBackend,
+    table: &HostWeight,
+    (gs, cs): (&cuda::Step, &<CpuBackend as Backend>::Step),
+    len: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let (gt, ct) = (
+        g.upload_weight(table).unwrap(),
+        c.upload_weight(table).unwrap(),
+    );
+    let mut go = poisoned(g, len);
+    let mut co = c.alloc(len).unwrap();
+    g.embedding(&gt, gs, &mut go).unwrap();
+    c.embedding(&ct, cs, &mut co).unwrap();
+    (g.read(&go, len).unwrap(), c.read(&co, len).unwrap())
+}
+
 #[test]
 fn embedding_rope_gather() {
     let Some(g) = gpu("embedding_rope_gather") else {
@@ -213,19 +233,8 @@ fn embedding_rope_gather() {
     for format in DenseFormat::ALL {
         let dim = 131;
         let table = HostWeight::from_f32(format, 50, dim, &randv(&mut r, 50 * dim, 1.0)).unwrap();
-        let (gt, ct) = (
-            g.upload_weight(&table).unwrap(),
-            c.upload_weight(&table).unwrap(),
-        );
-        let mut go = poisoned(g, n * dim);
-        let mut co = c.alloc(n * dim).unwrap();
-        g.embedding(&gt, &gs, &mut go).unwrap();
-        c.embedding(&ct, &cs, &mut co).unwrap();
-        assert_close(
-            &format!("embedding {format}"),
-            &g.read(&go, n * dim).unwrap(),
-            &c.read(&co, n * dim).unwrap(),
-        );
+        let (got, want) = embed_both(g, &c, &table, (&gs, &cs), n * dim);
+        assert_close(&format!("embedding {format}"), &got, &want);
     }
     for &(heads, hd) in &[(3usize, 64usize), (2, 80), (1, 256), (4, 6)] {
         let len = n * heads * hd;
@@ -286,20 +295,9 @@ fn quantized_embedding() {
             };
             let t = quantize_rtn(&randv(&mut r, 50 * dim, 1.0), 50, dim, format, group).unwrap();
             let table = HostWeight::quant(t).unwrap();
-            let (gt, ct) = (
-                g.upload_weight(&table).unwrap(),
-                c.upload_weight(&table).unwrap(),
-            );
-            let mut go = poisoned(g, n * dim);
-            let mut co = c.alloc(n * dim).unwrap();
-            g.embedding(&gt, &gs, &mut go).unwrap();
-            c.embedding(&ct, &cs, &mut co).unwrap();
-            let want: Vec<f32> = c.read(&co, n * dim).unwrap().into_iter().map(bf).collect();
-            assert_eq!(
-                g.read(&go, n * dim).unwrap(),
-                want,
-                "embedding {format} {dim} g{group}"
-            );
+            let (got, want) = embed_both(g, &c, &table, (&gs, &cs), n * dim);
+            let want: Vec<f32> = want.into_iter().map(bf).collect();
+            assert_eq!(got, want, "embedding {format} {dim} g{group}");
         }
     }
 }
@@ -666,6 +664,42 @@ fn quant_matmul_every_format() {
     }
 }
 
+/// `matmul_many` of weights `ts` on one input, at each of `row_counts`, against the f64
+/// reference of each weight.
+fn check_many(
+    g: &CudaBackend,
+    r: &mut StdRng,
+    ts: &[QuantTensor],
+    row_counts: &[usize],
+    what: &str,
+) {
+    let k = ts[0].cols;
+    let ws: Vec<cuda::Weight> = ts
+        .iter()
+        .map(|t| {
+            g.upload_weight(&HostWeight::quant(t.clone()).unwrap())
+                .unwrap()
+        })
+        .collect();
+    let refs: Vec<&cuda::Weight> = ws.iter().collect();
+    for &rows in row_counts {
+        let x = randv(r, rows * k, 1.0);
+        let mut gx = g.alloc(rows * k).unwrap();
+        g.write(&mut gx, &x).unwrap();
+        let mut outs: Vec<cuda::Buffer> = ts.iter().map(|t| poisoned(g, rows * t.rows)).collect();
+        let mut out_refs: Vec<&mut cuda::Buffer> = outs.iter_mut().collect();
+        g.matmul_many(&gx, &refs, MatmulRows::plain(rows), &mut out_refs)
+            .unwrap();
+        for (i, (t, o)) in ts.iter().zip(&outs).enumerate() {
+            assert_close(
+                &format!("{what}: weight {i} rows {rows}"),
+                &g.read(o, rows * t.rows).unwrap(),
+                &reference(t, &x, rows),
+            );
+        }
+    }
+}
+
 /// Several weights of one input (`matmul_many`: q/k/v, gate/up), in one launch when they share
 /// a format, width and scaling, against the f64 reference of each: partial strips, split-K plans
 /// (k = 4096), and a set that cannot share a launch (int4 groups of 32 beside per-channel scales).
@@ -690,31 +724,8 @@ fn matmul_many_quant() {
                     quantize_rtn(&randv(&mut r, n * k, 0.1), n, k, format, group).unwrap()
                 })
                 .collect();
-            let ws: Vec<cuda::Weight> = ts
-                .iter()
-                .map(|t| {
-                    g.upload_weight(&HostWeight::quant(t.clone()).unwrap())
-                        .unwrap()
-                })
-                .collect();
-            let refs: Vec<&cuda::Weight> = ws.iter().collect();
-            for rows in [1, 3, 8, 9, 16, 33] {
-                let x = randv(&mut r, rows * k, 1.0);
-                let mut gx = g.alloc(rows * k).unwrap();
-                g.write(&mut gx, &x).unwrap();
-                let mut outs: Vec<cuda::Buffer> =
-                    ts.iter().map(|t| poisoned(g, rows * t.rows)).collect();
-                let mut out_refs: Vec<&mut cuda::Buffer> = outs.iter_mut().collect();
-                g.matmul_many(&gx, &refs, MatmulRows::plain(rows), &mut out_refs)
-                    .unwrap();
-                for (i, (t, o)) in ts.iter().zip(&outs).enumerate() {
-                    assert_close(
-                        &format!("{format} k {k} weight {i} of {shapes:?} rows {rows}"),
-                        &g.read(o, rows * t.rows).unwrap(),
-                        &reference(t, &x, rows),
-                    );
-                }
-            }
+            let what = format!("{format} k {k} {shapes:?}");
+            check_many(g, &mut r, &ts, &[1, 3, 8, 9, 16, 33], &what);
         }
     }
 }
@@ -806,31 +817,8 @@ fn act_order_matmul() {
                 t
             })
             .collect();
-        let ws: Vec<cuda::Weight> = ts
-            .iter()
-            .map(|t| {
-                g.upload_weight(&HostWeight::quant(t.clone()).unwrap())
-                    .unwrap()
-            })
-            .collect();
-        let refs: Vec<&cuda::Weight> = ws.iter().collect();
-        for rows in [1, 5, 16, 33, 130] {
-            let x = randv(&mut r, rows * k, 1.0);
-            let mut gx = g.alloc(rows * k).unwrap();
-            g.write(&mut gx, &x).unwrap();
-            let mut outs: Vec<cuda::Buffer> =
-                ts.iter().map(|t| poisoned(g, rows * t.rows)).collect();
-            let mut out_refs: Vec<&mut cuda::Buffer> = outs.iter_mut().collect();
-            g.matmul_many(&gx, &refs, MatmulRows::plain(rows), &mut out_refs)
-                .unwrap();
-            for (i, (t, o)) in ts.iter().zip(&outs).enumerate() {
-                assert_close(
-                    &format!("{format} act-order matmul_many weight {i} rows {rows}"),
-                    &g.read(o, rows * t.rows).unwrap(),
-                    &reference(t, &x, rows),
-                );
-            }
-        }
+        let what = format!("{format} act-order");
+        check_many(g, &mut r, &ts, &[1, 5, 16, 33, 130], &what);
     }
 }
 
