@@ -1,19 +1,24 @@
 // Quantized decode matmul on tensor cores: out[r, n] = sum_k x[r, k] * W[n, k] for up to 16 rows
-// of x (bf16), W in int4 or int8 codes with f16 group scales (and offsets, asymmetric).
+// of x (bf16; more in blocks of 16, `row_blocks`), W packed in any Marlin format: int8/4/3/2 codes
+// with f16 group scales (and offsets, asymmetric), E4M3 or E2M1 codes with f16 scales, E2M1 with
+// E8M0 (mxfp4) or E4M3-times-tensor-scale (nvfp4) block scales. The host compiles this file once
+// per format (the QFORMAT line it appends).
 //
 // Layout (made once at upload, `cuda/quant.rs`): the weight is cut into strips of 16 output
-// features and chunks of CW columns (64 for int4, 32 for int8: TPU = 4 or 2 k-tiles of 16). For
+// features and chunks of CW columns (128 for 2-/3-bit, 64 for 4-bit, 32 for 8-bit codes: TPU = 8,
+// 4 or 2 k-tiles of 16). For
 // each (strip, chunk) each lane of a warp holds one 16-byte word: its A fragments of
 // `mma.m16n8k16` for the chunk's TPU tiles (register j of tile i: feature g + 8 (j & 1), logical
 // k 2t + 8 (j >> 1) + h, with g = lane / 4, t = lane % 4). The logical k of the mma is a
 // permutation of the chunk's columns chosen so that lane t's activations are one contiguous run:
 // logical (tile i, k 2t + 8 jh + h) is physical column 4 TPU t + 4 i + 2 jh + h. The mma sums
 // over k in any order, so the same permutation on both operands changes nothing, and each lane
-// reads x with one or two 16-byte loads per chunk instead of 4-byte pieces per tile. Int4 words
-// hold nibble j + 4h of register j in word i; int8 byte 2 (j & 1) + h of word 2i + (j >> 1).
-// A lane's run lies in one group (groups are 16-multiples or whole rows), so each lane needs one
-// scale pair per chunk: scales are laid out per (strip, group) as 8 words, word g holding the f16
-// scales of features g and g + 8 (offsets likewise).
+// reads x with one to four 16-byte loads per chunk instead of 4-byte pieces per tile. Int4 words
+// hold nibble j + 4h of register j in word i; int8 byte 2 (j & 1) + h of word 2i + (j >> 1); the
+// other formats are placed as `code_pair` says. A lane's run lies in one group (groups are
+// multiples of the run or whole rows), so each lane needs one scale pair per chunk: scales are
+// laid out per (strip, group) as 8 words, word g holding the 16-bit scales of features g and
+// g + 8 (offsets likewise).
 //
 // Dequantization without lookups, scale applied before the mma (which then accumulates straight
 // into the f32 result): int4 symmetric `(w >> 4j) & 0x000f000f | 0x43004300` is the bf16x2 pair
@@ -21,7 +26,7 @@
 // to bf16: the weight the mma sees is the bf16 rounding of the dequantized value, error 2^-9,
 // as cuBLAS sees the expanded weight at prefill). Int8 and asymmetric int4 go through the f32
 // magic 2^23 + c (`prmt` / `lop3`), one FMA with the f32 scale (and offset), and
-// `cvt.rn.bf16x2.f32`.
+// `cvt.rn.bf16x2.f32`. The other formats: `code_pair`'s exact values, then the same scaling.
 //
 // Loads: each lane streams its own words through a QG_STAGES-deep ring in shared memory filled
 // by `cp.async` (16-byte codes, 4-byte scale pair), so QG_STAGES - 1 chunks per lane are in flight
