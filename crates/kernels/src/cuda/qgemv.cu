@@ -159,10 +159,19 @@ __device__ __forceinline__ u32 code_pair(const u32* w, const u32* plane, int i, 
     } else if (BITS == 4) {
         return fma_bf2(and_or(w[i] >> (4 * j), 0x000f000fu, 0x43004300u), 0x3f803f80u, ASYM ? 0xc300c300u : 0xc308c308u);
     } else {
-        // 128 + c in bf16, then less 128 (and 2^(b-1)).
-        u32 c = and_or(w[i >> 1] >> (2 * (j + 4 * (i & 1))), 0x00030003u, 0x43004300u);
-        if (BITS == 3) c = and_or(shl(plane[i >> 2], 2 - (j + 4 * (i & 3))), 0x00040004u, c);
-        return fma_bf2(c, 0x3f803f80u, ASYM ? 0xc300c300u : BITS == 3 ? 0xc304c304u : 0xc302c302u);
+        // Code p of its 16-bit half (p = j + 4 (i & 1)), taken in place: one shift of the word
+        // serves three codes, code q = p % 3 of the shifted word lying at bits 2q, 2q + 1 (its
+        // third bit put at 2q + 2), inside bf16's mantissa: 128 + c 4^q exactly. One FMA by 4^-q
+        // less 128 4^-q (and 2^(b-1)) leaves c (less 2^(b-1)), exactly.
+        const int p = j + 4 * (i & 1), q = p % 3;
+        u32 c = and_or(w[i >> 1] >> (6 * (p / 3)), 0x00030003u << (2 * q), 0x43004300u);
+        if (BITS == 3) c = and_or(shl(plane[i >> 2], 2 * q + 2 - (j + 4 * (i & 3))), 0x00040004u << (2 * q), c);
+        const u32 scale = q == 0 ? 0x3f80u : q == 1 ? 0x3e80u : 0x3d80u;  // 1, 1/4, 1/16
+        // -(128 4^-q + 2^(b-1)): -128, -32, -8 (asymmetric); -130, -34, -10 (int2); -132, -36, -12.
+        const u32 bias = ASYM ? (q == 0 ? 0xc300u : q == 1 ? 0xc200u : 0xc100u)
+                         : BITS == 2 ? (q == 0 ? 0xc302u : q == 1 ? 0xc208u : 0xc120u)
+                                     : (q == 0 ? 0xc304u : q == 1 ? 0xc210u : 0xc140u);
+        return fma_bf2(c, scale | scale << 16, bias | bias << 16);
     }
 }
 
