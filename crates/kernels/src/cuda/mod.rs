@@ -47,7 +47,7 @@ const COMMON: [&str; 3] = [
     include_str!("attention.cu"),
     include_str!("gemv.cu"),
 ];
-/// The packed-weight kernels, one module per format (`format_module`).
+/// The packed-weight kernels, one module per format (`modules`).
 const QGEMV: &str = include_str!("qgemv.cu");
 
 /// Rows up to which matmul runs the GEMV kernels (and steps are recorded as CUDA graphs).
@@ -684,13 +684,7 @@ impl CudaBackend {
         }
         let perm = match &t.perm {
             Some(p) => {
-                let mut guard = self.permuted.lock().unwrap();
-                let need = DECODE_MAX_ROWS * t.cols;
-                if guard.as_ref().is_none_or(|b| b.len() < need) {
-                    self.before_realloc()?;
-                    *guard = None;
-                    *guard = Some(s.alloc_zeros::<u16>(need).map_err(dev)?);
-                }
+                self.grow_permuted(&mut self.permuted.lock().unwrap(), DECODE_MAX_ROWS * t.cols)?;
                 let key = p.iter().fold(0xcbf29ce484222325u64, |h, &v| {
                     (h ^ u64::from(v)).wrapping_mul(0x100000001b3)
                 });
@@ -957,6 +951,17 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Grows the act-order reorder buffer to `len` elements (dropping the recorded steps, which
+    /// point at the old one).
+    fn grow_permuted(&self, buffer: &mut Option<CudaSlice<u16>>, len: usize) -> Result<()> {
+        if buffer.as_ref().is_none_or(|b| b.len() < len) {
+            self.before_realloc()?;
+            *buffer = None;
+            *buffer = Some(self.stream.alloc_zeros::<u16>(len).map_err(dev)?);
+        }
+        Ok(())
+    }
+
     /// Runs `f` on `x`, or, for an act-order weight, on x's rows reordered into the weight's
     /// stored column order (in the `permuted` buffer, held while `f` queues its kernels).
     fn with_stored_order(
@@ -971,11 +976,7 @@ impl CudaBackend {
         };
         let k = q.cols;
         let mut guard = self.permuted.lock().unwrap();
-        if guard.as_ref().is_none_or(|b| b.len() < rows * k) {
-            self.before_realloc()?;
-            *guard = None;
-            *guard = Some(self.stream.alloc_zeros::<u16>(rows * k).map_err(dev)?);
-        }
+        self.grow_permuted(&mut guard, rows * k)?;
         let xp = self.ptr(guard.as_ref().unwrap());
         let cfg = cfg2((k.div_ceil(256), rows), 256, 0);
         launch!(self, "permute_cols", cfg, x, self.ptr(perm), k as i32, xp);
