@@ -109,6 +109,9 @@ __device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {
     return r;
 }
 
+// k-tiles of 16 columns per chunk (one 16-byte word a lane): 8 codes a tile and lane.
+__host__ __device__ constexpr int tile_span(int bits) { return bits == 8 ? 2 : bits == 4 ? 4 : 8; }
+
 // x << n for n of either sign (a right shift when negative; n is a compile-time constant).
 __device__ __forceinline__ u32 shl(u32 x, int n) { return n >= 0 ? x << n : x >> -n; }
 __device__ __forceinline__ void cp_async8_at(u32 dst, const void* src) {
@@ -219,9 +222,9 @@ __device__ __forceinline__ QScale qscale(u32 sp, u32 op, float ts) {
 // (c - 2^(b-1), or c when asymmetric), the scale (and offset) applied after the mma; else scaled.
 template <int BITS, bool ASYM, int KIND, bool POST>
 __device__ __forceinline__ void dequant_frag(const u32* words, const u32* plane, int i, const QScale& s, u32* a) {
-    if (KIND != K_INT || BITS < 4) {
-        // The other formats: exact values (code_pair), then scaled in bf16 (one rounding: the
-        // scale is rounded to bf16 first, as for int4), or in f32 with the offset.
+    if (!(KIND == K_INT && (BITS == 8 || (BITS == 4 && ASYM && !POST)))) {
+        // Exact values (code_pair), then scaled in bf16 (one rounding: the scale is rounded to
+        // bf16 first), or in f32 with the offset; with POST the scale comes after the mma.
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             const u32 c = code_pair<BITS, ASYM, KIND>(words, plane, i, j);
@@ -234,11 +237,6 @@ __device__ __forceinline__ void dequant_frag(const u32* words, const u32* plane,
                 a[j] = pack_bf2(fmaf(bf_lo(c), sc, of), fmaf(bf_hi(c), sc, of));
             }
         }
-    } else if (POST && BITS == 4) {
-        const u32 w = words[i];
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-            a[j] = fma_bf2(and_or(w >> (4 * j), 0x000f000fu, 0x43004300u), 0x3f803f80u, ASYM ? 0xc300c300u : 0xc308c308u);
     } else if (POST) {
         const float bias = ASYM ? 8388608.0f : 8388736.0f;  // 2^23, 2^23 + 128
 #pragma unroll
@@ -248,14 +246,8 @@ __device__ __forceinline__ void dequant_frag(const u32* words, const u32* plane,
             a[j] = pack_bf2(__uint_as_float(__byte_perm(w, 0x4b000000u, 0x7440 + b)) - bias,
                             __uint_as_float(__byte_perm(w, 0x4b000000u, 0x7440 + b + 1)) - bias);
         }
-    } else if (BITS == 4 && !ASYM) {
-        const u32 w = words[i];
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const u32 c = fma_bf2(and_or(w >> (4 * j), 0x000f000fu, 0x43004300u), 0x3f803f80u, 0xc308c308u);
-            a[j] = fma_bf2(c, (j & 1) ? s.hi2 : s.lo2, 0x80008000u);
-        }
     } else if (BITS == 4) {
+        // Asymmetric int4 scaled per weight: through the f32 magic 2^23 + c.
         const u32 w = words[i];
 #pragma unroll
         for (int j = 0; j < 4; j++) {
@@ -307,7 +299,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     // U chunks per ring slot (per loop step) amortize the step's fixed work (wait, commit, scale
     // and activation addressing); with 16 rows, or 32 columns a lane (2- and 3-bit chunks), the
     // activations alone fill the registers, so 1.
-    constexpr int TPU = BITS == 8 ? 2 : BITS == 4 ? 4 : 8, CW = 16 * TPU, XW = TPU / 2;
+    constexpr int TPU = tile_span(BITS), CW = 16 * TPU, XW = TPU / 2;
     constexpr int U = NB == 1 && TPU <= 4 ? 2 : 1;
     constexpr bool PLANE = BITS == 3;
     // XS keeps 3 stages: 4 fill the 48 KB of static shared memory exactly (rings merged) and
@@ -674,7 +666,7 @@ struct QgArgs {
 template <int BITS, bool ASYM, int KIND>
 __device__ __forceinline__ float q_elem(const u32* codes, const u32* scales, const u32* offsets, const u32* planes,
                                         float ts, int row, int col, int group, int G, int CH) {
-    constexpr int TPU = BITS == 8 ? 2 : BITS == 4 ? 4 : 8, CW = 16 * TPU;
+    constexpr int TPU = tile_span(BITS), CW = 16 * TPU;
     const int s = row >> 4, rr = row & 15, c = col / CW, cc = col % CW;
     const int t = cc / (4 * TPU), r4 = cc % (4 * TPU), i = r4 >> 2, jh = (r4 >> 1) & 1, h = r4 & 1;
     const int g = rr & 7, j = (rr >> 3) + 2 * jh, lane = g * 4 + t;
@@ -693,7 +685,7 @@ __device__ __forceinline__ float q_elem(const u32* codes, const u32* scales, con
 template <int BITS, bool ASYM, int KIND>
 __device__ void dequant(const uint4* codes, const u32* scales, const u32* offsets, const uint2* planes, float ts,
                         int s0, int strips, int n, int k, u32 gmul, int G, int CH, bf16_t* dst) {
-    constexpr int TPU = BITS == 8 ? 2 : BITS == 4 ? 4 : 8, CW = 16 * TPU, RUN = 4 * TPU;
+    constexpr int TPU = tile_span(BITS), CW = 16 * TPU, RUN = 4 * TPU;
     const size_t words = (size_t)strips * CH * 32;
     for (size_t id = (size_t)blockIdx.x * blockDim.x + threadIdx.x; id < words; id += (size_t)gridDim.x * blockDim.x) {
         const int lane = id & 31, c = (id >> 5) % CH, sl = (id >> 5) / CH, s = s0 + sl;
