@@ -654,6 +654,9 @@ fn quant_matmul_every_format() {
             (4224, 3072, 128),
             (4224, 3072, 32),
             (4224, 3080, 3080),
+            // More strips than a wave of 3-block slots on any GPU up to 132 SMs: the one-row
+            // kernel's 4-block build.
+            (6400, 512, 128),
         ] {
             let Some(group) = test_group(format, k, group) else {
                 continue;

@@ -57,7 +57,8 @@ const QG_WARPS: usize = 8;
 /// Most weights one quantized decode launch multiplies (QG_PARTS in qgemv.cu).
 const QG_PARTS: usize = 3;
 /// Warps of the quantized decode kernel wanted per SM: what fits (3 blocks of 8 warps at its ~80
-/// registers a thread), so a launch is about one full wave. Measured on an H200 (int4 g32, m=1):
+/// registers a thread; 4 for the one-row `w` build of launches with many strips), so a launch is
+/// about one full wave. Measured on an H200 (int4 g32, m=1):
 /// 24 against 32 (1.3 waves) takes 4096×4096 from 10.2 to 6.9 µs and 4096×14336 from 21.8 to
 /// 17.1 µs, and llama3-8b decode from 274 to 292 tok/s; 16, 48 and 64 were no better.
 const QG_WARPS_PER_SM: usize = 24;
@@ -995,10 +996,13 @@ impl CudaBackend {
     fn qgemv_stored(&self, x: u64, ws: &[&QuantWeight], rows: usize, outs: &[u64]) -> Result<()> {
         let q0 = ws[0];
         // One row of whole chunks, 16-byte aligned: the kernel that streams the activations
-        // through its copy ring (`_1`).
+        // through its copy ring (`_1`); its `w` build (4 blocks an SM) where the strips exceed a
+        // wave of 3-block slots.
         let one = rows == 1 && q0.cols.is_multiple_of(16 * q0.tile_span()) && x.is_multiple_of(16);
+        let strips: usize = ws.iter().map(|q| q.strips).sum();
+        let wide = one && !q0.format.is_asym() && strips > 3 * self.sms;
         let name = format!(
-            "qgemv_{}_{}{}",
+            "qgemv_{}_{}{}{}",
             quant::tag(q0.format),
             if one {
                 1
@@ -1007,7 +1011,8 @@ impl CudaBackend {
             } else {
                 16
             },
-            if q0.post() { "p" } else { "" }
+            if q0.post() { "p" } else { "" },
+            if wide { "w" } else { "" }
         );
         let mut args = QgArgs {
             x,
@@ -1235,7 +1240,7 @@ fn modules() -> Vec<(String, Vec<String>)> {
             QuantFormat::Nvfp4 => (4, false, "K_NV"),
         };
         let source = format!("{PRELUDE}{QGEMV}\nQFORMAT({tag}, {bits}, {asym}, {kind})\n");
-        let mut names: Vec<String> = ["1", "8", "16", "1p", "8p", "16p"]
+        let mut names: Vec<String> = ["1", "1w", "8", "16", "1p", "1pw", "8p", "16p"]
             .iter()
             .map(|v| format!("qgemv_{tag}_{v}"))
             .collect();

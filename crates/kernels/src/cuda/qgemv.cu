@@ -53,10 +53,10 @@
 //
 // Bound aimed at: the codes and scales streamed once from HBM at the device-to-device copy
 // bandwidth (`marlin bench kernels` measures both in one run). Where it gets (H100 80GB HBM3, copy
-// 2873 GB/s, 2026-11-26, fourth session): int4 g128 at m=1 86% of copy on 28672×8192 (3.3x
-// cuBLAS bf16), 76% on 8192×28672, 75% on 4096×14336, 57-60% at 8192² and 14336×4096, 45% at
-// 4096² (2.3-3.3x cuBLAS); 8 rows 45-76%, 16 rows (two mmas per tile) 38-67%; int8 (third
-// session) 53-100%. It is not memory-bound: the time barely changes from
+// 2880 GB/s, 2026-11-27, eleventh session): int4 g128 at m=1 97% of copy on 28672×8192 (3.76x
+// cuBLAS bf16), 95% on 8192×28672 (3.77x), 87% at 8192² (3.55x), 80% on 14336×4096, 72% on
+// 4096×14336, 53% at 4096² (the last two with 3 blocks an SM, the others 4: the `w` builds below);
+// 16 rows (two mmas per tile) 42-67%; fp8 and int8 91-101%. It is not memory-bound: the time barely changes from
 // the H100 to the H200 (40% more bandwidth), and Nsight Compute (second session) showed the
 // integer/logic pipe as the busiest with 2.6 instructions issued per cycle per SM, about 180 per
 // chunk (64 of them dequantization and 4 mma). A version of the same loop with the dequantization
@@ -637,8 +637,8 @@ struct QgArgs {
 
 // Suffix p: the scale applied after the mma, for groups that cover whole chunks.
 #define QG_SEL(f) (pi == 0 ? a.p[0].f : pi == 1 ? a.p[1].f : a.p[2].f)
-#define QGEMV1(name, BITS, ASYM, KIND, NB, POST, XS)                                                              \
-    extern "C" __global__ void __launch_bounds__(QG_MAXW * 32) name(const QgArgs a) {                           \
+#define QGEMV1(name, BITS, ASYM, KIND, NB, POST, XS, BOUNDS)                                                      \
+    extern "C" __global__ void __launch_bounds__ BOUNDS name(const QgArgs a) {                                  \
         griddep_launch(); /* the kernel after may start now: it waits for this one (pdl_enter) */               \
         /* A strip's row blocks are neighbours: they run together and share its weights in the L2. */          \
         const int sg = blockIdx.x / a.row_blocks, rb = blockIdx.x - sg * a.row_blocks;                          \
@@ -650,14 +650,22 @@ struct QgArgs {
                                               QG_SEL(out) + (size_t)rb * 16 * QG_SEL(n));                       \
     }
 // One format: its kernels for 1 row of whole chunks, up to 8 and up to 16 rows, scaled per
-// weight and (suffix p) after the mma; its prefill expansion and its embedding gather.
+// weight and (suffix p) after the mma; its prefill expansion and its embedding gather. The
+// one-row kernel also comes bounded to 64 registers (suffix w), so that 4 blocks of 8 warps fit an
+// SM rather than 3: the host takes it for launches of more strips than a wave of 3-block slots
+// (symmetric formats; the asymmetric ones spill there). H100, int4 g32 at m=1, a 64-register
+// build held to 3 blocks by padding its shared memory against 4: 8192² 18.8 against 14.7 µs, 28672×8192 50.5 / 47.7, 14336×4096 16.0 / 14.2, but
+// 4096² 6.1 / 6.9 and 4096×14336 17.1 / 17.7 (256 strips: 4 blocks an SM leave more SMs idle);
+// llama3-8b decode, 4 blocks for every launch, lost 2% against the 3-block build.
 #define QFORMAT(tag, BITS, ASYM, KIND)                                      \
-    QGEMV1(qgemv_##tag##_1, BITS, ASYM, KIND, 1, false, true)               \
-    QGEMV1(qgemv_##tag##_8, BITS, ASYM, KIND, 1, false, false)              \
-    QGEMV1(qgemv_##tag##_16, BITS, ASYM, KIND, 2, false, false)             \
-    QGEMV1(qgemv_##tag##_1p, BITS, ASYM, KIND, 1, true, true)               \
-    QGEMV1(qgemv_##tag##_8p, BITS, ASYM, KIND, 1, true, false)              \
-    QGEMV1(qgemv_##tag##_16p, BITS, ASYM, KIND, 2, true, false)             \
+    QGEMV1(qgemv_##tag##_1, BITS, ASYM, KIND, 1, false, true, (QG_MAXW * 32))  \
+    QGEMV1(qgemv_##tag##_1w, BITS, ASYM, KIND, 1, false, true, (QG_MAXW * 32, 4)) \
+    QGEMV1(qgemv_##tag##_8, BITS, ASYM, KIND, 1, false, false, (QG_MAXW * 32))  \
+    QGEMV1(qgemv_##tag##_16, BITS, ASYM, KIND, 2, false, false, (QG_MAXW * 32))  \
+    QGEMV1(qgemv_##tag##_1p, BITS, ASYM, KIND, 1, true, true, (QG_MAXW * 32))  \
+    QGEMV1(qgemv_##tag##_1pw, BITS, ASYM, KIND, 1, true, true, (QG_MAXW * 32, 4)) \
+    QGEMV1(qgemv_##tag##_8p, BITS, ASYM, KIND, 1, true, false, (QG_MAXW * 32))  \
+    QGEMV1(qgemv_##tag##_16p, BITS, ASYM, KIND, 2, true, false, (QG_MAXW * 32))  \
     DEQUANT(dequant_##tag, BITS, ASYM, KIND)                                \
     QEMBED(embedding_##tag, BITS, ASYM, KIND)
 
