@@ -654,9 +654,8 @@ fn quant_matmul_every_format() {
             (4224, 3072, 128),
             (4224, 3072, 32),
             (4224, 3080, 3080),
-            // More strips than a wave of 3-block slots on any GPU up to 132 SMs: the one-row
-            // kernel's 4-block build.
-            (6400, 512, 128),
+            // More strips than 4 blocks an SM on any GPU up to 132 SMs: the bounded builds.
+            (8464, 512, 128),
         ] {
             let Some(group) = test_group(format, k, group) else {
                 continue;

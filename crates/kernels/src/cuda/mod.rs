@@ -996,11 +996,19 @@ impl CudaBackend {
     fn qgemv_stored(&self, x: u64, ws: &[&QuantWeight], rows: usize, outs: &[u64]) -> Result<()> {
         let q0 = ws[0];
         // One row of whole chunks, 16-byte aligned: the kernel that streams the activations
-        // through its copy ring (`_1`); its `w` build (4 blocks an SM) where the strips exceed a
-        // wave of 3-block slots.
+        // through its copy ring (`_1`). The `w` builds (one row at 4 blocks an SM, 8 and 16 rows
+        // at 3) where the strips exceed a wave of 3-block slots (one row) or 4 blocks an SM (8
+        // and 16 rows: H100, int4 g128 at 8 rows, 14336×4096 17.9 → 17.2 µs and 28672×8192
+        // 57.7 → 55.3 at 3 blocks, but the 512-strip 8192×28672 49.6 → 62.9; llama3-8b decode
+        // at batch 16 3112 → 3271 tok/s with every launch of more than 2 blocks an SM's strips
+        // at 3).
         let one = rows == 1 && q0.cols.is_multiple_of(16 * q0.tile_span()) && x.is_multiple_of(16);
         let strips: usize = ws.iter().map(|q| q.strips).sum();
-        let wide = one && !q0.format.is_asym() && strips > 3 * self.sms;
+        let wide = match wide_builds(q0.format) {
+            Some(_) if one => strips > 3 * self.sms,
+            Some(WideBuilds::AllRows) => strips > 4 * self.sms,
+            _ => false,
+        };
         let name = format!(
             "qgemv_{}_{}{}{}",
             quant::tag(q0.format),
@@ -1239,8 +1247,20 @@ fn modules() -> Vec<(String, Vec<String>)> {
             QuantFormat::Mxfp4 => (4, false, "K_MX"),
             QuantFormat::Nvfp4 => (4, false, "K_NV"),
         };
-        let source = format!("{PRELUDE}{QGEMV}\nQFORMAT({tag}, {bits}, {asym}, {kind})\n");
-        let mut names: Vec<String> = ["1", "1w", "8", "16", "1p", "1pw", "8p", "16p"]
+        let mut source = format!("{PRELUDE}{QGEMV}\nQFORMAT({tag}, {bits}, {asym}, {kind})\n");
+        let mut variants = vec!["1", "8", "16", "1p", "8p", "16p"];
+        if let Some(wide) = wide_builds(format) {
+            for (line, names) in [
+                ("QWIDE1", &["1w", "1pw"][..]),
+                ("QWIDE16", &["8w", "16w", "8pw", "16pw"]),
+            ] {
+                if line == "QWIDE1" || wide == WideBuilds::AllRows {
+                    source += &format!("{line}({tag}, {bits}, {asym}, {kind})\n");
+                    variants.extend(names);
+                }
+            }
+        }
+        let mut names: Vec<String> = variants
             .iter()
             .map(|v| format!("qgemv_{tag}_{v}"))
             .collect();
@@ -1249,6 +1269,21 @@ fn modules() -> Vec<(String, Vec<String>)> {
         all.push((source, names));
     }
     all
+}
+
+/// Which bounded (`w`) builds of the decode kernel a format has (QWIDE1, QWIDE16 in qgemv.cu).
+#[derive(PartialEq, Eq)]
+enum WideBuilds {
+    OneRow,
+    AllRows,
+}
+
+fn wide_builds(format: QuantFormat) -> Option<WideBuilds> {
+    match (format.is_asym(), format.bits()) {
+        (true, _) => None,
+        (false, 4..) => Some(WideBuilds::AllRows),
+        (false, _) => Some(WideBuilds::OneRow),
+    }
 }
 
 /// Every module's CUBIN for `sm_{major}{minor}` (and whether it came from the disk cache), in

@@ -659,15 +659,24 @@ struct QgArgs {
 // llama3-8b decode, 4 blocks for every launch, lost 2% against the 3-block build.
 #define QFORMAT(tag, BITS, ASYM, KIND)                                      \
     QGEMV1(qgemv_##tag##_1, BITS, ASYM, KIND, 1, false, true, (QG_MAXW * 32))  \
-    QGEMV1(qgemv_##tag##_1w, BITS, ASYM, KIND, 1, false, true, (QG_MAXW * 32, 4)) \
     QGEMV1(qgemv_##tag##_8, BITS, ASYM, KIND, 1, false, false, (QG_MAXW * 32))  \
     QGEMV1(qgemv_##tag##_16, BITS, ASYM, KIND, 2, false, false, (QG_MAXW * 32))  \
     QGEMV1(qgemv_##tag##_1p, BITS, ASYM, KIND, 1, true, true, (QG_MAXW * 32))  \
-    QGEMV1(qgemv_##tag##_1pw, BITS, ASYM, KIND, 1, true, true, (QG_MAXW * 32, 4)) \
     QGEMV1(qgemv_##tag##_8p, BITS, ASYM, KIND, 1, true, false, (QG_MAXW * 32))  \
     QGEMV1(qgemv_##tag##_16p, BITS, ASYM, KIND, 2, true, false, (QG_MAXW * 32))  \
     DEQUANT(dequant_##tag, BITS, ASYM, KIND)                                \
     QEMBED(embedding_##tag, BITS, ASYM, KIND)
+// The bounded builds (suffix w), for the formats whose kernels fit them without spilling (the
+// host appends these lines): one row at 4 blocks an SM (symmetric formats), 8 and 16 rows at 3
+// (symmetric formats of 4 bits and more; the 2-/3-bit 16-row kernels spill there).
+#define QWIDE1(tag, BITS, ASYM, KIND)                                                 \
+    QGEMV1(qgemv_##tag##_1w, BITS, ASYM, KIND, 1, false, true, (QG_MAXW * 32, 4))     \
+    QGEMV1(qgemv_##tag##_1pw, BITS, ASYM, KIND, 1, true, true, (QG_MAXW * 32, 4))
+#define QWIDE16(tag, BITS, ASYM, KIND)                                                \
+    QGEMV1(qgemv_##tag##_8w, BITS, ASYM, KIND, 1, false, false, (QG_MAXW * 32, 3))    \
+    QGEMV1(qgemv_##tag##_16w, BITS, ASYM, KIND, 2, false, false, (QG_MAXW * 32, 3))   \
+    QGEMV1(qgemv_##tag##_8pw, BITS, ASYM, KIND, 1, true, false, (QG_MAXW * 32, 3))    \
+    QGEMV1(qgemv_##tag##_16pw, BITS, ASYM, KIND, 2, true, false, (QG_MAXW * 32, 3))
 
 // Element (row, col) of a re-laid weight, dequantized in f32 exactly as the CPU does (the code's
 // value times the scale, plus the offset when asymmetric): the inverse of the layout above.
