@@ -53,11 +53,13 @@
 //
 // Bound aimed at: the codes and scales streamed once from HBM at the device-to-device copy
 // bandwidth (`marlin bench kernels` measures both in one run). Where it gets (H100 80GB HBM3, copy
-// 2880 GB/s, 2026-11-27, eleventh session): int4 g128 at m=1 97% of copy on 28672×8192 (3.76x
-// cuBLAS bf16), 95% on 8192×28672 (3.77x), 87% at 8192² (3.55x), 80% on 14336×4096, 72% on
-// 4096×14336, 53% at 4096² (the last two with 3 blocks an SM, the others 4: the `w` builds below);
-// 16 rows (two mmas per tile) 42-67%; fp8 and int8 91-101%. It is not memory-bound: the time barely changes from
-// the H100 to the H200 (40% more bandwidth), and Nsight Compute (second session) showed the
+// 2880 GB/s, 2026-11-27, eleventh session): int4 g128 at m=1 96.5% of copy on 28672×8192
+// (3.88x cuBLAS bf16), 95% on 8192×28672 (3.82x), 87% at 8192² (3.75x), 81% on 14336×4096, 73.5%
+// on 4096×14336, 54% at 4096² (the last two with 3 blocks an SM, the others 4: the `w` builds
+// below); 8 rows 51-85%, 16 rows (two mmas per tile) 42-68%; fp8 and int8 91-101% (tenth
+// session). It is not bandwidth-bound: the time barely changes from the H100 to the H200 (40%
+// more bandwidth; second session, before the `w` builds, which show that loads in flight per SM
+// still matter on the large shapes), and Nsight Compute (second session) showed the
 // integer/logic pipe as the busiest with 2.6 instructions issued per cycle per SM, about 180 per
 // chunk (64 of them dequantization and 4 mma). A version of the same loop with the dequantization
 // and mma removed streamed the same words at 94-96% of copy on the large shapes, so what is left
@@ -654,9 +656,10 @@ struct QgArgs {
 // one-row kernel also comes bounded to 64 registers (suffix w), so that 4 blocks of 8 warps fit an
 // SM rather than 3: the host takes it for launches of more strips than a wave of 3-block slots
 // (symmetric formats; the asymmetric ones spill there). H100, int4 g32 at m=1, a 64-register
-// build held to 3 blocks by padding its shared memory against 4: 8192² 18.8 against 14.7 µs, 28672×8192 50.5 / 47.7, 14336×4096 16.0 / 14.2, but
-// 4096² 6.1 / 6.9 and 4096×14336 17.1 / 17.7 (256 strips: 4 blocks an SM leave more SMs idle);
-// llama3-8b decode, 4 blocks for every launch, lost 2% against the 3-block build.
+// build held to 3 blocks by padding its shared memory against 4: 8192² 18.8 against 14.7 µs,
+// 28672×8192 50.5 / 47.7, 14336×4096 16.0 / 14.2, but 4096² 6.1 / 6.9 and 4096×14336
+// 17.1 / 17.7 (256 strips: 4 blocks an SM leave more SMs idle); llama3-8b decode, 4 blocks for
+// every launch, lost 2% against the 3-block build.
 #define QFORMAT(tag, BITS, ASYM, KIND)                                      \
     QGEMV1(qgemv_##tag##_1, BITS, ASYM, KIND, 1, false, true, (QG_MAXW * 32))  \
     QGEMV1(qgemv_##tag##_8, BITS, ASYM, KIND, 1, false, false, (QG_MAXW * 32))  \
