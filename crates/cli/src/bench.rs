@@ -47,6 +47,9 @@ pub struct BenchArgs {
     /// Print one JSON object (with `serve`: one per level)
     #[arg(long)]
     pub json: bool,
+    /// With `kernels`: only these row counts [default: 1 2 4 8 16 32 64 128 512 4096]
+    #[arg(long, num_args = 1.., value_name = "M")]
+    pub rows: Vec<usize>,
     /// With `serve`: requests kept in flight, one level after another
     #[arg(long, num_args = 1.., default_values_t = [1, 8, 32])]
     pub concurrency: Vec<usize>,
@@ -587,6 +590,12 @@ mod kernels {
     }
 
     pub fn run(args: &BenchArgs) -> Result<()> {
+        let rows = if args.rows.is_empty() {
+            ROWS.to_vec()
+        } else {
+            args.rows.clone()
+        };
+        anyhow::ensure!(!rows.contains(&0), "--rows: row counts start at 1");
         let g = CudaBackend::new(0).context("marlin bench kernels runs on CUDA device 0")?;
         let copy = g.copy_bandwidth(1 << 30)?;
         let int = |bits, asym| Some(QuantFormat::Int { bits, asym });
@@ -611,13 +620,13 @@ mod kernels {
         println!();
         println!("| shape n × k | format | rows | µs | GB/s | % of copy | TFLOP/s | cuBLAS bf16 µs | vs cuBLAS |");
         println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-        let max_rows = *ROWS.last().unwrap();
+        let max_rows = rows.iter().copied().max().unwrap_or(1);
         for (si, &(n, k)) in SHAPES.iter().enumerate() {
             let x = random_buffer(&g, max_rows * k, 11 + si as u64)?;
             let mut out = g.alloc(max_rows * n)?;
             let dense = copies(&g, g.upload_weight(&weight(None, 0, n, k, 1)?)?)?;
             let mut cublas = vec![];
-            for &m in &ROWS {
+            for &m in &rows {
                 let calls = dense.len().max(10);
                 cublas.push(time_us(&g, calls, |i| {
                     Ok(g.matmul_cublas(&x, &dense[i % dense.len()], m, &mut out)?)
@@ -628,7 +637,7 @@ mod kernels {
                 let name = format.map_or("bf16".to_string(), |f| format!("{f} g{group}"));
                 let ws = copies(&g, g.upload_weight(&weight(format, group, n, k, 2)?)?)?;
                 let bytes = ws[0].device_bytes();
-                for (ri, &m) in ROWS.iter().enumerate() {
+                for (ri, &m) in rows.iter().enumerate() {
                     let calls = ws.len().max(10);
                     let us = time_us(&g, calls, |i| {
                         Ok(g.matmul(&x, &ws[i % ws.len()], MatmulRows::plain(m), &mut out)?)
