@@ -18,7 +18,10 @@
 // other formats are placed as `code_pair` says. A lane's run lies in one group (groups are
 // multiples of the run or whole rows), so each lane needs one scale pair per chunk: scales are
 // laid out per (strip, group) as 8 words, word g holding the 16-bit scales of features g and
-// g + 8 (offsets likewise).
+// g + 8 (offsets likewise). The byte scales of mxfp4 and nvfp4 go two groups a word instead, per
+// (strip, pair of groups): bytes 0 and 1 of word g the scales of features g and g + 8 in the
+// even group, bytes 2 and 3 in the odd one, so they stream at 8 bits a group and feature (at
+// 16 bits nvfp4 read 5 bits a weight rather than 4.5).
 //
 // Dequantization without lookups, scale applied before the mma (which then accumulates straight
 // into the f32 result): int4 symmetric `(w >> 4j) & 0x000f000f | 0x43004300` is the bf16x2 pair
@@ -129,7 +132,22 @@ __device__ __forceinline__ void cp_async8_at(u32 dst, const void* src) {
 #define K_MX 3
 #define K_NV 4
 
-// One 16-bit scale of a group as f32, exactly as docs/format.md defines it.
+// Byte scales (mxfp4, nvfp4): two groups a scale word (see the layout above).
+__host__ __device__ constexpr bool byte_scales(int kind) { return kind == K_MX || kind == K_NV; }
+
+// Word g of group grp's scales in strip s of a weight of G groups a row.
+template <int KIND>
+__device__ __forceinline__ size_t scale_at(int s, int grp, int G, int g) {
+    return byte_scales(KIND) ? ((size_t)s * ((G + 1) >> 1) + (grp >> 1)) * 8 + g : ((size_t)s * G + grp) * 8 + g;
+}
+
+// The scale of feature g (hi = 0) or g + 8 (hi = 1) of group grp from its word.
+template <int KIND>
+__device__ __forceinline__ u32 scale_bits(u32 word, int grp, int hi) {
+    return byte_scales(KIND) ? (word >> (16 * (grp & 1) + 8 * hi)) & 0xffu : (word >> (16 * hi)) & 0xffffu;
+}
+
+// One scale of a group (its scale_bits) as f32, exactly as docs/format.md defines it.
 template <int KIND>
 __device__ __forceinline__ float scale_value(u32 v, float ts) {
     if (KIND == K_MX) return v == 0 ? __uint_as_float(0x00400000u) : __uint_as_float(v << 23);
@@ -206,11 +224,12 @@ struct QScale {
     float slo, shi, olo, ohi;
 };
 
+// grp: the group's parity is what matters (byte scales).
 template <int BITS, bool ASYM, int KIND>
-__device__ __forceinline__ QScale qscale(u32 sp, u32 op, float ts) {
+__device__ __forceinline__ QScale qscale(u32 sp, u32 op, float ts, int grp) {
     QScale r;
-    r.slo = scale_value<KIND>(sp & 0xffff, ts);
-    r.shi = scale_value<KIND>(sp >> 16, ts);
+    r.slo = scale_value<KIND>(scale_bits<KIND>(sp, grp, 0), ts);
+    r.shi = scale_value<KIND>(scale_bits<KIND>(sp, grp, 1), ts);
     r.olo = ASYM ? h2f((f16_t)(op & 0xffff)) : 0.0f;
     r.ohi = ASYM ? h2f((f16_t)(op >> 16)) : 0.0f;
     if (!ASYM && !(KIND == K_INT && BITS == 8)) {
@@ -325,13 +344,17 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     const bool xvec = (k & 7) == 0;
     const uint4* qbase = codes + (size_t)s * CH * 32 + lane;
     const uint2* hq = PLANE ? planes + (size_t)s * CH * 32 + lane + (size_t)(c_lo + warp) * 32 : nullptr;
-    const size_t sbase = (size_t)s * G * 8 + g;
+    const size_t sbase = scale_at<KIND>(s, 0, G, g);
     // The warp's j-th chunk is c_lo + warp + j W: its codes are j W 32 words after the first, its
     // lane run starts j W CW columns after the first. Everything per step is an offset from these
     // (keeping the loop's address arithmetic to a few 32-bit operations).
     const uint4* q0 = qbase + (size_t)(c_lo + warp) * 32;
     const u32 qstride = (u32)W * 32, col_first = (u32)(c_lo + warp) * CW + 4 * TPU * t, col_stride = (u32)W * CW;
     const u32* s0 = scales + sbase;
+    // Byte scales: which half of its word the lane's group takes. The same for all its chunks:
+    // their codes are 4-bit (64-column chunks), so a lane's runs lie 64 W columns apart, an even
+    // number of 16- or 32-column groups.
+    const int gpar = byte_scales(KIND) ? (int)min(__umulhi(col_first, gmul), (u32)G - 1) & 1 : 0;
     const u32* o0 = ASYM ? offsets + sbase : scales;
     const u32 rq = smem_u32(&ring_q[0][0][tid]), rs = smem_u32(&ring_s[0][0][tid]),
               ro = smem_u32(&ring_o[0][0][ASYM ? tid : 0]), rx = smem_u32(&ring_x[0][0][XS ? warp * XC + lane % XC : 0]),
@@ -371,7 +394,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
                 if (XS && with_x) issue_x(slot, u);
                 // The run's group: col / group by a multiply-high (gmul = ceil(2^32 / group)).
                 const u32 grp = min(__umulhi(ci, gmul), (u32)G - 1);
-                cp_async4_at(rs + slot * SSLOT + u * SU, at8(s0, grp));
+                cp_async4_at(rs + slot * SSLOT + u * SU, at8(s0, byte_scales(KIND) ? grp >> 1 : grp));
                 if (ASYM) cp_async4_at(ro + slot * SSLOT + u * SU, at8(o0, grp));
                 qi += qstride;
                 ci += col_stride;
@@ -391,7 +414,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
             }
             if (XS) issue_x(slot, u);
             const u32 grp = min(__umulhi(ci, gmul), (u32)G - 1);
-            cp_async4_at(rs + slot * SSLOT + u * SU, at8(s0, grp));
+            cp_async4_at(rs + slot * SSLOT + u * SU, at8(s0, byte_scales(KIND) ? grp >> 1 : grp));
             if (ASYM) cp_async4_at(ro + slot * SSLOT + u * SU, at8(o0, grp));
             qi += qstride;
             ci += col_stride;
@@ -488,7 +511,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
 #pragma unroll
         for (int u = 0; u < U; u++) {
             if (!FAST && i * U + u >= mine) break;  // past the warp's share: the slot was not filled
-            const QScale sc = qscale<BITS, ASYM && !POST, KIND>(sp[u], op[u], ts);
+            const QScale sc = qscale<BITS, ASYM && !POST, KIND>(sp[u], op[u], ts, gpar);
             const u32 words[4] = {q[u].x, q[u].y, q[u].z, q[u].w}, plane[2] = {hp[u].x, hp[u].y};
             if (POST) {
                 // One group over the whole chunk: integer products summed over its tiles, then
@@ -692,10 +715,10 @@ __device__ __forceinline__ float q_elem(const u32* codes, const u32* scales, con
     const int g = rr & 7, j = (rr >> 3) + 2 * jh, lane = g * 4 + t;
     const size_t word = ((size_t)s * CH + c) * 32 + lane;
     const float v = code_at<BITS, ASYM, KIND>(codes + word * 4, BITS == 3 ? planes + word * 2 : nullptr, i, j, h);
-    const size_t at = ((size_t)s * G + min(col / group, G - 1)) * 8 + g;
-    const int half = 16 * (rr >> 3);
-    const float sc = scale_value<KIND>((scales[at] >> half) & 0xffff, ts);
-    return ASYM ? fmaf(v, sc, h2f((f16_t)(offsets[at] >> half))) : v * sc;
+    const int grp = min(col / group, G - 1), hi = rr >> 3;
+    const size_t at = scale_at<KIND>(s, grp, G, g);
+    const float sc = scale_value<KIND>(scale_bits<KIND>(scales[at], grp, hi), ts);
+    return ASYM ? fmaf(v, sc, h2f((f16_t)(offsets[at] >> (16 * hi)))) : v * sc;
 }
 
 // The re-laid weight back to row-major bf16 for the strips s0 .. s0 + strips, for cuBLAS at
@@ -714,13 +737,14 @@ __device__ void dequant(const uint4* codes, const u32* scales, const u32* offset
         const uint4 q = codes[wi];
         const uint2 hp = BITS == 3 ? planes[wi] : make_uint2(0, 0);
         const u32 w[4] = {q.x, q.y, q.z, q.w}, plane[2] = {hp.x, hp.y};
-        const size_t at = ((size_t)s * G + min((int)__umulhi((u32)col0, gmul), G - 1)) * 8 + g;
+        const int grp = min((int)__umulhi((u32)col0, gmul), G - 1);
+        const size_t at = scale_at<KIND>(s, grp, G, g);
         const u32 sp = scales[at], op = ASYM ? offsets[at] : 0u;
 #pragma unroll
         for (int hi = 0; hi < 2; hi++) {
             const int row = s * 16 + g + 8 * hi;
             if (row >= n) continue;
-            const float sc = scale_value<KIND>((sp >> (16 * hi)) & 0xffff, ts);
+            const float sc = scale_value<KIND>(scale_bits<KIND>(sp, grp, hi), ts);
             const float of = ASYM ? h2f((f16_t)(op >> (16 * hi))) : 0.0f;
             u32 out[RUN / 2];
 #pragma unroll

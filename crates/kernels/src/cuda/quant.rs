@@ -15,8 +15,9 @@ pub(crate) struct Relaid {
     pub words: Vec<u32>,
     /// int3: the codes' third bits, `strips * chunks * 32 * 2` words (8 bytes a lane).
     pub planes: Option<Vec<u32>>,
-    /// Per (strip, group) 8 words, word g holding the 16-bit scales of features g (low half)
-    /// and g + 8: f16, or the E8M0 / E4M3 byte (mxfp4 / nvfp4).
+    /// Per (strip, group) 8 words, word g holding the f16 scales of features g (low half) and
+    /// g + 8. The E8M0 / E4M3 byte scales (mxfp4 / nvfp4) go per (strip, pair of groups): word g
+    /// holds features g and g + 8 of the even group in bytes 0 and 1, of the odd group in 2 and 3.
     pub scales: Vec<u32>,
     pub offsets: Option<Vec<u32>>,
 }
@@ -123,10 +124,11 @@ pub(crate) fn relay(t: &QuantTensor) -> Relaid {
             .enumerate()
             .for_each(|(s, w)| fill(s, w, None)),
     }
-    // Per (strip, group), word g = the scales of features g (low half) and g + 8.
+    // Per (strip, group) or (strip, pair of groups), word g = the scales of features g and g + 8,
+    // `width` bytes each.
     let pairs = |bytes: &[u8], width: usize| -> Vec<u32> {
         let value = |r: usize, gi: usize| -> u32 {
-            if r >= n {
+            if r >= n || gi >= groups {
                 return 0;
             }
             let i = (r * groups + gi) * width;
@@ -136,12 +138,19 @@ pub(crate) fn relay(t: &QuantTensor) -> Relaid {
                 bytes[i] as u32
             }
         };
-        let mut out = vec![0u32; strips * groups * 8];
+        let per_word = 3 - width;
+        let slots = groups.div_ceil(per_word);
+        let mut out = vec![0u32; strips * slots * 8];
         for s in 0..strips {
-            for gi in 0..groups {
+            for slot in 0..slots {
                 for g in 0..8 {
                     let r = s * 16 + g;
-                    out[(s * groups + gi) * 8 + g] = value(r, gi) | value(r + 8, gi) << 16;
+                    out[(s * slots + slot) * 8 + g] = (0..per_word)
+                        .map(|p| {
+                            let gi = slot * per_word + p;
+                            (value(r, gi) | value(r + 8, gi) << (8 * width)) << (16 * p)
+                        })
+                        .fold(0, |a, b| a | b);
                 }
             }
         }
