@@ -704,18 +704,20 @@ fn check_many(
 
 /// Several weights of one input (`matmul_many`: q/k/v, gate/up), in one launch when they share
 /// a format, width and scaling, against the f64 reference of each: partial strips, split-K plans
-/// (k = 4096), and a set that cannot share a launch (int4 groups of 32 beside per-channel scales).
+/// (k = 4096), a set that cannot share a launch (int4 groups of 32 beside per-channel scales),
+/// and one of odd strip counts large enough for the two-strip blocks at 16 rows on an H100.
 #[test]
 fn matmul_many_quant() {
     let Some(g) = gpu("matmul_many_quant") else {
         return;
     };
     let mut r = rng();
-    let sets: [(usize, &[(usize, usize)]); 4] = [
+    let sets: [(usize, &[(usize, usize)]); 5] = [
         (384, &[(200, 128), (40, 128), (40, 128)]),
         (4096, &[(40, 128), (24, 128)]),
         (1024, &[(77, 64), (300, 64)]),
         (224, &[(50, 32), (33, 224)]),
+        (128, &[(4104, 128), (1000, 128)]),
     ];
     for format in QuantFormat::ALL {
         for &(k, shapes) in &sets {

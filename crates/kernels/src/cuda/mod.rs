@@ -216,17 +216,18 @@ impl QuantWeight {
         self.groups == 1 || self.group.is_multiple_of(16 * self.tile_span())
     }
 
-    /// (warps per block, blocks per strip, chunks per block) of the decode kernel: enough warps
-    /// in flight to cover the memory latency (about 32 per SM), splitting the chunks over several
-    /// blocks (split-K) only when the strips alone fall short, and never below 4 chunks a warp.
-    /// Of a launch over `strips` strips of `chunks` chunks.
-    fn plan(strips: usize, chunks: usize, sms: usize) -> (usize, usize, usize) {
-        let warps = if strips >= sms {
+    /// (warps per block, splits of each block's chunks, chunks per block) of the decode kernel:
+    /// enough warps in flight to cover the memory latency (about 32 per SM), splitting the chunks
+    /// over several blocks (split-K) only when the strips alone fall short, and never below 4
+    /// chunks a warp. Of a launch of `blocks` blocks of strips (`strips_per_block`) of `chunks`
+    /// chunks.
+    fn plan(blocks: usize, chunks: usize, sms: usize) -> (usize, usize, usize) {
+        let warps = if blocks >= sms {
             QG_WARPS
         } else {
             QG_WARPS / 2
         };
-        let want = sms * QG_WARPS_PER_SM / (strips * warps);
+        let want = sms * QG_WARPS_PER_SM / (blocks * warps);
         let ksplit = want.min(chunks / (4 * warps)).max(1);
         let cpb = chunks.div_ceil(ksplit);
         (warps, chunks.div_ceil(cpb), cpb)
@@ -996,17 +997,29 @@ impl CudaBackend {
     fn qgemv_stored(&self, x: u64, ws: &[&QuantWeight], rows: usize, outs: &[u64]) -> Result<()> {
         let q0 = ws[0];
         // One row of whole chunks, 16-byte aligned: the kernel that streams the activations
-        // through its copy ring (`_1`). The `w` builds (one row at 4 blocks an SM, 8 and 16 rows
-        // at 3) where the strips exceed a wave of 3-block slots (one row) or 4 blocks an SM (8
-        // and 16 rows: H100, int4 g128 at 8 rows, 14336×4096 17.9 → 17.2 µs and 28672×8192
-        // 57.7 → 55.3 at 3 blocks, but the 512-strip 8192×28672 49.6 → 62.9; llama3-8b decode
-        // at batch 16 3112 → 3271 tok/s with every launch of more than 2 blocks an SM's strips
-        // at 3).
+        // through its copy ring (`_1`). The `w` builds (one row at 4 blocks an SM, 8 rows at 3)
+        // where the strips exceed a wave of 3-block slots (one row) or 4 blocks an SM (8 rows:
+        // H100, int4 g128, 14336×4096 17.9 → 17.2 µs and 28672×8192 57.7 → 55.3 at 3 blocks,
+        // but the 512-strip 8192×28672 49.6 → 62.9).
         let one = rows == 1 && q0.cols.is_multiple_of(16 * q0.tile_span()) && x.is_multiple_of(16);
-        let strips: usize = ws.iter().map(|q| q.strips).sum();
+        let row_blocks = rows.div_ceil(16);
+        // Above 8 rows, two strips a block (`s`) where those blocks still fill the SMs. A block
+        // takes `per_block` neighbouring strips of one weight: each weight's strips are padded
+        // to a multiple of it in the launch's strip numbering.
+        let pairs: usize = ws.iter().map(|q| q.strips.div_ceil(2)).sum();
+        let per_block = if rows > 8 && pairs_strips(q0.format) && pairs * row_blocks >= self.sms {
+            2
+        } else {
+            1
+        };
+        let strips: usize = ws
+            .iter()
+            .map(|q| q.strips.next_multiple_of(per_block))
+            .sum();
+        let blocks = strips / per_block;
         let wide = match wide_builds(q0.format) {
             Some(_) if one => strips > 3 * self.sms,
-            Some(WideBuilds::AllRows) => strips > 4 * self.sms,
+            Some(WideBuilds::UpTo8Rows) if rows <= 8 => strips > 4 * self.sms,
             _ => false,
         };
         let name = format!(
@@ -1020,7 +1033,13 @@ impl CudaBackend {
                 16
             },
             if q0.post() { "p" } else { "" },
-            if wide { "w" } else { "" }
+            if wide {
+                "w"
+            } else if per_block == 2 {
+                "s"
+            } else {
+                ""
+            }
         );
         let mut args = QgArgs {
             x,
@@ -1044,13 +1063,12 @@ impl CudaBackend {
                 groups: q.groups as i32,
                 strip0: strips as i32,
             };
-            strips += q.strips;
+            strips += q.strips.next_multiple_of(per_block);
         }
-        let row_blocks = rows.div_ceil(16);
         let (warps, ksplit, cpb) = if row_blocks > 1 {
             (QG_WARPS, 1, q0.chunks)
         } else {
-            QuantWeight::plan(strips, q0.chunks, self.sms)
+            QuantWeight::plan(blocks, q0.chunks, self.sms)
         };
         args.cpb = cpb as i32;
         args.wstride = (16 * strips) as i32;
@@ -1076,7 +1094,7 @@ impl CudaBackend {
             args.ws = self.ptr(w);
             args.counters = self.ptr(c);
         }
-        let cfg = cfg2((strips * row_blocks, ksplit), 32 * warps as u32, 0);
+        let cfg = cfg2((blocks * row_blocks, ksplit), 32 * warps as u32, 0);
         launch!(self, &name, cfg, args);
         Ok(())
     }
@@ -1249,15 +1267,19 @@ fn modules() -> Vec<(String, Vec<String>)> {
         };
         let mut source = format!("{PRELUDE}{QGEMV}\nQFORMAT({tag}, {bits}, {asym}, {kind})\n");
         let mut variants = vec!["1", "8", "16", "1p", "8p", "16p"];
-        if let Some(wide) = wide_builds(format) {
-            for (line, names) in [
-                ("QWIDE1", &["1w", "1pw"][..]),
-                ("QWIDE16", &["8w", "16w", "8pw", "16pw"]),
-            ] {
-                if line == "QWIDE1" || wide == WideBuilds::AllRows {
-                    source += &format!("{line}({tag}, {bits}, {asym}, {kind})\n");
-                    variants.extend(names);
-                }
+        let wide = wide_builds(format);
+        for (line, names, wanted) in [
+            ("QWIDE1", &["1w", "1pw"][..], wide.is_some()),
+            (
+                "QWIDE8",
+                &["8w", "8pw"],
+                wide == Some(WideBuilds::UpTo8Rows),
+            ),
+            ("QPAIR16", &["16s", "16ps"], pairs_strips(format)),
+        ] {
+            if wanted {
+                source += &format!("{line}({tag}, {bits}, {asym}, {kind})\n");
+                variants.extend(names);
             }
         }
         let mut names: Vec<String> = variants
@@ -1271,17 +1293,23 @@ fn modules() -> Vec<(String, Vec<String>)> {
     all
 }
 
-/// Which bounded (`w`) builds of the decode kernel a format has (QWIDE1, QWIDE16 in qgemv.cu).
+/// Whether a format has the 16-row decode kernels that take two strips a block (QPAIR16 in
+/// qgemv.cu): 4- and 8-bit codes.
+fn pairs_strips(format: QuantFormat) -> bool {
+    format.bits() >= 4
+}
+
+/// Which bounded (`w`) builds of the decode kernel a format has (QWIDE1, QWIDE8 in qgemv.cu).
 #[derive(PartialEq, Eq)]
 enum WideBuilds {
     OneRow,
-    AllRows,
+    UpTo8Rows,
 }
 
 fn wide_builds(format: QuantFormat) -> Option<WideBuilds> {
     match (format.is_asym(), format.bits()) {
         (true, _) => None,
-        (false, 4..) => Some(WideBuilds::AllRows),
+        (false, 4..) => Some(WideBuilds::UpTo8Rows),
         (false, _) => Some(WideBuilds::OneRow),
     }
 }

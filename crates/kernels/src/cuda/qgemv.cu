@@ -313,29 +313,32 @@ __device__ __forceinline__ void load_x(const bf16_t* p, bool ok, int left, bool 
 // Strip s of a weight of n features whose strips are strips sg - s .. of the launch (several
 // weights of one input run as one launch, see QgArgs); the split-K sums of feature f of the
 // launch (row r) are ws[r * wstride + f], its strips' counters counters[sg].
-template <int BITS, bool ASYM, int KIND, int NB, bool POST, bool XS>
+template <int BITS, bool ASYM, int KIND, int NB, bool POST, bool XS, int SP>
 __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets, const uint2* planes, float ts,
                       const bf16_t* x, int m, int k, int n, u32 gmul, int G, int CH, int cpb, float* ws,
                       u32* counters, int wstride, int s, int sg, bf16_t* out) {
     // U chunks per ring slot (per loop step) amortize the step's fixed work (wait, commit, scale
     // and activation addressing); with 16 rows, or 32 columns a lane (2- and 3-bit chunks), the
-    // activations alone fill the registers, so 1.
+    // activations alone fill the registers, so 1. With SP = 2 a block takes two neighbouring
+    // strips instead, and a step one chunk of each: the strips share its activations, read from
+    // the L2 once per two strips (at 16 rows the activations outweigh the weights: 8192² reads
+    // 134 MB of them into the SMs against 35 MB of int4 weights).
     constexpr int TPU = tile_span(BITS), CW = 16 * TPU, XW = TPU / 2;
-    constexpr int U = NB == 1 && TPU <= 4 ? 2 : 1;
+    constexpr int U = SP == 1 && NB == 1 && TPU <= 4 ? 2 : 1, E = U * SP;  // E: ring entries a lane per step
     constexpr bool PLANE = BITS == 3;
     // XS keeps 3 stages: 4 fill the 48 KB of static shared memory exactly (rings merged) and
     // measured slower end to end (H100, same call: 398-400 against 385-386 tok/s). 2- and 3-bit
     // chunks are twice as wide: 4 stages hold as many columns in flight as 8 of int4's.
-    constexpr int S = U == 2 ? (ASYM || XS ? 3 : 4) : TPU == 8 ? 4 : QG_STAGES;
+    constexpr int S = E == 2 ? (ASYM || XS ? 3 : 4) : TPU == 8 ? 4 : QG_STAGES;
     // XS (one row, whole chunks): the activations ride in the ring too, XC 16-byte words a chunk
     // copied by the warp's first XC lanes, so their latency hides behind S - 1 steps like the
     // weights' (with registers, one step ahead, it was the loop's most common stall).
     constexpr int XC = CW / 8;
-    __shared__ uint4 ring_q[S][U][QG_MAXW * 32];
-    __shared__ u32 ring_s[S][U][QG_MAXW * 32];
-    __shared__ u32 ring_o[ASYM ? S : 1][U][ASYM ? QG_MAXW * 32 : 1];
+    __shared__ uint4 ring_q[S][E][QG_MAXW * 32];
+    __shared__ u32 ring_s[S][E][QG_MAXW * 32];
+    __shared__ u32 ring_o[ASYM ? S : 1][E][ASYM ? QG_MAXW * 32 : 1];
     __shared__ uint4 ring_x[XS ? S : 1][U][XS ? QG_MAXW * XC : 1];
-    __shared__ uint2 ring_h[PLANE ? S : 1][U][PLANE ? QG_MAXW * 32 : 1];
+    __shared__ uint2 ring_h[PLANE ? S : 1][E][PLANE ? QG_MAXW * 32 : 1];
     __shared__ int last;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, W = blockDim.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -355,13 +358,19 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     // their codes are 4-bit (64-column chunks), so a lane's runs lie 64 W columns apart, an even
     // number of 16- or 32-column groups.
     const int gpar = byte_scales(KIND) ? (int)min(__umulhi(col_first, gmul), (u32)G - 1) & 1 : 0;
+    // The warp's second strip (SP = 2) as offsets from strip s's: codes and planes qoff1 lane
+    // words, scales soff1 words. Past the weight's last strip it reads strip s again: its
+    // features lie past n and are never written.
+    static_assert(SP == 1 || SP == 2, "one or two strips a block");
+    const bool second = SP == 2 && s + 1 < (n + 15) / 16;
+    const u32 qoff1 = second ? (u32)CH * 32 : 0u, soff1 = second ? (u32)scale_at<KIND>(1, 0, G, 0) : 0u;
     const u32* o0 = ASYM ? offsets + sbase : scales;
     const u32 rq = smem_u32(&ring_q[0][0][tid]), rs = smem_u32(&ring_s[0][0][tid]),
               ro = smem_u32(&ring_o[0][0][ASYM ? tid : 0]), rx = smem_u32(&ring_x[0][0][XS ? warp * XC + lane % XC : 0]),
               rh = smem_u32(&ring_h[0][0][PLANE ? tid : 0]);
-    constexpr u32 HSLOT = U * QG_MAXW * 32 * 8, HU = QG_MAXW * 32 * 8;
+    constexpr u32 HSLOT = E * QG_MAXW * 32 * 8, HU = QG_MAXW * 32 * 8;
     constexpr u32 XSLOT = U * QG_MAXW * XC * 16, XU = QG_MAXW * XC * 16;
-    constexpr u32 QSLOT = U * QG_MAXW * 32 * 16, QU = QG_MAXW * 32 * 16, SSLOT = U * QG_MAXW * 32 * 4,
+    constexpr u32 QSLOT = E * QG_MAXW * 32 * 16, QU = QG_MAXW * 32 * 16, SSLOT = E * QG_MAXW * 32 * 4,
                   SU = QG_MAXW * 32 * 4;
     const bf16_t* xrow[NB];
     bool rowok[NB];
@@ -382,22 +391,29 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
         if (lane < XC) cp_async16_at(rx + slot * XSLOT + u * XU, xi);
         xi += col_stride;
     };
+    // Chunk u of a step: its codes (and planes), scales and offsets in each of the SP strips.
+    auto issue_chunk = [&](int slot, int u) {
+        // The run's group: col / group by a multiply-high (gmul = ceil(2^32 / group)).
+        const u32 grp = min(__umulhi(ci, gmul), (u32)G - 1), sw = byte_scales(KIND) ? grp >> 1 : grp;
+#pragma unroll
+        for (int p = 0; p < SP; p++) {
+            const u32 e = u * SP + p;
+            const u32 qo = p ? qoff1 : 0u, so = p ? soff1 : 0u;
+            cp_async16_at(rq + slot * QSLOT + e * QU, qi + qo);
+            if (PLANE) cp_async8_at(rh + slot * HSLOT + e * HU, hq + qo);
+            cp_async4_at(rs + slot * SSLOT + e * SU, at8(s0 + so, sw));
+            if (ASYM) cp_async4_at(ro + slot * SSLOT + e * SU, at8(o0 + so, sw));
+        }
+        if (PLANE) hq += qstride;
+        qi += qstride;
+        ci += col_stride;
+    };
     auto issue = [&](int slot, bool with_x) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
             if (ji < mine) {
-                cp_async16_at(rq + slot * QSLOT + u * QU, qi);
-                if (PLANE) {
-                    cp_async8_at(rh + slot * HSLOT + u * HU, hq);
-                    hq += qstride;
-                }
+                issue_chunk(slot, u);
                 if (XS && with_x) issue_x(slot, u);
-                // The run's group: col / group by a multiply-high (gmul = ceil(2^32 / group)).
-                const u32 grp = min(__umulhi(ci, gmul), (u32)G - 1);
-                cp_async4_at(rs + slot * SSLOT + u * SU, at8(s0, byte_scales(KIND) ? grp >> 1 : grp));
-                if (ASYM) cp_async4_at(ro + slot * SSLOT + u * SU, at8(o0, grp));
-                qi += qstride;
-                ci += col_stride;
                 ji++;
             }
         }
@@ -407,17 +423,8 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     auto issue_fast = [&](int slot) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            cp_async16_at(rq + slot * QSLOT + u * QU, qi);
-            if (PLANE) {
-                cp_async8_at(rh + slot * HSLOT + u * HU, hq);
-                hq += qstride;
-            }
+            issue_chunk(slot, u);
             if (XS) issue_x(slot, u);
-            const u32 grp = min(__umulhi(ci, gmul), (u32)G - 1);
-            cp_async4_at(rs + slot * SSLOT + u * SU, at8(s0, byte_scales(KIND) ? grp >> 1 : grp));
-            if (ASYM) cp_async4_at(ro + slot * SSLOT + u * SU, at8(o0, grp));
-            qi += qstride;
-            ci += col_stride;
         }
         ji += U;
         cp_async_commit();
@@ -462,11 +469,13 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
         nfull = e > 0 ? min(mine, (e + W - 1) / W) : 0;
     }
 
-    float acc[NB][4];
+    float acc[SP][NB][4];
 #pragma unroll
-    for (int b = 0; b < NB; b++)
+    for (int p = 0; p < SP; p++)
 #pragma unroll
-        for (int j = 0; j < 4; j++) acc[b][j] = 0.0f;
+        for (int b = 0; b < NB; b++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) acc[p][b][j] = 0.0f;
 
 #pragma unroll
     for (int i = 0; i < S - 1; i++) issue(i, false);
@@ -477,15 +486,15 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     // checks on the activations and no check for chunks past the warp's share.
     auto step = [&](const bool FAST, int i, const uint4 (&xc)[U][NB][XW], uint4 (&xn)[U][NB][XW]) {
         cp_async_wait<S - 2>();
-        uint4 q[U];
-        uint2 hp[U];
-        u32 sp[U], op[U];
+        uint4 q[E];
+        uint2 hp[E];
+        u32 sp[E], op[E];
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            q[u] = ring_q[slot][u][tid];
-            hp[u] = PLANE ? ring_h[PLANE ? slot : 0][u][PLANE ? tid : 0] : make_uint2(0, 0);
-            sp[u] = ring_s[slot][u][tid];
-            op[u] = ASYM ? ring_o[ASYM ? slot : 0][u][ASYM ? tid : 0] : 0u;
+        for (int e = 0; e < E; e++) {
+            q[e] = ring_q[slot][e][tid];
+            hp[e] = PLANE ? ring_h[PLANE ? slot : 0][e][PLANE ? tid : 0] : make_uint2(0, 0);
+            sp[e] = ring_s[slot][e][tid];
+            op[e] = ASYM ? ring_o[ASYM ? slot : 0][e][ASYM ? tid : 0] : 0u;
         }
         uint4 xl[U][NB][XW];
 #pragma unroll
@@ -509,18 +518,19 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
             fetch_x(xn);
         }
 #pragma unroll
-        for (int u = 0; u < U; u++) {
+        for (int e = 0; e < E; e++) {
+            const int u = e / SP, p = e % SP;
             if (!FAST && i * U + u >= mine) break;  // past the warp's share: the slot was not filled
-            const QScale sc = qscale<BITS, ASYM && !POST, KIND>(sp[u], op[u], ts, gpar);
-            const u32 words[4] = {q[u].x, q[u].y, q[u].z, q[u].w}, plane[2] = {hp[u].x, hp[u].y};
+            const QScale sc = qscale<BITS, ASYM && !POST, KIND>(sp[e], op[e], ts, gpar);
+            const u32 words[4] = {q[e].x, q[e].y, q[e].z, q[e].w}, plane[2] = {hp[e].x, hp[e].y};
             if (POST) {
                 // One group over the whole chunk: integer products summed over its tiles, then
                 // scaled once (and the offset times the activations' sum, from an all-ones mma).
-                float d[NB][4], e[NB][4];
+                float d[NB][4], o[NB][4];
 #pragma unroll
                 for (int b = 0; b < NB; b++)
 #pragma unroll
-                    for (int j = 0; j < 4; j++) d[b][j] = e[b][j] = 0.0f;
+                    for (int j = 0; j < 4; j++) d[b][j] = o[b][j] = 0.0f;
                 const u32 ones[4] = {0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u};
 #pragma unroll
                 for (int ti = 0; ti < TPU; ti++) {
@@ -530,20 +540,20 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
                     for (int b = 0; b < NB; b++) {
                         const u32* xw = (const u32*)xl[u][b];
                         mma_bf16(d[b], a, xw[2 * ti], xw[2 * ti + 1]);
-                        if (ASYM) mma_bf16(e[b], ones, xw[2 * ti], xw[2 * ti + 1]);
+                        if (ASYM) mma_bf16(o[b], ones, xw[2 * ti], xw[2 * ti + 1]);
                     }
                 }
                 float olo = 0.0f, ohi = 0.0f;
                 if (ASYM) {
-                    olo = h2f((f16_t)(op[u] & 0xffff));
-                    ohi = h2f((f16_t)(op[u] >> 16));
+                    olo = h2f((f16_t)(op[e] & 0xffff));
+                    ohi = h2f((f16_t)(op[e] >> 16));
                 }
 #pragma unroll
                 for (int b = 0; b < NB; b++) {
-                    acc[b][0] += ASYM ? fmaf(sc.slo, d[b][0], olo * e[b][0]) : sc.slo * d[b][0];
-                    acc[b][1] += ASYM ? fmaf(sc.slo, d[b][1], olo * e[b][1]) : sc.slo * d[b][1];
-                    acc[b][2] += ASYM ? fmaf(sc.shi, d[b][2], ohi * e[b][2]) : sc.shi * d[b][2];
-                    acc[b][3] += ASYM ? fmaf(sc.shi, d[b][3], ohi * e[b][3]) : sc.shi * d[b][3];
+                    acc[p][b][0] += ASYM ? fmaf(sc.slo, d[b][0], olo * o[b][0]) : sc.slo * d[b][0];
+                    acc[p][b][1] += ASYM ? fmaf(sc.slo, d[b][1], olo * o[b][1]) : sc.slo * d[b][1];
+                    acc[p][b][2] += ASYM ? fmaf(sc.shi, d[b][2], ohi * o[b][2]) : sc.shi * d[b][2];
+                    acc[p][b][3] += ASYM ? fmaf(sc.shi, d[b][3], ohi * o[b][3]) : sc.shi * d[b][3];
                 }
                 continue;
             }
@@ -554,7 +564,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
 #pragma unroll
                 for (int b = 0; b < NB; b++) {
                     const u32* xw = (const u32*)xl[u][b];
-                    mma_bf16(acc[b], a, xw[2 * ti], xw[2 * ti + 1]);
+                    mma_bf16(acc[p][b], a, xw[2 * ti], xw[2 * ti + 1]);
                 }
             }
         }
@@ -593,32 +603,35 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     __syncthreads();
     // The rings are free now: reuse them for the cross-warp reduction.
     float* red = (float*)ring_q;
+    constexpr int OUTS = SP * NB * 128;
 #pragma unroll
-    for (int b = 0; b < NB; b++)
+    for (int p = 0; p < SP; p++)
 #pragma unroll
-        for (int j = 0; j < 4; j++) red[(warp * NB * 4 + b * 4 + j) * 32 + lane] = acc[b][j];
+        for (int b = 0; b < NB; b++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) red[warp * OUTS + ((p * NB + b) * 4 + j) * 32 + lane] = acc[p][b][j];
     __syncthreads();
-    // Element e < NB * 128 is (b, j, lane) of the mma's D fragment summed over the warps: feature
-    // s * 16 + g + 8 (j >> 1), row b * 8 + 2 t + (j & 1).
+    // Element e < OUTS is (p, b, j, lane) of the mma's D fragment of strip s + p summed over the
+    // warps: feature (s + p) 16 + g + 8 (j >> 1), row b * 8 + 2 t + (j & 1).
     // at: the output element; wat: its split-K sum.
     auto element = [&](int e, float& v, size_t& at, size_t& wat) {
         v = 0.0f;
-        for (int w = 0; w < W; w++) v += red[w * NB * 128 + e];
-        const int b = e >> 7, j = (e >> 5) & 3, ln = e & 31;
-        const int f = (ln >> 2) + 8 * (j >> 1), feat = s * 16 + f, row = b * 8 + 2 * (ln & 3) + (j & 1);
+        for (int w = 0; w < W; w++) v += red[w * OUTS + e];
+        const int p = e / (NB * 128), b = (e >> 7) % NB, j = (e >> 5) & 3, ln = e & 31;
+        const int f = 16 * p + (ln >> 2) + 8 * (j >> 1), feat = s * 16 + f, row = b * 8 + 2 * (ln & 3) + (j & 1);
         at = (size_t)row * n + feat;
         wat = (size_t)row * wstride + sg * 16 + f;
         return feat < n && row < m;
     };
     if (gridDim.y == 1) {
-        for (int e = tid; e < NB * 128; e += blockDim.x) {
+        for (int e = tid; e < OUTS; e += blockDim.x) {
             float v;
             size_t at, wat;
             if (element(e, v, at, wat)) out[at] = f2bf(v);
         }
         return;
     }
-    for (int e = tid; e < NB * 128; e += blockDim.x) {
+    for (int e = tid; e < OUTS; e += blockDim.x) {
         float v;
         size_t at, wat;
         if (element(e, v, at, wat)) atomicAdd(&ws[wat], v);
@@ -629,7 +642,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     __syncthreads();
     if (!last) return;
     __threadfence();
-    for (int e = tid; e < NB * 128; e += blockDim.x) {
+    for (int e = tid; e < OUTS; e += blockDim.x) {
         float v;
         size_t at, wat;
         if (element(e, v, at, wat)) out[at] = f2bf(atomicExch(&ws[wat], 0.0f));
@@ -662,13 +675,13 @@ struct QgArgs {
 
 // Suffix p: the scale applied after the mma, for groups that cover whole chunks.
 #define QG_SEL(f) (pi == 0 ? a.p[0].f : pi == 1 ? a.p[1].f : a.p[2].f)
-#define QGEMV1(name, BITS, ASYM, KIND, NB, POST, XS, BOUNDS)                                                      \
+#define QGEMV1(name, BITS, ASYM, KIND, NB, POST, XS, SP, BOUNDS)                                                  \
     extern "C" __global__ void __launch_bounds__ BOUNDS name(const QgArgs a) {                                  \
         griddep_launch(); /* the kernel after may start now: it waits for this one (pdl_enter) */               \
-        /* A strip's row blocks are neighbours: they run together and share its weights in the L2. */          \
-        const int sg = blockIdx.x / a.row_blocks, rb = blockIdx.x - sg * a.row_blocks;                          \
+        /* A block's row blocks are neighbours: they run together and share its weights in the L2. */          \
+        const int bs = blockIdx.x / a.row_blocks, rb = blockIdx.x - bs * a.row_blocks, sg = bs * SP;            \
         const int pi = (a.parts > 1 && sg >= a.p[1].strip0) + (a.parts > 2 && sg >= a.p[2].strip0);            \
-        qgemv<BITS, ASYM, KIND, NB, POST, XS>(QG_SEL(codes), QG_SEL(scales), QG_SEL(offsets), QG_SEL(planes),   \
+        qgemv<BITS, ASYM, KIND, NB, POST, XS, SP>(QG_SEL(codes), QG_SEL(scales), QG_SEL(offsets), QG_SEL(planes),   \
                                               QG_SEL(ts), a.x + (size_t)rb * 16 * a.k, min(16, a.m - rb * 16), a.k, \
                                               QG_SEL(n), QG_SEL(gmul), QG_SEL(G), a.CH, a.cpb, a.ws, a.counters,   \
                                               a.wstride, sg - QG_SEL(strip0), sg,                               \
@@ -683,26 +696,30 @@ struct QgArgs {
 // 28672×8192 50.5 / 47.7, 14336×4096 16.0 / 14.2, but 4096² 6.1 / 6.9 and 4096×14336
 // 17.1 / 17.7 (256 strips: 4 blocks an SM leave more SMs idle); llama3-8b decode, 4 blocks for
 // every launch, lost 2% against the 3-block build.
-#define QFORMAT(tag, BITS, ASYM, KIND)                                      \
-    QGEMV1(qgemv_##tag##_1, BITS, ASYM, KIND, 1, false, true, (QG_MAXW * 32))  \
-    QGEMV1(qgemv_##tag##_8, BITS, ASYM, KIND, 1, false, false, (QG_MAXW * 32))  \
-    QGEMV1(qgemv_##tag##_16, BITS, ASYM, KIND, 2, false, false, (QG_MAXW * 32))  \
-    QGEMV1(qgemv_##tag##_1p, BITS, ASYM, KIND, 1, true, true, (QG_MAXW * 32))  \
-    QGEMV1(qgemv_##tag##_8p, BITS, ASYM, KIND, 1, true, false, (QG_MAXW * 32))  \
-    QGEMV1(qgemv_##tag##_16p, BITS, ASYM, KIND, 2, true, false, (QG_MAXW * 32))  \
+#define QFORMAT(tag, BITS, ASYM, KIND)                                         \
+    QGEMV1(qgemv_##tag##_1, BITS, ASYM, KIND, 1, false, true, 1, (QG_MAXW * 32))   \
+    QGEMV1(qgemv_##tag##_8, BITS, ASYM, KIND, 1, false, false, 1, (QG_MAXW * 32))  \
+    QGEMV1(qgemv_##tag##_16, BITS, ASYM, KIND, 2, false, false, 1, (QG_MAXW * 32)) \
+    QGEMV1(qgemv_##tag##_1p, BITS, ASYM, KIND, 1, true, true, 1, (QG_MAXW * 32))   \
+    QGEMV1(qgemv_##tag##_8p, BITS, ASYM, KIND, 1, true, false, 1, (QG_MAXW * 32))  \
+    QGEMV1(qgemv_##tag##_16p, BITS, ASYM, KIND, 2, true, false, 1, (QG_MAXW * 32)) \
     DEQUANT(dequant_##tag, BITS, ASYM, KIND)                                \
     QEMBED(embedding_##tag, BITS, ASYM, KIND)
-// The bounded builds (suffix w), for the formats whose kernels fit them without spilling (the
-// host appends these lines): one row at 4 blocks an SM (symmetric formats), 8 and 16 rows at 3
-// (symmetric formats of 4 bits and more; the 2-/3-bit 16-row kernels spill there).
+// The host appends these lines where a format uses them. The bounded builds (suffix w), for the
+// formats whose kernels fit them without spilling: one row at 4 blocks an SM (symmetric
+// formats), 8 rows at 3 (symmetric formats of 4 bits and more).
 #define QWIDE1(tag, BITS, ASYM, KIND)                                                 \
-    QGEMV1(qgemv_##tag##_1w, BITS, ASYM, KIND, 1, false, true, (QG_MAXW * 32, 4))     \
-    QGEMV1(qgemv_##tag##_1pw, BITS, ASYM, KIND, 1, true, true, (QG_MAXW * 32, 4))
-#define QWIDE16(tag, BITS, ASYM, KIND)                                                \
-    QGEMV1(qgemv_##tag##_8w, BITS, ASYM, KIND, 1, false, false, (QG_MAXW * 32, 3))    \
-    QGEMV1(qgemv_##tag##_16w, BITS, ASYM, KIND, 2, false, false, (QG_MAXW * 32, 3))   \
-    QGEMV1(qgemv_##tag##_8pw, BITS, ASYM, KIND, 1, true, false, (QG_MAXW * 32, 3))    \
-    QGEMV1(qgemv_##tag##_16pw, BITS, ASYM, KIND, 2, true, false, (QG_MAXW * 32, 3))
+    QGEMV1(qgemv_##tag##_1w, BITS, ASYM, KIND, 1, false, true, 1, (QG_MAXW * 32, 4))  \
+    QGEMV1(qgemv_##tag##_1pw, BITS, ASYM, KIND, 1, true, true, 1, (QG_MAXW * 32, 4))
+#define QWIDE8(tag, BITS, ASYM, KIND)                                                 \
+    QGEMV1(qgemv_##tag##_8w, BITS, ASYM, KIND, 1, false, false, 1, (QG_MAXW * 32, 3)) \
+    QGEMV1(qgemv_##tag##_8pw, BITS, ASYM, KIND, 1, true, false, 1, (QG_MAXW * 32, 3))
+// Two strips a block (suffix s) for 16 rows, and for blocks of 16 rows above, of 4- and 8-bit
+// codes (the 2- and 3-bit ones took 166-194 registers); the host takes them where the blocks
+// still fill the SMs (at 128 blocks, n = 4096, split-K made them 1.4x slower at 16 rows).
+#define QPAIR16(tag, BITS, ASYM, KIND)                                                \
+    QGEMV1(qgemv_##tag##_16s, BITS, ASYM, KIND, 2, false, false, 2, (QG_MAXW * 32))   \
+    QGEMV1(qgemv_##tag##_16ps, BITS, ASYM, KIND, 2, true, false, 2, (QG_MAXW * 32))
 
 // Element (row, col) of a re-laid weight, dequantized in f32 exactly as the CPU does (the code's
 // value times the scale, plus the offset when asymmetric): the inverse of the layout above.
