@@ -540,8 +540,9 @@ fn rope_write_kv_fused() {
 }
 
 /// Row counts of the matmul tests: the GEMV / decode kernels (1-16), the packed decode kernel in
-/// 16-row blocks (17, 40: batched decode) and the expansion to bf16 for cuBLAS (130).
-const ROWS: [usize; 9] = [1, 2, 5, 8, 9, 16, 17, 40, 130];
+/// 16-row blocks (17, 40: batched decode; 100: 4-bit weights, the others expanded) and the
+/// expansion to bf16 for cuBLAS (130).
+const ROWS: [usize; 10] = [1, 2, 5, 8, 9, 16, 17, 40, 100, 130];
 
 #[test]
 fn dense_matmul() {

@@ -1,6 +1,7 @@
 //! The CUDA backend: bf16 activations with f32 arithmetic, kernels written in CUDA C beside this
 //! file and compiled by NVRTC at first use for the device's architecture (cached on disk, see
-//! `compile.rs`), cuBLAS for matmuls of more than 16 rows (bf16 weights: more than 2).
+//! `compile.rs`), cuBLAS for matmuls of more rows than the decode kernels take (packed weights:
+//! 64 or 128 rows, `max_decode_rows`; dense ones: 16, bf16 2).
 //!
 //! Every op is queued on one stream and returns without waiting; only `read` waits. A step's batch
 //! description crosses to the device once, at its first op. Decode-sized steps (up to
@@ -18,8 +19,8 @@
 //! same layout (no second, dense copy of the table). An act-order weight's activations are
 //! reordered into its stored column order first. Only 2-/3-bit weights with groups of 16 (which
 //! the CLI never makes) are dequantized to bf16 at upload.
-//! Above 16 rows, a weight that is not bf16 is expanded to bf16 a slab of features at a time into
-//! a scratch buffer, and cuBLAS multiplies. The quantized decode kernel's split-K workspace is
+//! Above those rows, a weight that is not bf16 is expanded to bf16 a slab of features at a time
+//! into a scratch buffer, and cuBLAS multiplies. The quantized decode kernel's split-K workspace is
 //! allocated when weights are uploaded, so a decode matmul allocates nothing.
 
 mod compile;
@@ -182,15 +183,16 @@ impl QuantWeight {
 
     /// Rows up to which this weight runs the decode kernel, in blocks of 16 rows (batched
     /// decode); above, it is expanded to bf16 for cuBLAS. Each block of rows costs about what 16
-    /// rows do (the kernel is bound by its instructions, not by the weights, which the blocks of
-    /// a strip share through the L2): H100, int4 g128 8192×8192, 22 µs at 16 rows, 40 at 32, 79
-    /// at 64, 143 at 128, against 138-143 µs expanded at 32-128 rows. Over the kernel sweep the
-    /// blocks were 1.4-4.4x faster than the expansion at 32 rows for every format, and at 64 rows
-    /// 1.1-2.1x for 4-bit and symmetric 2-/3-bit weights but 0.75-1.75x for 8-bit codes and
-    /// asymmetric 2-/3-bit ones.
+    /// rows do (the kernel is bound by its instructions and the activations' reads, not by the
+    /// weights, which the blocks of a strip share through the L2). H100, 8192 × 8192, the decode
+    /// kernel at 64 rows against the expansion (twelfth session, two strips a block above 8
+    /// rows): int4 g128 55.5 against 142.4 µs at 128 rows (nvfp4 69.5 / 140.2, int4-asym 67.8 /
+    /// 142.1), so 4-bit weights to 128 rows; int8 and fp8 at 32 rows 42.6-51.4 µs against 132 at
+    /// 64, asymmetric int3 / int2 64-70 against 171-173, so 64 rows for the rest (symmetric int3
+    /// at 64 rows 105.5, about 210 at 128 against 172.5).
     fn max_decode_rows(&self) -> usize {
-        if self.format.bits() == 8 || (self.format.is_asym() && self.format.bits() < 4) {
-            32
+        if self.format.bits() == 4 {
+            128
         } else {
             64
         }

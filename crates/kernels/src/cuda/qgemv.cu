@@ -59,8 +59,11 @@
 // 2880 GB/s, 2026-11-27, eleventh session): int4 g128 at m=1 96.5% of copy on 28672×8192
 // (3.88x cuBLAS bf16), 95% on 8192×28672 (3.82x), 87% at 8192² (3.75x), 81% on 14336×4096, 73.5%
 // on 4096×14336, 54% at 4096² (the last two with 3 blocks an SM, the others 4: the `w` builds
-// below); 8 rows 51-85%, 16 rows (two mmas per tile) 42-68%; fp8 and int8 91-101% (tenth
-// session). It is not bandwidth-bound: the time barely changes from the H100 to the H200 (40%
+// below); 8 rows 51-85%, 16 rows (two mmas per tile, two strips a block) 59-86% (42-68% with one
+// strip a block); fp8 and int8 91-101% (tenth session). At 2-16 rows the activations cost too:
+// each strip reads its rows from the L2, and with those loads pointed at one cached chunk (a
+// timing experiment, wrong results) int4 g128 at 8 rows ran at 93-97% of copy on the long shapes
+// instead of 76-86% (twelfth session). At one row it is not bandwidth-bound: the time barely changes from the H100 to the H200 (40%
 // more bandwidth; second session, before the `w` builds, which show that loads in flight per SM
 // still matter on the large shapes), and Nsight Compute (second session) showed the
 // integer/logic pipe as the busiest with 2.6 instructions issued per cycle per SM, about 180 per
@@ -391,16 +394,21 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
         if (lane < XC) cp_async16_at(rx + slot * XSLOT + u * XU, xi);
         xi += col_stride;
     };
-    // Chunk u of a step: its codes (and planes), scales and offsets in each of the SP strips.
-    auto issue_chunk = [&](int slot, int u) {
+    // Chunk u of a step: its codes (and planes), activations (XS, with_x), scales and offsets
+    // in each of the SP strips.
+    auto issue_chunk = [&](int slot, int u, bool with_x) {
+#pragma unroll
+        for (int p = 0; p < SP; p++) {
+            const u32 e = u * SP + p, qo = p ? qoff1 : 0u;
+            cp_async16_at(rq + slot * QSLOT + e * QU, qi + qo);
+            if (PLANE) cp_async8_at(rh + slot * HSLOT + e * HU, hq + qo);
+        }
+        if (XS && with_x) issue_x(slot, u);
         // The run's group: col / group by a multiply-high (gmul = ceil(2^32 / group)).
         const u32 grp = min(__umulhi(ci, gmul), (u32)G - 1), sw = byte_scales(KIND) ? grp >> 1 : grp;
 #pragma unroll
         for (int p = 0; p < SP; p++) {
-            const u32 e = u * SP + p;
-            const u32 qo = p ? qoff1 : 0u, so = p ? soff1 : 0u;
-            cp_async16_at(rq + slot * QSLOT + e * QU, qi + qo);
-            if (PLANE) cp_async8_at(rh + slot * HSLOT + e * HU, hq + qo);
+            const u32 e = u * SP + p, so = p ? soff1 : 0u;
             cp_async4_at(rs + slot * SSLOT + e * SU, at8(s0 + so, sw));
             if (ASYM) cp_async4_at(ro + slot * SSLOT + e * SU, at8(o0 + so, sw));
         }
@@ -412,8 +420,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
 #pragma unroll
         for (int u = 0; u < U; u++) {
             if (ji < mine) {
-                issue_chunk(slot, u);
-                if (XS && with_x) issue_x(slot, u);
+                issue_chunk(slot, u, with_x);
                 ji++;
             }
         }
@@ -423,8 +430,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     auto issue_fast = [&](int slot) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            issue_chunk(slot, u);
-            if (XS) issue_x(slot, u);
+            issue_chunk(slot, u, true);
         }
         ji += U;
         cp_async_commit();
