@@ -623,7 +623,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     auto element = [&](int e, float& v, size_t& at, size_t& wat) {
         v = 0.0f;
         for (int w = 0; w < W; w++) v += red[w * OUTS + e];
-        const int p = e / (NB * 128), b = (e >> 7) % NB, j = (e >> 5) & 3, ln = e & 31;
+        const int p = SP == 1 ? 0 : e / (NB * 128), b = (e >> 7) % NB, j = (e >> 5) & 3, ln = e & 31;
         const int f = 16 * p + (ln >> 2) + 8 * (j >> 1), feat = s * 16 + f, row = b * 8 + 2 * (ln & 3) + (j & 1);
         at = (size_t)row * n + feat;
         wat = (size_t)row * wstride + sg * 16 + f;
