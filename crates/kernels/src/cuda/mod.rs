@@ -221,8 +221,8 @@ impl QuantWeight {
     /// (warps per block, splits of each block's chunks, chunks per block) of the decode kernel:
     /// enough warps in flight to cover the memory latency (about 32 per SM), splitting the chunks
     /// over several blocks (split-K) only when the strips alone fall short, and never below 4
-    /// chunks a warp. Of a launch of `blocks` blocks of strips (`strips_per_block`) of `chunks`
-    /// chunks.
+    /// chunks a warp. Of a launch of `blocks` blocks (of one or two strips, see `qgemv_stored`) of
+    /// `chunks` chunks.
     fn plan(blocks: usize, chunks: usize, sms: usize) -> (usize, usize, usize) {
         let warps = if blocks >= sms {
             QG_WARPS
