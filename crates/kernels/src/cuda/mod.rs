@@ -1009,7 +1009,8 @@ impl CudaBackend {
         // takes `per_block` neighbouring strips of one weight: each weight's strips are padded
         // to a multiple of it in the launch's strip numbering.
         let pairs: usize = ws.iter().map(|q| q.strips.div_ceil(2)).sum();
-        let per_block = if rows > 8 && pairs_strips(q0.format) && pairs * row_blocks >= self.sms {
+        let per_block = if rows > 8 && two_strip_builds(q0.format) && pairs * row_blocks >= self.sms
+        {
             2
         } else {
             1
@@ -1277,7 +1278,7 @@ fn modules() -> Vec<(String, Vec<String>)> {
                 &["8w", "8pw"],
                 wide == Some(WideBuilds::UpTo8Rows),
             ),
-            ("QPAIR16", &["16s", "16ps"], pairs_strips(format)),
+            ("QPAIR16", &["16s", "16ps"], two_strip_builds(format)),
         ] {
             if wanted {
                 source += &format!("{line}({tag}, {bits}, {asym}, {kind})\n");
@@ -1297,7 +1298,7 @@ fn modules() -> Vec<(String, Vec<String>)> {
 
 /// Whether a format has the 16-row decode kernels that take two strips a block (QPAIR16 in
 /// qgemv.cu): 4- and 8-bit codes.
-fn pairs_strips(format: QuantFormat) -> bool {
+fn two_strip_builds(format: QuantFormat) -> bool {
     format.bits() >= 4
 }
 

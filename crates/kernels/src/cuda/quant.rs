@@ -138,7 +138,8 @@ pub(crate) fn relay(t: &QuantTensor) -> Relaid {
                 bytes[i] as u32
             }
         };
-        let per_word = 3 - width;
+        // A word holds 4 bytes: two features of `2 / width` groups.
+        let per_word = 2 / width;
         let slots = groups.div_ceil(per_word);
         let mut out = vec![0u32; strips * slots * 8];
         for s in 0..strips {
