@@ -173,6 +173,28 @@ pub trait Backend: Send + Sync + 'static {
         scale: f32,
         out: &mut Self::Buffer,
     ) -> Result<()>;
+    /// `rope_write_kv`, then `attention` of the rotated q: the whole of attention from the
+    /// projections, which a backend may run as one launch. Afterwards q and k hold either the
+    /// rotated heads or the projections as given (the backend's choice); the cache and `out` are
+    /// as the two ops leave them. The default runs the two ops.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_attention(
+        &self,
+        q: &mut Self::Buffer,
+        k: &mut Self::Buffer,
+        v: &Self::Buffer,
+        cache: &mut Self::KvCache,
+        step: &Self::Step,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        table: &Self::Buffer,
+        scale: f32,
+        out: &mut Self::Buffer,
+    ) -> Result<()> {
+        self.rope_write_kv(q, k, v, cache, step, heads, kv_heads, head_dim, table)?;
+        self.attention(q, cache, step, heads, scale, out)
+    }
     /// `out = silu(gate) * up`, elementwise over `len` elements.
     fn silu_mul(
         &self,

@@ -361,8 +361,23 @@ fn decode_attention_split() {
     }
 }
 
+/// rope's cos and sin rows for positions 0 .. len (bf16 values).
+fn rope_table(len: usize, hd: usize) -> Vec<f32> {
+    let mut table = vec![0.0f32; len * hd];
+    for p in 0..len {
+        for i in 0..hd / 2 {
+            let a = p as f32 / 10000f32.powf(2.0 * i as f32 / hd as f32);
+            table[p * hd + i] = bf(a.cos());
+            table[p * hd + hd / 2 + i] = bf(a.sin());
+        }
+    }
+    table
+}
+
 /// One attention step of `seqs` (new tokens, context) on both backends, the cache filled with
-/// random keys and values first; the GPU output poisoned.
+/// random keys and values first; the GPU output poisoned. Then the same step from projections
+/// through `rope_attention` (one launch on the GPU for decode steps), and attention once more
+/// over the cache that left, which reads the keys and values it stored.
 #[allow(clippy::too_many_arguments)]
 fn check_attention(
     g: &CudaBackend,
@@ -427,8 +442,39 @@ fn check_attention(
     let scale = 1.0 / (hd as f32).sqrt();
     g.attention(&gq, &gk, &gs, heads, scale, &mut go).unwrap();
     c.attention(&cq, &ck, &cs, heads, scale, &mut co).unwrap();
+    let what = format!("attention {seqs:?} h{heads}/{kv_heads} d{hd} bs{bs}");
     assert_close(
-        &format!("attention {seqs:?} h{heads}/{kv_heads} d{hd} bs{bs}"),
+        &what,
+        &g.read(&go, len).unwrap(),
+        &c.read(&co, len).unwrap(),
+    );
+
+    let contexts = seqs.iter().map(|s| s.1).max().unwrap();
+    let (gt, ct) = pair(g, c, &rope_table(contexts, hd));
+    let (mut gq, mut cq) = pair(g, c, &randv(r, len, 6.0));
+    let (mut gkn, mut ckn) = pair(g, c, &randv(r, n * sw, 1.0));
+    let (gvn, cvn) = pair(g, c, &randv(r, n * sw, 1.0));
+    let mut go = poisoned(g, len);
+    g.rope_attention(
+        &mut gq, &mut gkn, &gvn, &mut gk, &gs, heads, kv_heads, hd, &gt, scale, &mut go,
+    )
+    .unwrap();
+    c.rope_attention(
+        &mut cq, &mut ckn, &cvn, &mut ck, &cs, heads, kv_heads, hd, &ct, scale, &mut co,
+    )
+    .unwrap();
+    let what = format!("rope_{what}");
+    assert_close(
+        &what,
+        &g.read(&go, len).unwrap(),
+        &c.read(&co, len).unwrap(),
+    );
+    let (gq, cq) = pair(g, c, &randv(r, len, 6.0));
+    let mut go = poisoned(g, len);
+    g.attention(&gq, &gk, &gs, heads, scale, &mut go).unwrap();
+    c.attention(&cq, &ck, &cs, heads, scale, &mut co).unwrap();
+    assert_close(
+        &format!("{what}, then attention over its cache"),
         &g.read(&go, len).unwrap(),
         &c.read(&co, len).unwrap(),
     );
@@ -485,15 +531,7 @@ fn rope_write_kv_fused() {
         c.write_kv(&mut ck, &ckf, &cvf, &cf).unwrap();
 
         let n = step.num_tokens();
-        let mut table = vec![0.0f32; 64 * hd];
-        for p in 0..64 {
-            for i in 0..hd / 2 {
-                let a = p as f32 / 10000f32.powf(2.0 * i as f32 / hd as f32);
-                table[p * hd + i] = bf(a.cos());
-                table[p * hd + hd / 2 + i] = bf(a.sin());
-            }
-        }
-        let (gt, ct) = pair(g, &c, &table);
+        let (gt, ct) = pair(g, &c, &rope_table(64, hd));
         let (q, k, v) = (
             randv(&mut r, n * heads * hd, 2.0),
             randv(&mut r, n * sw, 2.0),
@@ -663,6 +701,30 @@ fn quant_matmul_every_format() {
             };
             let t = quantize_rtn(&randv(&mut r, n * k, 0.1), n, k, format, group).unwrap();
             check_quant(g, &mut r, &t, &format!("{format} {n}x{k} g{group}"));
+        }
+    }
+}
+
+/// E2M1 weights whose scales pass 2 (bf16 would overflow on the scale times 2^126 the per-weight
+/// kernels multiply the codes by): the scales shifted down, the sums back up (`e2m1_fold`).
+#[test]
+fn e2m1_large_scales() {
+    let Some(g) = gpu("e2m1_large_scales") else {
+        return;
+    };
+    let mut r = rng();
+    for format in [QuantFormat::Fp4, QuantFormat::Mxfp4, QuantFormat::Nvfp4] {
+        for &(n, k, group, size) in &[(50usize, 224usize, 32usize, 40.0f32), (272, 1024, 16, 3e4)] {
+            let Some(group) = test_group(format, k, group) else {
+                continue;
+            };
+            let t = quantize_rtn(&randv(&mut r, n * k, size), n, k, format, group).unwrap();
+            check_quant(
+                g,
+                &mut r,
+                &t,
+                &format!("{format} {n}x{k} g{group} weights to {size}"),
+            );
         }
     }
 }

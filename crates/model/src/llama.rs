@@ -528,7 +528,7 @@ impl<B: Backend> Model<B> {
                 &mut [&mut ws.q, &mut ws.k, &mut ws.v],
             )?,
         }
-        b.rope_write_kv(
+        b.rope_attention(
             &mut ws.q,
             &mut ws.k,
             &ws.v,
@@ -538,8 +538,9 @@ impl<B: Backend> Model<B> {
             kv_heads,
             hd,
             &self.rope_table,
+            scale,
+            &mut ws.attn,
         )?;
-        b.attention(&ws.q, cache, step, heads, scale, &mut ws.attn)?;
         watch(&["self_attn.o_proj"], &ws.attn, heads * hd)?;
         b.matmul(&ws.attn, &layer.o, rows, &mut ws.proj)?;
         b.add_rms_norm(

@@ -133,6 +133,17 @@ attention(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positi
 // 2048-key step's ~1050 working blocks no longer fitted one wave: 4.6% slower there. Copying the
 // rows into shared memory instead (cp.async, 16 KB a block, no registers) gained nothing at 512
 // keys and lost 2.6% at 2048 (H100, same call as the old binary).
+//
+// With rope (attention_rope_g*, the model's decode path): rope_write_kv runs in the same launch.
+// Each block rotates its q heads as it loads them, and its chunk's keys of this step (at most the
+// step's tokens) from the k projection into shared memory (ks), while their values are read from
+// the v projection; the one block whose chunk holds a token's own key (first head slice) also
+// stores the rotated key and the value in the cache for later steps. No block reads a cache slot
+// this launch writes, so nothing orders the blocks. One launch fewer a layer: llama3-8b int4 on
+// the H100 (thirteenth session, same call as the binary before) 415.1 -> 418.7 tok/s at batch 1
+// (three runs of 2 each, spread ±1%), 3184 -> 3280 at batch 16, 387.0 -> 391.1 at a 2048-token
+// prompt. The one-head build spills 28 bytes (the early rows and the rope prologue both live at 64
+// registers), stored once and reloaded outside the key loops.
 
 // The splits of heads row0 .. row0 + G (rows of token x head) rescaled to their common max and
 // summed, by the last block of attention_decode to finish them: thread s first takes split s's
@@ -181,18 +192,26 @@ __device__ __forceinline__ void unpack8(uint4 w, float* f) {
     f[4] = bf_lo(w.z); f[5] = bf_hi(w.z); f[6] = bf_lo(w.w); f[7] = bf_hi(w.w);
 }
 
+// Dims i and i + hd / 2 of a head after rope, rounded to bf16 as rope_write_kv rounds them.
+__device__ __forceinline__ float2 rope_pair(const bf16_t* x, const bf16_t* cs, int i, int half) {
+    const float x0 = bf2f(x[i]), x1 = bf2f(x[i + half]), c = bf2f(cs[i]), s = bf2f(cs[half + i]);
+    return make_float2(bf2f(f2bf(x0 * c - x1 * s)), bf2f(f2bf(x1 * c + x0 * s)));
+}
+
 // hd is one of 8, 16, 32, 64, 128, 256 (hd/8 lanes per key divide a warp), chunk <= DEC_CHUNK.
 // MAXG: query heads per block (the host's choice, see `attention_decode` in mod.rs).
-// Shared memory: max((MAXG * (hd + chunk) + chunk) * 4, 4 * MAXG * hd * 4, splits * 4) bytes.
+// Shared memory: max((MAXG * (hd + chunk) + chunk) * 4 + ROPE rows * hd * 2, 4 * MAXG * hd * 4,
+// splits * 4) bytes, where ROPE rows bounds the step's keys a chunk may hold (ks).
 // part: per (token, head, split) hd partial outputs, then max and sum; counters: one per
 // (token x kv head, slice), zero between launches.
-template <int MAXG>
-__device__ void attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positions,
-                                 const u32* bt_off, const u32* tables, int heads, int kv_heads, int hd, int bs,
-                                 float scale, int chunk, int splits, float* part, u32* counters,
-                                 bf16_t* out) {
+template <int MAXG, bool ROPE>
+__device__ void attention_decode(const bf16_t* q, bf16_t* kc, bf16_t* vc, const u32* positions,
+                                 const u32* first_pos, const u32* bt_off, const u32* tables, int heads,
+                                 int kv_heads, int hd, int bs, float scale, int chunk, int splits, float* part,
+                                 u32* counters, bf16_t* out, const bf16_t* kb, const bf16_t* vb, const u32* slots,
+                                 const bf16_t* rope_table) {
     // Before griddep_wait (see "Early loads" above): the step's positions and block tables, then
-    // the first pass's K and V rows of keys no kernel of this step writes.
+    // the first pass's K and V rows of keys older than the step.
     griddep_launch();
     extern __shared__ float smem[];
     __shared__ float hm[MAXG], hl[MAXG];
@@ -200,8 +219,11 @@ __device__ void attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t
     const int t = blockIdx.x / kv_heads, kvh = blockIdx.x % kv_heads, split = blockIdx.y;
     const int g0 = blockIdx.z * MAXG, G = min(MAXG, group - g0);
     const int h0 = kvh * group + g0;
-    const int nkeys = positions[t] + 1, c0 = split * chunk;
+    const int pos = positions[t], nkeys = pos + 1, c0 = split * chunk;
     if (c0 >= nkeys) return;  // a shorter sequence of the batch: not counted, not combined
+    // Keys from `own` on are this step's (its sequence's tokens in the step are consecutive, the
+    // one at position p being token t - (pos - p)); the keys before it were written by earlier steps.
+    const int own = first_pos[t];
     const int cn = min(chunk, nkeys - c0);
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
     const int lpk = hd >> 3, sub = tid % lpk, kl = tid / lpk, nkl = DEC_THREADS / lpk;
@@ -209,16 +231,14 @@ __device__ void attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t
     float* qs = smem;                             // G x hd, pre-scaled
     float* sc = smem + MAXG * hd;             // G x chunk: scores, then probabilities
     u32* sl = (u32*)(sc + MAXG * chunk);      // chunk slot offsets
+    bf16_t* ks = (bf16_t*)(sl + chunk);       // ROPE: the chunk's keys of this step, rotated
     float* red = smem;                            // 4 warps x G x hd, once sc is consumed
     const u32* table = tables + bt_off[t];
     for (int j = tid; j < cn; j += DEC_THREADS) {
         const int kj = c0 + j;
         sl[j] = (table[kj / bs] * (u32)bs + (u32)(kj % bs)) * (u32)sw + (u32)(kvh * hd);
     }
-    // Keys of the chunk below `early` were written by earlier steps: this step's tokens (n of
-    // them, gridDim.x / kv_heads) write only their own positions, and a sequence's tokens in one
-    // step are consecutive, so every key before nkeys - n is older than the step.
-    const int early = min(cn, nkeys - (int)(gridDim.x / kv_heads) - c0);
+    const int early = min(cn, own - c0);  // the chunk's keys of earlier steps: j < early
     __syncthreads();
     uint4 kw0[DEC_UNROLL], vw0[DEC_UNROLL];
 #pragma unroll
@@ -228,8 +248,30 @@ __device__ void attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t
         vw0[u] = j < early ? *(const uint4*)(vc + sl[j] + sub * 8) : make_uint4(0, 0, 0, 0);
     }
     griddep_wait();
-    for (int i = tid; i < G * hd; i += DEC_THREADS)
-        qs[i] = bf2f(q[((size_t)t * heads + h0) * hd + i]) * scale;
+    // ROPE: q rotated as it is scaled into qs, and the chunk's keys of this step (j >= early) into
+    // ks, read there by the score loop (their values come from vb).
+    const int half = hd >> 1;
+    const bf16_t* qr = q + ((size_t)t * heads + h0) * hd;
+    if (ROPE) {
+        for (int i = tid; i < G * half; i += DEC_THREADS) {
+            const int g = i / half, d = i % half;
+            const float2 r = rope_pair(qr + g * hd, rope_table + (size_t)pos * hd, d, half);
+            qs[g * hd + d] = r.x * scale;
+            qs[g * hd + d + half] = r.y * scale;
+        }
+        const int first = max(early, 0);
+        for (int i = tid; i < (cn - first) * half; i += DEC_THREADS) {
+            const int r = i / half, d = i % half, kj = c0 + first + r;
+            const float2 k2 = rope_pair(kb + ((size_t)(t - (pos - kj)) * kv_heads + kvh) * hd,
+                                        rope_table + (size_t)kj * hd, d, half);
+            ks[r * hd + d] = f2bf(k2.x);
+            ks[r * hd + d + half] = f2bf(k2.y);
+        }
+    } else {
+        for (int i = tid; i < G * hd; i += DEC_THREADS) qs[i] = bf2f(qr[i]) * scale;
+    }
+    // ROPE: the value of key c0 + j (j >= early) of this step is vrow + j * sw.
+    const bf16_t* vrow = vb + ((size_t)(t - pos + c0) * kv_heads + kvh) * hd + sub * 8;
     __syncthreads();
     // Scores, DEC_UNROLL keys per lane per pass with their loads issued together: a block has
     // few keys per lane, so one memory round trip per key would dominate. The loop bound is
@@ -239,7 +281,10 @@ __device__ void attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t
 #pragma unroll
         for (int u = 0; u < DEC_UNROLL; u++) {
             const int j = jb + u * nkl + kl;
-            kw[u] = j < early && jb == 0 ? kw0[u] : j < cn ? *(const uint4*)(kc + sl[j] + sub * 8) : make_uint4(0, 0, 0, 0);
+            kw[u] = j < early && jb == 0 ? kw0[u]
+                  : j >= cn              ? make_uint4(0, 0, 0, 0)
+                  : ROPE && j >= early   ? *(const uint4*)(ks + (j - max(early, 0)) * hd + sub * 8)
+                                         : *(const uint4*)(kc + sl[j] + sub * 8);
         }
 #pragma unroll
         for (int u = 0; u < DEC_UNROLL; u++) {
@@ -288,7 +333,10 @@ __device__ void attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t
 #pragma unroll
         for (int u = 0; u < DEC_UNROLL; u++) {
             const int j = jb + u * nkl;
-            vw[u] = j < early && jb == kl ? vw0[u] : j < cn ? *(const uint4*)(vc + sl[j] + sub * 8) : make_uint4(0, 0, 0, 0);
+            vw[u] = j < early && jb == kl ? vw0[u]
+                  : j >= cn                ? make_uint4(0, 0, 0, 0)
+                  : ROPE && j >= early     ? *(const uint4*)(vrow + (size_t)j * sw)
+                                           : *(const uint4*)(vc + sl[j] + sub * 8);
         }
 #pragma unroll
         for (int u = 0; u < DEC_UNROLL; u++) {
@@ -345,6 +393,18 @@ __device__ void attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t
             }
         }
     }
+    // ROPE: the block whose chunk holds this token's own key (of the first head slice) stores it
+    // and its value in the cache, for later steps (this step's blocks read kb and vb).
+    if (ROPE && split == pos / chunk && blockIdx.z == 0) {
+        const size_t src = ((size_t)t * kv_heads + kvh) * hd, dst = (size_t)slots[t] * sw + (size_t)kvh * hd;
+        for (int i = tid; i < half; i += DEC_THREADS) {
+            const float2 k2 = rope_pair(kb + src, rope_table + (size_t)pos * hd, i, half);
+            kc[dst + i] = f2bf(k2.x);
+            kc[dst + i + half] = f2bf(k2.y);
+            vc[dst + i] = vb[src + i];
+            vc[dst + i + half] = vb[src + i + half];
+        }
+    }
     if (splits == 1) return;
     // The last block of this (token, kv head, slice) to finish rescales the splits to their
     // common max and sums them (a separate combine kernel cost ~4.7 us a layer in the replayed
@@ -363,14 +423,24 @@ __device__ void attention_decode(const bf16_t* q, const bf16_t* kc, const bf16_t
     combine_splits(part, t * heads + h0, G, ns, hd, splits, smem, out);
 }
 
-#define ATT_DEC(G, MINB)                                                                                       \
-    extern "C" __global__ void __launch_bounds__(DEC_THREADS, MINB)                                            \
-        attention_decode_g##G(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positions,        \
-                              const u32* bt_off, const u32* tables, int heads, int kv_heads, int hd, int bs,   \
-                              float scale, int chunk, int splits, float* part, u32* counters, bf16_t* out) {   \
-        attention_decode<G>(q, kc, vc, positions, bt_off, tables, heads, kv_heads, hd, bs, scale, chunk, splits, \
-                            part, counters, out);                                                              \
+// attention_decode_g<G> reads a cache rope_write_kv has filled (kb, vb, slots and rope_table unused);
+// attention_rope_g<G> is rope_write_kv and attention in one launch, q, kb and vb the projections
+// before rope.
+#define ATT_DEC(G, MINB)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(DEC_THREADS, MINB) attention_decode_g##G(ATT_DEC_PARAMS) {    \
+        attention_decode<G, false>(ATT_DEC_ARGS);                                                               \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(DEC_THREADS, MINB) attention_rope_g##G(ATT_DEC_PARAMS) {      \
+        attention_decode<G, true>(ATT_DEC_ARGS);                                                                \
     }
+#define ATT_DEC_PARAMS                                                                                          \
+    const bf16_t *q, bf16_t *kc, bf16_t *vc, const u32 *positions, const u32 *first_pos, const u32 *bt_off,    \
+        const u32 *tables, int heads, int kv_heads, int hd, int bs, float scale, int chunk, int splits,        \
+        float *part, u32 *counters, bf16_t *out, const bf16_t *kb, const bf16_t *vb, const u32 *slots,         \
+        const bf16_t *rope_table
+#define ATT_DEC_ARGS                                                                                            \
+    q, kc, vc, positions, first_pos, bt_off, tables, heads, kv_heads, hd, bs, scale, chunk, splits, part,      \
+        counters, out, kb, vb, slots, rope_table
 ATT_DEC(1, 8)
 ATT_DEC(2, 4)
 ATT_DEC(4, 4)

@@ -37,6 +37,7 @@ use cudarc::driver::{
 };
 use half::bf16;
 use marlin_quant::{DenseFormat, HostWeight, QuantFormat, QuantTensor, WeightData};
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -170,6 +171,8 @@ pub struct QuantWeight {
     planes: Option<CudaSlice<u32>>,
     /// nvfp4's tensor scale (1 otherwise).
     tensor_scale: f32,
+    /// E2M1 formats: the shift of the scales the decode kernel multiplies per weight (`e2m1_fold`).
+    fold: i32,
     /// Act-order: the stored columns' input columns, and a hash of them (weights with the same
     /// permutation share one reordering of their input).
     perm: Option<(CudaSlice<u32>, u64)>,
@@ -309,12 +312,57 @@ impl Step {
     fn table_offsets(&self, b: &CudaBackend) -> Result<u64> {
         self.at(b, 3)
     }
-    fn logit_rows(&self, b: &CudaBackend) -> Result<u64> {
+    /// Each token's sequence's first position in the step (its keys from there on are the step's).
+    fn first_positions(&self, b: &CudaBackend) -> Result<u64> {
         self.at(b, 4)
     }
-    fn tables(&self, b: &CudaBackend) -> Result<u64> {
-        Ok(self.at(b, 4)? + 4 * self.batch.logit_rows.len() as u64)
+    fn logit_rows(&self, b: &CudaBackend) -> Result<u64> {
+        self.at(b, 5)
     }
+    fn tables(&self, b: &CudaBackend) -> Result<u64> {
+        Ok(self.at(b, 5)? + 4 * self.batch.logit_rows.len() as u64)
+    }
+}
+
+/// For E2M1 codes (fp4, mxfp4, nvfp4) scaled per weight, the decode kernel multiplies the codes'
+/// bits (the value times 2^-126) by the scale times 2^(126 - fold) and its sums by 2^fold: the
+/// smallest fold >= 0 that keeps the largest scale times 2^(126 - fold) below 2^127 (bf16 would
+/// overflow), 0 for weights whose scales are below 2 (every real checkpoint's). 0 for others.
+fn e2m1_fold(t: &QuantTensor) -> i32 {
+    if !matches!(
+        t.format,
+        QuantFormat::Fp4 | QuantFormat::Mxfp4 | QuantFormat::Nvfp4
+    ) {
+        return 0;
+    }
+    let groups = t.groups_per_row();
+    let largest = (0..t.rows)
+        .into_par_iter()
+        .map(|r| {
+            (0..groups)
+                .map(|g| t.group_scale(r, g).abs())
+                .filter(|s| s.is_finite())
+                .fold(0.0f32, f32::max)
+        })
+        .reduce(|| 0.0, f32::max);
+    if largest < 2.0 {
+        0
+    } else {
+        (largest.log2().floor() as i32).clamp(0, 252)
+    }
+}
+
+/// Whether attention over `tokens` new tokens with heads of `head_dim` takes attention_decode
+/// (split along the keys) rather than the one-block-per-head kernel.
+fn decodes(tokens: usize, head_dim: usize) -> bool {
+    tokens <= DECODE_MAX_ROWS && head_dim.is_power_of_two() && (8..=256).contains(&head_dim)
+}
+
+/// rope_write_kv's inputs, for attention_decode to run it in the same launch.
+struct RopeInputs<'a> {
+    k: &'a Buffer,
+    v: &'a Buffer,
+    table: &'a Buffer,
 }
 
 /// What is known of the decode steps of one shape (tokens, logit rows, key bucket).
@@ -354,6 +402,7 @@ struct QgPart {
     n: i32,
     groups: i32,
     strip0: i32,
+    fold: i32,
 }
 
 /// The arguments of a quantized decode launch (QgArgs in qgemv.cu).
@@ -712,6 +761,7 @@ impl CudaBackend {
             offsets: upload(&r.offsets)?,
             planes: upload(&r.planes)?,
             tensor_scale: t.tensor_scale.unwrap_or(1.0),
+            fold: e2m1_fold(t),
             perm,
         })))
     }
@@ -776,6 +826,7 @@ impl CudaBackend {
                 offsets: copy(&q.offsets)?,
                 planes: copy(&q.planes)?,
                 tensor_scale: q.tensor_scale,
+                fold: q.fold,
                 perm: match &q.perm {
                     Some((p, key)) => Some((s.clone_dtod(p).map_err(dev)?, *key)),
                     None => None,
@@ -862,11 +913,78 @@ impl CudaBackend {
         .map_err(dev)
     }
 
+    #[allow(clippy::too_many_arguments)]
+    fn check_rope_write_kv(
+        &self,
+        q: &Buffer,
+        k: &Buffer,
+        v: &Buffer,
+        cache: &KvCache,
+        step: &Step,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        table: &Buffer,
+    ) -> Result<()> {
+        let layout = cache.layout;
+        step.batch.validate(&layout)?;
+        let n = step.batch.num_tokens();
+        check(
+            head_dim.is_multiple_of(2)
+                && layout.kv_heads == kv_heads
+                && layout.head_dim == head_dim,
+            "rope_write_kv",
+            || {
+                format!(
+                    "{kv_heads} kv heads of {head_dim} for a cache of {} of {}",
+                    layout.kv_heads, layout.head_dim
+                )
+            },
+        )?;
+        len_check("rope_write_kv", "q", q.len, n * heads * head_dim)?;
+        len_check("rope_write_kv", "k", k.len, n * kv_heads * head_dim)?;
+        len_check("rope_write_kv", "v", v.len, n * kv_heads * head_dim)?;
+        let max_pos = step.batch.positions.iter().max().map_or(0, |&p| p as usize);
+        len_check(
+            "rope_write_kv",
+            "table",
+            table.len,
+            (max_pos + 1) * head_dim,
+        )?;
+        Ok(())
+    }
+
+    fn check_attention(
+        &self,
+        q: &Buffer,
+        cache: &KvCache,
+        step: &Step,
+        heads: usize,
+        out: &Buffer,
+    ) -> Result<()> {
+        let layout = cache.layout;
+        step.batch.validate_attention(&layout, heads)?;
+        check(layout.head_dim <= 256, "attention", || {
+            format!(
+                "head_dim {} (the CUDA kernel takes up to 256)",
+                layout.head_dim
+            )
+        })?;
+        let len = step.batch.num_tokens() * heads * layout.head_dim;
+        len_check("attention", "q", q.len, len)?;
+        len_check("attention", "out", out.len, len)
+    }
+
     /// Attention of a few tokens (decode) split along the keys: enough chunks that the grid
     /// holds about DEC_BLOCKS_PER_SM blocks per SM even for one sequence, then the splits
     /// combined. Sized for the step's key bucket, not its exact context, so that one launch
     /// shape serves (and one recording replays for) every step of the bucket; the blocks past a
     /// sequence's keys return at once.
+    ///
+    /// With `rope`, the step's keys and values are not in the cache yet: the kernel
+    /// (attention_rope_g*) ropes q and the step's keys itself, reads the step's keys and values
+    /// from the projections and stores them in the cache (rope_write_kv in the same launch).
+    #[allow(clippy::too_many_arguments)]
     fn attention_decode(
         &self,
         q: &Buffer,
@@ -874,6 +992,7 @@ impl CudaBackend {
         step: &Step,
         heads: usize,
         scale: f32,
+        rope: Option<RopeInputs>,
         out: &mut Buffer,
     ) -> Result<()> {
         let layout = cache.layout;
@@ -923,7 +1042,10 @@ impl CudaBackend {
         } else {
             (0, 0)
         };
-        let smem = ((hpb * (hd + chunk) + chunk) * 4)
+        // With rope, a chunk's keys of this step (at most the step's tokens) are rotated into
+        // shared memory.
+        let rope_rows = if rope.is_some() { n.min(chunk) } else { 0 };
+        let smem = ((hpb * (hd + chunk) + chunk) * 4 + rope_rows * hd * 2)
             .max(4 * hpb * hd * 4)
             .max(4 * splits);
         let cfg = LaunchConfig {
@@ -931,14 +1053,19 @@ impl CudaBackend {
             block_dim: (DEC_THREADS, 1, 1),
             shared_mem_bytes: smem as u32,
         };
+        let (kernel, kb, vb, table) = match rope {
+            Some(r) => ("attention_rope", r.k.ptr, r.v.ptr, r.table.ptr),
+            None => ("attention_decode", 0, 0, 0),
+        };
         launch!(
             self,
-            &format!("attention_decode_g{hpb}"),
+            &format!("{kernel}_g{hpb}"),
             cfg,
             q.ptr,
             cache.kp,
             cache.vp,
             step.positions(self)?,
+            step.first_positions(self)?,
             step.table_offsets(self)?,
             step.tables(self)?,
             heads as i32,
@@ -950,7 +1077,11 @@ impl CudaBackend {
             splits as i32,
             part,
             counters,
-            out.ptr
+            out.ptr,
+            kb,
+            vb,
+            step.slots(self)?,
+            table
         );
         Ok(())
     }
@@ -1065,6 +1196,7 @@ impl CudaBackend {
                 n: q.rows as i32,
                 groups: q.groups as i32,
                 strip0: strips as i32,
+                fold: q.fold,
             };
             strips += q.strips.next_multiple_of(per_block);
         }
@@ -1359,6 +1491,10 @@ fn common_names() -> Vec<String> {
         "attention_decode_g2",
         "attention_decode_g4",
         "attention_decode_g8",
+        "attention_rope_g1",
+        "attention_rope_g2",
+        "attention_rope_g4",
+        "attention_rope_g8",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -1555,18 +1691,21 @@ impl Backend for CudaBackend {
             },
         )?;
         let mut table_off = vec![0u32; n];
+        let mut first_pos = vec![0u32; n];
         let mut tables = vec![];
         for seq in &batch.seqs {
             let off = tables.len() as u32;
             tables.extend_from_slice(&seq.block_table);
             let end = (seq.start + seq.len).min(n);
             table_off[seq.start.min(end)..end].fill(off);
+            first_pos[seq.start.min(end)..end].fill(seq.context_len.saturating_sub(seq.len) as u32);
         }
-        let mut host = Vec::with_capacity(4 * n + batch.logit_rows.len() + tables.len() + 1);
+        let mut host = Vec::with_capacity(5 * n + batch.logit_rows.len() + tables.len() + 1);
         host.extend_from_slice(&batch.tokens);
         host.extend_from_slice(&batch.positions);
         host.extend_from_slice(&batch.slots);
         host.extend_from_slice(&table_off);
+        host.extend_from_slice(&first_pos);
         host.extend_from_slice(&batch.logit_rows);
         host.extend_from_slice(&tables);
         host.push(0);
@@ -1807,31 +1946,8 @@ impl Backend for CudaBackend {
         head_dim: usize,
         table: &Buffer,
     ) -> Result<()> {
-        let layout = cache.layout;
-        step.batch.validate(&layout)?;
+        self.check_rope_write_kv(q, k, v, cache, step, heads, kv_heads, head_dim, table)?;
         let n = step.batch.num_tokens();
-        check(
-            head_dim.is_multiple_of(2)
-                && layout.kv_heads == kv_heads
-                && layout.head_dim == head_dim,
-            "rope_write_kv",
-            || {
-                format!(
-                    "{kv_heads} kv heads of {head_dim} for a cache of {} of {}",
-                    layout.kv_heads, layout.head_dim
-                )
-            },
-        )?;
-        len_check("rope_write_kv", "q", q.len, n * heads * head_dim)?;
-        len_check("rope_write_kv", "k", k.len, n * kv_heads * head_dim)?;
-        len_check("rope_write_kv", "v", v.len, n * kv_heads * head_dim)?;
-        let max_pos = step.batch.positions.iter().max().map_or(0, |&p| p as usize);
-        len_check(
-            "rope_write_kv",
-            "table",
-            table.len,
-            (max_pos + 1) * head_dim,
-        )?;
         if n == 0 || heads + kv_heads == 0 {
             return Ok(());
         }
@@ -1853,6 +1969,37 @@ impl Backend for CudaBackend {
             table.ptr
         );
         Ok(())
+    }
+
+    /// Decode steps (what `attention` sends to attention_decode) in one launch,
+    /// attention_rope_g*; others as rope_write_kv then attention. q and k keep the projections
+    /// in the one-launch case.
+    fn rope_attention(
+        &self,
+        q: &mut Buffer,
+        k: &mut Buffer,
+        v: &Buffer,
+        cache: &mut KvCache,
+        step: &Step,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        table: &Buffer,
+        scale: f32,
+        out: &mut Buffer,
+    ) -> Result<()> {
+        self.check_rope_write_kv(q, k, v, cache, step, heads, kv_heads, head_dim, table)?;
+        self.check_attention(q, cache, step, heads, out)?;
+        let n = step.batch.num_tokens();
+        if n == 0 || heads == 0 {
+            return Ok(());
+        }
+        if !decodes(n, head_dim) {
+            self.rope_write_kv(q, k, v, cache, step, heads, kv_heads, head_dim, table)?;
+            return self.attention(q, cache, step, heads, scale, out);
+        }
+        let rope = RopeInputs { k, v, table };
+        self.attention_decode(q, cache, step, heads, scale, Some(rope), out)
     }
 
     fn write_kv(&self, cache: &mut KvCache, k: &Buffer, v: &Buffer, step: &Step) -> Result<()> {
@@ -1888,24 +2035,14 @@ impl Backend for CudaBackend {
         scale: f32,
         out: &mut Buffer,
     ) -> Result<()> {
+        self.check_attention(q, cache, step, heads, out)?;
         let layout = cache.layout;
-        step.batch.validate_attention(&layout, heads)?;
-        check(layout.head_dim <= 256, "attention", || {
-            format!(
-                "head_dim {} (the CUDA kernel takes up to 256)",
-                layout.head_dim
-            )
-        })?;
         let n = step.batch.num_tokens();
-        let len = n * heads * layout.head_dim;
-        len_check("attention", "q", q.len, len)?;
-        len_check("attention", "out", out.len, len)?;
         if n == 0 || heads == 0 {
             return Ok(());
         }
-        let hd = layout.head_dim;
-        if n <= DECODE_MAX_ROWS && hd.is_power_of_two() && (8..=256).contains(&hd) {
-            return self.attention_decode(q, cache, step, heads, scale, out);
+        if decodes(n, layout.head_dim) {
+            return self.attention_decode(q, cache, step, heads, scale, None, out);
         }
         let smem = (256 + 2 * ATT_CHUNK) * 4;
         launch!(

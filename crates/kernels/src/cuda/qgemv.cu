@@ -169,6 +169,17 @@ __device__ __forceinline__ float scale_value(u32 v, float ts) {
 // third bit at bit j + 4 (i & 3) + 16 h of plane word i / 4; E4M3 at byte 2 h + 1 - (j & 1) of
 // word 2 i + j / 2 (so one mask or shift puts both bytes at the top of their halves); E2M1 as
 // int4 (nibble j + 4 h of word i).
+// E2M1 codes (nibble j + 4 h of word i, s ee m) placed in a bf16x2 pair: ee m to bf16's bits 8..6
+// and s to 15, which is the code's value times 2^-126 (E2M1's subnormal, 0.5, lands on bf16's).
+__device__ __forceinline__ u32 e2m1_bits(const u32* w, int i, int j) {
+    const u32 v = w[i];
+    return and_or(shl(v, 12 - 4 * j), 0x80008000u, shl(v, 6 - 4 * j) & 0x01c001c0u);
+}
+
+// Whether the per-weight scaling multiplies e2m1_bits by the scale times 2^126 (one bf16x2
+// operation a pair rather than two; see `qgemv`'s fold).
+__host__ __device__ constexpr bool e2m1(int kind) { return kind == K_FP4 || kind == K_MX || kind == K_NV; }
+
 template <int BITS, bool ASYM, int KIND>
 __device__ __forceinline__ u32 code_pair(const u32* w, const u32* plane, int i, int j) {
     if (KIND == K_FP8) {
@@ -178,10 +189,7 @@ __device__ __forceinline__ u32 code_pair(const u32* w, const u32* plane, int i, 
         // value times 2^-120 (E4M3 subnormals land on bf16 subnormals), then exact.
         return fma_bf2(and_or(t, 0x80008000u, (t >> 4) & 0x07f007f0u), 0x7b807b80u, 0x80008000u);
     } else if (KIND != K_INT) {
-        const u32 v = w[i];
-        // s ee m: ee m to bf16's 8..6 and s to 15: the value times 2^-126, then exact.
-        const u32 r = and_or(shl(v, 12 - 4 * j), 0x80008000u, shl(v, 6 - 4 * j) & 0x01c001c0u);
-        return fma_bf2(r, 0x7e807e80u, 0x80008000u);
+        return fma_bf2(e2m1_bits(w, i, j), 0x7e807e80u, 0x80008000u);  // times 2^126: exact
     } else if (BITS == 4) {
         return fma_bf2(and_or(w[i] >> (4 * j), 0x000f000fu, 0x43004300u), 0x3f803f80u, ASYM ? 0xc300c300u : 0xc308c308u);
     } else {
@@ -227,17 +235,18 @@ struct QScale {
     float slo, shi, olo, ohi;
 };
 
-// grp: the group's parity is what matters (byte scales).
+// grp: the group's parity is what matters (byte scales). The bf16x2 broadcasts are the scales
+// times `fold` (a power of two; 1 but for E2M1 codes scaled per weight).
 template <int BITS, bool ASYM, int KIND>
-__device__ __forceinline__ QScale qscale(u32 sp, u32 op, float ts, int grp) {
+__device__ __forceinline__ QScale qscale(u32 sp, u32 op, float ts, int grp, float fold) {
     QScale r;
     r.slo = scale_value<KIND>(scale_bits<KIND>(sp, grp, 0), ts);
     r.shi = scale_value<KIND>(scale_bits<KIND>(sp, grp, 1), ts);
     r.olo = ASYM ? h2f((f16_t)(op & 0xffff)) : 0.0f;
     r.ohi = ASYM ? h2f((f16_t)(op >> 16)) : 0.0f;
     if (!ASYM && !(KIND == K_INT && BITS == 8)) {
-        r.lo2 = pack_bf2(r.slo, r.slo);
-        r.hi2 = pack_bf2(r.shi, r.shi);
+        r.lo2 = pack_bf2(r.slo * fold, r.slo * fold);
+        r.hi2 = pack_bf2(r.shi * fold, r.shi * fold);
     }
     return r;
 }
@@ -251,7 +260,7 @@ __device__ __forceinline__ void dequant_frag(const u32* words, const u32* plane,
         // bf16 first), or in f32 with the offset; with POST the scale comes after the mma.
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            const u32 c = code_pair<BITS, ASYM, KIND>(words, plane, i, j);
+            const u32 c = e2m1(KIND) && !POST && !ASYM ? e2m1_bits(words, i, j) : code_pair<BITS, ASYM, KIND>(words, plane, i, j);
             if (POST) {
                 a[j] = c;
             } else if (!ASYM) {
@@ -317,7 +326,7 @@ __device__ __forceinline__ void load_x(const bf16_t* p, bool ok, int left, bool 
 // weights of one input run as one launch, see QgArgs); the split-K sums of feature f of the
 // launch (row r) are ws[r * wstride + f], its strips' counters counters[sg].
 template <int BITS, bool ASYM, int KIND, int NB, bool POST, bool XS, int SP>
-__device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets, const uint2* planes, float ts,
+__device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets, const uint2* planes, float ts, int fold,
                       const bf16_t* x, int m, int k, int n, u32 gmul, int G, int CH, int cpb, float* ws,
                       u32* counters, int wstride, int s, int sg, bf16_t* out) {
     // U chunks per ring slot (per loop step) amortize the step's fixed work (wait, commit, scale
@@ -329,6 +338,13 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     constexpr int TPU = tile_span(BITS), CW = 16 * TPU, XW = TPU / 2;
     constexpr int U = SP == 1 && NB == 1 && TPU <= 4 ? 2 : 1, E = U * SP;  // E: ring entries a lane per step
     constexpr bool PLANE = BITS == 3;
+    // E2M1 codes scaled per weight: e2m1_bits (the value times 2^-126) times the scale times
+    // 2^(126 - fold) in one bf16x2 multiply, and the sums times 2^fold at the end (both exact).
+    // The host picks fold >= 0 so that the largest scale times 2^(126 - fold) stays below bf16's
+    // 2^127; a product keeps bf16's full precision while the scale is above 2^(fold - 125).
+    constexpr bool FOLD = e2m1(KIND) && !POST && !ASYM;
+    const float sfold = FOLD ? __uint_as_float((u32)(253 - fold) << 23) : 1.0f;
+    const float omul = FOLD ? __uint_as_float((u32)(127 + fold) << 23) : 1.0f;
     // XS keeps 3 stages: 4 fill the 48 KB of static shared memory exactly (rings merged) and
     // measured slower end to end (H100, same call: 398-400 against 385-386 tok/s). 2- and 3-bit
     // chunks are twice as wide: 4 stages hold as many columns in flight as 8 of int4's.
@@ -527,7 +543,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
         for (int e = 0; e < E; e++) {
             const int u = e / SP, p = e % SP;
             if (!FAST && i * U + u >= mine) break;  // past the warp's share: the slot was not filled
-            const QScale sc = qscale<BITS, ASYM && !POST, KIND>(sp[e], op[e], ts, gpar);
+            const QScale sc = qscale<BITS, ASYM && !POST, KIND>(sp[e], op[e], ts, gpar, sfold);
             const u32 words[4] = {q[e].x, q[e].y, q[e].z, q[e].w}, plane[2] = {hp[e].x, hp[e].y};
             if (POST) {
                 // One group over the whole chunk: integer products summed over its tiles, then
@@ -623,6 +639,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     auto element = [&](int e, float& v, size_t& at, size_t& wat) {
         v = 0.0f;
         for (int w = 0; w < W; w++) v += red[w * OUTS + e];
+        v *= omul;
         const int p = SP == 1 ? 0 : e / (NB * 128), b = (e >> 7) % NB, j = (e >> 5) & 3, ln = e & 31;
         const int f = 16 * p + (ln >> 2) + 8 * (j >> 1), feat = s * 16 + f, row = b * 8 + 2 * (ln & 3) + (j & 1);
         at = (size_t)row * n + feat;
@@ -669,6 +686,7 @@ struct QgPart {
     u32 gmul;
     float ts;
     int n, G, strip0;
+    int fold;  // E2M1 codes scaled per weight: the scales' shift (see qgemv)
 };
 struct QgArgs {
     QgPart p[QG_PARTS];
@@ -688,7 +706,7 @@ struct QgArgs {
         const int bs = blockIdx.x / a.row_blocks, rb = blockIdx.x - bs * a.row_blocks, sg = bs * SP;            \
         const int pi = (a.parts > 1 && sg >= a.p[1].strip0) + (a.parts > 2 && sg >= a.p[2].strip0);            \
         qgemv<BITS, ASYM, KIND, NB, POST, XS, SP>(QG_SEL(codes), QG_SEL(scales), QG_SEL(offsets), QG_SEL(planes),   \
-                                              QG_SEL(ts), a.x + (size_t)rb * 16 * a.k, min(16, a.m - rb * 16), a.k, \
+                                              QG_SEL(ts), QG_SEL(fold), a.x + (size_t)rb * 16 * a.k, min(16, a.m - rb * 16), a.k, \
                                               QG_SEL(n), QG_SEL(gmul), QG_SEL(G), a.CH, a.cpb, a.ws, a.counters,   \
                                               a.wstride, sg - QG_SEL(strip0), sg,                               \
                                               QG_SEL(out) + (size_t)rb * 16 * QG_SEL(n));                       \
