@@ -29,7 +29,11 @@
 // to bf16: the weight the mma sees is the bf16 rounding of the dequantized value, error 2^-9,
 // as cuBLAS sees the expanded weight at prefill). Int8 and asymmetric int4 go through the f32
 // magic 2^23 + c (`prmt` / `lop3`), one FMA with the f32 scale (and offset), and
-// `cvt.rn.bf16x2.f32`. The other formats: `code_pair`'s exact values, then the same scaling.
+// `cvt.rn.bf16x2.f32`. The other formats: `code_pair`'s exact values, then the same scaling;
+// E2M1 (fp4, mxfp4, nvfp4) skips code_pair's multiply by 2^126, which goes into the scale
+// instead (`e2m1_bits`, fold in `qgemv`): one bf16x2 operation a pair less, which took the m=1
+// kernels 2-9% faster on the H100 (thirteenth session: mxfp4 8192×28672 50.4 -> 47.2 µs, 3.29x ->
+// 3.50x cuBLAS bf16; nvfp4 28672×8192 53.5 -> 50.0 µs; 8 and 16 rows 2-11%).
 //
 // Loads: each lane streams its own words through a QG_STAGES-deep ring in shared memory filled
 // by `cp.async` (16-byte codes, 4-byte scale pair), so QG_STAGES - 1 chunks per lane are in flight
