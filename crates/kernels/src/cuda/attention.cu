@@ -135,15 +135,12 @@ attention(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positi
 // keys and lost 2.6% at 2048 (H100, same call as the old binary).
 //
 // With rope (attention_rope_g*, the model's decode path): rope_write_kv runs in the same launch.
-// Each block rotates its q heads as it loads them, and its chunk's keys of this step (at most the
-// step's tokens) from the k projection into shared memory (ks), while their values are read from
-// the v projection; the one block whose chunk holds a token's own key (first head slice) also
-// stores the rotated key and the value in the cache for later steps. No block reads a cache slot
-// this launch writes, so nothing orders the blocks. One launch fewer a layer: llama3-8b int4 on
-// the H100 (thirteenth session, same call as the binary before) 415.1 -> 418.7 tok/s at batch 1
-// (three runs of 2 each, spread ±1%), 3184 -> 3280 at batch 16, 387.0 -> 391.1 at a 2048-token
-// prompt. The one-head build spills 28 bytes (the early rows and the rope prologue both live at 64
-// registers), stored once and reloaded outside the key loops.
+// Each block rotates its q heads as it loads them, and rotates its chunk's keys of this step (at
+// most the step's tokens) from the k projection into their cache slots, with their values, before
+// its loops read the chunk from the cache as always; several blocks may store the same key, the
+// same bytes. One launch fewer a layer. A first build kept the rotated keys in shared memory and
+// read the values from the v projection: its selects between the two sources took the one-head
+// build past 64 registers (28 bytes spilled) and it gained ~1% at batch 1 (llama3-8b int4, H100).
 
 // The splits of heads row0 .. row0 + G (rows of token x head) rescaled to their common max and
 // summed, by the last block of attention_decode to finish them: thread s first takes split s's
@@ -200,15 +197,14 @@ __device__ __forceinline__ float2 rope_pair(const bf16_t* x, const bf16_t* cs, i
 
 // hd is one of 8, 16, 32, 64, 128, 256 (hd/8 lanes per key divide a warp), chunk <= DEC_CHUNK.
 // MAXG: query heads per block (the host's choice, see `attention_decode` in mod.rs).
-// Shared memory: max((MAXG * (hd + chunk) + chunk) * 4 + ROPE rows * hd * 2, 4 * MAXG * hd * 4,
-// splits * 4) bytes, where ROPE rows bounds the step's keys a chunk may hold (ks).
+// Shared memory: max((MAXG * (hd + chunk) + chunk) * 4, 4 * MAXG * hd * 4, splits * 4) bytes.
 // part: per (token, head, split) hd partial outputs, then max and sum; counters: one per
 // (token x kv head, slice), zero between launches.
 template <int MAXG, bool ROPE>
 __device__ void attention_decode(const bf16_t* q, bf16_t* kc, bf16_t* vc, const u32* positions,
                                  const u32* first_pos, const u32* bt_off, const u32* tables, int heads,
                                  int kv_heads, int hd, int bs, float scale, int chunk, int splits, float* part,
-                                 u32* counters, bf16_t* out, const bf16_t* kb, const bf16_t* vb, const u32* slots,
+                                 u32* counters, bf16_t* out, const bf16_t* kb, const bf16_t* vb,
                                  const bf16_t* rope_table) {
     // Before griddep_wait (see "Early loads" above): the step's positions and block tables, then
     // the first pass's K and V rows of keys older than the step.
@@ -231,7 +227,6 @@ __device__ void attention_decode(const bf16_t* q, bf16_t* kc, bf16_t* vc, const 
     float* qs = smem;                             // G x hd, pre-scaled
     float* sc = smem + MAXG * hd;             // G x chunk: scores, then probabilities
     u32* sl = (u32*)(sc + MAXG * chunk);      // chunk slot offsets
-    bf16_t* ks = (bf16_t*)(sl + chunk);       // ROPE: the chunk's keys of this step, rotated
     float* red = smem;                            // 4 warps x G x hd, once sc is consumed
     const u32* table = tables + bt_off[t];
     for (int j = tid; j < cn; j += DEC_THREADS) {
@@ -248,8 +243,12 @@ __device__ void attention_decode(const bf16_t* q, bf16_t* kc, bf16_t* vc, const 
         vw0[u] = j < early ? *(const uint4*)(vc + sl[j] + sub * 8) : make_uint4(0, 0, 0, 0);
     }
     griddep_wait();
-    // ROPE: q rotated as it is scaled into qs, and the chunk's keys of this step (j >= early) into
-    // ks, read there by the score loop (their values come from vb).
+    // ROPE: q rotated as it is scaled into qs; the chunk's keys of this step (j >= early) rotated
+    // and stored with their values in their cache slots, where the loops below read them as any
+    // other key. Every block whose chunk holds such a key stores it (one block for each query-head
+    // slice, and for each later token of the sequence in the step): the same bytes to the same
+    // slot, so whichever store lands last, a block reads back what it stored itself. Blocks read
+    // no slot of this step before their own stores (the early loads stop at `early`).
     const int half = hd >> 1;
     const bf16_t* qr = q + ((size_t)t * heads + h0) * hd;
     if (ROPE) {
@@ -261,17 +260,17 @@ __device__ void attention_decode(const bf16_t* q, bf16_t* kc, bf16_t* vc, const 
         }
         const int first = max(early, 0);
         for (int i = tid; i < (cn - first) * half; i += DEC_THREADS) {
-            const int r = i / half, d = i % half, kj = c0 + first + r;
-            const float2 k2 = rope_pair(kb + ((size_t)(t - (pos - kj)) * kv_heads + kvh) * hd,
-                                        rope_table + (size_t)kj * hd, d, half);
-            ks[r * hd + d] = f2bf(k2.x);
-            ks[r * hd + d + half] = f2bf(k2.y);
+            const int j = first + i / half, d = i % half, kj = c0 + j;
+            const size_t row = ((size_t)(t - (pos - kj)) * kv_heads + kvh) * hd;
+            const float2 k2 = rope_pair(kb + row, rope_table + (size_t)kj * hd, d, half);
+            kc[sl[j] + d] = f2bf(k2.x);
+            kc[sl[j] + d + half] = f2bf(k2.y);
+            vc[sl[j] + d] = vb[row + d];
+            vc[sl[j] + d + half] = vb[row + d + half];
         }
     } else {
         for (int i = tid; i < G * hd; i += DEC_THREADS) qs[i] = bf2f(qr[i]) * scale;
     }
-    // ROPE: the value of key c0 + j (j >= early) of this step is vrow + j * sw.
-    const bf16_t* vrow = vb + ((size_t)(t - pos + c0) * kv_heads + kvh) * hd + sub * 8;
     __syncthreads();
     // Scores, DEC_UNROLL keys per lane per pass with their loads issued together: a block has
     // few keys per lane, so one memory round trip per key would dominate. The loop bound is
@@ -283,7 +282,6 @@ __device__ void attention_decode(const bf16_t* q, bf16_t* kc, bf16_t* vc, const 
             const int j = jb + u * nkl + kl;
             kw[u] = j < early && jb == 0 ? kw0[u]
                   : j >= cn              ? make_uint4(0, 0, 0, 0)
-                  : ROPE && j >= early   ? *(const uint4*)(ks + (j - max(early, 0)) * hd + sub * 8)
                                          : *(const uint4*)(kc + sl[j] + sub * 8);
         }
 #pragma unroll
@@ -335,7 +333,6 @@ __device__ void attention_decode(const bf16_t* q, bf16_t* kc, bf16_t* vc, const 
             const int j = jb + u * nkl;
             vw[u] = j < early && jb == kl ? vw0[u]
                   : j >= cn                ? make_uint4(0, 0, 0, 0)
-                  : ROPE && j >= early     ? *(const uint4*)(vrow + (size_t)j * sw)
                                            : *(const uint4*)(vc + sl[j] + sub * 8);
         }
 #pragma unroll
@@ -393,18 +390,6 @@ __device__ void attention_decode(const bf16_t* q, bf16_t* kc, bf16_t* vc, const 
             }
         }
     }
-    // ROPE: the block whose chunk holds this token's own key (of the first head slice) stores it
-    // and its value in the cache, for later steps (this step's blocks read kb and vb).
-    if (ROPE && split == pos / chunk && blockIdx.z == 0) {
-        const size_t src = ((size_t)t * kv_heads + kvh) * hd, dst = (size_t)slots[t] * sw + (size_t)kvh * hd;
-        for (int i = tid; i < half; i += DEC_THREADS) {
-            const float2 k2 = rope_pair(kb + src, rope_table + (size_t)pos * hd, i, half);
-            kc[dst + i] = f2bf(k2.x);
-            kc[dst + i + half] = f2bf(k2.y);
-            vc[dst + i] = vb[src + i];
-            vc[dst + i + half] = vb[src + i + half];
-        }
-    }
     if (splits == 1) return;
     // The last block of this (token, kv head, slice) to finish rescales the splits to their
     // common max and sums them (a separate combine kernel cost ~4.7 us a layer in the replayed
@@ -423,7 +408,7 @@ __device__ void attention_decode(const bf16_t* q, bf16_t* kc, bf16_t* vc, const 
     combine_splits(part, t * heads + h0, G, ns, hd, splits, smem, out);
 }
 
-// attention_decode_g<G> reads a cache rope_write_kv has filled (kb, vb, slots and rope_table unused);
+// attention_decode_g<G> reads a cache rope_write_kv has filled (kb, vb and rope_table unused);
 // attention_rope_g<G> is rope_write_kv and attention in one launch, q, kb and vb the projections
 // before rope.
 #define ATT_DEC(G, MINB)                                                                                        \
@@ -436,11 +421,10 @@ __device__ void attention_decode(const bf16_t* q, bf16_t* kc, bf16_t* vc, const 
 #define ATT_DEC_PARAMS                                                                                          \
     const bf16_t *q, bf16_t *kc, bf16_t *vc, const u32 *positions, const u32 *first_pos, const u32 *bt_off,    \
         const u32 *tables, int heads, int kv_heads, int hd, int bs, float scale, int chunk, int splits,        \
-        float *part, u32 *counters, bf16_t *out, const bf16_t *kb, const bf16_t *vb, const u32 *slots,         \
-        const bf16_t *rope_table
+        float *part, u32 *counters, bf16_t *out, const bf16_t *kb, const bf16_t *vb, const bf16_t *rope_table
 #define ATT_DEC_ARGS                                                                                            \
     q, kc, vc, positions, first_pos, bt_off, tables, heads, kv_heads, hd, bs, scale, chunk, splits, part,      \
-        counters, out, kb, vb, slots, rope_table
+        counters, out, kb, vb, rope_table
 ATT_DEC(1, 8)
 ATT_DEC(2, 4)
 ATT_DEC(4, 4)

@@ -1080,7 +1080,6 @@ impl CudaBackend {
             out.ptr,
             kb,
             vb,
-            step.slots(self)?,
             table
         );
         Ok(())
