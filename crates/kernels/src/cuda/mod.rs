@@ -982,8 +982,8 @@ impl CudaBackend {
     /// sequence's keys return at once.
     ///
     /// With `rope`, the step's keys and values are not in the cache yet: the kernel
-    /// (attention_rope_g*) ropes q and the step's keys itself, reads the step's keys and values
-    /// from the projections and stores them in the cache (rope_write_kv in the same launch).
+    /// (attention_rope_g*) ropes q and the step's keys from the projections itself and stores
+    /// the keys and values in the cache before reading it (rope_write_kv in the same launch).
     #[allow(clippy::too_many_arguments)]
     fn attention_decode(
         &self,
@@ -1042,10 +1042,7 @@ impl CudaBackend {
         } else {
             (0, 0)
         };
-        // With rope, a chunk's keys of this step (at most the step's tokens) are rotated into
-        // shared memory.
-        let rope_rows = if rope.is_some() { n.min(chunk) } else { 0 };
-        let smem = ((hpb * (hd + chunk) + chunk) * 4 + rope_rows * hd * 2)
+        let smem = ((hpb * (hd + chunk) + chunk) * 4)
             .max(4 * hpb * hd * 4)
             .max(4 * splits);
         let cfg = LaunchConfig {
@@ -1987,15 +1984,15 @@ impl Backend for CudaBackend {
         scale: f32,
         out: &mut Buffer,
     ) -> Result<()> {
-        self.check_rope_write_kv(q, k, v, cache, step, heads, kv_heads, head_dim, table)?;
-        self.check_attention(q, cache, step, heads, out)?;
         let n = step.batch.num_tokens();
-        if n == 0 || heads == 0 {
-            return Ok(());
-        }
         if !decodes(n, head_dim) {
             self.rope_write_kv(q, k, v, cache, step, heads, kv_heads, head_dim, table)?;
             return self.attention(q, cache, step, heads, scale, out);
+        }
+        self.check_rope_write_kv(q, k, v, cache, step, heads, kv_heads, head_dim, table)?;
+        self.check_attention(q, cache, step, heads, out)?;
+        if n == 0 || heads == 0 {
+            return Ok(());
         }
         let rope = RopeInputs { k, v, table };
         self.attention_decode(q, cache, step, heads, scale, Some(rope), out)
