@@ -140,7 +140,8 @@ attention(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positi
 // its loops read the chunk from the cache as always; several blocks may store the same key, the
 // same bytes. One launch fewer a layer: llama3-8b int4 decode on the H100 (thirteenth session,
 // alternated in one call with the session-start binary) 413.6 -> 425.4 tok/s at batch 1 (+2.9%,
-// 66.2-66.8% of the bound), 390.9 -> 398.3 at a 2048-token prompt, 3175 -> 3300 at batch 16.
+// 66.2-66.8% of the bound; 430.8, 67.2%, once the launch no longer asked for the first build's
+// shared memory), 390.9 -> 398.3 at a 2048-token prompt, 3175 -> 3300 at batch 16.
 // A first build kept the rotated keys in shared memory and
 // read the values from the v projection: its selects between the two sources took the one-head
 // build past 64 registers (28 bytes spilled) and it gained ~1% at batch 1 (llama3-8b int4, H100).
