@@ -193,12 +193,6 @@ __device__ __forceinline__ void unpack8(uint4 w, float* f) {
     f[4] = bf_lo(w.z); f[5] = bf_hi(w.z); f[6] = bf_lo(w.w); f[7] = bf_hi(w.w);
 }
 
-// Dims i and i + hd / 2 of a head after rope, rounded to bf16 as rope_write_kv rounds them.
-__device__ __forceinline__ float2 rope_pair(const bf16_t* x, const bf16_t* cs, int i, int half) {
-    const float x0 = bf2f(x[i]), x1 = bf2f(x[i + half]), c = bf2f(cs[i]), s = bf2f(cs[half + i]);
-    return make_float2(bf2f(f2bf(x0 * c - x1 * s)), bf2f(f2bf(x1 * c + x0 * s)));
-}
-
 // hd is one of 8, 16, 32, 64, 128, 256 (hd/8 lanes per key divide a warp), chunk <= DEC_CHUNK.
 // MAXG: query heads per block (the host's choice, see `attention_decode` in mod.rs).
 // Shared memory: max((MAXG * (hd + chunk) + chunk) * 4, 4 * MAXG * hd * 4, splits * 4) bytes.

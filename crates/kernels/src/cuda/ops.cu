@@ -115,6 +115,13 @@ extern "C" __global__ void add_rms_norm_v(bf16_t* x, const bf16_t* y, const bf16
     norm_vec<true>(x, y, w, eps, dim, out);
 }
 
+// Dims i and i + hd / 2 of a head after rope (cs: the position's hd / 2 cos values, then its
+// sin values), rounded to bf16: what rope stores, and what decode attention's fused rope uses.
+__device__ __forceinline__ float2 rope_pair(const bf16_t* x, const bf16_t* cs, int i, int half) {
+    const float x0 = bf2f(x[i]), x1 = bf2f(x[i + half]), c = bf2f(cs[i]), s = bf2f(cs[half + i]);
+    return make_float2(bf2f(f2bf(x0 * c - x1 * s)), bf2f(f2bf(x1 * c + x0 * s)));
+}
+
 // Grid (tokens, heads); pairs element i with i + head_dim/2.
 extern "C" __global__ void rope(bf16_t* x, const u32* positions, int heads, int hd, const bf16_t* table) {
     pdl_enter();
@@ -122,10 +129,9 @@ extern "C" __global__ void rope(bf16_t* x, const u32* positions, int heads, int 
     bf16_t* p = x + ((size_t)t * heads + h) * hd;
     const bf16_t* cs = table + (size_t)positions[t] * hd;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        float x0 = bf2f(p[i]), x1 = bf2f(p[i + half]);
-        float c = bf2f(cs[i]), s = bf2f(cs[half + i]);
-        p[i] = f2bf(x0 * c - x1 * s);
-        p[i + half] = f2bf(x1 * c + x0 * s);
+        const float2 r = rope_pair(p, cs, i, half);
+        p[i] = f2bf(r.x);
+        p[i + half] = f2bf(r.y);
     }
 }
 
@@ -143,9 +149,8 @@ extern "C" __global__ void rope_write_kv(bf16_t* q, bf16_t* k, const bf16_t* v, 
     const bf16_t* cs = table + (size_t)positions[t] * hd;
     const size_t dst = (size_t)slots[t] * kv_heads * hd + (size_t)kh * hd;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        float x0 = bf2f(p[i]), x1 = bf2f(p[i + half]);
-        float c = bf2f(cs[i]), s = bf2f(cs[half + i]);
-        const bf16_t r0 = f2bf(x0 * c - x1 * s), r1 = f2bf(x1 * c + x0 * s);
+        const float2 r = rope_pair(p, cs, i, half);
+        const bf16_t r0 = f2bf(r.x), r1 = f2bf(r.y);
         p[i] = r0;
         p[i + half] = r1;
         if (is_k) {

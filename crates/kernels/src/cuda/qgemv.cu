@@ -180,9 +180,11 @@ __device__ __forceinline__ u32 e2m1_bits(const u32* w, int i, int j) {
     return and_or(shl(v, 12 - 4 * j), 0x80008000u, shl(v, 6 - 4 * j) & 0x01c001c0u);
 }
 
-// Whether the per-weight scaling multiplies e2m1_bits by the scale times 2^126 (one bf16x2
-// operation a pair rather than two; see `qgemv`'s fold).
-__host__ __device__ constexpr bool e2m1(int kind) { return kind == K_FP4 || kind == K_MX || kind == K_NV; }
+// Whether a kernel multiplies e2m1_bits by the scale times 2^126 (one bf16x2 operation a pair
+// rather than two; see `qgemv`'s fold): E2M1 codes scaled per weight.
+__host__ __device__ constexpr bool e2m1_folded(int kind, bool post, bool asym) {
+    return (kind == K_FP4 || kind == K_MX || kind == K_NV) && !post && !asym;
+}
 
 template <int BITS, bool ASYM, int KIND>
 __device__ __forceinline__ u32 code_pair(const u32* w, const u32* plane, int i, int j) {
@@ -264,7 +266,7 @@ __device__ __forceinline__ void dequant_frag(const u32* words, const u32* plane,
         // bf16 first), or in f32 with the offset; with POST the scale comes after the mma.
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            const u32 c = e2m1(KIND) && !POST && !ASYM ? e2m1_bits(words, i, j) : code_pair<BITS, ASYM, KIND>(words, plane, i, j);
+            const u32 c = e2m1_folded(KIND, POST, ASYM) ? e2m1_bits(words, i, j) : code_pair<BITS, ASYM, KIND>(words, plane, i, j);
             if (POST) {
                 a[j] = c;
             } else if (!ASYM) {
@@ -346,7 +348,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     // 2^(126 - fold) in one bf16x2 multiply, and the sums times 2^fold at the end (both exact).
     // The host picks fold >= 0 so that the largest scale times 2^(126 - fold) stays below bf16's
     // 2^127; a product keeps bf16's full precision while the scale is above 2^(fold - 125).
-    constexpr bool FOLD = e2m1(KIND) && !POST && !ASYM;
+    constexpr bool FOLD = e2m1_folded(KIND, POST, ASYM);
     const float sfold = FOLD ? __uint_as_float((u32)(253 - fold) << 23) : 1.0f;
     const float omul = FOLD ? __uint_as_float((u32)(127 + fold) << 23) : 1.0f;
     // XS keeps 3 stages: 4 fill the 48 KB of static shared memory exactly (rings merged) and
