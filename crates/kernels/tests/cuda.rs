@@ -755,20 +755,32 @@ fn check_many(
         let mut out_refs: Vec<&mut cuda::Buffer> = outs.iter_mut().collect();
         g.matmul_many(&gx, &refs, MatmulRows::plain(rows), &mut out_refs)
             .unwrap();
-        for (i, (t, o)) in ts.iter().zip(&outs).enumerate() {
+        let mut again: Vec<cuda::Buffer> = ts.iter().map(|t| poisoned(g, rows * t.rows)).collect();
+        let mut again_refs: Vec<&mut cuda::Buffer> = again.iter_mut().collect();
+        g.matmul_many(&gx, &refs, MatmulRows::plain(rows), &mut again_refs)
+            .unwrap();
+        for (i, (t, (o, a))) in ts.iter().zip(outs.iter().zip(&again)).enumerate() {
+            let got = g.read(o, rows * t.rows).unwrap();
             assert_close(
                 &format!("{what}: weight {i} rows {rows}"),
-                &g.read(o, rows * t.rows).unwrap(),
+                &got,
                 &reference(t, &x, rows),
+            );
+            // Bitwise the same a second time, split-K sums included (they add in a fixed order).
+            let a = g.read(a, rows * t.rows).unwrap();
+            assert!(
+                got.iter().zip(&a).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{what}: weight {i} rows {rows}: a second run differs"
             );
         }
     }
 }
 
 /// Several weights of one input (`matmul_many`: q/k/v, gate/up), in one launch when they share
-/// a format, width and scaling, against the f64 reference of each: partial strips, split-K plans
-/// (k = 4096), a set that cannot share a launch (int4 groups of 32 beside per-channel scales),
-/// and one of odd strip counts large enough for the two-strip blocks at 16 rows on an H100.
+/// a format, width and scaling, against the f64 reference of each, and run twice bitwise alike:
+/// partial strips, split-K plans (k = 4096, up to dozens of splits), a set that cannot share a
+/// launch (int4 groups of 32 beside per-channel scales), and one of odd strip counts large enough
+/// for the two-strip blocks at 16 rows on an H100.
 #[test]
 fn matmul_many_quant() {
     let Some(g) = gpu("matmul_many_quant") else {

@@ -226,6 +226,13 @@ impl QuantWeight {
     /// over several blocks (split-K) only when the strips alone fall short, and never below 4
     /// chunks a warp. Of a launch of `blocks` blocks (of one or two strips, see `qgemv_stored`) of
     /// `chunks` chunks.
+    ///
+    /// At most two splits: the splits add their sums into the workspace with atomics, in the
+    /// order they finish, and two sums added to zero give the same bits in either order, three
+    /// need not (a replayed decode step must repeat its direct run bit for bit). More splits come
+    /// only from a few strips with long rows (a k or v projection of 4096 columns on its own);
+    /// the kernel sweep's shapes and the synthetic llama3-8b, qwen3-4b and smollm2 split at most
+    /// in two.
     fn plan(blocks: usize, chunks: usize, sms: usize) -> (usize, usize, usize) {
         let warps = if blocks >= sms {
             QG_WARPS
@@ -233,7 +240,7 @@ impl QuantWeight {
             QG_WARPS / 2
         };
         let want = sms * QG_WARPS_PER_SM / (blocks * warps);
-        let ksplit = want.min(chunks / (4 * warps)).max(1);
+        let ksplit = want.min(chunks / (4 * warps)).clamp(1, 2);
         let cpb = chunks.div_ceil(ksplit);
         (warps, chunks.div_ceil(cpb), cpb)
     }
