@@ -711,6 +711,58 @@ fn quant_matmul_every_format() {
     }
 }
 
+/// Prefill on packed weights, every format: the wgmma kernel (sm_90) over several 128-row tiles,
+/// the last one partial, and the expansion for cuBLAS that other GPUs take.
+#[test]
+fn quant_prefill_every_format() {
+    let Some(g) = gpu("quant_prefill_every_format") else {
+        return;
+    };
+    let mut r = rng();
+    let kernel = g.wgmma();
+    if !kernel {
+        println!("quant_prefill_every_format: no wgmma on {}: the expansion only", g.name());
+    }
+    for format in QuantFormat::ALL {
+        // Partial strips and 128-feature blocks, k not whole chunks, per-weight and per-chunk
+        // scales, per channel.
+        for &(n, k, group) in &[
+            (77usize, 384usize, 128usize),
+            (50, 224, 32),
+            (40, 176, 16),
+            (33, 203, 203),
+            (300, 1024, 64),
+            (136, 3080, 3080),
+        ] {
+            let Some(group) = test_group(format, k, group) else {
+                continue;
+            };
+            let t = quantize_rtn(&randv(&mut r, n * k, 0.1), n, k, format, group).unwrap();
+            let gw = g
+                .upload_weight(&HostWeight::quant(t.clone()).unwrap())
+                .unwrap();
+            for on in [kernel, false] {
+                g.set_wgmma(on);
+                for rows in [129, 300] {
+                    let x = randv(&mut r, rows * k, 1.0);
+                    let mut gx = g.alloc(rows * k).unwrap();
+                    g.write(&mut gx, &x).unwrap();
+                    let mut go = poisoned(g, rows * n);
+                    g.matmul(&gx, &gw, MatmulRows::plain(rows), &mut go)
+                        .unwrap();
+                    let what = if on { "wgmma" } else { "expanded" };
+                    assert_close(
+                        &format!("{format} {n}x{k} g{group} rows {rows} {what}"),
+                        &g.read(&go, rows * n).unwrap(),
+                        &reference(&t, &x, rows),
+                    );
+                }
+            }
+            g.set_wgmma(kernel);
+        }
+    }
+}
+
 /// E2M1 weights whose scales pass 2 (bf16 would overflow on the scale times 2^126 the per-weight
 /// kernels multiply the codes by): the scales shifted down, the sums back up (`e2m1_fold`).
 #[test]

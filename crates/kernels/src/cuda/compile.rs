@@ -12,7 +12,13 @@ use std::path::PathBuf;
 pub(crate) fn cubin(source: &str, arch: (i32, i32)) -> Result<(Vec<u8>, bool), String> {
     let version = nvrtc_version()?;
     let options = [
-        format!("--gpu-architecture=sm_{}{}", arch.0, arch.1),
+        // sm_90a: Hopper's architecture-specific instructions (wgmma) for the prefill kernel.
+        format!(
+            "--gpu-architecture=sm_{}{}{}",
+            arch.0,
+            arch.1,
+            if arch == (9, 0) { "a" } else { "" }
+        ),
         "--std=c++17".to_string(),
     ];
     let key = {

@@ -51,9 +51,15 @@ const COMMON: [&str; 3] = [
 ];
 /// The packed-weight kernels, one module per format (`modules`).
 const QGEMV: &str = include_str!("qgemv.cu");
+/// The wgmma prefill kernel on packed weights, added to each format's module on sm_90.
+const QGEMM: &str = include_str!("qgemm.cu");
 
 /// Rows up to which matmul runs the GEMV kernels (and steps are recorded as CUDA graphs).
 pub const DECODE_MAX_ROWS: usize = 16;
+/// Warps (8 strips, two warpgroups) and rows of a block of the wgmma prefill kernel (QW_WARPS
+/// and QW_BN in qgemm.cu).
+const QW_WARPS: usize = 8;
+const QW_BN: usize = 128;
 /// Most warps per block of the quantized decode kernel (QG_MAXW in qgemv.cu).
 const QG_WARPS: usize = 8;
 /// Most weights one quantized decode launch multiplies (QG_PARTS in qgemv.cu).
@@ -458,6 +464,9 @@ pub struct CudaBackend {
     /// The ids `argmax_rows` writes on the device, grown on demand (no recording points at it).
     argmax_ids: Mutex<Option<CudaSlice<u32>>>,
     graphs_on: AtomicBool,
+    /// Prefill on packed weights through the wgmma kernel (sm_90 unless `MARLIN_CUDA_WGMMA=0`)
+    /// rather than the expansion for cuBLAS.
+    wgmma_on: AtomicBool,
     /// Set while a step is being recorded: the scratch buffers must not be reallocated then.
     capturing: AtomicBool,
     /// Bumped whenever a buffer that recordings point at is reallocated.
@@ -554,13 +563,22 @@ impl CudaBackend {
         let started = std::time::Instant::now();
         let mut funcs = HashMap::new();
         let mut from_cache = true;
-        for ((cubin, cached), (_, names)) in compile_modules(arch)?.into_iter().zip(modules()) {
+        for ((cubin, cached), (_, names)) in compile_modules(arch)?.into_iter().zip(modules(arch)) {
             from_cache &= cached;
             let module = ctx
                 .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
                 .map_err(dev)?;
             for name in names {
                 let f = module.load_function(&name).map_err(dev)?;
+                if let Some(format) = name.strip_prefix("qgemm_").and_then(|t| {
+                    QuantFormat::ALL.into_iter().find(|&f| quant::tag(f) == t)
+                }) {
+                    f.set_attribute(
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        qgemm_smem(format) as i32,
+                    )
+                    .map_err(dev)?;
+                }
                 funcs.insert(name, f);
             }
         }
@@ -590,6 +608,9 @@ impl CudaBackend {
             graphs_on: AtomicBool::new(
                 std::env::var("MARLIN_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             ),
+            wgmma_on: AtomicBool::new(
+                has_wgmma(arch) && std::env::var("MARLIN_CUDA_WGMMA").map_or(true, |v| v != "0"),
+            ),
             capturing: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             sms,
@@ -610,6 +631,18 @@ impl CudaBackend {
     /// (major, minor) compute capability.
     pub fn arch(&self) -> (i32, i32) {
         self.arch
+    }
+
+    /// Whether prefill on packed weights runs the wgmma kernel (rather than the expansion).
+    pub fn wgmma(&self) -> bool {
+        self.wgmma_on.load(Ordering::SeqCst)
+    }
+
+    /// Prefill on packed weights through the wgmma kernel (where the GPU has it: sm_90) or
+    /// through the expansion to bf16 for cuBLAS; returns whether the kernel is now on.
+    pub fn set_wgmma(&self, on: bool) -> bool {
+        self.wgmma_on.store(on && has_wgmma(self.arch), Ordering::SeqCst);
+        self.wgmma()
     }
 
     /// How the kernels were obtained at start-up (NVRTC compile or the disk cache).
@@ -1121,6 +1154,66 @@ impl CudaBackend {
         f(xp)
     }
 
+    /// Weight `q` as a part of a quantized launch whose strips before it number `strip0`.
+    fn part(&self, q: &QuantWeight, out: u64, strip0: usize) -> QgPart {
+        QgPart {
+            codes: self.ptr(&q.codes),
+            scales: self.ptr(&q.scales),
+            offsets: q.offsets.as_ref().map_or(0, |o| self.ptr(o)),
+            planes: q.planes.as_ref().map_or(0, |p| self.ptr(p)),
+            out,
+            gmul: q.group_mul(),
+            tensor_scale: q.tensor_scale,
+            n: q.rows as i32,
+            groups: q.groups as i32,
+            strip0: strip0 as i32,
+            fold: q.fold,
+        }
+    }
+
+    /// Prefill on the packed weight with wgmma (`qgemm.cu`, sm_90): x put in the kernel's chunk
+    /// order (and an act-order weight's stored column order) in the scratch buffer, then one
+    /// launch of 128-feature by QW_BN-row blocks.
+    fn qgemm(&self, x: u64, q: &QuantWeight, rows: usize, out: u64) -> Result<()> {
+        let tag = quant::tag(q.format);
+        let kp = q.chunks * 16 * q.tile_span();
+        let mut guard = self.scratch.lock().unwrap();
+        if guard.as_ref().is_none_or(|s| s.len() < rows * kp) {
+            self.before_realloc()?;
+            *guard = None;
+            *guard = Some(self.stream.alloc_zeros::<u16>(rows * kp).map_err(dev)?);
+        }
+        let ordered = self.ptr(guard.as_ref().unwrap());
+        let perm = q.perm.as_ref().map_or(0, |(p, _)| self.ptr(p));
+        launch!(
+            self,
+            &format!("qgemm_order_{tag}"),
+            cfg2(((kp / 2).div_ceil(256), rows), 256, 0),
+            x,
+            perm,
+            q.cols as i32,
+            kp as i32,
+            ordered
+        );
+        let mut args = QgArgs {
+            x: ordered,
+            parts: 1,
+            m: rows as i32,
+            k: kp as i32,
+            chunks: q.chunks as i32,
+            ..QgArgs::default()
+        };
+        args.p[0] = self.part(q, out, 0);
+        let grid = (q.strips.div_ceil(QW_WARPS), rows.div_ceil(QW_BN));
+        launch!(
+            self,
+            &format!("qgemm_{tag}"),
+            cfg2(grid, 32 * QW_WARPS as u32, qgemm_smem(q.format)),
+            args
+        );
+        Ok(())
+    }
+
     /// `outs[i] = x · ws[i]ᵀ` (rows ≤ `max_decode_rows`) in one launch of the quantized decode
     /// kernel: the weights share format, width, scaling (`post`) and column order, and their
     /// strips are planned as one weight's. Above 16 rows every strip runs once per 16 rows,
@@ -1188,19 +1281,7 @@ impl CudaBackend {
         };
         let mut strips = 0;
         for (i, (q, &out)) in ws.iter().zip(outs).enumerate() {
-            args.p[i] = QgPart {
-                codes: self.ptr(&q.codes),
-                scales: self.ptr(&q.scales),
-                offsets: q.offsets.as_ref().map_or(0, |o| self.ptr(o)),
-                planes: q.planes.as_ref().map_or(0, |p| self.ptr(p)),
-                out,
-                gmul: q.group_mul(),
-                tensor_scale: q.tensor_scale,
-                n: q.rows as i32,
-                groups: q.groups as i32,
-                strip0: strips as i32,
-                fold: q.fold,
-            };
+            args.p[i] = self.part(q, out, strips);
             strips += q.strips.next_multiple_of(per_block);
         }
         let (warps, ksplit, cpb) = if row_blocks > 1 {
@@ -1389,7 +1470,7 @@ fn cfg2(grid: (usize, usize), threads: u32, smem: u32) -> LaunchConfig {
 /// The kernel modules, each its source and its kernels' names: the common kernels, then one
 /// module per packed format (the decode kernel's instances are large: compiled apart, they
 /// compile in parallel, and a change to one format's code leaves the others' cache entries valid).
-fn modules() -> Vec<(String, Vec<String>)> {
+fn modules(arch: (i32, i32)) -> Vec<(String, Vec<String>)> {
     let mut all = vec![(
         [PRELUDE].iter().chain(&COMMON).copied().collect(),
         common_names(),
@@ -1426,9 +1507,32 @@ fn modules() -> Vec<(String, Vec<String>)> {
             .collect();
         names.push(format!("dequant_{tag}"));
         names.push(format!("embedding_{tag}"));
+        if has_wgmma(arch) {
+            source += &format!("{QGEMM}\nQGEMM({tag}, {bits}, {asym}, {kind})\n");
+            names.push(format!("qgemm_{tag}"));
+            names.push(format!("qgemm_order_{tag}"));
+        }
         all.push((source, names));
     }
     all
+}
+
+/// Whether the wgmma prefill kernel runs on this architecture: Hopper (sm_90a) only.
+fn has_wgmma(arch: (i32, i32)) -> bool {
+    arch == (9, 0)
+}
+
+/// Dynamic shared memory of a qgemm block: qw_stages(TPU) stages of the x tile (QW_BN rows of a
+/// chunk) and each lane's code word, scale word, offset word (asymmetric) and plane words (int3).
+fn qgemm_smem(format: QuantFormat) -> u32 {
+    let tpu = quant::tile_span(format);
+    let stages = match tpu {
+        2 => 8,
+        4 => 5,
+        _ => 3,
+    };
+    let lane_bytes = 16 + 4 + 4 * usize::from(format.is_asym()) + 8 * usize::from(format.bits() == 3);
+    (stages * (QW_BN * 16 * tpu * 2 + 32 * QW_WARPS * lane_bytes)) as u32
 }
 
 /// Whether a format has the 16-row decode kernels that take two strips a block (QPAIR16 in
@@ -1455,7 +1559,7 @@ fn wide_builds(format: QuantFormat) -> Option<WideBuilds> {
 /// Every module's CUBIN for `sm_{major}{minor}` (and whether it came from the disk cache), in
 /// `modules()` order, compiled on parallel threads.
 fn compile_modules(arch: (i32, i32)) -> Result<Vec<(Vec<u8>, bool)>> {
-    let sources = modules();
+    let sources = modules(arch);
     std::thread::scope(|scope| {
         let jobs: Vec<_> = sources
             .iter()
@@ -1854,9 +1958,12 @@ impl Backend for CudaBackend {
         }
         match weight {
             Weight::Quant(q) if rows > q.max_decode_rows() => {
+                if self.wgmma() {
+                    return self.qgemm(x.ptr, q, rows, out.ptr);
+                }
                 return self.with_stored_order(x.ptr, q, rows, |x| {
                     self.matmul_expanded(x, weight, rows, out.ptr)
-                })
+                });
             }
             Weight::Dense(_) if rows > DECODE_MAX_ROWS => {
                 return self.matmul_expanded(x.ptr, weight, rows, out.ptr)

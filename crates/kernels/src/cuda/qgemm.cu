@@ -1,0 +1,185 @@
+// Prefill on Hopper's warpgroup tensor cores (wgmma, sm_90a only): out = x · Wᵀ for many rows,
+// straight from the decode kernel's re-laid weight (`qgemv.cu`), which is never expanded. The host
+// appends this file, and a QGEMM line per format, on sm_90 only; elsewhere prefill expands the
+// weight to bf16 for cuBLAS.
+//
+// The weight is wgmma's A operand, from registers: a warp dequantizes its strip's 16-byte word of
+// a chunk exactly as the decode kernel does (`dequant_frag`, scaled before the product), and that
+// word already is the warp's part of A for the chunk's TPU k-steps (a warpgroup's four warps, four
+// strips, are wgmma's 64 rows). The activations are B, from shared memory: QW_BN rows of x a block,
+// in 8 × 16-byte core matrices (K-major, no swizzle). A's logical k order inside a chunk is the
+// decode layout's permutation (logical (tile i, k 2t + 8 jh + h) is column 4 TPU t + 4 i + 2 jh + h),
+// so B must follow it; it scatters 4-byte pairs, which a copy into shared memory cannot do in
+// 16-byte pieces, so `qgemm_order` writes x in that order first (and, for act-order weights, in
+// the stored column order: one gather for both), padded with zeros to whole chunks. That pass
+// reads and writes the activations once (m · k · 4 bytes); the product reads them once per 128
+// features.
+//
+// A block: two warpgroups (128 features, 8 strips) by QW_BN rows; x tiles, codes and scales
+// stream through a qw_stages-deep cp.async ring, one barrier a chunk. A warpgroup waits for its
+// previous chunk's wgmmas, dequantizes this chunk's A fragments, refills the freed slot and
+// issues this chunk's TPU wgmmas (m64n128k16); two blocks an SM, four warpgroups, keep the
+// tensor cores fed while one of them dequantizes. Blocks of one row tile and successive
+// feature tiles are neighbours in the grid, so a wave reads the whole weight (int4 8192 × 8192:
+// 32 MB, which stays in the 50 MB L2) and a few row tiles of x, each once from HBM.
+//
+// Bound aimed at: the tensor cores' bf16 rate (989 TFLOP/s dense on the H100 SXM; cuBLAS bf16
+// reaches ~600-700 on the sweep's shapes): each A word feeds 128 rows, so the dequantization is
+// 1/128 of the arithmetic's instructions, and B's shared-memory reads, 4 KB a wgmma of 64 cycles,
+// are half the SM's bandwidth. docs/benchmarks.md has what it reaches.
+
+#define QW_BN 128
+#define QW_WARPS 8
+
+// Ring depth by chunk width (TPU k-steps): about 100 KB a block, so that two blocks fit an SM
+// (three stages of the 128-column chunks of 2- and 3-bit codes take one block an SM). The host
+// sizes the dynamic shared memory with the same numbers (`qgemm_smem` in cuda/mod.rs).
+__host__ __device__ constexpr int qw_stages(int tpu) { return tpu == 2 ? 8 : tpu == 4 ? 5 : 3; }
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+// Makes this thread's writes to shared memory (cp.async lands through the generic proxy)
+// visible to the wgmma's reads (the async proxy).
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// Shared-memory matrix descriptor, no swizzle: core matrices lbo bytes apart along k, sbo along n.
+__device__ __forceinline__ u64 wgmma_desc(u32 addr, u32 lbo, u32 sbo) {
+    return (u64)((addr & 0x3ffffu) >> 4) | (u64)(lbo >> 4) << 16 | (u64)(sbo >> 4) << 32;
+}
+
+#define QW_F4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
+#define QW_F16(i) QW_F4(i), QW_F4(i + 4), QW_F4(i + 8), QW_F4(i + 12)
+// d (64 × 128, f32, this thread's 64 values) += a (64 × 16 bf16, this warp's 16 rows in
+// registers as mma.m16n8k16's A fragment) · B (16 × 128 bf16 at desc).
+__device__ __forceinline__ void wgmma_n128(float* d, const u32* a, u64 desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+        : QW_F16(0), QW_F16(16), QW_F16(32), QW_F16(48)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+
+template <int BITS, bool ASYM, int KIND>
+__device__ void qgemm(const QgPart& p, const bf16_t* x, int m, int kp, int CH) {
+    constexpr int TPU = tile_span(BITS), CW = 16 * TPU, UNITS = CW / 8, S = qw_stages(TPU);
+    constexpr bool PLANE = BITS == 3, FOLD = e2m1_folded(KIND, false, ASYM);
+    constexpr int LANES = QW_WARPS * 32;
+    // A stage's x tile: UNITS 16-byte units of each of QW_BN rows; unit u of rows 8 r .. 8 r + 7
+    // is the core matrix at (u QW_BN / 8 + r) 128 bytes, so k-step i's two core-matrix columns
+    // are units 2 i and 2 i + 1.
+    constexpr u32 XSTAGE = QW_BN * CW * 2, KSTEP = 2 * (QW_BN / 8) * 128;
+    extern __shared__ __align__(128) unsigned char qw_smem[];
+    uint4* ring_q = (uint4*)(qw_smem + S * XSTAGE);
+    u32* ring_s = (u32*)(ring_q + S * LANES);
+    u32* ring_o = ring_s + S * LANES;
+    uint2* ring_h = (uint2*)(ring_o + (ASYM ? S * LANES : 0));
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int strips = (p.n + 15) >> 4, mine = blockIdx.x * QW_WARPS + warp, r0 = blockIdx.y * QW_BN;
+    // A strip past the last computes the last again and writes nothing.
+    const int s = min(mine, strips - 1);
+    const float sfold = FOLD ? __uint_as_float((u32)(253 - p.fold) << 23) : 1.0f;
+    const float omul = FOLD ? __uint_as_float((u32)(127 + p.fold) << 23) : 1.0f;
+    const uint4* qsrc = p.codes + (size_t)s * CH * 32 + lane;
+    const uint2* hsrc = PLANE ? p.planes + (size_t)s * CH * 32 + lane : nullptr;
+    const u32 rx = smem_u32(qw_smem);
+    auto group_of = [&](int c) { return min(__umulhi((u32)(c * CW + 4 * TPU * t), p.gmul), (u32)p.G - 1); };
+    auto issue = [&](int c) {
+        if (c < CH) {
+            const int slot = c % S;
+            cp_async16(&ring_q[slot * LANES + tid], qsrc + (size_t)c * 32);
+            if (PLANE) cp_async8_at(smem_u32(&ring_h[slot * LANES + tid]), hsrc + (size_t)c * 32);
+            const size_t at = scale_at<KIND>(s, group_of(c), p.G, g);
+            cp_async4(&ring_s[slot * LANES + tid], p.scales + at);
+            if (ASYM) cp_async4(&ring_o[slot * LANES + tid], p.offsets + at);
+            // 8 lanes a core matrix (128 contiguous bytes in shared memory), 4 units a row.
+            // Rows past m repeat the last row (their outputs are not written).
+#pragma unroll
+            for (int j = 0; j < QW_BN * UNITS / LANES; j++) {
+                const int e = tid + j * LANES, rl = e & 7, u = (e >> 3) % UNITS, rh = (e >> 3) / UNITS;
+                const bf16_t* src = x + (size_t)min(r0 + rh * 8 + rl, m - 1) * kp + c * CW + u * 8;
+                cp_async16_at(rx + slot * XSTAGE + (u * (QW_BN / 8) + rh) * 128 + rl * 16, src);
+            }
+        }
+        cp_async_commit();
+    };
+    float d[64];
+#pragma unroll
+    for (int i = 0; i < 64; i++) d[i] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < S - 1; i++) issue(i);
+    for (int c = 0; c < CH; c++) {
+        const int slot = c % S;
+        cp_async_wait<S - 2>();
+        // The previous chunk's products are done: its slot may be refilled, and its A registers
+        // rewritten (the tensor cores read them until the wait; ptxas serializes the wgmmas
+        // when A is written in the meantime, so the dequantization does not overlap this
+        // warpgroup's own products, only the other warpgroups').
+        wgmma_wait_all();
+        u32 a[TPU][4];
+        {
+            // This lane's own copies: no barrier needed.
+            const uint4 qw = ring_q[slot * LANES + tid];
+            const uint2 hp = PLANE ? ring_h[slot * LANES + tid] : make_uint2(0, 0);
+            const u32 words[4] = {qw.x, qw.y, qw.z, qw.w}, plane[2] = {hp.x, hp.y};
+            const QScale scl = qscale<BITS, ASYM, KIND>(ring_s[slot * LANES + tid],
+                                                        ASYM ? ring_o[slot * LANES + tid] : 0u, p.ts, group_of(c), sfold);
+#pragma unroll
+            for (int i = 0; i < TPU; i++) dequant_frag<BITS, ASYM, KIND, false>(words, plane, i, scl, a[i]);
+        }
+        // Every thread's copies of this chunk's x tile are in and visible to the tensor cores.
+        fence_async_smem();
+        __syncthreads();
+        issue(c + S - 1);
+        wgmma_fence();
+#pragma unroll
+        for (int i = 0; i < TPU; i++)
+            wgmma_n128(d, a[i], wgmma_desc(rx + slot * XSTAGE + i * KSTEP, KSTEP / 2, 128));
+        wgmma_commit();
+    }
+    wgmma_wait_all();
+    if (mine >= strips) return;
+    // d[4 j + r]: feature g + 8 (r >> 1) of the strip, row 8 j + 2 t + (r & 1) of the tile.
+#pragma unroll
+    for (int j = 0; j < QW_BN / 8; j++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            const int row = r0 + 8 * j + 2 * t + (r & 1), feat = s * 16 + g + 8 * (r >> 1);
+            if (row < m && feat < p.n) p.out[(size_t)row * p.n + feat] = f2bf(d[4 * j + r] * omul);
+        }
+}
+
+// x (m rows of k) in the order qgemm's B takes: row r of out (kp = whole chunks of CW columns)
+// holds at logical column c CW + 16 i + 8 jh + 2 tt + h the input column (stored column, for
+// act-order weights: perm, see `permute_cols`) c CW + 4 TPU tt + 4 i + 2 jh + h, zero past k.
+// Grid (pair blocks, rows), one thread a pair.
+template <int TPU>
+__device__ void qgemm_order(const bf16_t* x, const u32* perm, int k, int kp, bf16_t* out) {
+    constexpr int CW = 16 * TPU;
+    const int l = 2 * (blockIdx.x * blockDim.x + threadIdx.x);
+    if (l >= kp) return;
+    const int c = l / CW, li = l % CW, i = li >> 4, jh = (li >> 3) & 1, tt = (li & 7) >> 1;
+    const int col = c * CW + 4 * TPU * tt + 4 * i + 2 * jh;
+    const bf16_t* row = x + (size_t)blockIdx.y * k;
+    u32 v = 0;
+#pragma unroll
+    for (int h = 0; h < 2; h++)
+        if (col + h < k) v |= (u32)row[perm ? perm[col + h] : col + h] << (16 * h);
+    *(u32*)(out + (size_t)blockIdx.y * kp + l) = v;
+}
+
+#define QGEMM(tag, BITS, ASYM, KIND)                                                                           \
+    extern "C" __global__ void __launch_bounds__(QW_WARPS * 32, tile_span(BITS) == 8 ? 1 : 2)                  \
+        qgemm_##tag(const QgArgs a) {                                                                          \
+        pdl_enter();                                                                                           \
+        qgemm<BITS, ASYM, KIND>(a.p[0], a.x, a.m, a.k, a.CH);                                                  \
+    }                                                                                                          \
+    extern "C" __global__ void qgemm_order_##tag(const bf16_t* x, const u32* perm, int k, int kp, bf16_t* out) { \
+        pdl_enter();                                                                                           \
+        qgemm_order<tile_span(BITS)>(x, perm, k, kp, out);                                                     \
+    }
