@@ -1532,7 +1532,8 @@ fn qgemm_smem(format: QuantFormat) -> u32 {
         _ => 3,
     };
     let lane_bytes = 16 + 4 + 4 * usize::from(format.is_asym()) + 8 * usize::from(format.bits() == 3);
-    (stages * (QW_BN * 16 * tpu * 2 + 32 * QW_WARPS * lane_bytes)) as u32
+    // And 1 KB, to start the stages at a 1024-byte boundary (their swizzle is of address bits).
+    (stages * (QW_BN * 16 * tpu * 2 + 32 * QW_WARPS * lane_bytes) + 1024) as u32
 }
 
 /// Whether a format has the 16-row decode kernels that take two strips a block (QPAIR16 in

@@ -7,7 +7,7 @@
 // a chunk exactly as the decode kernel does (`dequant_frag`, scaled before the product), and that
 // word already is the warp's part of A for the chunk's TPU k-steps (a warpgroup's four warps, four
 // strips, are wgmma's 64 rows). The activations are B, from shared memory: QW_BN rows of x a block,
-// in 8 × 16-byte core matrices (K-major, no swizzle). A's logical k order inside a chunk is the
+// in swizzled K-major tiles. A's logical k order inside a chunk is the
 // decode layout's permutation (logical (tile i, k 2t + 8 jh + h) is column 4 TPU t + 4 i + 2 jh + h),
 // so B must follow it; it scatters 4-byte pairs, which a copy into shared memory cannot do in
 // 16-byte pieces, so `qgemm_order` writes x in that order first (and, for act-order weights, in
@@ -43,9 +43,17 @@ __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_grou
 // visible to the wgmma's reads (the async proxy).
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
-// Shared-memory matrix descriptor, no swizzle: core matrices lbo bytes apart along k, sbo along n.
-__device__ __forceinline__ u64 wgmma_desc(u32 addr, u32 lbo, u32 sbo) {
-    return (u64)((addr & 0x3ffffu) >> 4) | (u64)(lbo >> 4) << 16 | (u64)(sbo >> 4) << 32;
+// Shared-memory matrix descriptor of a K-major operand in rows of `row_bytes` (128 or 64), 8-row
+// atoms of 16-byte units swizzled (unit u of row r stored at u ^ r % 8 with 128-byte rows,
+// u ^ (r / 2) % 4 with 64-byte ones): the tensor cores' reads of 8 rows then spread over all
+// banks. Atoms are 8 rows apart (sbo); the leading offset is unused with a swizzle.
+__device__ __forceinline__ u64 wgmma_desc(u32 addr, u32 row_bytes) {
+    const u64 mode = row_bytes == 128 ? 1 : 2;
+    return (u64)((addr & 0x3ffffu) >> 4) | (u64)1 << 16 | (u64)(8 * row_bytes >> 4) << 32 | mode << 62;
+}
+// Where unit u of row r of a swizzled tile of `row_bytes` rows lies, from the tile's start.
+__host__ __device__ constexpr u32 swizzled(u32 r, u32 u, u32 row_bytes) {
+    return r * row_bytes + 16 * (row_bytes == 128 ? u ^ (r & 7) : u ^ ((r >> 1) & 3));
 }
 
 #define QW_F4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
@@ -70,11 +78,15 @@ __device__ void qgemm(const QgPart& p, const bf16_t* x, int m, int kp, int CH) {
     constexpr int TPU = tile_span(BITS), CW = 16 * TPU, UNITS = CW / 8, S = qw_stages(TPU);
     constexpr bool PLANE = BITS == 3, FOLD = e2m1_folded(KIND, false, ASYM);
     constexpr int LANES = QW_WARPS * 32;
-    // A stage's x tile: UNITS 16-byte units of each of QW_BN rows; unit u of rows 8 r .. 8 r + 7
-    // is the core matrix at (u QW_BN / 8 + r) 128 bytes, so k-step i's two core-matrix columns
-    // are units 2 i and 2 i + 1.
-    constexpr u32 XSTAGE = QW_BN * CW * 2, KSTEP = 2 * (QW_BN / 8) * 128;
-    extern __shared__ __align__(128) unsigned char qw_smem[];
+    // A stage's x tile: QW_BN rows of the chunk in panels of 64 columns (128-byte rows; 8-bit
+    // codes' 32-column chunks: one panel of 64-byte rows), swizzled (wgmma_desc). k-step i is
+    // 32 bytes into its panel's rows.
+    constexpr u32 ROWB = CW >= 64 ? 128 : 64, PUNITS = ROWB / 16, PANEL = QW_BN * ROWB;
+    constexpr u32 XSTAGE = QW_BN * CW * 2;
+    // The swizzle is of the address bits: stages start at 1024-byte boundaries (the host adds
+    // 1 KB for the alignment).
+    extern __shared__ __align__(1024) unsigned char qw_smem_raw[];
+    unsigned char* qw_smem = qw_smem_raw + ((1024 - (smem_u32(qw_smem_raw) & 1023)) & 1023);
     uint4* ring_q = (uint4*)(qw_smem + S * XSTAGE);
     u32* ring_s = (u32*)(ring_q + S * LANES);
     u32* ring_o = ring_s + S * LANES;
@@ -103,7 +115,7 @@ __device__ void qgemm(const QgPart& p, const bf16_t* x, int m, int kp, int CH) {
             for (int j = 0; j < QW_BN * UNITS / LANES; j++) {
                 const int e = tid + j * LANES, rl = e & 7, u = (e >> 3) % UNITS, rh = (e >> 3) / UNITS;
                 const bf16_t* src = x + (size_t)min(r0 + rh * 8 + rl, m - 1) * kp + c * CW + u * 8;
-                cp_async16_at(rx + slot * XSTAGE + (u * (QW_BN / 8) + rh) * 128 + rl * 16, src);
+                cp_async16_at(rx + slot * XSTAGE + (u / PUNITS) * PANEL + swizzled(rh * 8 + rl, u % PUNITS, ROWB), src);
             }
         }
         cp_async_commit();
@@ -139,7 +151,7 @@ __device__ void qgemm(const QgPart& p, const bf16_t* x, int m, int kp, int CH) {
         wgmma_fence();
 #pragma unroll
         for (int i = 0; i < TPU; i++)
-            wgmma_n128(d, a[i], wgmma_desc(rx + slot * XSTAGE + i * KSTEP, KSTEP / 2, 128));
+            wgmma_n128(d, a[i], wgmma_desc(rx + slot * XSTAGE + (32 * i / ROWB) * PANEL + 32 * i % ROWB, ROWB));
         wgmma_commit();
     }
     wgmma_wait_all();
