@@ -124,16 +124,20 @@ __device__ void qgemm(const QgPart& p, const bf16_t* x, int m, int kp, int CH) {
 #pragma unroll
     for (int i = 0; i < 64; i++) d[i] = 0.0f;
 #pragma unroll
-    for (int i = 0; i < S - 1; i++) issue(i);
-    for (int c = 0; c < CH; c++) {
+    for (int i = 0; i < S - 2; i++) issue(i);
+    // Chunk c's wgmmas are issued while chunk c - 1's still run, so the tensor cores always have
+    // this warpgroup's next products queued. Each waits for chunk c - 2's: then c - 2's ring slot
+    // is refilled (with chunk c + S - 2) and its A registers, `buf`, rewritten with chunk c's.
+    // The tensor cores read A's registers until the wait, which ptxas's register allocation does
+    // not see: `buf`'s old values are folded into `sink` after the wait, so they stay live (and
+    // chunk c - 1's, in the other buffer, keep registers of their own) until then.
+    u32 sink = 0;
+    auto step = [&](int c, u32 (&buf)[TPU][4]) {
         const int slot = c % S;
-        cp_async_wait<S - 2>();
-        // The previous chunk's products are done: its slot may be refilled, and its A registers
-        // rewritten (the tensor cores read them until the wait; ptxas serializes the wgmmas
-        // when A is written in the meantime, so the dequantization does not overlap this
-        // warpgroup's own products, only the other warpgroups').
-        wgmma_wait_all();
-        u32 a[TPU][4];
+        cp_async_wait<S - 3>();
+        asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+#pragma unroll
+        for (int i = 0; i < TPU; i++) sink ^= buf[i][0] ^ buf[i][1] ^ buf[i][2] ^ buf[i][3];
         {
             // This lane's own copies: no barrier needed.
             const uint4 qw = ring_q[slot * LANES + tid];
@@ -142,19 +146,27 @@ __device__ void qgemm(const QgPart& p, const bf16_t* x, int m, int kp, int CH) {
             const QScale scl = qscale<BITS, ASYM, KIND>(ring_s[slot * LANES + tid],
                                                         ASYM ? ring_o[slot * LANES + tid] : 0u, p.ts, group_of(c), sfold);
 #pragma unroll
-            for (int i = 0; i < TPU; i++) dequant_frag<BITS, ASYM, KIND, false>(words, plane, i, scl, a[i]);
+            for (int i = 0; i < TPU; i++) dequant_frag<BITS, ASYM, KIND, false>(words, plane, i, scl, buf[i]);
         }
-        // Every thread's copies of this chunk's x tile are in and visible to the tensor cores.
+        // Every thread's copies of this chunk's x tile are in and visible to the tensor cores,
+        // and every warpgroup is done with chunk c - 2's slot.
         fence_async_smem();
         __syncthreads();
-        issue(c + S - 1);
+        issue(c + S - 2);
         wgmma_fence();
 #pragma unroll
         for (int i = 0; i < TPU; i++)
-            wgmma_n128(d, a[i], wgmma_desc(rx + slot * XSTAGE + (32 * i / ROWB) * PANEL + 32 * i % ROWB, ROWB));
+            wgmma_n128(d, buf[i], wgmma_desc(rx + slot * XSTAGE + (32 * i / ROWB) * PANEL + 32 * i % ROWB, ROWB));
         wgmma_commit();
+    };
+    u32 a0[TPU][4] = {}, a1[TPU][4] = {};
+    for (int c = 0; c < CH; c += 2) {
+        step(c, a0);
+        if (c + 1 < CH) step(c + 1, a1);
     }
     wgmma_wait_all();
+    // Never true (m > 0): keeps `sink`, and with it the A buffers' lifetimes, in the program.
+    if (m < 0) p.out[0] = (bf16_t)sink;
     if (mine >= strips) return;
     // d[4 j + r]: feature g + 8 (r >> 1) of the strip, row 8 j + 2 t + (r & 1) of the tile.
 #pragma unroll
