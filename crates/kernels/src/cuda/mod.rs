@@ -56,9 +56,7 @@ const QGEMM: &str = include_str!("qgemm.cu");
 
 /// Rows up to which matmul runs the GEMV kernels (and steps are recorded as CUDA graphs).
 pub const DECODE_MAX_ROWS: usize = 16;
-/// Warps (8 strips, two warpgroups) and rows of a block of the wgmma prefill kernel (QW_WARPS
-/// and QW_BN in qgemm.cu).
-const QW_WARPS: usize = 8;
+/// Rows of a block of the wgmma prefill kernel (QW_BN in qgemm.cu).
 const QW_BN: usize = 128;
 /// Most warps per block of the quantized decode kernel (QG_MAXW in qgemv.cu).
 const QG_WARPS: usize = 8;
@@ -1204,11 +1202,12 @@ impl CudaBackend {
             ..QgArgs::default()
         };
         args.p[0] = self.part(q, out, 0);
-        let grid = (q.strips.div_ceil(QW_WARPS), rows.div_ceil(QW_BN));
+        let warps = qgemm_warps(q.format);
+        let grid = (q.strips.div_ceil(warps), rows.div_ceil(QW_BN));
         launch!(
             self,
             &format!("qgemm_{tag}"),
-            cfg2(grid, 32 * QW_WARPS as u32, qgemm_smem(q.format)),
+            cfg2(grid, 32 * warps as u32, qgemm_smem(q.format)),
             args
         );
         Ok(())
@@ -1522,18 +1521,28 @@ fn has_wgmma(arch: (i32, i32)) -> bool {
     arch == (9, 0)
 }
 
+/// Warps (strips) of a qgemm block: qw_warps in qgemm.cu.
+fn qgemm_warps(format: QuantFormat) -> usize {
+    if quant::tile_span(format) == 8 {
+        8
+    } else {
+        16
+    }
+}
+
 /// Dynamic shared memory of a qgemm block: qw_stages(TPU) stages of the x tile (QW_BN rows of a
 /// chunk) and each lane's code word, scale word, offset word (asymmetric) and plane words (int3).
 fn qgemm_smem(format: QuantFormat) -> u32 {
     let tpu = quant::tile_span(format);
     let stages = match tpu {
         2 => 8,
-        4 => 5,
-        _ => 3,
+        4 => 7,
+        _ => 4,
     };
     let lane_bytes = 16 + 4 + 4 * usize::from(format.is_asym()) + 8 * usize::from(format.bits() == 3);
+    let lanes = 32 * qgemm_warps(format);
     // And 1 KB, to start the stages at a 1024-byte boundary (their swizzle is of address bits).
-    (stages * (QW_BN * 16 * tpu * 2 + 32 * QW_WARPS * lane_bytes) + 1024) as u32
+    (stages * (QW_BN * 16 * tpu * 2 + lanes * lane_bytes) + 1024) as u32
 }
 
 /// Whether a format has the 16-row decode kernels that take two strips a block (QPAIR16 in

@@ -29,12 +29,15 @@
 // are half the SM's bandwidth. docs/benchmarks.md has what it reaches.
 
 #define QW_BN 128
-#define QW_WARPS 8
 
-// Ring depth by chunk width (TPU k-steps): about 100 KB a block, so that two blocks fit an SM
-// (three stages of the 128-column chunks of 2- and 3-bit codes take one block an SM). The host
-// sizes the dynamic shared memory with the same numbers (`qgemm_smem` in cuda/mod.rs).
-__host__ __device__ constexpr int qw_stages(int tpu) { return tpu == 2 ? 8 : tpu == 4 ? 5 : 3; }
+// Warps a block, a strip each: four warpgroups, 256 features (two for the 128-column chunks of
+// 2- and 3-bit codes, whose A fragments take twice the registers). The x tiles come from the L2
+// once per block: with 128 features a block, at 500 TFLOP/s that was ~4 TB/s of x, about what
+// the L2 delivers. One block an SM (128 registers a thread).
+__host__ __device__ constexpr int qw_warps(int tpu) { return tpu == 8 ? 8 : 16; }
+// Ring depth by chunk width (TPU k-steps), filling most of the shared memory. The host sizes the
+// dynamic shared memory with the same numbers (`qgemm_smem` in cuda/mod.rs).
+__host__ __device__ constexpr int qw_stages(int tpu) { return tpu == 2 ? 8 : tpu == 4 ? 7 : 4; }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
@@ -77,7 +80,7 @@ template <int BITS, bool ASYM, int KIND>
 __device__ void qgemm(const QgPart& p, const bf16_t* x, int m, int kp, int CH) {
     constexpr int TPU = tile_span(BITS), CW = 16 * TPU, UNITS = CW / 8, S = qw_stages(TPU);
     constexpr bool PLANE = BITS == 3, FOLD = e2m1_folded(KIND, false, ASYM);
-    constexpr int LANES = QW_WARPS * 32;
+    constexpr int WARPS = qw_warps(TPU), LANES = WARPS * 32;
     // A stage's x tile: QW_BN rows of the chunk in panels of 64 columns (128-byte rows; 8-bit
     // codes' 32-column chunks: one panel of 64-byte rows), swizzled (wgmma_desc). k-step i is
     // 32 bytes into its panel's rows.
@@ -92,7 +95,7 @@ __device__ void qgemm(const QgPart& p, const bf16_t* x, int m, int kp, int CH) {
     u32* ring_o = ring_s + S * LANES;
     uint2* ring_h = (uint2*)(ring_o + (ASYM ? S * LANES : 0));
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-    const int strips = (p.n + 15) >> 4, mine = blockIdx.x * QW_WARPS + warp, r0 = blockIdx.y * QW_BN;
+    const int strips = (p.n + 15) >> 4, mine = blockIdx.x * WARPS + warp, r0 = blockIdx.y * QW_BN;
     // A strip past the last computes the last again and writes nothing.
     const int s = min(mine, strips - 1);
     const float sfold = FOLD ? __uint_as_float((u32)(253 - p.fold) << 23) : 1.0f;
@@ -198,7 +201,7 @@ __device__ void qgemm_order(const bf16_t* x, const u32* perm, int k, int kp, bf1
 }
 
 #define QGEMM(tag, BITS, ASYM, KIND)                                                                           \
-    extern "C" __global__ void __launch_bounds__(QW_WARPS * 32, tile_span(BITS) == 8 ? 1 : 2)                  \
+    extern "C" __global__ void __launch_bounds__(qw_warps(tile_span(BITS)) * 32, 1)                                \
         qgemm_##tag(const QgArgs a) {                                                                          \
         pdl_enter();                                                                                           \
         qgemm<BITS, ASYM, KIND>(a.p[0], a.x, a.m, a.k, a.CH);                                                  \
