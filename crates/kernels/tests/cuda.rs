@@ -711,8 +711,9 @@ fn quant_matmul_every_format() {
     }
 }
 
-/// Prefill on packed weights, every format: the wgmma kernel (sm_90) over several 128-row tiles,
-/// the last one partial, and the expansion for cuBLAS that other GPUs take.
+/// Prefill on packed weights, every format: the wgmma kernel (sm_90) over several row tiles, the
+/// last one partial, in blocks of 128 rows and (a weight of many strips at 513 rows, enough
+/// blocks to fill an H100) of 256, and the expansion for cuBLAS that other GPUs take.
 #[test]
 fn quant_prefill_every_format() {
     let Some(g) = gpu("quant_prefill_every_format") else {
@@ -726,13 +727,14 @@ fn quant_prefill_every_format() {
     for format in QuantFormat::ALL {
         // Partial strips and 128-feature blocks, k not whole chunks, per-weight and per-chunk
         // scales, per channel.
-        for &(n, k, group) in &[
-            (77usize, 384usize, 128usize),
-            (50, 224, 32),
-            (40, 176, 16),
-            (33, 203, 203),
-            (300, 1024, 64),
-            (136, 3080, 3080),
+        for &(n, k, group, rows) in &[
+            (77usize, 384usize, 128usize, &[129usize, 300][..]),
+            (50, 224, 32, &[129, 300]),
+            (40, 176, 16, &[129, 300]),
+            (33, 203, 203, &[129, 300]),
+            (300, 1024, 64, &[129, 300]),
+            (136, 3080, 3080, &[129, 300]),
+            (8464, 256, 128, &[513]),
         ] {
             let Some(group) = test_group(format, k, group) else {
                 continue;
@@ -741,12 +743,13 @@ fn quant_prefill_every_format() {
             let gw = g
                 .upload_weight(&HostWeight::quant(t.clone()).unwrap())
                 .unwrap();
-            for on in [kernel, false] {
-                g.set_wgmma(on);
-                for rows in [129, 300] {
-                    let x = randv(&mut r, rows * k, 1.0);
-                    let mut gx = g.alloc(rows * k).unwrap();
-                    g.write(&mut gx, &x).unwrap();
+            for &rows in rows {
+                let x = randv(&mut r, rows * k, 1.0);
+                let want = reference(&t, &x, rows);
+                let mut gx = g.alloc(rows * k).unwrap();
+                g.write(&mut gx, &x).unwrap();
+                for on in [kernel, false] {
+                    g.set_wgmma(on);
                     let mut go = poisoned(g, rows * n);
                     g.matmul(&gx, &gw, MatmulRows::plain(rows), &mut go)
                         .unwrap();
@@ -754,11 +757,11 @@ fn quant_prefill_every_format() {
                     assert_close(
                         &format!("{format} {n}x{k} g{group} rows {rows} {what}"),
                         &g.read(&go, rows * n).unwrap(),
-                        &reference(&t, &x, rows),
+                        &want,
                     );
                 }
+                g.set_wgmma(kernel);
             }
-            g.set_wgmma(kernel);
         }
     }
 }

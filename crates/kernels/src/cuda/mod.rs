@@ -56,8 +56,8 @@ const QGEMM: &str = include_str!("qgemm.cu");
 
 /// Rows up to which matmul runs the GEMV kernels (and steps are recorded as CUDA graphs).
 pub const DECODE_MAX_ROWS: usize = 16;
-/// Rows of a block of the wgmma prefill kernel (QW_BN in qgemm.cu).
-const QW_BN: usize = 128;
+/// Warps (strips) of a block of the wgmma prefill kernel (QW_WARPS in qgemm.cu).
+const QW_WARPS: usize = 8;
 /// Most warps per block of the quantized decode kernel (QG_MAXW in qgemv.cu).
 const QG_WARPS: usize = 8;
 /// Most weights one quantized decode launch multiplies (QG_PARTS in qgemv.cu).
@@ -568,12 +568,10 @@ impl CudaBackend {
                 .map_err(dev)?;
             for name in names {
                 let f = module.load_function(&name).map_err(dev)?;
-                if let Some(format) = name.strip_prefix("qgemm_").and_then(|t| {
-                    QuantFormat::ALL.into_iter().find(|&f| quant::tag(f) == t)
-                }) {
+                if let Some((format, bn)) = qgemm_shape(&name) {
                     f.set_attribute(
                         cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        qgemm_smem(format) as i32,
+                        qgemm_smem(format, bn) as i32,
                     )
                     .map_err(dev)?;
                 }
@@ -1202,12 +1200,14 @@ impl CudaBackend {
             ..QgArgs::default()
         };
         args.p[0] = self.part(q, out, 0);
-        let warps = qgemm_warps(q.format);
-        let grid = (q.strips.div_ceil(warps), rows.div_ceil(QW_BN));
+        // 256 rows a block where those blocks still fill the GPU, else 128.
+        let blocks = |bn: usize| q.strips.div_ceil(QW_WARPS) * rows.div_ceil(bn);
+        let bn = if blocks(256) >= self.sms { 256 } else { 128 };
+        let grid = (q.strips.div_ceil(QW_WARPS), rows.div_ceil(bn));
         launch!(
             self,
-            &format!("qgemm_{tag}"),
-            cfg2(grid, 32 * warps as u32, qgemm_smem(q.format)),
+            &format!("qgemm_{tag}_{bn}"),
+            cfg2(grid, 32 * QW_WARPS as u32, qgemm_smem(q.format, bn)),
             args
         );
         Ok(())
@@ -1508,7 +1508,8 @@ fn modules(arch: (i32, i32)) -> Vec<(String, Vec<String>)> {
         names.push(format!("embedding_{tag}"));
         if has_wgmma(arch) {
             source += &format!("{QGEMM}\nQGEMM({tag}, {bits}, {asym}, {kind})\n");
-            names.push(format!("qgemm_{tag}"));
+            names.push(format!("qgemm_{tag}_128"));
+            names.push(format!("qgemm_{tag}_256"));
             names.push(format!("qgemm_order_{tag}"));
         }
         all.push((source, names));
@@ -1521,28 +1522,27 @@ fn has_wgmma(arch: (i32, i32)) -> bool {
     arch == (9, 0)
 }
 
-/// Warps (strips) of a qgemm block: qw_warps in qgemm.cu.
-fn qgemm_warps(format: QuantFormat) -> usize {
-    if quant::tile_span(format) == 8 {
-        8
-    } else {
-        16
-    }
+/// The format and rows a block of a `qgemm_{tag}_{rows}` kernel.
+fn qgemm_shape(name: &str) -> Option<(QuantFormat, usize)> {
+    let (tag, bn) = name.strip_prefix("qgemm_")?.rsplit_once('_')?;
+    let format = QuantFormat::ALL.into_iter().find(|&f| quant::tag(f) == tag)?;
+    Some((format, bn.parse().ok()?))
 }
 
-/// Dynamic shared memory of a qgemm block: qw_stages(TPU) stages of the x tile (QW_BN rows of a
-/// chunk) and each lane's code word, scale word, offset word (asymmetric) and plane words (int3).
-fn qgemm_smem(format: QuantFormat) -> u32 {
+/// Dynamic shared memory of a qgemm block of `bn` rows: qw_stages stages of the x tile (`bn` rows
+/// of a chunk) and each lane's code word, scale word, offset word (asymmetric) and plane words
+/// (int3).
+fn qgemm_smem(format: QuantFormat, bn: usize) -> u32 {
     let tpu = quant::tile_span(format);
-    let stages = match tpu {
-        2 => 8,
-        4 => 7,
-        _ => 4,
+    let stages = match (tpu, bn) {
+        (2, _) => 8,
+        (4, _) => 5,
+        (_, 128) => 4,
+        _ => 3,
     };
     let lane_bytes = 16 + 4 + 4 * usize::from(format.is_asym()) + 8 * usize::from(format.bits() == 3);
-    let lanes = 32 * qgemm_warps(format);
     // And 1 KB, to start the stages at a 1024-byte boundary (their swizzle is of address bits).
-    (stages * (QW_BN * 16 * tpu * 2 + lanes * lane_bytes) + 1024) as u32
+    (stages * (bn * 16 * tpu * 2 + 32 * QW_WARPS * lane_bytes) + 1024) as u32
 }
 
 /// Whether a format has the 16-row decode kernels that take two strips a block (QPAIR16 in
@@ -1968,7 +1968,8 @@ impl Backend for CudaBackend {
         }
         match weight {
             Weight::Quant(q) if rows > q.max_decode_rows() => {
-                if self.wgmma() {
+                // The kernel's x offsets are 32-bit.
+                if self.wgmma() && rows * q.chunks * 16 * q.tile_span() < 1 << 31 {
                     return self.qgemm(x.ptr, q, rows, out.ptr);
                 }
                 return self.with_stored_order(x.ptr, q, rows, |x| {

@@ -28,20 +28,20 @@
 // 1/128 of the arithmetic's instructions, and B's shared-memory reads, 4 KB a wgmma of 64 cycles,
 // are half the SM's bandwidth. docs/benchmarks.md has what it reaches.
 
-#define QW_BN 128
-
-// Warps a block, a strip each: four warpgroups, 256 features (two for the 128-column chunks of
-// 2- and 3-bit codes, whose A fragments take twice the registers). The x tiles come from the L2
-// once per block: with 128 features a block, at 500 TFLOP/s that was ~4 TB/s of x, about what
-// the L2 delivers. One block an SM (128 registers a thread).
-__host__ __device__ constexpr int qw_warps(int tpu) { return tpu == 8 ? 8 : 16; }
-// Ring depth by chunk width (TPU k-steps), filling most of the shared memory. The host sizes the
-// dynamic shared memory with the same numbers (`qgemm_smem` in cuda/mod.rs).
-__host__ __device__ constexpr int qw_stages(int tpu) { return tpu == 2 ? 8 : tpu == 4 ? 7 : 4; }
+// Warps a block: two warpgroups, 8 strips, 128 features. Rows a block: 128 or 256 (BN, the
+// wgmma's N; the host takes 256 where the blocks still fill the GPU). 256 rows halve the
+// dequantization, weight copies and waits per product: at 128 rows (two blocks an SM) Nsight
+// Compute showed the tensor pipe 54% busy, the issue slots 44%, ~209 instructions a warp per chunk.
+#define QW_WARPS 8
+// Ring depth by chunk width (TPU k-steps) and rows, filling the shared memory (half of it at 128
+// rows but for 2- and 3-bit codes: two blocks an SM). The host sizes the dynamic shared memory
+// with the same numbers (`qgemm_smem` in cuda/mod.rs).
+__host__ __device__ constexpr int qw_stages(int tpu, int bn) { return tpu == 2 ? 8 : tpu == 4 ? 5 : bn == 128 ? 4 : 3; }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
 // Makes this thread's writes to shared memory (cp.async lands through the generic proxy)
 // visible to the wgmma's reads (the async proxy).
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
@@ -49,7 +49,8 @@ __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.a
 // Shared-memory matrix descriptor of a K-major operand in rows of `row_bytes` (128 or 64), 8-row
 // atoms of 16-byte units swizzled (unit u of row r stored at u ^ r % 8 with 128-byte rows,
 // u ^ (r / 2) % 4 with 64-byte ones): the tensor cores' reads of 8 rows then spread over all
-// banks. Atoms are 8 rows apart (sbo); the leading offset is unused with a swizzle.
+// banks (without the swizzle the kernel ran at half the speed). Atoms are 8 rows apart (sbo);
+// the leading offset is unused with a swizzle.
 __device__ __forceinline__ u64 wgmma_desc(u32 addr, u32 row_bytes) {
     const u64 mode = row_bytes == 128 ? 1 : 2;
     return (u64)((addr & 0x3ffffu) >> 4) | (u64)1 << 16 | (u64)(8 * row_bytes >> 4) << 32 | mode << 62;
@@ -61,31 +62,50 @@ __host__ __device__ constexpr u32 swizzled(u32 r, u32 u, u32 row_bytes) {
 
 #define QW_F4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
 #define QW_F16(i) QW_F4(i), QW_F4(i + 4), QW_F4(i + 8), QW_F4(i + 12)
-// d (64 × 128, f32, this thread's 64 values) += a (64 × 16 bf16, this warp's 16 rows in
-// registers as mma.m16n8k16's A fragment) · B (16 × 128 bf16 at desc).
-__device__ __forceinline__ void wgmma_n128(float* d, const u32* a, u64 desc) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-        : QW_F16(0), QW_F16(16), QW_F16(32), QW_F16(48)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+// d (64 × BN, f32, this thread's BN / 2 values) += a (64 × 16 bf16, this warp's 16 rows in
+// registers as mma.m16n8k16's A fragment) · B (16 × BN bf16 at desc).
+template <int BN>
+__device__ __forceinline__ void wgmma_rows(float* d, const u32* a, u64 desc) {
+    if constexpr (BN == 128) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+            "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+            "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+            "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+            : QW_F16(0), QW_F16(16), QW_F16(32), QW_F16(48)
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+    } else {
+        static_assert(BN == 256, "128 or 256 rows");
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+            "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+            "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+            "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+            "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+            "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+            "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+            "{%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+            : QW_F16(0), QW_F16(16), QW_F16(32), QW_F16(48), QW_F16(64), QW_F16(80), QW_F16(96), QW_F16(112)
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+    }
 }
 
-template <int BITS, bool ASYM, int KIND>
+template <int BITS, bool ASYM, int KIND, int BN>
 __device__ void qgemm(const QgPart& p, const bf16_t* x, int m, int kp, int CH) {
-    constexpr int TPU = tile_span(BITS), CW = 16 * TPU, UNITS = CW / 8, S = qw_stages(TPU);
+    constexpr int TPU = tile_span(BITS), CW = 16 * TPU, UNITS = CW / 8, S = qw_stages(TPU, BN);
     constexpr bool PLANE = BITS == 3, FOLD = e2m1_folded(KIND, false, ASYM);
-    constexpr int WARPS = qw_warps(TPU), LANES = WARPS * 32;
-    // A stage's x tile: QW_BN rows of the chunk in panels of 64 columns (128-byte rows; 8-bit
+    constexpr int LANES = QW_WARPS * 32, COPIES = BN * UNITS / LANES;
+    // A stage's x tile: BN rows of the chunk in panels of 64 columns (128-byte rows; 8-bit
     // codes' 32-column chunks: one panel of 64-byte rows), swizzled (wgmma_desc). k-step i is
     // 32 bytes into its panel's rows.
-    constexpr u32 ROWB = CW >= 64 ? 128 : 64, PUNITS = ROWB / 16, PANEL = QW_BN * ROWB;
-    constexpr u32 XSTAGE = QW_BN * CW * 2;
+    constexpr u32 ROWB = CW >= 64 ? 128 : 64, PUNITS = ROWB / 16, PANEL = BN * ROWB;
+    constexpr u32 XSTAGE = BN * CW * 2;
     // The swizzle is of the address bits: stages start at 1024-byte boundaries (the host adds
     // 1 KB for the alignment).
     extern __shared__ __align__(1024) unsigned char qw_smem_raw[];
@@ -95,7 +115,7 @@ __device__ void qgemm(const QgPart& p, const bf16_t* x, int m, int kp, int CH) {
     u32* ring_o = ring_s + S * LANES;
     uint2* ring_h = (uint2*)(ring_o + (ASYM ? S * LANES : 0));
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-    const int strips = (p.n + 15) >> 4, mine = blockIdx.x * WARPS + warp, r0 = blockIdx.y * QW_BN;
+    const int strips = (p.n + 15) >> 4, mine = blockIdx.x * QW_WARPS + warp, r0 = blockIdx.y * BN;
     // A strip past the last computes the last again and writes nothing.
     const int s = min(mine, strips - 1);
     const float sfold = FOLD ? __uint_as_float((u32)(253 - p.fold) << 23) : 1.0f;
@@ -103,6 +123,16 @@ __device__ void qgemm(const QgPart& p, const bf16_t* x, int m, int kp, int CH) {
     const uint4* qsrc = p.codes + (size_t)s * CH * 32 + lane;
     const uint2* hsrc = PLANE ? p.planes + (size_t)s * CH * 32 + lane : nullptr;
     const u32 rx = smem_u32(qw_smem);
+    // The thread's x copies: unit u of rows rl + 8 (rh + j 32 / UNITS), j < COPIES (8 lanes a
+    // swizzled atom's column, 128 contiguous bytes of shared memory; a warp's 32 lanes 4 units of
+    // 8 rows). Rows past m repeat the last row (their outputs are not written); the row offsets
+    // are 32-bit (the host keeps m · kp below 2^31).
+    static_assert(32 % UNITS == 0, "a warp's copies cover whole rows");
+    const int rl = tid & 7, u = (tid >> 3) % UNITS, rh = (tid >> 3) / UNITS;
+    u32 xoff[COPIES];
+#pragma unroll
+    for (int j = 0; j < COPIES; j++) xoff[j] = (u32)min(r0 + rl + 8 * (rh + j * (LANES / 8 / UNITS)), m - 1) * kp + u * 8;
+    const u32 xdst = (u / PUNITS) * PANEL + swizzled(rl + 8 * rh, u % PUNITS, ROWB);
     auto group_of = [&](int c) { return min(__umulhi((u32)(c * CW + 4 * TPU * t), p.gmul), (u32)p.G - 1); };
     auto issue = [&](int c) {
         if (c < CH) {
@@ -112,20 +142,16 @@ __device__ void qgemm(const QgPart& p, const bf16_t* x, int m, int kp, int CH) {
             const size_t at = scale_at<KIND>(s, group_of(c), p.G, g);
             cp_async4(&ring_s[slot * LANES + tid], p.scales + at);
             if (ASYM) cp_async4(&ring_o[slot * LANES + tid], p.offsets + at);
-            // 8 lanes a core matrix (128 contiguous bytes in shared memory), 4 units a row.
-            // Rows past m repeat the last row (their outputs are not written).
+            const bf16_t* xc = x + c * CW;
+            const u32 dst = rx + slot * XSTAGE + xdst;
 #pragma unroll
-            for (int j = 0; j < QW_BN * UNITS / LANES; j++) {
-                const int e = tid + j * LANES, rl = e & 7, u = (e >> 3) % UNITS, rh = (e >> 3) / UNITS;
-                const bf16_t* src = x + (size_t)min(r0 + rh * 8 + rl, m - 1) * kp + c * CW + u * 8;
-                cp_async16_at(rx + slot * XSTAGE + (u / PUNITS) * PANEL + swizzled(rh * 8 + rl, u % PUNITS, ROWB), src);
-            }
+            for (int j = 0; j < COPIES; j++) cp_async16_at(dst + j * (LANES / UNITS) * ROWB, xc + xoff[j]);
         }
         cp_async_commit();
     };
-    float d[64];
+    float d[BN / 2];
 #pragma unroll
-    for (int i = 0; i < 64; i++) d[i] = 0.0f;
+    for (int i = 0; i < BN / 2; i++) d[i] = 0.0f;
 #pragma unroll
     for (int i = 0; i < S - 2; i++) issue(i);
     // Chunk c's wgmmas are issued while chunk c - 1's still run, so the tensor cores always have
@@ -138,7 +164,7 @@ __device__ void qgemm(const QgPart& p, const bf16_t* x, int m, int kp, int CH) {
     auto step = [&](int c, u32 (&buf)[TPU][4]) {
         const int slot = c % S;
         cp_async_wait<S - 3>();
-        asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+        wgmma_wait<1>();
 #pragma unroll
         for (int i = 0; i < TPU; i++) sink ^= buf[i][0] ^ buf[i][1] ^ buf[i][2] ^ buf[i][3];
         {
@@ -159,7 +185,7 @@ __device__ void qgemm(const QgPart& p, const bf16_t* x, int m, int kp, int CH) {
         wgmma_fence();
 #pragma unroll
         for (int i = 0; i < TPU; i++)
-            wgmma_n128(d, buf[i], wgmma_desc(rx + slot * XSTAGE + (32 * i / ROWB) * PANEL + 32 * i % ROWB, ROWB));
+            wgmma_rows<BN>(d, buf[i], wgmma_desc(rx + slot * XSTAGE + (32 * i / ROWB) * PANEL + 32 * i % ROWB, ROWB));
         wgmma_commit();
     };
     u32 a0[TPU][4] = {}, a1[TPU][4] = {};
@@ -167,13 +193,13 @@ __device__ void qgemm(const QgPart& p, const bf16_t* x, int m, int kp, int CH) {
         step(c, a0);
         if (c + 1 < CH) step(c + 1, a1);
     }
-    wgmma_wait_all();
+    wgmma_wait<0>();
     // Never true (m > 0): keeps `sink`, and with it the A buffers' lifetimes, in the program.
     if (m < 0) p.out[0] = (bf16_t)sink;
     if (mine >= strips) return;
     // d[4 j + r]: feature g + 8 (r >> 1) of the strip, row 8 j + 2 t + (r & 1) of the tile.
 #pragma unroll
-    for (int j = 0; j < QW_BN / 8; j++)
+    for (int j = 0; j < BN / 8; j++)
 #pragma unroll
         for (int r = 0; r < 4; r++) {
             const int row = r0 + 8 * j + 2 * t + (r & 1), feat = s * 16 + g + 8 * (r >> 1);
@@ -200,12 +226,15 @@ __device__ void qgemm_order(const bf16_t* x, const u32* perm, int k, int kp, bf1
     *(u32*)(out + (size_t)blockIdx.y * kp + l) = v;
 }
 
-#define QGEMM(tag, BITS, ASYM, KIND)                                                                           \
-    extern "C" __global__ void __launch_bounds__(qw_warps(tile_span(BITS)) * 32, 1)                                \
-        qgemm_##tag(const QgArgs a) {                                                                          \
+#define QGEMM_ROWS(tag, BITS, ASYM, KIND, BN)                                                                  \
+    extern "C" __global__ void __launch_bounds__(QW_WARPS * 32, BN == 128 && tile_span(BITS) != 8 ? 2 : 1)      \
+        qgemm_##tag##_##BN(const QgArgs a) {                                                                   \
         pdl_enter();                                                                                           \
-        qgemm<BITS, ASYM, KIND>(a.p[0], a.x, a.m, a.k, a.CH);                                                  \
-    }                                                                                                          \
+        qgemm<BITS, ASYM, KIND, BN>(a.p[0], a.x, a.m, a.k, a.CH);                                              \
+    }
+#define QGEMM(tag, BITS, ASYM, KIND)                                                                           \
+    QGEMM_ROWS(tag, BITS, ASYM, KIND, 128)                                                                     \
+    QGEMM_ROWS(tag, BITS, ASYM, KIND, 256)                                                                     \
     extern "C" __global__ void qgemm_order_##tag(const bf16_t* x, const u32* perm, int k, int kp, bf16_t* out) { \
         pdl_enter();                                                                                           \
         qgemm_order<tile_span(BITS)>(x, perm, k, kp, out);                                                     \
