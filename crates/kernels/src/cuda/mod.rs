@@ -1,7 +1,8 @@
 //! The CUDA backend: bf16 activations with f32 arithmetic, kernels written in CUDA C beside this
 //! file and compiled by NVRTC at first use for the device's architecture (cached on disk, see
 //! `compile.rs`), cuBLAS for matmuls of more rows than the decode kernels take (packed weights:
-//! 64 or 128 rows, `max_decode_rows`; dense ones: 16, bf16 2).
+//! 64 or 128 rows, `max_decode_rows`, then on sm_90 the wgmma prefill kernel up to QW_MAX_ROWS;
+//! dense ones: 16, bf16 2).
 //!
 //! Every op is queued on one stream and returns without waiting; only `read` waits. A step's batch
 //! description crosses to the device once, at its first op. Decode-sized steps (up to
@@ -19,8 +20,9 @@
 //! same layout (no second, dense copy of the table). An act-order weight's activations are
 //! reordered into its stored column order first. Only 2-/3-bit weights with groups of 16 (which
 //! the CLI never makes) are dequantized to bf16 at upload.
-//! Above those rows, a weight that is not bf16 is expanded to bf16 a slab of features at a time
-//! into a scratch buffer, and cuBLAS multiplies. The quantized decode kernel's split-K workspace is
+//! Above those rows, on Hopper, packed weights multiply on the tensor cores straight from that
+//! layout (`qgemm.cu`, wgmma, up to QW_MAX_ROWS rows). Otherwise a weight that is not bf16 is
+//! expanded to bf16 a slab of features at a time into a scratch buffer, and cuBLAS multiplies. The quantized decode kernel's split-K workspace is
 //! allocated when weights are uploaded, so a decode matmul allocates nothing.
 
 mod compile;
@@ -58,6 +60,12 @@ const QGEMM: &str = include_str!("qgemm.cu");
 pub const DECODE_MAX_ROWS: usize = 16;
 /// Warps (strips) of a block of the wgmma prefill kernel (QW_WARPS in qgemm.cu).
 const QW_WARPS: usize = 8;
+/// Rows up to which a packed weight runs the wgmma prefill kernel; above, the expansion for
+/// cuBLAS, whose cost is spread over more rows, is faster. H100, int4 g128, the six sweep shapes,
+/// TFLOP/s kernel against expansion (fifteenth session, one call): 512 rows 433-543 against
+/// 335-393, 1024 rows 453-614 against 470-552, 2048 rows 508-581 against 559-662, 4096 rows
+/// 494-565 against 633-710.
+const QW_MAX_ROWS: usize = 1024;
 /// Most warps per block of the quantized decode kernel (QG_MAXW in qgemv.cu).
 const QG_WARPS: usize = 8;
 /// Most weights one quantized decode launch multiplies (QG_PARTS in qgemv.cu).
@@ -1169,7 +1177,7 @@ impl CudaBackend {
 
     /// Prefill on the packed weight with wgmma (`qgemm.cu`, sm_90): x put in the kernel's chunk
     /// order (and an act-order weight's stored column order) in the scratch buffer, then one
-    /// launch of 128-feature by QW_BN-row blocks.
+    /// launch of blocks of 128 features by 128 or 256 rows.
     fn qgemm(&self, x: u64, q: &QuantWeight, rows: usize, out: u64) -> Result<()> {
         let tag = quant::tag(q.format);
         let kp = q.chunks * 16 * q.tile_span();
@@ -1968,8 +1976,9 @@ impl Backend for CudaBackend {
         }
         match weight {
             Weight::Quant(q) if rows > q.max_decode_rows() => {
+                let ordered = rows * q.chunks * 16 * q.tile_span();
                 // The kernel's x offsets are 32-bit.
-                if self.wgmma() && rows * q.chunks * 16 * q.tile_span() < 1 << 31 {
+                if self.wgmma() && rows <= QW_MAX_ROWS && ordered < 1 << 31 {
                     return self.qgemm(x.ptr, q, rows, out.ptr);
                 }
                 return self.with_stored_order(x.ptr, q, rows, |x| {

@@ -6,7 +6,7 @@
 // The weight is wgmma's A operand, from registers: a warp dequantizes its strip's 16-byte word of
 // a chunk exactly as the decode kernel does (`dequant_frag`, scaled before the product), and that
 // word already is the warp's part of A for the chunk's TPU k-steps (a warpgroup's four warps, four
-// strips, are wgmma's 64 rows). The activations are B, from shared memory: QW_BN rows of x a block,
+// strips, are wgmma's 64 rows). The activations are B, from shared memory: BN rows of x a block,
 // in swizzled K-major tiles. A's logical k order inside a chunk is the
 // decode layout's permutation (logical (tile i, k 2t + 8 jh + h) is column 4 TPU t + 4 i + 2 jh + h),
 // so B must follow it; it scatters 4-byte pairs, which a copy into shared memory cannot do in
@@ -15,18 +15,21 @@
 // reads and writes the activations once (m · k · 4 bytes); the product reads them once per 128
 // features.
 //
-// A block: two warpgroups (128 features, 8 strips) by QW_BN rows; x tiles, codes and scales
-// stream through a qw_stages-deep cp.async ring, one barrier a chunk. A warpgroup waits for its
-// previous chunk's wgmmas, dequantizes this chunk's A fragments, refills the freed slot and
-// issues this chunk's TPU wgmmas (m64n128k16); two blocks an SM, four warpgroups, keep the
-// tensor cores fed while one of them dequantizes. Blocks of one row tile and successive
-// feature tiles are neighbours in the grid, so a wave reads the whole weight (int4 8192 × 8192:
-// 32 MB, which stays in the 50 MB L2) and a few row tiles of x, each once from HBM.
+// A block: two warpgroups (128 features, 8 strips) by BN rows (128 or 256); x tiles, codes and
+// scales stream through a qw_stages-deep cp.async ring, one barrier a chunk. Each warpgroup keeps
+// one chunk's wgmmas running while it dequantizes the next chunk's A fragments and issues its
+// wgmmas behind them. Blocks of one row tile and successive feature tiles are neighbours in the
+// grid, so a wave reads the whole weight (int4 8192 × 8192: 32 MB, which stays in the 50 MB L2)
+// and a few row tiles of x, each once from HBM.
 //
 // Bound aimed at: the tensor cores' bf16 rate (989 TFLOP/s dense on the H100 SXM; cuBLAS bf16
-// reaches ~600-700 on the sweep's shapes): each A word feeds 128 rows, so the dequantization is
-// 1/128 of the arithmetic's instructions, and B's shared-memory reads, 4 KB a wgmma of 64 cycles,
-// are half the SM's bandwidth. docs/benchmarks.md has what it reaches.
+// reaches 680-780 on the sweep's shapes at 4096 rows). Where it gets (H100, int4 g128, fifteenth
+// session): 430-615 TFLOP/s from 512 to 4096 rows, 0.58-0.80x cuBLAS bf16 on the bf16 weight;
+// at 512 rows 1.2-1.4x the expansion for cuBLAS, at 2048 and more the expansion is faster
+// (QW_MAX_ROWS in cuda/mod.rs). Nsight Compute at 128 rows a block: tensor pipe 54% busy,
+// issue slots 44%, warps stalled mostly on the math pipe and dispatch; not found yet what holds
+// the tensor pipe there (the x tiles' L2 traffic, halved with 256 features a block, changed
+// nothing). docs/benchmarks.md has the tables.
 
 // Warps a block: two warpgroups, 8 strips, 128 features. Rows a block: 128 or 256 (BN, the
 // wgmma's N; the host takes 256 where the blocks still fill the GPU). 256 rows halve the
