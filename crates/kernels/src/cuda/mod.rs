@@ -1,7 +1,7 @@
 //! The CUDA backend: bf16 activations with f32 arithmetic, kernels written in CUDA C beside this
 //! file and compiled by NVRTC at first use for the device's architecture (cached on disk, see
 //! `compile.rs`), cuBLAS for matmuls of more rows than the decode kernels take (packed weights:
-//! 64 or 128 rows, `max_decode_rows`, then on sm_90 the wgmma prefill kernel up to QW_MAX_ROWS;
+//! 64 or 128 rows, `max_decode_rows`, then on sm_90 the wgmma prefill kernel up to 512 or 1024 rows;
 //! dense ones: 16, bf16 2).
 //!
 //! Every op is queued on one stream and returns without waiting; only `read` waits. A step's batch
@@ -21,7 +21,7 @@
 //! reordered into its stored column order first. Only 2-/3-bit weights with groups of 16 (which
 //! the CLI never makes) are dequantized to bf16 at upload.
 //! Above those rows, on Hopper, packed weights multiply on the tensor cores straight from that
-//! layout (`qgemm.cu`, wgmma, up to QW_MAX_ROWS rows). Otherwise a weight that is not bf16 is
+//! layout (`qgemm.cu`, wgmma, up to `qgemm_max_rows`). Otherwise a weight that is not bf16 is
 //! expanded to bf16 a slab of features at a time into a scratch buffer, and cuBLAS multiplies. The quantized decode kernel's split-K workspace is
 //! allocated when weights are uploaded, so a decode matmul allocates nothing.
 
@@ -60,12 +60,6 @@ const QGEMM: &str = include_str!("qgemm.cu");
 pub const DECODE_MAX_ROWS: usize = 16;
 /// Warps (strips) of a block of the wgmma prefill kernel (QW_WARPS in qgemm.cu).
 const QW_WARPS: usize = 8;
-/// Rows up to which a packed weight runs the wgmma prefill kernel; above, the expansion for
-/// cuBLAS, whose cost is spread over more rows, is faster. H100, int4 g128, the six sweep shapes,
-/// TFLOP/s kernel against expansion (fifteenth session, one call): 512 rows 433-543 against
-/// 335-393, 1024 rows 453-614 against 470-552, 2048 rows 508-581 against 559-662, 4096 rows
-/// 494-565 against 633-710.
-const QW_MAX_ROWS: usize = 1024;
 /// Most warps per block of the quantized decode kernel (QG_MAXW in qgemv.cu).
 const QG_WARPS: usize = 8;
 /// Most weights one quantized decode launch multiplies (QG_PARTS in qgemv.cu).
@@ -1530,6 +1524,21 @@ fn has_wgmma(arch: (i32, i32)) -> bool {
     arch == (9, 0)
 }
 
+/// Rows up to which a packed weight runs the wgmma prefill kernel; above, the expansion for
+/// cuBLAS, whose cost is spread over more rows, is faster. H100, the six sweep shapes, TFLOP/s
+/// kernel against expansion (fifteenth session): int4 g128 at 512 rows 433-543 against 335-393,
+/// 1024 rows 453-614 against 470-552, 2048 rows 508-581 against 559-662; 8-bit codes (two k-steps
+/// a chunk: twice the per-chunk work a product) at 512 rows 328-476 against 356-427, at 1024
+/// 358-548 against 484-604; the E2M1 formats at 1024 459-611 against 465-571, int2/int3 420-601
+/// against 415-491.
+fn qgemm_max_rows(format: QuantFormat) -> usize {
+    if format.bits() == 8 {
+        512
+    } else {
+        1024
+    }
+}
+
 /// The format and rows a block of a `qgemm_{tag}_{rows}` kernel.
 fn qgemm_shape(name: &str) -> Option<(QuantFormat, usize)> {
     let (tag, bn) = name.strip_prefix("qgemm_")?.rsplit_once('_')?;
@@ -1978,7 +1987,7 @@ impl Backend for CudaBackend {
             Weight::Quant(q) if rows > q.max_decode_rows() => {
                 let ordered = rows * q.chunks * 16 * q.tile_span();
                 // The kernel's x offsets are 32-bit.
-                if self.wgmma() && rows <= QW_MAX_ROWS && ordered < 1 << 31 {
+                if self.wgmma() && rows <= qgemm_max_rows(q.format) && ordered < 1 << 31 {
                     return self.qgemm(x.ptr, q, rows, out.ptr);
                 }
                 return self.with_stored_order(x.ptr, q, rows, |x| {

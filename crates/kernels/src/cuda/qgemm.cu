@@ -26,7 +26,7 @@
 // reaches 680-780 on the sweep's shapes at 4096 rows). Where it gets (H100, int4 g128, fifteenth
 // session): 430-615 TFLOP/s from 512 to 4096 rows, 0.58-0.80x cuBLAS bf16 on the bf16 weight;
 // at 512 rows 1.2-1.4x the expansion for cuBLAS, at 2048 and more the expansion is faster
-// (QW_MAX_ROWS in cuda/mod.rs). Nsight Compute at 128 rows a block: tensor pipe 54% busy,
+// (`qgemm_max_rows` in cuda/mod.rs). Nsight Compute at 128 rows a block: tensor pipe 54% busy,
 // issue slots 44%, warps stalled mostly on the math pipe and dispatch; not found yet what holds
 // the tensor pipe there (the x tiles' L2 traffic, halved with 256 features a block, changed
 // nothing). docs/benchmarks.md has the tables.
