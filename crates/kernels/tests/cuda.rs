@@ -323,13 +323,18 @@ fn paged_attention() {
     let c = cpu();
     let mut r = rng();
     // (seqs, heads, kv_heads, head_dim, block size): prefill chunks after earlier context (over
-    // 16 tokens: the one-block-per-head kernel, also past its 512-key chunk), steps of at most 16
-    // tokens (the split-key decode kernel where the head dim is a power of two), odd head dims.
+    // 16 tokens: the tensor-core kernel for head dims 64 and 128, else the one-block-per-head
+    // kernel, also past its 512-key chunk), steps of at most 16 tokens (the split-key decode
+    // kernel where the head dim is a power of two), odd head dims.
     type Case = (&'static [(usize, usize)], usize, usize, usize, usize);
     let cases: &[Case] = &[
         (&[(7, 7), (1, 30), (13, 20)], 4, 2, 64, 16),
         (&[(1, 1300), (1, 517), (2, 600)], 8, 2, 128, 16),
         (&[(16, 1300), (1, 517)], 8, 2, 128, 16),
+        // A 300-token prompt (many warps and key tiles) packed with a short chunk and a single
+        // token after context: warps that straddle sequences.
+        (&[(300, 300), (37, 80), (1, 9)], 32, 8, 128, 16),
+        (&[(70, 200), (9, 9)], 4, 1, 64, 32),
         (&[(40, 45)], 3, 3, 80, 8),
         (&[(5, 9), (1, 700)], 2, 1, 256, 32),
         (&[(6, 6), (1, 33)], 6, 3, 36, 16),

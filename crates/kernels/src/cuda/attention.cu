@@ -95,6 +95,204 @@ attention(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positi
     }
 }
 
+// Prefill attention on tensor cores (flash attention with mma.sync m16n8k16, bf16 in, f32 sums):
+// a warp takes 16 consecutive tokens of the step and one query head, a block APF_WARPS such
+// warps. The warp's rows may belong to several sequences (a step packs them one after another):
+// it takes them one sequence at a time, the other rows masked. Per tile of APF_KEYS keys of that
+// sequence (up to its rows' last position) the warp copies the keys' K and V rows through its
+// block table into its own shared memory (cp.async, 16-byte units swizzled by row so that
+// ldmatrix's 8-row reads hit distinct banks), forms S = Q Kᵀ from ldmatrix fragments, masks keys
+// past each row's position, updates the running max and sum per row, and adds P V with V's
+// fragments from ldmatrix.trans. Q's fragments stay in registers. No barrier: each warp reads only
+// what it copied.
+//
+// Bound aimed at: the mma rate over the causal half of the scores; the K/V rows come from the L2
+// (every query head of a GQA group and every 64 tokens re-read them). It replaced the one-block-
+// per-(token, head) SIMT kernel above for head dims 64 and 128, which took ~945 us a layer of a
+// 512-token llama3-8b prefill on the H100 (Nsight Compute, base clocks), more than all the
+// layer's matmuls; docs/benchmarks.md has what this one takes.
+#define APF_WARPS 4
+#define APF_KEYS 32
+
+__device__ __forceinline__ void ldmatrix_x4(u32 addr, u32* r) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 addr, u32* r) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+template <int HD>
+__device__ void attention_prefill(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positions,
+                                  const u32* bt_off, const u32* tables, int n, int heads, int kv_heads, int bs,
+                                  float scale, bf16_t* out) {
+    constexpr int KS = HD / 16, DT = HD / 8, UNITS = HD / 8, ROWB = HD * 2;
+    // A tile of K (then V) rows: APF_KEYS rows of ROWB bytes, unit u of row r at u ^ (r & 7).
+    constexpr int TILE = APF_KEYS * ROWB;
+    extern __shared__ __align__(16) unsigned char apf_smem[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int h = blockIdx.y, kvh = h / (heads / kv_heads), sw = kv_heads * HD;
+    const int r0 = (blockIdx.x * APF_WARPS + warp) * 16;
+    if (r0 >= n) return;
+    const u32 ks = smem_u32(apf_smem + warp * 2 * TILE), vs = ks + TILE;
+    // The lane's rows g and g + 8 (past n: the last token, never written).
+    const int rowa = min(r0 + g, n - 1), rowb = min(r0 + g + 8, n - 1);
+    u32 qf[KS][4];
+    {
+        const u32* qa = (const u32*)(q + ((size_t)rowa * heads + h) * HD);
+        const u32* qb = (const u32*)(q + ((size_t)rowb * heads + h) * HD);
+#pragma unroll
+        for (int s = 0; s < KS; s++) {
+            qf[s][0] = qa[8 * s + t];
+            qf[s][1] = qb[8 * s + t];
+            qf[s][2] = qa[8 * s + 4 + t];
+            qf[s][3] = qb[8 * s + 4 + t];
+        }
+    }
+    const u32 offa = bt_off[rowa], offb = bt_off[rowb];
+    const int posa = (int)positions[rowa], posb = (int)positions[rowb];
+    // Rows of the warp not yet done (bit i: row r0 + i), the rows past n done from the start.
+    u32 todo = __ballot_sync(0xffffffffu, lane < 16 && r0 + lane < n) & 0xffffu;
+    while (todo) {
+        // This pass: the sequence of the first row left (its block table offset).
+        const int first = __ffs(todo) - 1;
+        const u32 seq = __shfl_sync(0xffffffffu, (first & 8) ? offb : offa, (first & 7) * 4);
+        const bool ina = offa == seq && r0 + g < n, inb = offb == seq && r0 + g + 8 < n;
+        // Bit i of the pass's rows: row i's lane is (i & 7) 4, its row g (i < 8) or g + 8.
+        const bool in_lo = __shfl_sync(0xffffffffu, ina, (lane & 7) * 4), in_hi = __shfl_sync(0xffffffffu, inb, (lane & 7) * 4);
+        todo &= ~__ballot_sync(0xffffffffu, lane < 16 && (lane < 8 ? in_lo : in_hi));
+        // Rows outside this sequence see no key (position -1); the pass writes only its own.
+        const int pa = ina ? posa : -1, pb = inb ? posb : -1;
+        int last = max(pa, pb);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) last = max(last, __shfl_xor_sync(0xffffffffu, last, o));
+        const u32* table = tables + seq;
+        float o_acc[DT][4];
+#pragma unroll
+        for (int j = 0; j < DT; j++) o_acc[j][0] = o_acc[j][1] = o_acc[j][2] = o_acc[j][3] = 0.0f;
+        float ma = NEG_INF, mb = NEG_INF, la = 0.0f, lb = 0.0f;
+        for (int k0 = 0; k0 <= last; k0 += APF_KEYS) {
+            // Copy the tile's K and V rows: lane takes key k0 + lane (APF_KEYS == 32), all units.
+            {
+                const int key = min(k0 + lane, last);
+                const u32 slot = table[key / bs] * (u32)bs + (u32)(key % bs);
+                const size_t off = (size_t)slot * sw + (size_t)kvh * HD;
+#pragma unroll
+                for (int u = 0; u < UNITS; u++) {
+                    const u32 at = lane * ROWB + 16 * (u ^ (lane & 7));
+                    cp_async16_at(ks + at, kc + off + 8 * u);
+                    cp_async16_at(vs + at, vc + off + 8 * u);
+                }
+                cp_async_commit();
+                cp_async_wait<0>();
+                __syncwarp();
+            }
+            // S = Q Kᵀ: 4 tiles of 8 keys. ldmatrix x4 at (keys 8 j + (lane & 7), unit 2 s + (lane >> 3)
+            // for lanes 0-15 / 2 s + 1 ...): matrices (keys, dims 16 s .. +7), (keys, 16 s + 8 ..),
+            // then the next slice's two: b0 b1 of slices s and s + 1.
+            float sc[APF_KEYS / 8][4];
+#pragma unroll
+            for (int j = 0; j < APF_KEYS / 8; j++) {
+                sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+                const int kr = 8 * j + (lane & 7);
+#pragma unroll
+                for (int s = 0; s < KS; s += 2) {
+                    u32 b[4];
+                    const int u = 2 * s + (lane >> 3);
+                    ldmatrix_x4(ks + kr * ROWB + 16 * (u ^ (kr & 7)), b);
+                    mma_bf16(sc[j], qf[s], b[0], b[1]);
+                    mma_bf16(sc[j], qf[s + 1], b[2], b[3]);
+                }
+            }
+            // Mask, running max and sum (rows g: elements 0, 1; g + 8: 2, 3; key 8 j + 2 t + e).
+            float mxa = NEG_INF, mxb = NEG_INF;
+#pragma unroll
+            for (int j = 0; j < APF_KEYS / 8; j++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int key = k0 + 8 * j + 2 * t + e;
+                    sc[j][e] = key <= pa ? sc[j][e] * scale : NEG_INF;
+                    sc[j][2 + e] = key <= pb ? sc[j][2 + e] * scale : NEG_INF;
+                    mxa = fmaxf(mxa, sc[j][e]);
+                    mxb = fmaxf(mxb, sc[j][2 + e]);
+                }
+#pragma unroll
+            for (int o = 1; o < 4; o <<= 1) {
+                mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, o));
+                mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, o));
+            }
+            const float na = fmaxf(ma, mxa), nb = fmaxf(mb, mxb);
+            // A row with no key yet keeps max -inf: shift by 0 so that exp gives 0, not NaN.
+            const float sa = na == NEG_INF ? 0.0f : na, sb = nb == NEG_INF ? 0.0f : nb;
+            const float ca = __expf(ma - sa), cb = __expf(mb - sb);
+            ma = na;
+            mb = nb;
+            float suma = 0.0f, sumb = 0.0f;
+            u32 pf[APF_KEYS / 16][4];
+#pragma unroll
+            for (int j = 0; j < APF_KEYS / 8; j++) {
+                const float p0 = __expf(sc[j][0] - sa), p1 = __expf(sc[j][1] - sa);
+                const float p2 = __expf(sc[j][2] - sb), p3 = __expf(sc[j][3] - sb);
+                suma += p0 + p1;
+                sumb += p2 + p3;
+                // P as the A fragment of keys 16 i .. 16 i + 15: tile 2 i in registers 0 and 1,
+                // tile 2 i + 1 in 2 and 3.
+                pf[j >> 1][(j & 1) * 2] = pack_bf2(p0, p1);
+                pf[j >> 1][(j & 1) * 2 + 1] = pack_bf2(p2, p3);
+            }
+            la = la * ca + suma;
+            lb = lb * cb + sumb;
+#pragma unroll
+            for (int j = 0; j < DT; j++) {
+                o_acc[j][0] *= ca;
+                o_acc[j][1] *= ca;
+                o_acc[j][2] *= cb;
+                o_acc[j][3] *= cb;
+            }
+            // O += P V: ldmatrix.trans at (keys 16 i + (lane & 7) + 8 (lane >> 3 & 1), unit 2 jj +
+            // (lane >> 4)): matrices (keys 16 i .., dims 16 jj ..), (keys 16 i + 8 .., same dims),
+            // (keys 16 i .., dims 16 jj + 8 ..), (keys 16 i + 8 .., dims 16 jj + 8 ..).
+#pragma unroll
+            for (int i = 0; i < APF_KEYS / 16; i++) {
+                const int kr = 16 * i + (lane & 7) + 8 * ((lane >> 3) & 1);
+#pragma unroll
+                for (int jj = 0; jj < DT / 2; jj++) {
+                    u32 b[4];
+                    const int u = 2 * jj + (lane >> 4);
+                    ldmatrix_x4_trans(vs + kr * ROWB + 16 * (u ^ (kr & 7)), b);
+                    mma_bf16(o_acc[2 * jj], pf[i], b[0], b[1]);
+                    mma_bf16(o_acc[2 * jj + 1], pf[i], b[2], b[3]);
+                }
+            }
+            __syncwarp();
+        }
+        // Row sums over the quad, then this pass's rows written.
+#pragma unroll
+        for (int o = 1; o < 4; o <<= 1) {
+            la += __shfl_xor_sync(0xffffffffu, la, o);
+            lb += __shfl_xor_sync(0xffffffffu, lb, o);
+        }
+        const float ia = ina ? 1.0f / la : 0.0f, ib = inb ? 1.0f / lb : 0.0f;
+        u32* oa = (u32*)(out + ((size_t)(r0 + g) * heads + h) * HD);
+        u32* ob = (u32*)(out + ((size_t)(r0 + g + 8) * heads + h) * HD);
+#pragma unroll
+        for (int j = 0; j < DT; j++) {
+            if (ina) oa[4 * j + t] = pack_bf2(o_acc[j][0] * ia, o_acc[j][1] * ia);
+            if (inb) ob[4 * j + t] = pack_bf2(o_acc[j][2] * ib, o_acc[j][3] * ib);
+        }
+    }
+}
+#define ATTENTION_PREFILL(HD)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(APF_WARPS * 32) attention_prefill_##HD(                       \
+        const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positions, const u32* bt_off,          \
+        const u32* tables, int n, int heads, int kv_heads, int bs, float scale, bf16_t* out) {                 \
+        pdl_enter();                                                                                           \
+        attention_prefill<HD>(q, kc, vc, positions, bt_off, tables, n, heads, kv_heads, bs, scale, out);       \
+    }
+ATTENTION_PREFILL(64)
+ATTENTION_PREFILL(128)
+
 // Decode attention split along the keys (flash-decoding), for steps of few tokens.
 //
 // Block (token x kv head, split, group slice): one chunk of at most DEC_CHUNK keys of one kv head,

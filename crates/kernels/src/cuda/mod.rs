@@ -76,6 +76,10 @@ const BLAS_WORKSPACE: usize = 32 << 20;
 const SCRATCH_ELEMS: usize = 1 << 25;
 const ATT_THREADS: u32 = 128;
 const ATT_CHUNK: u32 = 512;
+/// Warps (16 tokens each) of a block and keys a tile of the tensor-core prefill attention
+/// (APF_WARPS, APF_KEYS in attention.cu).
+const APF_WARPS: usize = 4;
+const APF_KEYS: usize = 32;
 /// attention_decode: threads, most query heads per block (attention_decode_g1 .. g8) and most
 /// keys per block (attention.cu).
 const DEC_THREADS: u32 = 128;
@@ -570,10 +574,16 @@ impl CudaBackend {
                 .map_err(dev)?;
             for name in names {
                 let f = module.load_function(&name).map_err(dev)?;
-                if let Some((format, bn)) = qgemm_shape(&name) {
+                let big_smem = qgemm_shape(&name)
+                    .map(|(format, bn)| qgemm_smem(format, bn))
+                    .or_else(|| {
+                        name.strip_prefix("attention_prefill_")
+                            .and_then(|hd| prefill_attention_smem(hd.parse().ok()?))
+                    });
+                if let Some(bytes) = big_smem {
                     f.set_attribute(
                         cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        qgemm_smem(format, bn) as i32,
+                        bytes as i32,
                     )
                     .map_err(dev)?;
                 }
@@ -1539,6 +1549,12 @@ fn qgemm_max_rows(format: QuantFormat) -> usize {
     }
 }
 
+/// Dynamic shared memory of the tensor-core prefill attention for head dim `hd` (each warp a tile of
+/// APF_KEYS K and V rows), or None where it has no build (the one-block-per-head kernel runs).
+fn prefill_attention_smem(hd: usize) -> Option<u32> {
+    matches!(hd, 64 | 128).then_some((APF_WARPS * 2 * APF_KEYS * hd * 2) as u32)
+}
+
 /// The format and rows a block of a `qgemm_{tag}_{rows}` kernel.
 fn qgemm_shape(name: &str) -> Option<(QuantFormat, usize)> {
     let (tag, bn) = name.strip_prefix("qgemm_")?.rsplit_once('_')?;
@@ -1629,6 +1645,8 @@ fn common_names() -> Vec<String> {
         "attention_rope_g2",
         "attention_rope_g4",
         "attention_rope_g8",
+        "attention_prefill_64",
+        "attention_prefill_128",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -2182,6 +2200,27 @@ impl Backend for CudaBackend {
         }
         if decodes(n, layout.head_dim) {
             return self.attention_decode(q, cache, step, heads, scale, None, out);
+        }
+        if let Some(smem) = prefill_attention_smem(layout.head_dim) {
+            let hd = layout.head_dim;
+            launch!(
+                self,
+                &format!("attention_prefill_{hd}"),
+                cfg2((n.div_ceil(16 * APF_WARPS), heads), 32 * APF_WARPS as u32, smem),
+                q.ptr,
+                cache.kp,
+                cache.vp,
+                step.positions(self)?,
+                step.table_offsets(self)?,
+                step.tables(self)?,
+                n as i32,
+                heads as i32,
+                layout.kv_heads as i32,
+                layout.block_size as i32,
+                scale,
+                out.ptr
+            );
+            return Ok(());
         }
         let smem = (256 + 2 * ATT_CHUNK) * 4;
         launch!(
