@@ -843,7 +843,8 @@ fn check_many(
 /// a format, width and scaling, against the f64 reference of each, and run twice bitwise alike:
 /// partial strips, split-K plans (k = 4096, up to dozens of splits), a set that cannot share a
 /// launch (int4 groups of 32 beside per-channel scales), and one of odd strip counts large enough
-/// for the two-strip blocks at 16 rows on an H100.
+/// for the two-strip blocks at 16 rows on an H100; at 200 rows the wgmma prefill kernel's
+/// launches of several weights (on sm_90).
 #[test]
 fn matmul_many_quant() {
     let Some(g) = gpu("matmul_many_quant") else {
@@ -867,7 +868,7 @@ fn matmul_many_quant() {
                 })
                 .collect();
             let what = format!("{format} k {k} {shapes:?}");
-            check_many(g, &mut r, &ts, &[1, 3, 8, 9, 16, 33], &what);
+            check_many(g, &mut r, &ts, &[1, 3, 8, 9, 16, 33, 200], &what);
         }
     }
 }

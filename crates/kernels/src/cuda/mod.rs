@@ -1179,12 +1179,27 @@ impl CudaBackend {
         }
     }
 
-    /// Prefill on the packed weight with wgmma (`qgemm.cu`, sm_90): x put in the kernel's chunk
-    /// order (and an act-order weight's stored column order) in the scratch buffer, then one
-    /// launch of blocks of 128 features by 128 or 256 rows.
-    fn qgemm(&self, x: u64, q: &QuantWeight, rows: usize, out: u64) -> Result<()> {
-        let tag = quant::tag(q.format);
-        let kp = q.chunks * 16 * q.tile_span();
+    /// Whether `outs[i] = x · ws[i]ᵀ` at `rows` rows runs the wgmma prefill kernel (`qgemm`): on
+    /// sm_90, above the decode kernel's rows and up to `qgemm_max_rows`, weights of one format,
+    /// width and column order (at most QG_PARTS), x small enough for the kernel's 32-bit offsets.
+    fn qgemm_takes(&self, ws: &[&QuantWeight], rows: usize) -> bool {
+        let q0 = ws[0];
+        let ordered = rows * q0.chunks * 16 * q0.tile_span();
+        self.wgmma()
+            && ws.len() <= QG_PARTS
+            && ws.iter().all(|q| (q.format, q.cols, q.perm_key()) == (q0.format, q0.cols, q0.perm_key()))
+            && rows > q0.max_decode_rows()
+            && rows <= qgemm_max_rows(q0.format)
+            && ordered < 1 << 31
+    }
+
+    /// Prefill on packed weights with wgmma (`qgemm.cu`, sm_90; see `qgemm_takes`): x put once in
+    /// the kernel's chunk order (and an act-order weight's stored column order) in the scratch
+    /// buffer, then one launch for all the weights, blocks of 128 features by 128 or 256 rows.
+    fn qgemm(&self, x: u64, ws: &[&QuantWeight], rows: usize, outs: &[u64]) -> Result<()> {
+        let q0 = ws[0];
+        let tag = quant::tag(q0.format);
+        let kp = q0.chunks * 16 * q0.tile_span();
         let mut guard = self.scratch.lock().unwrap();
         if guard.as_ref().is_none_or(|s| s.len() < rows * kp) {
             self.before_realloc()?;
@@ -1192,34 +1207,45 @@ impl CudaBackend {
             *guard = Some(self.stream.alloc_zeros::<u16>(rows * kp).map_err(dev)?);
         }
         let ordered = self.ptr(guard.as_ref().unwrap());
-        let perm = q.perm.as_ref().map_or(0, |(p, _)| self.ptr(p));
+        let perm = q0.perm.as_ref().map_or(0, |(p, _)| self.ptr(p));
         launch!(
             self,
             &format!("qgemm_order_{tag}"),
             cfg2(((kp / 2).div_ceil(256), rows), 256, 0),
             x,
             perm,
-            q.cols as i32,
+            q0.cols as i32,
             kp as i32,
             ordered
         );
         let mut args = QgArgs {
             x: ordered,
-            parts: 1,
+            parts: ws.len() as i32,
             m: rows as i32,
             k: kp as i32,
-            chunks: q.chunks as i32,
+            chunks: q0.chunks as i32,
             ..QgArgs::default()
         };
-        args.p[0] = self.part(q, out, 0);
+        let mut strips = 0;
+        for (i, (q, &out)) in ws.iter().zip(outs).enumerate() {
+            args.p[i] = self.part(q, out, strips);
+            strips += q.strips.next_multiple_of(QW_WARPS);
+        }
         // 256 rows a block where those blocks still fill the GPU, else 128.
-        let blocks = |bn: usize| q.strips.div_ceil(QW_WARPS) * rows.div_ceil(bn);
-        let bn = if blocks(256) >= self.sms { 256 } else { 128 };
-        let grid = (q.strips.div_ceil(QW_WARPS), rows.div_ceil(bn));
+        let feature_blocks = strips / QW_WARPS;
+        let bn = if feature_blocks * rows.div_ceil(256) >= self.sms {
+            256
+        } else {
+            128
+        };
         launch!(
             self,
             &format!("qgemm_{tag}_{bn}"),
-            cfg2(grid, 32 * QW_WARPS as u32, qgemm_smem(q.format, bn)),
+            cfg2(
+                (feature_blocks, rows.div_ceil(bn)),
+                32 * QW_WARPS as u32,
+                qgemm_smem(q0.format, bn)
+            ),
             args
         );
         Ok(())
@@ -2003,10 +2029,8 @@ impl Backend for CudaBackend {
         }
         match weight {
             Weight::Quant(q) if rows > q.max_decode_rows() => {
-                let ordered = rows * q.chunks * 16 * q.tile_span();
-                // The kernel's x offsets are 32-bit.
-                if self.wgmma() && rows <= qgemm_max_rows(q.format) && ordered < 1 << 31 {
-                    return self.qgemm(x.ptr, q, rows, out.ptr);
+                if self.qgemm_takes(&[q], rows) {
+                    return self.qgemm(x.ptr, &[q], rows, &[out.ptr]);
                 }
                 return self.with_stored_order(x.ptr, q, rows, |x| {
                     self.matmul_expanded(x, weight, rows, out.ptr)
@@ -2076,7 +2100,9 @@ impl Backend for CudaBackend {
                 (q.format, q.cols, q.post(), q.perm_key())
                     == (q0.format, q0.cols, q0.post(), q0.perm_key())
             });
-        if !fusable {
+        // Prefill through the wgmma kernel: one ordering of x, one launch.
+        let prefill = quant.len() == weights.len() && !quant.is_empty() && self.qgemm_takes(&quant, rows);
+        if !fusable && !prefill {
             for (w, out) in weights.iter().zip(outs.iter_mut()) {
                 self.matmul(x, w, MatmulRows::plain(rows), out)?;
             }
@@ -2088,6 +2114,9 @@ impl Backend for CudaBackend {
             len_check("matmul_many", "out", out.len, rows * q.rows)?;
         }
         let ptrs: Vec<u64> = outs.iter().map(|o| o.ptr).collect();
+        if prefill {
+            return self.qgemm(x.ptr, &quant, rows, &ptrs);
+        }
         self.qgemv(x.ptr, &quant, rows, &ptrs)
     }
 

@@ -100,7 +100,7 @@ __device__ __forceinline__ void wgmma_rows(float* d, const u32* a, u64 desc) {
 }
 
 template <int BITS, bool ASYM, int KIND, int BN>
-__device__ void qgemm(const QgPart& p, const bf16_t* x, int m, int kp, int CH) {
+__device__ void qgemm(const QgPart& p, int fb, const bf16_t* x, int m, int kp, int CH) {
     constexpr int TPU = tile_span(BITS), CW = 16 * TPU, UNITS = CW / 8, S = qw_stages(TPU, BN);
     constexpr bool PLANE = BITS == 3, FOLD = e2m1_folded(KIND, false, ASYM);
     constexpr int LANES = QW_WARPS * 32, COPIES = BN * UNITS / LANES;
@@ -118,7 +118,8 @@ __device__ void qgemm(const QgPart& p, const bf16_t* x, int m, int kp, int CH) {
     u32* ring_o = ring_s + S * LANES;
     uint2* ring_h = (uint2*)(ring_o + (ASYM ? S * LANES : 0));
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-    const int strips = (p.n + 15) >> 4, mine = blockIdx.x * QW_WARPS + warp, r0 = blockIdx.y * BN;
+    // fb: the block's 8 strips within its weight.
+    const int strips = (p.n + 15) >> 4, mine = fb * QW_WARPS + warp, r0 = blockIdx.y * BN;
     // A strip past the last computes the last again and writes nothing.
     const int s = min(mine, strips - 1);
     const float sfold = FOLD ? __uint_as_float((u32)(253 - p.fold) << 23) : 1.0f;
@@ -233,7 +234,11 @@ __device__ void qgemm_order(const bf16_t* x, const u32* perm, int k, int kp, bf1
     extern "C" __global__ void __launch_bounds__(QW_WARPS * 32, BN == 128 && tile_span(BITS) != 8 ? 2 : 1)      \
         qgemm_##tag##_##BN(const QgArgs a) {                                                                   \
         pdl_enter();                                                                                           \
-        qgemm<BITS, ASYM, KIND, BN>(a.p[0], a.x, a.m, a.k, a.CH);                                              \
+        /* Up to QG_PARTS weights of one input (q, k, v), each from a whole block (strip0 a multiple of 8). */ \
+        const int sg = blockIdx.x * QW_WARPS;                                                                  \
+        const int pi = (a.parts > 1 && sg >= a.p[1].strip0) + (a.parts > 2 && sg >= a.p[2].strip0);           \
+        const QgPart p = pi == 0 ? a.p[0] : pi == 1 ? a.p[1] : a.p[2];                                         \
+        qgemm<BITS, ASYM, KIND, BN>(p, (sg - p.strip0) / QW_WARPS, a.x, a.m, a.k, a.CH);                       \
     }
 #define QGEMM(tag, BITS, ASYM, KIND)                                                                           \
     QGEMM_ROWS(tag, BITS, ASYM, KIND, 128)                                                                     \
