@@ -727,7 +727,10 @@ fn quant_prefill_every_format() {
     let mut r = rng();
     let kernel = g.wgmma();
     if !kernel {
-        println!("quant_prefill_every_format: no wgmma on {}: the expansion only", g.name());
+        println!(
+            "quant_prefill_every_format: no wgmma on {}: the expansion only",
+            g.name()
+        );
     }
     for format in QuantFormat::ALL {
         // Partial strips and 128-feature blocks, k not whole chunks, per-weight and per-chunk

@@ -649,7 +649,8 @@ impl CudaBackend {
     /// Prefill on packed weights through the wgmma kernel (where the GPU has it: sm_90) or
     /// through the expansion to bf16 for cuBLAS; returns whether the kernel is now on.
     pub fn set_wgmma(&self, on: bool) -> bool {
-        self.wgmma_on.store(on && has_wgmma(self.arch), Ordering::SeqCst);
+        self.wgmma_on
+            .store(on && has_wgmma(self.arch), Ordering::SeqCst);
         self.wgmma()
     }
 
@@ -1187,7 +1188,9 @@ impl CudaBackend {
         let ordered = rows * q0.chunks * 16 * q0.tile_span();
         self.wgmma()
             && ws.len() <= QG_PARTS
-            && ws.iter().all(|q| (q.format, q.cols, q.perm_key()) == (q0.format, q0.cols, q0.perm_key()))
+            && ws
+                .iter()
+                .all(|q| (q.format, q.cols, q.perm_key()) == (q0.format, q0.cols, q0.perm_key()))
             && rows > q0.max_decode_rows()
             && rows <= qgemm_max_rows(q0.format)
             && ordered < 1 << 31
@@ -1584,7 +1587,9 @@ fn prefill_attention_smem(hd: usize) -> Option<u32> {
 /// The format and rows a block of a `qgemm_{tag}_{rows}` kernel.
 fn qgemm_shape(name: &str) -> Option<(QuantFormat, usize)> {
     let (tag, bn) = name.strip_prefix("qgemm_")?.rsplit_once('_')?;
-    let format = QuantFormat::ALL.into_iter().find(|&f| quant::tag(f) == tag)?;
+    let format = QuantFormat::ALL
+        .into_iter()
+        .find(|&f| quant::tag(f) == tag)?;
     Some((format, bn.parse().ok()?))
 }
 
@@ -1599,7 +1604,8 @@ fn qgemm_smem(format: QuantFormat, bn: usize) -> u32 {
         (_, 128) => 4,
         _ => 3,
     };
-    let lane_bytes = 16 + 4 + 4 * usize::from(format.is_asym()) + 8 * usize::from(format.bits() == 3);
+    let lane_bytes =
+        16 + 4 + 4 * usize::from(format.is_asym()) + 8 * usize::from(format.bits() == 3);
     // And 1 KB, to start the stages at a 1024-byte boundary (their swizzle is of address bits).
     (stages * (bn * 16 * tpu * 2 + 32 * QW_WARPS * lane_bytes) + 1024) as u32
 }
@@ -2101,7 +2107,8 @@ impl Backend for CudaBackend {
                     == (q0.format, q0.cols, q0.post(), q0.perm_key())
             });
         // Prefill through the wgmma kernel: one ordering of x, one launch.
-        let prefill = quant.len() == weights.len() && !quant.is_empty() && self.qgemm_takes(&quant, rows);
+        let prefill =
+            quant.len() == weights.len() && !quant.is_empty() && self.qgemm_takes(&quant, rows);
         if !fusable && !prefill {
             for (w, out) in weights.iter().zip(outs.iter_mut()) {
                 self.matmul(x, w, MatmulRows::plain(rows), out)?;
@@ -2235,7 +2242,11 @@ impl Backend for CudaBackend {
             launch!(
                 self,
                 &format!("attention_prefill_{hd}"),
-                cfg2((n.div_ceil(16 * APF_WARPS), heads), 32 * APF_WARPS as u32, smem),
+                cfg2(
+                    (n.div_ceil(16 * APF_WARPS), heads),
+                    32 * APF_WARPS as u32,
+                    smem
+                ),
                 q.ptr,
                 cache.kp,
                 cache.vp,
