@@ -108,9 +108,11 @@ attention(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positi
 //
 // Bound aimed at: the mma rate over the causal half of the scores; the K/V rows come from the L2
 // (every query head of a GQA group and every 64 tokens re-read them). It replaced the one-block-
-// per-(token, head) SIMT kernel above for head dims 64 and 128, which took ~945 us a layer of a
-// 512-token llama3-8b prefill on the H100 (Nsight Compute, base clocks), more than all the
-// layer's matmuls; docs/benchmarks.md has what this one takes.
+// per-(token, head) SIMT kernel above for head dims 64 and 128: a layer of a 512-token llama3-8b
+// prefill on the H100 (Nsight Compute, base clocks) 945 -> 110-115 us, which took prefill from
+// 12.0k to 25.5k tok/s (fifteenth session). At 115 us it runs ~18 TFLOP/s over the causal scores
+// (2.1 GFLOP a layer), far from the mma rate: one warp's copy, wait, and chain of dependent mmas
+// per 32-key tile, with nothing overlapping within the warp, is what is left to take.
 #define APF_WARPS 4
 #define APF_KEYS 32
 
