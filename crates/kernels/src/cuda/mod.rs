@@ -786,7 +786,7 @@ impl CudaBackend {
         }
         let perm = match &t.perm {
             Some(p) => {
-                self.grow_permuted(&mut self.permuted.lock().unwrap(), DECODE_MAX_ROWS * t.cols)?;
+                self.grow_scratch(&mut self.permuted.lock().unwrap(), DECODE_MAX_ROWS * t.cols)?;
                 let key = p.iter().fold(0xcbf29ce484222325u64, |h, &v| {
                     (h ^ u64::from(v)).wrapping_mul(0x100000001b3)
                 });
@@ -1131,9 +1131,9 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Grows the act-order reorder buffer to `len` elements (dropping the recorded steps, which
-    /// point at the old one).
-    fn grow_permuted(&self, buffer: &mut Option<CudaSlice<u16>>, len: usize) -> Result<()> {
+    /// Grows a scratch buffer (act-order reordering, prefill's expansion or ordering) to `len`
+    /// elements, dropping the recorded steps, which point at the old one.
+    fn grow_scratch(&self, buffer: &mut Option<CudaSlice<u16>>, len: usize) -> Result<()> {
         if buffer.as_ref().is_none_or(|b| b.len() < len) {
             self.before_realloc()?;
             *buffer = None;
@@ -1156,11 +1156,39 @@ impl CudaBackend {
         };
         let k = q.cols;
         let mut guard = self.permuted.lock().unwrap();
-        self.grow_permuted(&mut guard, rows * k)?;
+        self.grow_scratch(&mut guard, rows * k)?;
         let xp = self.ptr(guard.as_ref().unwrap());
         let cfg = cfg2((k.div_ceil(256), rows), 256, 0);
         launch!(self, "permute_cols", cfg, x, self.ptr(perm), k as i32, xp);
         f(xp)
+    }
+
+    /// The arguments of a launch of the packed-weight kernels (decode or prefill) of `ws` into
+    /// `outs` on x (`rows` rows of `k` columns): each weight's strips begin a block of
+    /// `per_block` strips. Also the launch's strips, whole blocks.
+    fn quant_args(
+        &self,
+        x: u64,
+        ws: &[&QuantWeight],
+        outs: &[u64],
+        rows: usize,
+        k: usize,
+        per_block: usize,
+    ) -> (QgArgs, usize) {
+        let mut args = QgArgs {
+            x,
+            parts: ws.len() as i32,
+            m: rows as i32,
+            k: k as i32,
+            chunks: ws[0].chunks as i32,
+            ..QgArgs::default()
+        };
+        let mut strips = 0;
+        for (i, (q, &out)) in ws.iter().zip(outs).enumerate() {
+            args.p[i] = self.part(q, out, strips);
+            strips += q.strips.next_multiple_of(per_block);
+        }
+        (args, strips)
     }
 
     /// Weight `q` as a part of a quantized launch whose strips before it number `strip0`.
@@ -1204,11 +1232,7 @@ impl CudaBackend {
         let tag = quant::tag(q0.format);
         let kp = q0.chunks * 16 * q0.tile_span();
         let mut guard = self.scratch.lock().unwrap();
-        if guard.as_ref().is_none_or(|s| s.len() < rows * kp) {
-            self.before_realloc()?;
-            *guard = None;
-            *guard = Some(self.stream.alloc_zeros::<u16>(rows * kp).map_err(dev)?);
-        }
+        self.grow_scratch(&mut guard, rows * kp)?;
         let ordered = self.ptr(guard.as_ref().unwrap());
         let perm = q0.perm.as_ref().map_or(0, |(p, _)| self.ptr(p));
         launch!(
@@ -1221,19 +1245,7 @@ impl CudaBackend {
             kp as i32,
             ordered
         );
-        let mut args = QgArgs {
-            x: ordered,
-            parts: ws.len() as i32,
-            m: rows as i32,
-            k: kp as i32,
-            chunks: q0.chunks as i32,
-            ..QgArgs::default()
-        };
-        let mut strips = 0;
-        for (i, (q, &out)) in ws.iter().zip(outs).enumerate() {
-            args.p[i] = self.part(q, out, strips);
-            strips += q.strips.next_multiple_of(QW_WARPS);
-        }
+        let (args, strips) = self.quant_args(ordered, ws, outs, rows, kp, QW_WARPS);
         // 256 rows a block where those blocks still fill the GPU, else 128.
         let feature_blocks = strips / QW_WARPS;
         let bn = if feature_blocks * rows.div_ceil(256) >= self.sms {
@@ -1311,19 +1323,7 @@ impl CudaBackend {
                 ""
             }
         );
-        let mut args = QgArgs {
-            x,
-            parts: ws.len() as i32,
-            m: rows as i32,
-            k: q0.cols as i32,
-            chunks: q0.chunks as i32,
-            ..QgArgs::default()
-        };
-        let mut strips = 0;
-        for (i, (q, &out)) in ws.iter().zip(outs).enumerate() {
-            args.p[i] = self.part(q, out, strips);
-            strips += q.strips.next_multiple_of(per_block);
-        }
+        let (mut args, strips) = self.quant_args(x, ws, outs, rows, q0.cols, per_block);
         let (warps, ksplit, cpb) = if row_blocks > 1 {
             (QG_WARPS, 1, q0.chunks)
         } else {
@@ -1416,11 +1416,7 @@ impl CudaBackend {
         let (n, k) = w.shape();
         let slab = ((SCRATCH_ELEMS / k.max(1)) / 16 * 16).clamp(16, n.div_ceil(16) * 16);
         let mut guard = self.scratch.lock().unwrap();
-        if guard.as_ref().is_none_or(|s| s.len() < slab * k) {
-            self.before_realloc()?;
-            *guard = None;
-            *guard = Some(self.stream.alloc_zeros::<u16>(slab * k).map_err(dev)?);
-        }
+        self.grow_scratch(&mut guard, slab * k)?;
         let scratch = self.ptr(guard.as_ref().unwrap());
         for n0 in (0..n).step_by(slab) {
             let nc = slab.min(n - n0);
