@@ -647,11 +647,10 @@ impl CudaBackend {
     }
 
     /// Prefill on packed weights through the wgmma kernel (where the GPU has it: sm_90) or
-    /// through the expansion to bf16 for cuBLAS; returns whether the kernel is now on.
-    pub fn set_wgmma(&self, on: bool) -> bool {
+    /// through the expansion to bf16 for cuBLAS.
+    pub fn set_wgmma(&self, on: bool) {
         self.wgmma_on
             .store(on && has_wgmma(self.arch), Ordering::SeqCst);
-        self.wgmma()
     }
 
     /// How the kernels were obtained at start-up (NVRTC compile or the disk cache).
