@@ -70,8 +70,9 @@
 // instead of 76-86% (twelfth session). Sharing them instead (blocks of 8 strips stepping through
 // the same chunks, each chunk's activations copied once into shared memory; sixteenth session,
 // branch `cuda-tile-exp`) lost everywhere: that kernel's load stream alone reached ~79% of copy
-// where this one's reaches 94-96%, so a block keeps one strip and a contiguous stream. At one row it is not bandwidth-bound: the time barely changes from the H100 to the H200 (40%
-// more bandwidth; second session, before the `w` builds, which show that loads in flight per SM
+// where this one's reaches 94-96%, so a block keeps one strip and a contiguous stream. At one
+// row it is not bandwidth-bound: the time barely changes from the H100 to the H200 (40% more
+// bandwidth; second session, before the `w` builds, which show that loads in flight per SM
 // still matter on the large shapes), and Nsight Compute (second session) showed the
 // integer/logic pipe as the busiest with 2.6 instructions issued per cycle per SM, about 180 per
 // chunk (64 of them dequantization and 4 mma). A version of the same loop with the dequantization
