@@ -347,40 +347,78 @@ ATTENTION_PREFILL(128)
 // build past 64 registers (28 bytes spilled) and it gained ~1% at batch 1 (llama3-8b int4, H100).
 
 // The splits of heads row0 .. row0 + G (rows of token x head) rescaled to their common max and
-// summed, by the last block of attention_decode to finish them: thread s first takes split s's
-// max and sum (all in flight at once, rather than serial loops over the splits), the block
-// reduces them and keeps each split's weight in `wts` (ns floats of shared memory), then thread
-// d sums its dimension over the splits. The other blocks' partials are read past the L1
-// (ld.global.cg), which holds nothing of them. Bound: (hd + 2) floats per split from the L2, a
-// few round trips of latency.
-__device__ __forceinline__ float ld_cg(const float* p) {
-    float v;
-    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
-    return v;
-}
+// summed, by the last block of attention_decode to finish them. Bound: the latency of one trip to
+// the L2 a head. A split's partials are a record of hd + 4 floats (its hd values, its max and its
+// sum, padded to 16 bytes). Warp w takes splits w, w + nw, ... and lane l dimensions 4l .. 4l + 3,
+// so each load is 16 bytes and a warp's are one record; every thread issues its ROUNDS records'
+// loads, and thread s the max and sum of split s, before the block's reductions need any of them.
+// The block reduces the maxes, keeps each split's weight in `wts` and reduces the weighted sums;
+// each warp adds its splits' weighted values, and the warps' sums meet in shared memory. The
+// partials are read past the L1 (ld.global.cg), which holds nothing of them. Shared memory: the
+// splits' weights, then nw x hd floats.
+// Before, a trip for the maxes, one for the sums and one or more for the values, in turn: this
+// took llama3-8b int4 decode on the H100 from 430.4 to 435.1 tok/s at a 512-token context and
+// from 398.6 to 403.3 at 2048 (seventeenth session, same call). Measured and not kept: each
+// dimension's splits laid out together for the reader (the writers' stores scattered: 1-3%
+// slower), and the max and sum found by each warp's shuffles with one thread's acquire-release
+// fence in place of every thread's __threadfence (registers spilled: no gain at 512 keys, 2.4%
+// slower at 2048). What the combine still costs: ~2.7 us a layer (the decode step without it,
+// wrong results, ~4% faster), the count of finished splits ~1 us more.
+template <int ROUNDS>
 __device__ void combine_splits(const float* part, int row0, int G, int ns, int hd, int splits, float* wts,
                                bf16_t* out) {
+    const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, w = tid >> 5, nw = nt >> 5, rs = hd + 4;
+    const int nf = hd >> 2;  // 16-byte pieces of a record's values
+    float* red = wts + ((splits + 3) & ~3);
     for (int g = 0; g < G; g++) {
         const size_t row = (size_t)row0 + g;
-        const float* p = part + row * splits * (hd + 2);
-        float m = NEG_INF;
-        for (int s = threadIdx.x; s < ns; s += blockDim.x) m = fmaxf(m, ld_cg(p + s * (hd + 2) + hd));
+        const float* pr = part + row * splits * rs;
+        const float2 own = tid < ns ? __ldcg((const float2*)(pr + tid * rs + hd)) : make_float2(NEG_INF, 0.0f);
+        // Unconditional loads (clamped to the last split and piece; what they read past the
+        // splits that ran is dropped below) are issued together, conditional ones one at a time.
+        float4 v[ROUNDS];
+#pragma unroll
+        for (int r = 0; r < ROUNDS; r++)
+            v[r] = __ldcg((const float4*)(pr + min(w + nw * r, ns - 1) * rs) + min(lane, nf - 1));
+        float m = own.x;
+        for (int s = tid + nt; s < ns; s += nt) m = fmaxf(m, __ldcg(pr + s * rs + hd));
         m = block_reduce(m, true);
         float l = 0.0f;
-        for (int s = threadIdx.x; s < ns; s += blockDim.x) {
-            const float e = __expf(ld_cg(p + s * (hd + 2) + hd) - m);
-            wts[s] = e;
-            l += e * ld_cg(p + s * (hd + 2) + hd + 1);
+        for (int s = tid; s < ns; s += nt) {
+            const float2 e = s == tid ? own : __ldcg((const float2*)(pr + s * rs + hd));
+            wts[s] = __expf(e.x - m);
+            l += wts[s] * e.y;
         }
         l = block_reduce(l, false);  // its barriers also publish wts[]
         const float inv = 1.0f / l;
-        for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        for (int f = lane; f < nf; f += 32) {
+            float4 a = make_float4(0, 0, 0, 0);
+            auto add = [&](int s, float4 x) {
+                if (s < ns) {
+                    const float e = wts[s];
+                    a.x += e * x.x; a.y += e * x.y; a.z += e * x.z; a.w += e * x.w;
+                }
+            };
+            int s = w;
+            if (f == lane)
+#pragma unroll
+                for (int r = 0; r < ROUNDS; r++, s += nw) add(s, v[r]);
+            for (; s < ns; s += nw * ROUNDS) {
+#pragma unroll
+                for (int r = 0; r < ROUNDS; r++)
+                    v[r] = __ldcg((const float4*)(pr + min(s + nw * r, ns - 1) * rs) + f);
+#pragma unroll
+                for (int r = 0; r < ROUNDS; r++) add(s + nw * r, v[r]);
+            }
+            *(float4*)(red + w * hd + 4 * f) = a;
+        }
+        __syncthreads();
+        for (int d = tid; d < hd; d += nt) {
             float a = 0.0f;
-#pragma unroll 8
-            for (int s = 0; s < ns; s++) a += wts[s] * ld_cg(p + s * (hd + 2) + d);
+            for (int k = 0; k < nw; k++) a += red[k * hd + d];
             out[row * hd + d] = f2bf(a * inv);
         }
-        __syncthreads();  // wts is rewritten for the next head
+        __syncthreads();  // wts and red are rewritten for the next head
     }
 }
 
@@ -395,9 +433,9 @@ __device__ __forceinline__ void unpack8(uint4 w, float* f) {
 
 // hd is one of 8, 16, 32, 64, 128, 256 (hd/8 lanes per key divide a warp), chunk <= DEC_CHUNK.
 // MAXG: query heads per block (the host's choice, see `attention_decode` in mod.rs).
-// Shared memory: max((MAXG * (hd + chunk) + chunk) * 4, 4 * MAXG * hd * 4, splits * 4) bytes.
-// part: per (token, head, split) hd partial outputs, then max and sum; counters: one per
-// (token x kv head, slice), zero between launches.
+// Shared memory: max((MAXG * (hd + chunk) + chunk) * 4, 4 * MAXG * hd * 4, (splits rounded up to
+// 4 + 4 hd) * 4) bytes. part: per (token, head, split) hd partial outputs, then max and sum, in
+// records of hd + 4 floats; counters: one per (token x kv head, slice), zero between launches.
 template <int MAXG, bool ROPE>
 __device__ void attention_decode(const bf16_t* q, bf16_t* kc, bf16_t* vc, const u32* positions,
                                  const u32* first_pos, const u32* bt_off, const u32* tables, int heads,
@@ -580,7 +618,7 @@ __device__ void attention_decode(const bf16_t* q, bf16_t* kc, bf16_t* vc, const 
         if (splits == 1) {
             out[row * hd + d] = f2bf(a / hl[g]);
         } else {
-            float* p = part + (row * splits + split) * (hd + 2);
+            float* p = part + (row * splits + split) * (hd + 4);  // the record combine_splits reads
             p[d] = a;
             if (d == 0) {
                 p[hd] = hm[g];
@@ -603,7 +641,9 @@ __device__ void attention_decode(const bf16_t* q, bf16_t* kc, bf16_t* vc, const 
     if (!last) return;
     __threadfence();
     if (tid == 0) *counter = 0;
-    combine_splits(part, t * heads + h0, G, ns, hd, splits, smem, out);
+    // 5 records ahead fit the one-head build's 64 registers (20 splits, a 640-key bucket at
+    // 32 keys a split); beside the 8-head build's sums more than 2 spill.
+    combine_splits<MAXG == 1 ? 5 : 2>(part, t * heads + h0, G, ns, hd, splits, smem, out);
 }
 
 // attention_decode_g<G> reads a cache rope_write_kv has filled (kb, vb and rope_table unused);

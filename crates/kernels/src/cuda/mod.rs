@@ -1066,7 +1066,7 @@ impl CudaBackend {
             .clamp(DEC_MIN_CHUNK, DEC_CHUNK);
         let splits = max_keys.div_ceil(chunk);
         let (part, counters) = if splits > 1 {
-            let need = n * heads * splits * (hd + 2);
+            let need = n * heads * splits * (hd + 4);
             let blocks = n * layout.kv_heads * slices;
             let mut guard = self.att_part.lock().unwrap();
             if guard
@@ -1092,7 +1092,7 @@ impl CudaBackend {
         };
         let smem = ((hpb * (hd + chunk) + chunk) * 4)
             .max(4 * hpb * hd * 4)
-            .max(4 * splits);
+            .max((splits.next_multiple_of(4) + DEC_THREADS as usize / 32 * hd) * 4);
         let cfg = LaunchConfig {
             grid_dim: ((n * layout.kv_heads) as u32, splits as u32, slices as u32),
             block_dim: (DEC_THREADS, 1, 1),
