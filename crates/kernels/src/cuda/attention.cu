@@ -433,10 +433,11 @@ __device__ __forceinline__ void unpack8(uint4 w, float* f) {
 
 // hd is one of 8, 16, 32, 64, 128, 256 (hd/8 lanes per key divide a warp), chunk <= DEC_CHUNK.
 // MAXG: query heads per block (the host's choice, see `attention_decode` in mod.rs).
-// Shared memory: max((MAXG * (hd + chunk) + chunk) * 4, 4 * MAXG * hd * 4, (splits rounded up to
-// 4 + 4 hd) * 4) bytes. part: per (token, head, split) hd partial outputs, then max and sum, in
+// THREADS: the block's threads (DEC_THREADS, or 1024 for a whole head, attention_*_w1). Shared
+// memory: max((MAXG * (hd + chunk) + chunk) * 4, THREADS / 32 * MAXG * hd * 4, (splits rounded up
+// to 4 + 4 hd) * 4) bytes. part: per (token, head, split) hd partial outputs, then max and sum, in
 // records of hd + 4 floats; counters: one per (token x kv head, slice), zero between launches.
-template <int MAXG, bool ROPE>
+template <int MAXG, bool ROPE, int THREADS = DEC_THREADS>
 __device__ void attention_decode(const bf16_t* q, bf16_t* kc, bf16_t* vc, const u32* positions,
                                  const u32* first_pos, const u32* bt_off, const u32* tables, int heads,
                                  int kv_heads, int hd, int bs, float scale, int chunk, int splits, float* part,
@@ -458,14 +459,14 @@ __device__ void attention_decode(const bf16_t* q, bf16_t* kc, bf16_t* vc, const 
     const int own = first_pos[t];
     const int cn = min(chunk, nkeys - c0);
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
-    const int lpk = hd >> 3, sub = tid % lpk, kl = tid / lpk, nkl = DEC_THREADS / lpk;
+    const int lpk = hd >> 3, sub = tid % lpk, kl = tid / lpk, nkl = THREADS / lpk;
     const int sw = kv_heads * hd;
     float* qs = smem;                             // G x hd, pre-scaled
     float* sc = smem + MAXG * hd;             // G x chunk: scores, then probabilities
     u32* sl = (u32*)(sc + MAXG * chunk);      // chunk slot offsets
     float* red = smem;                            // 4 warps x G x hd, once sc is consumed
     const u32* table = tables + bt_off[t];
-    for (int j = tid; j < cn; j += DEC_THREADS) {
+    for (int j = tid; j < cn; j += THREADS) {
         const int kj = c0 + j;
         sl[j] = (table[kj / bs] * (u32)bs + (u32)(kj % bs)) * (u32)sw + (u32)(kvh * hd);
     }
@@ -488,14 +489,14 @@ __device__ void attention_decode(const bf16_t* q, bf16_t* kc, bf16_t* vc, const 
     const int half = hd >> 1;
     const bf16_t* qr = q + ((size_t)t * heads + h0) * hd;
     if (ROPE) {
-        for (int i = tid; i < G * half; i += DEC_THREADS) {
+        for (int i = tid; i < G * half; i += THREADS) {
             const int g = i / half, d = i % half;
             const float2 r = rope_pair(qr + g * hd, rope_table + (size_t)pos * hd, d, half);
             qs[g * hd + d] = r.x * scale;
             qs[g * hd + d + half] = r.y * scale;
         }
         const int first = max(early, 0);
-        for (int i = tid; i < (cn - first) * half; i += DEC_THREADS) {
+        for (int i = tid; i < (cn - first) * half; i += THREADS) {
             const int j = first + i / half, d = i % half, kj = c0 + j;
             const size_t row = ((size_t)(t - (pos - kj)) * kv_heads + kvh) * hd;
             const float2 k2 = rope_pair(kb + row, rope_table + (size_t)kj * hd, d, half);
@@ -505,7 +506,7 @@ __device__ void attention_decode(const bf16_t* q, bf16_t* kc, bf16_t* vc, const 
             vc[sl[j] + d + half] = vb[row + d + half];
         }
     } else {
-        for (int i = tid; i < G * hd; i += DEC_THREADS) qs[i] = bf2f(qr[i]) * scale;
+        for (int i = tid; i < G * hd; i += THREADS) qs[i] = bf2f(qr[i]) * scale;
     }
     __syncthreads();
     // Scores, DEC_UNROLL keys per lane per pass with their loads issued together: a block has
@@ -540,7 +541,7 @@ __device__ void attention_decode(const bf16_t* q, bf16_t* kc, bf16_t* vc, const 
     }
     __syncthreads();
     // Softmax numerators per head, one warp per head.
-    for (int g = w; g < G; g += DEC_THREADS / 32) {
+    for (int g = w; g < G; g += THREADS / 32) {
         float mx = NEG_INF;
         for (int j = lane; j < cn; j += 32) mx = fmaxf(mx, sc[g * chunk + j]);
         mx = warp_max(mx);
@@ -609,11 +610,11 @@ __device__ void attention_decode(const bf16_t* q, bf16_t* kc, bf16_t* vc, const 
         }
     }
     __syncthreads();
-    for (int i = tid; i < G * hd; i += DEC_THREADS) {
+    for (int i = tid; i < G * hd; i += THREADS) {
         const int g = i / hd, d = i % hd;
         float a = 0.0f;
 #pragma unroll
-        for (int ww = 0; ww < DEC_THREADS / 32; ww++) a += red[(ww * MAXG + g) * hd + d];
+        for (int ww = 0; ww < THREADS / 32; ww++) a += red[(ww * MAXG + g) * hd + d];
         const size_t row = (size_t)t * heads + h0 + g;
         if (splits == 1) {
             out[row * hd + d] = f2bf(a / hl[g]);
@@ -664,6 +665,14 @@ __device__ void attention_decode(const bf16_t* q, bf16_t* kc, bf16_t* vc, const 
     q, kc, vc, positions, first_pos, bt_off, tables, heads, kv_heads, hd, bs, scale, chunk, splits, part,      \
         counters, out, kb, vb, rope_table
 ATT_DEC(1, 8)
+// One head a block of 1024 threads over all its keys, no splits to combine (contexts of up to
+// DEC_WHOLE_MAX_KEYS in mod.rs): 256 keys a pass, the first pass's rows loaded before the wait.
+extern "C" __global__ void __launch_bounds__(1024, 1) attention_rope_w1(ATT_DEC_PARAMS) {
+    attention_decode<1, true, 1024>(ATT_DEC_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(1024, 1) attention_decode_w1(ATT_DEC_PARAMS) {
+    attention_decode<1, false, 1024>(ATT_DEC_ARGS);
+}
 ATT_DEC(2, 4)
 ATT_DEC(4, 4)
 ATT_DEC(8, 4)

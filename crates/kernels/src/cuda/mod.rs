@@ -105,6 +105,14 @@ const DEC_BLOCKS_PER_SM: usize = 4;
 /// or 256 keys at 512 cost 4%, 11% and 18% (H100).
 const DEC_ONE_HEAD_BYTES: usize = 32 << 20;
 const DEC_BLOCKS_PER_SM_ONE_HEAD: usize = 16;
+/// Keys up to which one block of DEC_WHOLE_THREADS takes a head whole (attention_*_w1), with no
+/// splits to combine. Llama3-8b int4 decode on the H100 at a 128-token prompt (a 256-key
+/// bucket): 442.5 / 442.4 against 433.3 / 429.5 tok/s (445.0 against 433.6 in another call); at
+/// 512 tokens 401-405 against 430-433 and at 900 386 against 415: past a few hundred keys one
+/// SM's share of the L2's bandwidth (each block reads all of its head's keys and values) costs
+/// more than the splits' combine (seventeenth session).
+const DEC_WHOLE_MAX_KEYS: usize = 256;
+const DEC_WHOLE_THREADS: u32 = 1024;
 /// Threads of an argmax_rows block (ARGMAX_THREADS in ops.cu).
 const ARGMAX_THREADS: u32 = 1024;
 /// 16-byte words of a row each thread of the vector norms holds (NORM_V in ops.cu).
@@ -1060,10 +1068,17 @@ impl CudaBackend {
         let slices = group.div_ceil(hpb);
         let want = (per_sm * self.sms).div_ceil(n * layout.kv_heads * slices);
         let max_keys = step.key_bucket;
-        let chunk = max_keys
-            .div_ceil(want)
-            .next_multiple_of(32)
-            .clamp(DEC_MIN_CHUNK, DEC_CHUNK);
+        // Short contexts, one head a block: a block of DEC_WHOLE_THREADS takes all of a head's
+        // keys, with no splits to combine.
+        let whole = hpb == 1 && max_keys <= DEC_WHOLE_MAX_KEYS;
+        let chunk = if whole {
+            max_keys
+        } else {
+            max_keys
+                .div_ceil(want)
+                .next_multiple_of(32)
+                .clamp(DEC_MIN_CHUNK, DEC_CHUNK)
+        };
         let splits = max_keys.div_ceil(chunk);
         let (part, counters) = if splits > 1 {
             let need = n * heads * splits * (hd + 4);
@@ -1090,21 +1105,31 @@ impl CudaBackend {
         } else {
             (0, 0)
         };
+        let threads = if whole {
+            DEC_WHOLE_THREADS
+        } else {
+            DEC_THREADS
+        };
         let smem = ((hpb * (hd + chunk) + chunk) * 4)
-            .max(4 * hpb * hd * 4)
+            .max(threads as usize / 32 * hpb * hd * 4)
             .max((splits.next_multiple_of(4) + DEC_THREADS as usize / 32 * hd) * 4);
         let cfg = LaunchConfig {
             grid_dim: ((n * layout.kv_heads) as u32, splits as u32, slices as u32),
-            block_dim: (DEC_THREADS, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         let (kernel, kb, vb, table) = match rope {
             Some(r) => ("attention_rope", r.k.ptr, r.v.ptr, r.table.ptr),
             None => ("attention_decode", 0, 0, 0),
         };
+        let name = if whole {
+            format!("{kernel}_w1")
+        } else {
+            format!("{kernel}_g{hpb}")
+        };
         launch!(
             self,
-            &format!("{kernel}_g{hpb}"),
+            &name,
             cfg,
             q.ptr,
             cache.kp,
@@ -1672,6 +1697,8 @@ fn common_names() -> Vec<String> {
         "attention_rope_g2",
         "attention_rope_g4",
         "attention_rope_g8",
+        "attention_decode_w1",
+        "attention_rope_w1",
         "attention_prefill_64",
         "attention_prefill_128",
     ]
