@@ -464,7 +464,7 @@ __device__ void attention_decode(const bf16_t* q, bf16_t* kc, bf16_t* vc, const 
     float* qs = smem;                             // G x hd, pre-scaled
     float* sc = smem + MAXG * hd;             // G x chunk: scores, then probabilities
     u32* sl = (u32*)(sc + MAXG * chunk);      // chunk slot offsets
-    float* red = smem;                            // 4 warps x G x hd, once sc is consumed
+    float* red = smem;                            // THREADS / 32 warps x G x hd, once sc is consumed
     const u32* table = tables + bt_off[t];
     for (int j = tid; j < cn; j += THREADS) {
         const int kj = c0 + j;

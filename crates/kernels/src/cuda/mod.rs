@@ -111,6 +111,7 @@ const DEC_BLOCKS_PER_SM_ONE_HEAD: usize = 16;
 /// 512 tokens 401-405 against 430-433 and at 900 386 against 415: past a few hundred keys one
 /// SM's share of the L2's bandwidth (each block reads all of its head's keys and values) costs
 /// more than the splits' combine (seventeenth session).
+/// At most DEC_CHUNK: the kernel's chunk is then the whole bucket.
 const DEC_WHOLE_MAX_KEYS: usize = 256;
 const DEC_WHOLE_THREADS: u32 = 1024;
 /// Threads of an argmax_rows block (ARGMAX_THREADS in ops.cu).
@@ -1112,7 +1113,7 @@ impl CudaBackend {
         };
         let smem = ((hpb * (hd + chunk) + chunk) * 4)
             .max(threads as usize / 32 * hpb * hd * 4)
-            .max((splits.next_multiple_of(4) + DEC_THREADS as usize / 32 * hd) * 4);
+            .max((splits.next_multiple_of(4) + threads as usize / 32 * hd) * 4);
         let cfg = LaunchConfig {
             grid_dim: ((n * layout.kv_heads) as u32, splits as u32, slices as u32),
             block_dim: (threads, 1, 1),
