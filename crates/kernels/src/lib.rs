@@ -195,6 +195,23 @@ pub trait Backend: Send + Sync + 'static {
         self.rope_write_kv(q, k, v, cache, step, heads, kv_heads, head_dim, table)?;
         self.attention(q, cache, step, heads, scale, out)
     }
+    /// `matmul_many` of x by gate and up into `gate_out` and `up_out`, then `silu_mul` of the two
+    /// into `out`: a gated feed-forward's first half, which a backend may run as one launch.
+    /// Afterwards `gate_out` and `up_out` hold the projections or what they held before (the
+    /// backend's choice). The default runs the two ops.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_swiglu(
+        &self,
+        x: &Self::Buffer,
+        gate: &Self::Weight,
+        up: &Self::Weight,
+        rows: MatmulRows,
+        gate_out: &mut Self::Buffer,
+        up_out: &mut Self::Buffer,
+        out: &mut Self::Buffer,
+    ) -> Result<()> {
+        swiglu_in_two_ops(self, x, gate, up, rows, gate_out, up_out, out)
+    }
     /// `out = silu(gate) * up`, elementwise over `len` elements.
     fn silu_mul(
         &self,
@@ -238,6 +255,23 @@ pub trait Backend: Send + Sync + 'static {
         let values = self.read(x, rows * dim)?;
         Ok(values.chunks(dim.max(1)).map(argmax).collect())
     }
+}
+
+/// `Backend::matmul_swiglu` as its two ops, for backends that fuse it only for some shapes.
+#[allow(clippy::too_many_arguments)]
+pub fn swiglu_in_two_ops<B: Backend + ?Sized>(
+    b: &B,
+    x: &B::Buffer,
+    gate: &B::Weight,
+    up: &B::Weight,
+    rows: MatmulRows,
+    gate_out: &mut B::Buffer,
+    up_out: &mut B::Buffer,
+    out: &mut B::Buffer,
+) -> Result<()> {
+    b.matmul_many(x, &[gate, up], rows, &mut [&mut *gate_out, &mut *up_out])?;
+    let (n, _) = b.weight_shape(gate);
+    b.silu_mul(gate_out, up_out, rows.count * n, out)
 }
 
 /// The index of the largest value of `row`: the first on ties, NaN never (0 for a row without a

@@ -878,6 +878,94 @@ fn matmul_many_quant() {
     }
 }
 
+/// silu(x · gateᵀ) * (x · upᵀ) from the f64 references of gate and up, each rounded to bf16 as
+/// the projections are.
+fn swiglu_reference(gate: &QuantTensor, up: &QuantTensor, x: &[f32], rows: usize) -> Vec<f32> {
+    let (g, u) = (reference(gate, x, rows), reference(up, x, rows));
+    g.iter()
+        .zip(&u)
+        .map(|(&g, &u)| {
+            let g = bf(g);
+            g / (1.0 + (-g).exp()) * bf(u)
+        })
+        .collect()
+}
+
+/// `matmul_swiglu`: one row of gate and up of one shape runs the gated kernel (a block takes a
+/// strip of each), split along k where the strips are few, at 4 blocks an SM where they are many,
+/// and through a shared act-order permutation; other rows and unlike pairs run as matmul_many
+/// and silu_mul. Against the f64 reference, and run twice bitwise alike.
+#[test]
+fn matmul_swiglu_quant() {
+    let Some(g) = gpu("matmul_swiglu_quant") else {
+        return;
+    };
+    let mut r = rng();
+    let int4 = QuantFormat::Int {
+        bits: 4,
+        asym: false,
+    };
+    for format in QuantFormat::ALL {
+        // (n, k, gate's group, up's group): partial strips, split-K (few strips, long rows),
+        // more strips than 3 blocks an SM, partial chunks, unlike groups.
+        for &(n, k, gg, ug) in &[
+            (77usize, 384usize, 128usize, 128usize),
+            (40, 4096, 128, 128),
+            (6500, 256, 64, 64),
+            (50, 224, 32, 32),
+            (96, 512, 32, 128),
+        ] {
+            let (Some(gg), Some(ug)) = (test_group(format, k, gg), test_group(format, k, ug))
+            else {
+                continue;
+            };
+            let mut pair: Vec<QuantTensor> = [gg, ug]
+                .iter()
+                .map(|&group| {
+                    quantize_rtn(&randv(&mut r, n * k, 0.1), n, k, format, group).unwrap()
+                })
+                .collect();
+            if format == int4 && n == 77 {
+                let perm = permutation(&mut r, k);
+                for t in &mut pair {
+                    t.perm = Some(perm.clone());
+                }
+            }
+            let ws: Vec<cuda::Weight> = pair
+                .iter()
+                .map(|t| {
+                    g.upload_weight(&HostWeight::quant(t.clone()).unwrap())
+                        .unwrap()
+                })
+                .collect();
+            for rows in [1usize, 3, 16] {
+                let what = format!("{format} {n}x{k} g{gg}/g{ug} rows {rows}");
+                let x = randv(&mut r, rows * k, 1.0);
+                let mut gx = g.alloc(rows * k).unwrap();
+                g.write(&mut gx, &x).unwrap();
+                let run = || {
+                    let (mut go, mut uo) = (poisoned(g, rows * n), poisoned(g, rows * n));
+                    let mut out = poisoned(g, rows * n);
+                    g.matmul_swiglu(
+                        &gx,
+                        &ws[0],
+                        &ws[1],
+                        MatmulRows::plain(rows),
+                        &mut go,
+                        &mut uo,
+                        &mut out,
+                    )
+                    .unwrap();
+                    g.read(&out, rows * n).unwrap()
+                };
+                let got = run();
+                assert_close(&what, &got, &swiglu_reference(&pair[0], &pair[1], &x, rows));
+                assert_same_bits(&what, &got, &run());
+            }
+        }
+    }
+}
+
 /// The residual add fused with the next norm, against the CPU's add then rms_norm: both the
 /// updated residual and the normed output.
 #[test]

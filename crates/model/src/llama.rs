@@ -553,13 +553,15 @@ impl<B: Backend> Model<B> {
             &mut ws.normed,
         )?;
         watch(&["mlp.gate_proj", "mlp.up_proj"], &ws.normed, hidden)?;
-        b.matmul_many(
+        b.matmul_swiglu(
             &ws.normed,
-            &[&layer.gate, &layer.up],
+            &layer.gate,
+            &layer.up,
             rows,
-            &mut [&mut ws.gate, &mut ws.up],
+            &mut ws.gate,
+            &mut ws.up,
+            &mut ws.act,
         )?;
-        b.silu_mul(&ws.gate, &ws.up, n * c.intermediate_size, &mut ws.act)?;
         watch(&["mlp.down_proj"], &ws.act, c.intermediate_size)?;
         b.matmul(&ws.act, &layer.down, rows, &mut ws.proj)?;
         if !defer {

@@ -30,7 +30,9 @@ mod quant;
 
 pub use cudarc;
 
-use crate::{check, Backend, KernelError, KvLayout, MatmulRows, Result, StepBatch};
+use crate::{
+    check, swiglu_in_two_ops, Backend, KernelError, KvLayout, MatmulRows, Result, StepBatch,
+};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
@@ -1297,10 +1299,19 @@ impl CudaBackend {
     /// without split-K.
     fn qgemv(&self, x: u64, ws: &[&QuantWeight], rows: usize, outs: &[u64]) -> Result<()> {
         let q0 = ws[0];
-        self.with_stored_order(x, q0, rows, |x| self.qgemv_stored(x, ws, rows, outs))
+        self.with_stored_order(x, q0, rows, |x| self.qgemv_stored(x, ws, rows, outs, false))
     }
 
-    fn qgemv_stored(&self, x: u64, ws: &[&QuantWeight], rows: usize, outs: &[u64]) -> Result<()> {
+    /// `qgemv`, or with `glu` (ws: gate and up of one shape, one row of whole chunks) the gated
+    /// kernel (`qglu`): silu(gate) * up into `outs[0]`, a block taking strip s of each weight.
+    fn qgemv_stored(
+        &self,
+        x: u64,
+        ws: &[&QuantWeight],
+        rows: usize,
+        outs: &[u64],
+        glu: bool,
+    ) -> Result<()> {
         let q0 = ws[0];
         // One row of whole chunks, 16-byte aligned: the kernel that streams the activations
         // through its copy ring (`_1`). The `w` builds (one row at 4 blocks an SM, 8 rows at 3)
@@ -1319,18 +1330,24 @@ impl CudaBackend {
         } else {
             1
         };
-        let strips: usize = ws
-            .iter()
-            .map(|q| q.strips.next_multiple_of(per_block))
-            .sum();
-        let blocks = strips / per_block;
+        let (strips, blocks) = if glu {
+            (2 * q0.strips, q0.strips)
+        } else {
+            let strips: usize = ws
+                .iter()
+                .map(|q| q.strips.next_multiple_of(per_block))
+                .sum();
+            (strips, strips / per_block)
+        };
         let wide = match wide_builds(q0.format) {
-            Some(_) if one => strips > 3 * self.sms,
-            Some(WideBuilds::UpTo8Rows) if rows <= 8 => strips > 4 * self.sms,
+            Some(WideBuilds::OneRow) if glu => false,
+            Some(_) if one => blocks > 3 * self.sms,
+            Some(WideBuilds::UpTo8Rows) if rows <= 8 => blocks > 4 * self.sms,
             _ => false,
         };
         let name = format!(
-            "qgemv_{}_{}{}{}",
+            "{}_{}_{}{}{}",
+            if glu { "qglu" } else { "qgemv" },
             quant::tag(q0.format),
             if one {
                 1
@@ -1348,7 +1365,7 @@ impl CudaBackend {
                 ""
             }
         );
-        let (mut args, strips) = self.quant_args(x, ws, outs, rows, q0.cols, per_block);
+        let (mut args, _) = self.quant_args(x, ws, outs, rows, q0.cols, per_block);
         let (warps, ksplit, cpb) = if row_blocks > 1 {
             (QG_WARPS, 1, q0.chunks)
         } else {
@@ -1548,6 +1565,11 @@ fn modules(arch: (i32, i32)) -> Vec<(String, Vec<String>)> {
         let mut source = format!("{PRELUDE}{QGEMV}\nQFORMAT({tag}, {bits}, {asym}, {kind})\n");
         let mut variants = vec!["1", "8", "16", "1p", "8p", "16p"];
         let wide = wide_builds(format);
+        let mut gated = vec!["1", "1p"];
+        if wide == Some(WideBuilds::UpTo8Rows) {
+            source += &format!("QGLUW({tag}, {bits}, {asym}, {kind})\n");
+            gated.extend(["1w", "1pw"]);
+        }
         for (line, names, wanted) in [
             ("QWIDE1", &["1w", "1pw"][..], wide.is_some()),
             (
@@ -1565,6 +1587,7 @@ fn modules(arch: (i32, i32)) -> Vec<(String, Vec<String>)> {
         let mut names: Vec<String> = variants
             .iter()
             .map(|v| format!("qgemv_{tag}_{v}"))
+            .chain(gated.iter().map(|v| format!("qglu_{tag}_{v}")))
             .collect();
         names.push(format!("dequant_{tag}"));
         names.push(format!("embedding_{tag}"));
@@ -2304,6 +2327,33 @@ impl Backend for CudaBackend {
             out.ptr
         );
         Ok(())
+    }
+
+    fn matmul_swiglu(
+        &self,
+        x: &Buffer,
+        gate: &Weight,
+        up: &Weight,
+        rows: MatmulRows,
+        gate_out: &mut Buffer,
+        up_out: &mut Buffer,
+        out: &mut Buffer,
+    ) -> Result<()> {
+        // One row of packed weights of one shape, format and column order: the gated kernel.
+        let (Weight::Quant(g), Weight::Quant(u)) = (gate, up) else {
+            return swiglu_in_two_ops(self, x, gate, up, rows, gate_out, up_out, out);
+        };
+        let same = (g.format, g.rows, g.cols, g.group, g.post(), g.perm_key())
+            == (u.format, u.rows, u.cols, u.group, u.post(), u.perm_key());
+        let whole = g.cols.is_multiple_of(16 * g.tile_span()) && x.ptr.is_multiple_of(16);
+        if rows.count != 1 || !same || !whole {
+            return swiglu_in_two_ops(self, x, gate, up, rows, gate_out, up_out, out);
+        }
+        len_check("matmul_swiglu", "x", x.len, g.cols)?;
+        len_check("matmul_swiglu", "out", out.len, g.rows)?;
+        self.with_stored_order(x.ptr, g, 1, |x| {
+            self.qgemv_stored(x, &[&**g, &**u], 1, &[out.ptr, out.ptr], true)
+        })
     }
 
     fn silu_mul(&self, gate: &Buffer, up: &Buffer, len: usize, out: &mut Buffer) -> Result<()> {

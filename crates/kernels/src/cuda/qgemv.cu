@@ -312,13 +312,31 @@ __device__ __forceinline__ void load_x(const bf16_t* p, bool ok, int left, bool 
     }
 }
 
+// A block's second strip (SP = 2) as offsets from its first: codes and planes in their words,
+// scales and offsets in theirs; and its weight's tensor scale and fold.
+struct QgSecond {
+    long long q, h, s, o;
+    float ts;
+    int fold;
+};
+// Strip s + 1 of the same weight (n features), or strip s again past its last strip: its
+// features lie past n and are never written.
+template <int KIND>
+__device__ __forceinline__ QgSecond next_strip(int s, int n, int CH, int G, float ts, int fold) {
+    const bool has = s + 1 < (n + 15) / 16;
+    const long long q = has ? (long long)CH * 32 : 0, sc = has ? (long long)scale_at<KIND>(1, 0, G, 0) : 0;
+    return QgSecond{q, q, sc, sc, ts, fold};
+}
+
 // Strip s of a weight of n features whose strips are strips sg - s .. of the launch (several
 // weights of one input run as one launch, see QgArgs); the split-K sums of feature f of the
-// launch (row r) are ws[r * wstride + f], its strips' counters counters[sg].
-template <int BITS, bool ASYM, int KIND, int NB, bool POST, bool XS, int SP>
+// launch (row r) are ws[r * wstride + f], its strips' counters counters[sg]. With SP = 2 the
+// block also takes the strip `two` says, and with GLU (gate and up of a feed-forward, strip s of
+// each) writes silu(gate) * up: the sums of the second strip are those of features n + f.
+template <int BITS, bool ASYM, int KIND, int NB, bool POST, bool XS, int SP, bool GLU>
 __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets, const uint2* planes, float ts, int fold,
-                      const bf16_t* x, int m, int k, int n, u32 gmul, int G, int CH, int cpb, float* ws,
-                      u32* counters, int wstride, int s, int sg, bf16_t* out) {
+                      const QgSecond two, const bf16_t* x, int m, int k, int n, u32 gmul, int G, int CH, int cpb,
+                      float* ws, u32* counters, int wstride, int s, int sg, bf16_t* out) {
     // U chunks per ring slot (per loop step) amortize the step's fixed work (wait, commit, scale
     // and activation addressing); with 16 rows, or 32 columns a lane (2- and 3-bit chunks), the
     // activations alone fill the registers, so 1. With SP = 2 a block takes two neighbouring
@@ -333,8 +351,15 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     // The host picks fold >= 0 so that the largest scale times 2^(126 - fold) stays below bf16's
     // 2^127; a product keeps bf16's full precision while the scale is above 2^(fold - 125).
     constexpr bool FOLD = e2m1_folded(KIND, POST, ASYM);
-    const float sfold = FOLD ? __uint_as_float((u32)(253 - fold) << 23) : 1.0f;
-    const float omul = FOLD ? __uint_as_float((u32)(127 + fold) << 23) : 1.0f;
+    static_assert(!GLU || SP == 2, "gate and up: one strip of each");
+    float tsp[SP], sfold[SP], omul[SP];
+#pragma unroll
+    for (int p = 0; p < SP; p++) {
+        const int f = p ? two.fold : fold;
+        tsp[p] = p ? two.ts : ts;
+        sfold[p] = FOLD ? __uint_as_float((u32)(253 - f) << 23) : 1.0f;
+        omul[p] = FOLD ? __uint_as_float((u32)(127 + f) << 23) : 1.0f;
+    }
     // XS keeps 3 stages: 4 fill the 48 KB of static shared memory exactly (rings merged) and
     // measured slower end to end (H100, same call: 398-400 against 385-386 tok/s). 2- and 3-bit
     // chunks are twice as wide: 4 stages hold as many columns in flight as 8 of int4's.
@@ -367,12 +392,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     // their codes are 4-bit (64-column chunks), so a lane's runs lie 64 W columns apart, an even
     // number of 16- or 32-column groups.
     const int gpar = byte_scales(KIND) ? (int)min(__umulhi(col_first, gmul), (u32)G - 1) & 1 : 0;
-    // The warp's second strip (SP = 2) as offsets from strip s's: codes and planes qoff1 lane
-    // words, scales soff1 words. Past the weight's last strip it reads strip s again: its
-    // features lie past n and are never written.
     static_assert(SP == 1 || SP == 2, "one or two strips a block");
-    const bool second = SP == 2 && s + 1 < (n + 15) / 16;
-    const u32 qoff1 = second ? (u32)CH * 32 : 0u, soff1 = second ? (u32)scale_at<KIND>(1, 0, G, 0) : 0u;
     const u32* o0 = ASYM ? offsets + sbase : scales;
     const u32 rq = smem_u32(&ring_q[0][0][tid]), rs = smem_u32(&ring_s[0][0][tid]),
               ro = smem_u32(&ring_o[0][0][ASYM ? tid : 0]), rx = smem_u32(&ring_x[0][0][XS ? warp * XC + lane % XC : 0]),
@@ -405,18 +425,18 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     auto issue_chunk = [&](int slot, int u, bool with_x) {
 #pragma unroll
         for (int p = 0; p < SP; p++) {
-            const u32 e = u * SP + p, qo = p ? qoff1 : 0u;
-            cp_async16_at(rq + slot * QSLOT + e * QU, qi + qo);
-            if (PLANE) cp_async8_at(rh + slot * HSLOT + e * HU, hq + qo);
+            const u32 e = u * SP + p;
+            cp_async16_at(rq + slot * QSLOT + e * QU, qi + (p ? two.q : 0));
+            if (PLANE) cp_async8_at(rh + slot * HSLOT + e * HU, hq + (p ? two.h : 0));
         }
         if (XS && with_x) issue_x(slot, u);
         // The run's group: col / group by a multiply-high (gmul = ceil(2^32 / group)).
         const u32 grp = min(__umulhi(ci, gmul), (u32)G - 1), sw = byte_scales(KIND) ? grp >> 1 : grp;
 #pragma unroll
         for (int p = 0; p < SP; p++) {
-            const u32 e = u * SP + p, so = p ? soff1 : 0u;
-            cp_async4_at(rs + slot * SSLOT + e * SU, at8(s0 + so, sw));
-            if (ASYM) cp_async4_at(ro + slot * SSLOT + e * SU, at8(o0 + so, sw));
+            const u32 e = u * SP + p;
+            cp_async4_at(rs + slot * SSLOT + e * SU, at8(s0 + (p ? two.s : 0), sw));
+            if (ASYM) cp_async4_at(ro + slot * SSLOT + e * SU, at8(o0 + (p ? two.o : 0), sw));
         }
         if (PLANE) hq += qstride;
         qi += qstride;
@@ -533,7 +553,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
         for (int e = 0; e < E; e++) {
             const int u = e / SP, p = e % SP;
             if (!FAST && i * U + u >= mine) break;  // past the warp's share: the slot was not filled
-            const QScale sc = qscale<BITS, ASYM && !POST, KIND>(sp[e], op[e], ts, gpar, sfold);
+            const QScale sc = qscale<BITS, ASYM && !POST, KIND>(sp[e], op[e], tsp[p], gpar, sfold[p]);
             const u32 words[4] = {q[e].x, q[e].y, q[e].z, q[e].w}, plane[2] = {hp[e].x, hp[e].y};
             if (POST) {
                 // One group over the whole chunk: integer products summed over its tiles, then
@@ -624,30 +644,53 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
             for (int j = 0; j < 4; j++) red[warp * OUTS + ((p * NB + b) * 4 + j) * 32 + lane] = acc[p][b][j];
     __syncthreads();
     // Element e < OUTS is (p, b, j, lane) of the mma's D fragment of strip s + p summed over the
-    // warps: feature (s + p) 16 + g + 8 (j >> 1), row b * 8 + 2 t + (j & 1).
-    // at: the output element; wat: its split-K sum.
-    auto element = [&](int e, float& v, size_t& at, size_t& wat) {
-        v = 0.0f;
-        for (int w = 0; w < W; w++) v += red[w * OUTS + e];
-        v *= omul;
+    // warps: feature (s + p) 16 + g + 8 (j >> 1), row b * 8 + 2 t + (j & 1). GLU: both strips'
+    // elements are feature s 16 + g + 8 (j >> 1) of the output (gate's and up's).
+    // place: the output element (at) and its split-K sum (wat), and whether it is written.
+    auto place = [&](int e, size_t& at, size_t& wat) {
         const int p = SP == 1 ? 0 : e / (NB * 128), b = (e >> 7) % NB, j = (e >> 5) & 3, ln = e & 31;
-        const int f = 16 * p + (ln >> 2) + 8 * (j >> 1), feat = s * 16 + f, row = b * 8 + 2 * (ln & 3) + (j & 1);
+        const int f = 16 * p + (ln >> 2) + 8 * (j >> 1), feat = s * 16 + (GLU ? f - 16 * p : f);
+        const int row = b * 8 + 2 * (ln & 3) + (j & 1);
         at = (size_t)row * n + feat;
         wat = (size_t)row * wstride + sg * 16 + f;
         return feat < n && row < m;
     };
-    if (gridDim.y == 1) {
-        for (int e = tid; e < OUTS; e += blockDim.x) {
-            float v;
+    auto total = [&](int e) {
+        float v = 0.0f;
+        for (int w = 0; w < W; w++) v += red[w * OUTS + e];
+        return v * (SP == 2 && e >= NB * 128 ? omul[SP - 1] : omul[0]);
+    };
+    // GLU: the elements of the first strip, each with its second strip's (GLU_AT later), both
+    // rounded to bf16 as the separate projections would be, then silu_mul's arithmetic.
+    constexpr int GLU_AT = NB * 128;
+    auto glu = [](float g, float u) {
+        g = bf2f(f2bf(g));
+        return g / (1.0f + expf(-g)) * bf2f(f2bf(u));
+    };
+    // Element e's sum v written out; with GLU into red[e] (column e of red is read by e's thread
+    // alone), then the pairs written by glu_out.
+    auto finish = [&](int e, float v) {
+        size_t at, wat;
+        if (GLU)
+            red[e] = v;
+        else if (place(e, at, wat))
+            out[at] = f2bf(v);
+    };
+    auto glu_out = [&]() {
+        __syncthreads();
+        for (int e = tid; e < GLU_AT; e += blockDim.x) {
             size_t at, wat;
-            if (element(e, v, at, wat)) out[at] = f2bf(v);
+            if (place(e, at, wat)) out[at] = f2bf(glu(red[e], red[e + GLU_AT]));
         }
+    };
+    if (gridDim.y == 1) {
+        for (int e = tid; e < OUTS; e += blockDim.x) finish(e, total(e));
+        if (GLU) glu_out();
         return;
     }
     for (int e = tid; e < OUTS; e += blockDim.x) {
-        float v;
         size_t at, wat;
-        if (element(e, v, at, wat)) atomicAdd(&ws[wat], v);
+        if (place(e, at, wat)) atomicAdd(&ws[wat], total(e));
     }
     __threadfence();
     __syncthreads();
@@ -656,10 +699,11 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     if (!last) return;
     __threadfence();
     for (int e = tid; e < OUTS; e += blockDim.x) {
-        float v;
         size_t at, wat;
-        if (element(e, v, at, wat)) out[at] = f2bf(atomicExch(&ws[wat], 0.0f));
+        place(e, at, wat);
+        finish(e, atomicExch(&ws[wat], 0.0f));
     }
+    if (GLU) glu_out();
     if (tid == 0) counters[sg] = 0;
 }
 
@@ -695,11 +739,26 @@ struct QgArgs {
         /* A block's row blocks are neighbours: they run together and share its weights in the L2. */          \
         const int bs = blockIdx.x / a.row_blocks, rb = blockIdx.x - bs * a.row_blocks, sg = bs * SP;            \
         const int pi = (a.parts > 1 && sg >= a.p[1].strip0) + (a.parts > 2 && sg >= a.p[2].strip0);            \
-        qgemv<BITS, ASYM, KIND, NB, POST, XS, SP>(QG_SEL(codes), QG_SEL(scales), QG_SEL(offsets), QG_SEL(planes),   \
-                                              QG_SEL(ts), QG_SEL(fold), a.x + (size_t)rb * 16 * a.k, min(16, a.m - rb * 16), a.k, \
+        const QgSecond two = next_strip<KIND>(sg - QG_SEL(strip0), QG_SEL(n), a.CH, QG_SEL(G), QG_SEL(ts), QG_SEL(fold)); \
+        qgemv<BITS, ASYM, KIND, NB, POST, XS, SP, false>(QG_SEL(codes), QG_SEL(scales), QG_SEL(offsets), QG_SEL(planes), \
+                                              QG_SEL(ts), QG_SEL(fold), two, a.x + (size_t)rb * 16 * a.k, min(16, a.m - rb * 16), a.k, \
                                               QG_SEL(n), QG_SEL(gmul), QG_SEL(G), a.CH, a.cpb, a.ws, a.counters,   \
                                               a.wstride, sg - QG_SEL(strip0), sg,                               \
                                               QG_SEL(out) + (size_t)rb * 16 * QG_SEL(n));                       \
+    }
+// Gate and up of a feed-forward (parts 0 and 1, of one shape) into silu(gate) * up (part 0's out):
+// block s takes strip s of each, so no silu_mul launch and no gate and up outputs.
+#define QGLU1(name, BITS, ASYM, KIND, NB, POST, XS, BOUNDS)                                                      \
+    extern "C" __global__ void __launch_bounds__ BOUNDS name(const QgArgs a) {                                  \
+        griddep_launch();                                                                                      \
+        const int s = blockIdx.x / a.row_blocks, rb = blockIdx.x - s * a.row_blocks;                           \
+        const QgPart &g = a.p[0], &u = a.p[1];                                                                  \
+        const QgSecond two{u.codes - g.codes, u.planes - g.planes, u.scales - g.scales, u.offsets - g.offsets,   \
+                           u.ts, u.fold};                                                                       \
+        qgemv<BITS, ASYM, KIND, NB, POST, XS, 2, true>(g.codes, g.scales, g.offsets, g.planes, g.ts, g.fold, two,    \
+                                                  a.x + (size_t)rb * 16 * a.k, min(16, a.m - rb * 16), a.k, g.n,  \
+                                                  g.gmul, g.G, a.CH, a.cpb, a.ws, a.counters, a.wstride, s, 2 * s, \
+                                                  g.out + (size_t)rb * 16 * g.n);                                \
     }
 // One format: its kernels for 1 row of whole chunks, up to 8 and up to 16 rows, scaled per
 // weight and (suffix p) after the mma; its prefill expansion and its embedding gather. The
@@ -717,6 +776,8 @@ struct QgArgs {
     QGEMV1(qgemv_##tag##_1p, BITS, ASYM, KIND, 1, true, true, 1, (QG_MAXW * 32))   \
     QGEMV1(qgemv_##tag##_8p, BITS, ASYM, KIND, 1, true, false, 1, (QG_MAXW * 32))  \
     QGEMV1(qgemv_##tag##_16p, BITS, ASYM, KIND, 2, true, false, 1, (QG_MAXW * 32)) \
+    QGLU1(qglu_##tag##_1, BITS, ASYM, KIND, 1, false, true, (QG_MAXW * 32))        \
+    QGLU1(qglu_##tag##_1p, BITS, ASYM, KIND, 1, true, true, (QG_MAXW * 32))        \
     DEQUANT(dequant_##tag, BITS, ASYM, KIND)                                \
     QEMBED(embedding_##tag, BITS, ASYM, KIND)
 // The host appends these lines where a format uses them. The bounded builds (suffix w), for the
@@ -725,6 +786,11 @@ struct QgArgs {
 #define QWIDE1(tag, BITS, ASYM, KIND)                                                 \
     QGEMV1(qgemv_##tag##_1w, BITS, ASYM, KIND, 1, false, true, 1, (QG_MAXW * 32, 4))  \
     QGEMV1(qgemv_##tag##_1pw, BITS, ASYM, KIND, 1, true, true, 1, (QG_MAXW * 32, 4))
+// The gated kernel at 4 blocks an SM, for the formats whose build fits it without spilling
+// (symmetric, 4 bits and more; 2- and 3-bit chunks of two strips spilled 32-52 bytes).
+#define QGLUW(tag, BITS, ASYM, KIND)                                              \
+    QGLU1(qglu_##tag##_1w, BITS, ASYM, KIND, 1, false, true, (QG_MAXW * 32, 4))  \
+    QGLU1(qglu_##tag##_1pw, BITS, ASYM, KIND, 1, true, true, (QG_MAXW * 32, 4))
 #define QWIDE8(tag, BITS, ASYM, KIND)                                                 \
     QGEMV1(qgemv_##tag##_8w, BITS, ASYM, KIND, 1, false, false, 1, (QG_MAXW * 32, 3)) \
     QGEMV1(qgemv_##tag##_8pw, BITS, ASYM, KIND, 1, true, false, 1, (QG_MAXW * 32, 3))
