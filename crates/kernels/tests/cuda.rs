@@ -891,10 +891,11 @@ fn swiglu_reference(gate: &QuantTensor, up: &QuantTensor, x: &[f32], rows: usize
         .collect()
 }
 
-/// `matmul_swiglu`: one row of gate and up of one shape runs the gated kernel (a block takes a
-/// strip of each), split along k where the strips are few, at 4 blocks an SM where they are many,
-/// and through a shared act-order permutation; other rows and unlike pairs run as matmul_many
-/// and silu_mul. Against the f64 reference, and run twice bitwise alike.
+/// `matmul_swiglu`: gate and up of one shape run the gated kernel (a block takes a strip of
+/// each) at one row, split along k where the strips are few, at 4 blocks an SM where they are
+/// many, through a shared act-order permutation, and at 3, 16 and 33 rows (4- and 8-bit codes);
+/// the other formats' batches and unlike pairs run as matmul_many and silu_mul. Against the f64
+/// reference, and run twice bitwise alike.
 #[test]
 fn matmul_swiglu_quant() {
     let Some(g) = gpu("matmul_swiglu_quant") else {
@@ -938,7 +939,7 @@ fn matmul_swiglu_quant() {
                         .unwrap()
                 })
                 .collect();
-            for rows in [1usize, 3, 16] {
+            for rows in [1usize, 3, 16, 33] {
                 let what = format!("{format} {n}x{k} g{gg}/g{ug} rows {rows}");
                 let x = randv(&mut r, rows * k, 1.0);
                 let mut gx = g.alloc(rows * k).unwrap();

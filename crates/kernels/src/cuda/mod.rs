@@ -1302,7 +1302,7 @@ impl CudaBackend {
         self.with_stored_order(x, q0, rows, |x| self.qgemv_stored(x, ws, rows, outs, false))
     }
 
-    /// `qgemv`, or with `glu` (ws: gate and up of one shape, one row of whole chunks) the gated
+    /// `qgemv`, or with `glu` (ws: gate and up of one shape; see `matmul_swiglu`) the gated
     /// kernel (`qglu`): silu(gate) * up into `outs[0]`, a block taking strip s of each weight.
     fn qgemv_stored(
         &self,
@@ -1341,6 +1341,7 @@ impl CudaBackend {
         };
         let wide = match wide_builds(q0.format) {
             Some(WideBuilds::OneRow) if glu => false,
+            _ if glu && !one => false,
             Some(_) if one => blocks > 3 * self.sms,
             Some(WideBuilds::UpTo8Rows) if rows <= 8 => blocks > 4 * self.sms,
             _ => false,
@@ -1359,7 +1360,7 @@ impl CudaBackend {
             if q0.post() { "p" } else { "" },
             if wide {
                 "w"
-            } else if per_block == 2 {
+            } else if per_block == 2 && !glu {
                 "s"
             } else {
                 ""
@@ -1570,6 +1571,9 @@ fn modules(arch: (i32, i32)) -> Vec<(String, Vec<String>)> {
             source += &format!("QGLUW({tag}, {bits}, {asym}, {kind})\n");
             gated.extend(["1w", "1pw"]);
         }
+        if two_strip_builds(format) {
+            gated.extend(["8", "8p", "16", "16p"]);
+        }
         for (line, names, wanted) in [
             ("QWIDE1", &["1w", "1pw"][..], wide.is_some()),
             (
@@ -1654,8 +1658,8 @@ fn qgemm_smem(format: QuantFormat, bn: usize) -> u32 {
     (stages * (bn * 16 * tpu * 2 + 32 * QW_WARPS * lane_bytes) + 1024) as u32
 }
 
-/// Whether a format has the 16-row decode kernels that take two strips a block (QPAIR16 in
-/// qgemv.cu): 4- and 8-bit codes.
+/// Whether a format has the 16-row decode kernels that take two strips a block, and the gated
+/// kernel above one row (QPAIR16 in qgemv.cu): 4- and 8-bit codes.
 fn two_strip_builds(format: QuantFormat) -> bool {
     format.bits() >= 4
 }
@@ -2339,20 +2343,24 @@ impl Backend for CudaBackend {
         up_out: &mut Buffer,
         out: &mut Buffer,
     ) -> Result<()> {
-        // One row of packed weights of one shape, format and column order: the gated kernel.
+        // Packed weights of one shape, format, group and column order at decode: the gated
+        // kernel, for one row of whole chunks (any format) or up to the decode kernel's rows
+        // (the formats with two-strip builds).
         let (Weight::Quant(g), Weight::Quant(u)) = (gate, up) else {
             return swiglu_in_two_ops(self, x, gate, up, rows, gate_out, up_out, out);
         };
+        let n = rows.count;
         let same = (g.format, g.rows, g.cols, g.group, g.post(), g.perm_key())
             == (u.format, u.rows, u.cols, u.group, u.post(), u.perm_key());
-        let whole = g.cols.is_multiple_of(16 * g.tile_span()) && x.ptr.is_multiple_of(16);
-        if rows.count != 1 || !same || !whole {
+        let one = n == 1 && g.cols.is_multiple_of(16 * g.tile_span()) && x.ptr.is_multiple_of(16);
+        let batched = (2..=g.max_decode_rows()).contains(&n) && two_strip_builds(g.format);
+        if !same || !(one || batched) {
             return swiglu_in_two_ops(self, x, gate, up, rows, gate_out, up_out, out);
         }
-        len_check("matmul_swiglu", "x", x.len, g.cols)?;
-        len_check("matmul_swiglu", "out", out.len, g.rows)?;
-        self.with_stored_order(x.ptr, g, 1, |x| {
-            self.qgemv_stored(x, &[&**g, &**u], 1, &[out.ptr, out.ptr], true)
+        len_check("matmul_swiglu", "x", x.len, n * g.cols)?;
+        len_check("matmul_swiglu", "out", out.len, n * g.rows)?;
+        self.with_stored_order(x.ptr, g, n, |x| {
+            self.qgemv_stored(x, &[&**g, &**u], n, &[out.ptr, out.ptr], true)
         })
     }
 

@@ -797,9 +797,14 @@ struct QgArgs {
 // Two strips a block (suffix s) for 16 rows, and for blocks of 16 rows above, of 4- and 8-bit
 // codes (the 2- and 3-bit ones took 166-194 registers); the host takes them where the blocks
 // still fill the SMs (at 128 blocks, n = 4096, split-K made them 1.4x slower at 16 rows).
+// The gated kernel (two strips a block) for 2-16 rows and blocks of 16 rows above, likewise.
 #define QPAIR16(tag, BITS, ASYM, KIND)                                                \
     QGEMV1(qgemv_##tag##_16s, BITS, ASYM, KIND, 2, false, false, 2, (QG_MAXW * 32))   \
-    QGEMV1(qgemv_##tag##_16ps, BITS, ASYM, KIND, 2, true, false, 2, (QG_MAXW * 32))
+    QGEMV1(qgemv_##tag##_16ps, BITS, ASYM, KIND, 2, true, false, 2, (QG_MAXW * 32))   \
+    QGLU1(qglu_##tag##_8, BITS, ASYM, KIND, 1, false, false, (QG_MAXW * 32))          \
+    QGLU1(qglu_##tag##_8p, BITS, ASYM, KIND, 1, true, false, (QG_MAXW * 32))          \
+    QGLU1(qglu_##tag##_16, BITS, ASYM, KIND, 2, false, false, (QG_MAXW * 32))         \
+    QGLU1(qglu_##tag##_16p, BITS, ASYM, KIND, 2, true, false, (QG_MAXW * 32))
 
 // Element (row, col) of a re-laid weight, dequantized in f32 exactly as the CPU does (the code's
 // value times the scale, plus the offset when asymmetric): the inverse of the layout above.
