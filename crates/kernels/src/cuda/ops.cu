@@ -177,8 +177,7 @@ extern "C" __global__ void write_kv(bf16_t* kc, bf16_t* vc, const bf16_t* k, con
 extern "C" __global__ void silu_mul(const bf16_t* gate, const bf16_t* up, u32 n, bf16_t* out) {
     pdl_enter();
     for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-        float g = bf2f(gate[i]);
-        out[i] = f2bf(g / (1.0f + expf(-g)) * bf2f(up[i]));
+        out[i] = f2bf(silu_times(bf2f(gate[i]), bf2f(up[i])));
     }
 }
 

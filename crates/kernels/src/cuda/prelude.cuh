@@ -34,6 +34,9 @@ __device__ __forceinline__ u32 fma_bf2(u32 a, u32 b, u32 c) {
     return r;
 }
 
+// silu(g) * u, as silu_mul and the gated decode kernel compute it.
+__device__ __forceinline__ float silu_times(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
 // Programmatic dependent launch (sm_90; nothing on older GPUs): a kernel launched with it may
 // start while the previous kernel runs, and must call griddep_wait before it touches anything
 // earlier kernels read or write; a kernel that calls griddep_launch lets such a successor start.

@@ -331,8 +331,8 @@ __device__ __forceinline__ QgSecond next_strip(int s, int n, int CH, int G, floa
 // Strip s of a weight of n features whose strips are strips sg - s .. of the launch (several
 // weights of one input run as one launch, see QgArgs); the split-K sums of feature f of the
 // launch (row r) are ws[r * wstride + f], its strips' counters counters[sg]. With SP = 2 the
-// block also takes the strip `two` says, and with GLU (gate and up of a feed-forward, strip s of
-// each) writes silu(gate) * up: the sums of the second strip are those of features n + f.
+// block also takes the strip `two` says (its sums 16 features after the first's), and with GLU
+// (gate and up of a feed-forward, strip s of each) writes silu(gate) * up.
 template <int BITS, bool ASYM, int KIND, int NB, bool POST, bool XS, int SP, bool GLU>
 __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets, const uint2* planes, float ts, int fold,
                       const QgSecond two, const bf16_t* x, int m, int k, int n, u32 gmul, int G, int CH, int cpb,
@@ -663,10 +663,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     // GLU: the elements of the first strip, each with its second strip's (GLU_AT later), both
     // rounded to bf16 as the separate projections would be, then silu_mul's arithmetic.
     constexpr int GLU_AT = NB * 128;
-    auto glu = [](float g, float u) {
-        g = bf2f(f2bf(g));
-        return g / (1.0f + expf(-g)) * bf2f(f2bf(u));
-    };
+    auto glu = [](float g, float u) { return silu_times(bf2f(f2bf(g)), bf2f(f2bf(u))); };
     // Element e's sum v written out; with GLU into red[e] (column e of red is read by e's thread
     // alone), then the pairs written by glu_out.
     auto finish = [&](int e, float v) {
