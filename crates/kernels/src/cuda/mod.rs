@@ -1340,8 +1340,9 @@ impl CudaBackend {
             (strips, strips / per_block)
         };
         let wide = match wide_builds(q0.format) {
-            Some(WideBuilds::OneRow) if glu => false,
-            _ if glu && !one => false,
+            // The gated kernel's bounded build (QGLUW): one row, formats of 4 bits and more.
+            Some(WideBuilds::UpTo8Rows) if glu => one && blocks > 3 * self.sms,
+            _ if glu => false,
             Some(_) if one => blocks > 3 * self.sms,
             Some(WideBuilds::UpTo8Rows) if rows <= 8 => blocks > 4 * self.sms,
             _ => false,
