@@ -74,16 +74,22 @@ struct Seq {
     computed: usize,
 }
 
-/// Runs up to `take` pending tokens of every sequence in one step and returns the greedy choice
-/// after each sequence's last token (argmax of its logits, taken on the device).
-fn step(
+/// Queues one step over up to `take` pending tokens of every sequence, and the greedy choice
+/// after each sequence's last token (argmax on the device; `StepRunner::take_greedy` returns
+/// them). With `fed`, each sequence's one pending token is a placeholder: the step takes it from
+/// the ids queued before it, on the device.
+fn queue_step(
     runner: &mut dyn StepRunner,
     blocks: &mut BlockManager,
     seqs: &mut [Seq],
     take: usize,
-) -> Result<Vec<u32>> {
+    fed: bool,
+) -> Result<()> {
     let block_size = blocks.block_size();
-    let mut batch = StepBatch::default();
+    let mut batch = StepBatch {
+        tokens_from_argmax: fed,
+        ..StepBatch::default()
+    };
     for seq in seqs.iter_mut() {
         let len = (seq.tokens.len() - seq.computed).min(take);
         let context = seq.computed + len;
@@ -106,12 +112,15 @@ fn step(
         batch.logit_rows.push((start + len - 1) as u32);
         seq.computed = context;
     }
-    // The ids come back to the host, so the step's device work is finished here.
-    Ok(runner.step_greedy(&batch)?)
+    Ok(runner.queue_greedy(&batch)?)
 }
 
 /// Returns (prefill seconds of all prompts, decode seconds): each prompt prefilled alone (in
 /// chunks of the step budget), then `gen_tokens` greedy tokens for all of them together.
+///
+/// Decode queues each step before the ids of the step before reach the host (the step takes
+/// them on the device), as a greedy serving loop would: the device does not wait for the host's
+/// round trip, and the ids still come back, one step behind.
 fn run_once(
     runner: &mut dyn StepRunner,
     blocks: &mut BlockManager,
@@ -133,17 +142,30 @@ fn run_once(
     for seq in &mut seqs {
         let mut last = Vec::new();
         while seq.computed < seq.tokens.len() {
-            last = step(runner, blocks, std::slice::from_mut(seq), chunk)?;
+            queue_step(runner, blocks, std::slice::from_mut(seq), chunk, false)?;
+            last = runner.take_greedy()?;
         }
         next.extend(last);
     }
     let prefill = started.elapsed().as_secs_f64();
     let started = Instant::now();
-    for _ in 0..gen_tokens {
+    for step in 0..gen_tokens {
+        let fed = step > 0;
         for (seq, &id) in seqs.iter_mut().zip(&next) {
-            seq.tokens.push(id);
+            seq.tokens.push(if fed { 0 } else { id });
         }
-        next = step(runner, blocks, &mut seqs, 1)?;
+        queue_step(runner, blocks, &mut seqs, 1, fed)?;
+        if fed {
+            // The ids of the step before: the tokens this step took on the device.
+            next = runner.take_greedy()?;
+            for (seq, &id) in seqs.iter_mut().zip(&next) {
+                let fed_at = seq.tokens.len() - 1;
+                seq.tokens[fed_at] = id;
+            }
+        }
+    }
+    if gen_tokens > 0 {
+        runner.take_greedy()?;
     }
     let decode = started.elapsed().as_secs_f64();
     for seq in &mut seqs {

@@ -263,6 +263,7 @@ impl Engine {
                 block_table: table.blocks().to_vec(),
             }],
             logit_rows: Vec::new(),
+            tokens_from_argmax: false,
         };
         let result = f(self.runner.as_mut(), &batch);
         self.blocks.free(&mut table);

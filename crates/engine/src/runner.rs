@@ -13,9 +13,14 @@ pub trait StepRunner: Send {
     fn max_step_tokens(&self) -> usize;
     /// Runs a step and returns the logits of `batch.logit_rows`, row after row.
     fn step(&mut self, batch: &StepBatch) -> Result<Vec<f32>>;
-    /// Runs a step and returns the greedy choice (`marlin_kernels::argmax`) of each of
-    /// `batch.logit_rows`; only the ids leave the device.
-    fn step_greedy(&mut self, batch: &StepBatch) -> Result<Vec<u32>>;
+    /// Queues a step and the greedy choice (`marlin_kernels::argmax`) of each of
+    /// `batch.logit_rows`, and returns without waiting; `take_greedy` returns the ids (only they
+    /// leave the device). A step whose batch is `tokens_from_argmax` takes the latest queued ids
+    /// as its tokens, so a greedy decode loop keeps the device busy while it reads the ids of
+    /// the step before (`marlin_kernels::ARGMAX_PENDING` may wait).
+    fn queue_greedy(&mut self, batch: &StepBatch) -> Result<()>;
+    /// The ids of the oldest `queue_greedy` not yet taken (waits for its step).
+    fn take_greedy(&mut self) -> Result<Vec<u32>>;
     /// Runs a step only up to `observer.last_layer()`, showing it each linear layer's input.
     fn observe(
         &mut self,
@@ -79,9 +84,12 @@ impl<B: Backend> StepRunner for Runner<B> {
     fn step(&mut self, batch: &StepBatch) -> Result<Vec<f32>> {
         self.model.forward(&mut self.workspace, &mut self.kv, batch)
     }
-    fn step_greedy(&mut self, batch: &StepBatch) -> Result<Vec<u32>> {
+    fn queue_greedy(&mut self, batch: &StepBatch) -> Result<()> {
         self.model
-            .forward_greedy(&mut self.workspace, &mut self.kv, batch)
+            .queue_greedy(&mut self.workspace, &mut self.kv, batch)
+    }
+    fn take_greedy(&mut self) -> Result<Vec<u32>> {
+        Ok(self.model.backend().take_argmax()?)
     }
     fn observe(
         &mut self,

@@ -2,9 +2,9 @@
 //! chat template (tests/fixtures, made by scripts/fixtures/make_tiny.py), and the batch invariance
 //! the server relies on.
 
-use marlin_engine::{Engine, Event, Request, Runner, SamplingParams, Sequence};
+use marlin_engine::{Engine, Event, Request, Runner, SamplingParams, Sequence, StepRunner};
 use marlin_kernels::cpu::CpuBackend;
-use marlin_kernels::DenseFormat;
+use marlin_kernels::{DenseFormat, SeqSpan, StepBatch};
 use marlin_model::{ChatMessage, ModelFiles};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -137,6 +137,65 @@ fn greedy_tokens_match_transformers() {
             expected.len(),
         );
         assert_eq!(got, expected, "{name}");
+    }
+}
+
+/// Greedy decoding with each step queued before the ids of the step before reach the host (the
+/// step takes them where the backend keeps them, `tokens_from_argmax`) chooses transformers'
+/// tokens, and the ids come back one step behind, in order.
+#[test]
+fn steps_fed_by_the_previous_argmax_match_transformers() {
+    const BLOCK: usize = 4;
+    for name in ["tiny-llama", "tiny-qwen3"] {
+        let reference = reference(name);
+        let files = ModelFiles::open(&fixture(name)).unwrap();
+        let model = files
+            .load(CpuBackend::new(2).unwrap(), DenseFormat::F32)
+            .unwrap();
+        let mut runner = Runner::new(model, 64, 64, BLOCK).unwrap();
+        let prompt = ids(&reference["greedy"]["prompt"]);
+        let expected = ids(&reference["greedy"]["tokens"]);
+        let total = prompt.len() + expected.len();
+        let table: Vec<u32> = (0..total.div_ceil(BLOCK) as u32).rev().collect();
+        let batch = |from: usize, tokens: Vec<u32>, fed: bool| {
+            let to = from + tokens.len();
+            StepBatch {
+                positions: (from as u32..to as u32).collect(),
+                slots: (from..to)
+                    .map(|p| table[p / BLOCK] * BLOCK as u32 + (p % BLOCK) as u32)
+                    .collect(),
+                seqs: vec![SeqSpan {
+                    start: 0,
+                    len: tokens.len(),
+                    context_len: to,
+                    prompt_len: prompt.len(),
+                    block_table: table[..to.div_ceil(BLOCK)].to_vec(),
+                }],
+                logit_rows: vec![tokens.len() as u32 - 1],
+                tokens,
+                tokens_from_argmax: fed,
+            }
+        };
+        runner
+            .queue_greedy(&batch(0, prompt.clone(), false))
+            .unwrap();
+        let mut got = runner.take_greedy().unwrap();
+        for step in 0..expected.len() - 1 {
+            let fed = step > 0;
+            let token = if fed { vec![0] } else { got.clone() };
+            runner
+                .queue_greedy(&batch(prompt.len() + step, token, fed))
+                .unwrap();
+            if fed {
+                got.extend(runner.take_greedy().unwrap());
+            }
+        }
+        if expected.len() > 1 {
+            got.extend(runner.take_greedy().unwrap());
+        }
+        assert_eq!(got, expected, "{name}");
+        let none = runner.take_greedy().unwrap_err().to_string();
+        assert!(none.contains("no ids queued"), "{name}: {none}");
     }
 }
 

@@ -33,6 +33,7 @@ fn main() {
             block_table: table.clone(),
         }],
         logit_rows: vec![],
+        tokens_from_argmax: false,
     };
     let fill = |n: usize| -> Vec<f32> {
         (0..n)
@@ -135,6 +136,7 @@ fn batched_decode(b: &CpuBackend, heads: usize, layout: KvLayout) {
             block_table: (0..layout.num_blocks as u32).collect(),
         }],
         logit_rows: vec![],
+        tokens_from_argmax: false,
     };
     let all = b.prepare_step(&all).unwrap();
     let caches: Vec<_> = (0..layers)

@@ -248,14 +248,19 @@ pub trait Backend: Send + Sync + 'static {
         dim: usize,
         out: &mut Self::Buffer,
     ) -> Result<()>;
-    /// `argmax` of each of the first `rows` rows of `dim` in `x`, to the host (waits for the
-    /// device): greedy decoding reads one id a row instead of the logits. The default reads the
-    /// rows back and scans them on the host (the CPU backend's implementation).
-    fn argmax_rows(&self, x: &Self::Buffer, rows: usize, dim: usize) -> Result<Vec<u32>> {
-        let values = self.read(x, rows * dim)?;
-        Ok(values.chunks(dim.max(1)).map(argmax).collect())
-    }
+    /// Queues `argmax` of each of the first `rows` rows of `dim` in `x` (greedy decoding reads
+    /// one id a row instead of the logits); `take_argmax` returns the ids. The latest ids also
+    /// stay with the backend, where a step whose batch is `tokens_from_argmax` takes them as its
+    /// tokens, so a decode loop queues step t + 1 before it waits for step t's ids. At most
+    /// `ARGMAX_PENDING` results wait to be taken.
+    fn queue_argmax_rows(&self, x: &Self::Buffer, rows: usize, dim: usize) -> Result<()>;
+    /// The ids of the oldest `queue_argmax_rows` not yet taken (waits for the device).
+    fn take_argmax(&self) -> Result<Vec<u32>>;
 }
+
+/// How many `Backend::queue_argmax_rows` results may wait to be taken: the ids of the step the
+/// host reads and of the one queued behind it.
+pub const ARGMAX_PENDING: usize = 2;
 
 /// `Backend::matmul_swiglu` as its two ops, for backends that fuse it only for some shapes.
 #[allow(clippy::too_many_arguments)]

@@ -70,6 +70,10 @@ pub struct StepBatch {
     pub seqs: Vec<SeqSpan>,
     /// Rows (token indices) whose logits the caller wants, in the order it wants them.
     pub logit_rows: Vec<u32>,
+    /// The tokens are the ids of the backend's latest `Backend::queue_argmax_rows`, token i
+    /// its row i, and `tokens` holds as many placeholders: a greedy decode loop queues a step
+    /// before the ids it feeds on reach the host.
+    pub tokens_from_argmax: bool,
 }
 
 impl StepBatch {

@@ -1114,10 +1114,47 @@ fn argmax_rows() {
         g.write(&mut gx, &x).unwrap();
         let mut cx = c.alloc(rows * dim).unwrap();
         c.write(&mut cx, &x).unwrap();
-        let got = g.argmax_rows(&gx, rows, dim).unwrap();
-        let want = c.argmax_rows(&cx, rows, dim).unwrap();
+        g.queue_argmax_rows(&gx, rows, dim).unwrap();
+        c.queue_argmax_rows(&cx, rows, dim).unwrap();
+        let (got, want) = (g.take_argmax().unwrap(), c.take_argmax().unwrap());
         let host: Vec<u32> = x.chunks(dim).map(marlin_kernels::argmax).collect();
         assert_eq!(want, host, "CPU backend, {rows} x {dim}");
         assert_eq!(got, want, "{rows} x {dim}");
     }
+}
+
+/// Queued argmax results come back oldest first, each its own (the page-locked copies are used
+/// in turn), a third waiting result is refused, and taking with none queued is an error.
+#[test]
+fn argmax_results_wait_in_order() {
+    let Some(g) = gpu("argmax_results_wait_in_order") else {
+        return;
+    };
+    let mut r = rng();
+    let (rows, dim) = (3, 4099);
+    let inputs: Vec<Vec<f32>> = (0..5).map(|_| randv(&mut r, rows * dim, 4.0)).collect();
+    let want: Vec<Vec<u32>> = inputs
+        .iter()
+        .map(|x| x.chunks(dim).map(marlin_kernels::argmax).collect())
+        .collect();
+    let buffers: Vec<_> = inputs
+        .iter()
+        .map(|x| {
+            let mut b = g.alloc(rows * dim).unwrap();
+            g.write(&mut b, x).unwrap();
+            b
+        })
+        .collect();
+    g.queue_argmax_rows(&buffers[0], rows, dim).unwrap();
+    let mut taken = Vec::new();
+    for b in &buffers[1..] {
+        g.queue_argmax_rows(b, rows, dim).unwrap();
+        let refused = g.queue_argmax_rows(b, rows, dim).unwrap_err().to_string();
+        assert!(refused.contains("wait to be taken"), "{refused}");
+        taken.push(g.take_argmax().unwrap());
+    }
+    taken.push(g.take_argmax().unwrap());
+    assert_eq!(taken, want);
+    let none = g.take_argmax().unwrap_err().to_string();
+    assert!(none.contains("no ids queued"), "{none}");
 }

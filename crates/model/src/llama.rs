@@ -286,11 +286,26 @@ impl<B: Backend> Model<B> {
         kv: &mut KvCache<B>,
         batch: &StepBatch,
     ) -> Result<Vec<u32>> {
+        self.queue_greedy(ws, kv, batch)?;
+        Ok(self.backend.take_argmax()?)
+    }
+
+    /// Queues one step and the greedy choice of each of `batch.logit_rows`, and returns without
+    /// waiting for them: the backend's `take_argmax` returns the ids, and the next step may take
+    /// them as its tokens on the device (`StepBatch::tokens_from_argmax`).
+    pub fn queue_greedy(
+        &self,
+        ws: &mut Workspace<B>,
+        kv: &mut KvCache<B>,
+        batch: &StepBatch,
+    ) -> Result<()> {
         self.backend.run_step(|| {
             self.forward_inner(ws, kv, batch, None, |b, logits, rows, vocab| {
-                b.argmax_rows(logits, rows, vocab)
+                b.queue_argmax_rows(logits, rows, vocab)
+                    .map(|()| Vec::<()>::new())
             })
-        })
+        })?;
+        Ok(())
     }
 
     /// The hidden states entering the first decoder layer for `batch`'s tokens (tokens ×
@@ -380,7 +395,7 @@ impl<B: Backend> Model<B> {
     }
 
     /// The step's ops, then `finish(backend, logits, rows, vocab)` reads its result back (none
-    /// with an observer, or without logit rows).
+    /// with an observer).
     fn forward_inner<T>(
         &self,
         ws: &mut Workspace<B>,
@@ -436,9 +451,6 @@ impl<B: Backend> Model<B> {
             return Ok(Vec::new());
         }
         b.queue_step(&step, &key, ops)?;
-        if rows == 0 {
-            return Ok(Vec::new());
-        }
         Ok(finish(b, &ws.logits, rows, c.vocab_size)?)
     }
 

@@ -95,6 +95,7 @@ fn stepped_with<B: Backend, T>(
                 block_table: table[..end.div_ceil(BLOCK)].to_vec(),
             }],
             logit_rows: (0..take as u32).collect(),
+            tokens_from_argmax: false,
         };
         logits.extend(run(&mut ws, &mut kv, &batch));
         done = end;
@@ -333,4 +334,87 @@ fn greedy_ids_match_logits() {
         model.forward_greedy(ws, kv, batch).unwrap()
     });
     assert_eq!(got, want);
+}
+
+/// Greedy decode steps fed on the device by the step before's argmax (each queued before those
+/// ids reach the host, `tokens_from_argmax`) choose what steps fed by the host choose, on the
+/// same backend (graphs on, so replayed steps too).
+#[test]
+fn steps_fed_on_the_device_match_steps_fed_by_the_host() {
+    let Some(g) = gpu("steps_fed_on_the_device_match_steps_fed_by_the_host") else {
+        return;
+    };
+    let mut options = LoadOptions::new(DenseFormat::BF16);
+    options.quantize = Some(QuantizeSpec::new(QuantFormat::Int {
+        bits: 4,
+        asym: false,
+    }));
+    let config: ModelConfig = synthetic::config("smollm2").unwrap();
+    let source = SyntheticSource::new("smollm2", &config, &options, 6).unwrap();
+    let model = Model::load(g, config.clone(), &source, options.dtype).unwrap();
+    let prompt = &tokens(config.vocab_size)[..20];
+    let by_host = greedy_decode(&model, prompt, 24, false);
+    let on_device = greedy_decode(&model, prompt, 24, true);
+    assert_eq!(by_host.len(), 25);
+    assert_eq!(on_device, by_host);
+}
+
+/// The greedy token after `prompt` and `steps` more, one decode step each: fed by the host
+/// (`forward_greedy`), or on the device with the ids taken one step behind.
+fn greedy_decode<B: Backend>(
+    model: &Model<B>,
+    prompt: &[u32],
+    steps: usize,
+    on_device: bool,
+) -> Vec<u32> {
+    const BLOCK: usize = 16;
+    let blocks = (prompt.len() + steps).div_ceil(BLOCK);
+    let mut ws = model.workspace(prompt.len()).unwrap();
+    let mut kv = model.kv_cache(blocks + 2, BLOCK).unwrap();
+    let table: Vec<u32> = (0..blocks as u32).rev().collect();
+    let batch = |from: usize, tokens: Vec<u32>, fed: bool| {
+        let to = from + tokens.len();
+        StepBatch {
+            positions: (from as u32..to as u32).collect(),
+            slots: (from..to)
+                .map(|p| table[p / BLOCK] * BLOCK as u32 + (p % BLOCK) as u32)
+                .collect(),
+            seqs: vec![SeqSpan {
+                start: 0,
+                len: tokens.len(),
+                context_len: to,
+                prompt_len: prompt.len(),
+                block_table: table[..to.div_ceil(BLOCK)].to_vec(),
+            }],
+            logit_rows: vec![tokens.len() as u32 - 1],
+            tokens,
+            tokens_from_argmax: fed,
+        }
+    };
+    let (ws, kv) = (&mut ws, &mut kv);
+    let mut got = model
+        .forward_greedy(ws, kv, &batch(0, prompt.to_vec(), false))
+        .unwrap();
+    for step in 0..steps {
+        let at = prompt.len() + step;
+        let last = vec![*got.last().unwrap()];
+        if !on_device {
+            got.extend(
+                model
+                    .forward_greedy(ws, kv, &batch(at, last, false))
+                    .unwrap(),
+            );
+        } else if step == 0 {
+            model.queue_greedy(ws, kv, &batch(at, last, false)).unwrap();
+        } else {
+            model
+                .queue_greedy(ws, kv, &batch(at, vec![0], true))
+                .unwrap();
+            got.extend(model.backend().take_argmax().unwrap());
+        }
+    }
+    if on_device && steps > 0 {
+        got.extend(model.backend().take_argmax().unwrap());
+    }
+    got
 }

@@ -9,7 +9,7 @@ mod simd;
 #[cfg(test)]
 mod tests;
 
-use crate::{check, Backend, KernelError, KvLayout, MatmulRows, Result, StepBatch};
+use crate::{check, Backend, KernelError, KvLayout, MatmulRows, Result, StepBatch, ARGMAX_PENDING};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 pub use int8dot::IntWeight;
@@ -18,7 +18,9 @@ pub use packed::QuantWeight;
 use rayon::prelude::*;
 use rayon::ThreadPool;
 use simd::Isa;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 /// Below this many elements an elementwise or row op runs on the calling thread: waking the
 /// pool costs more than the work.
@@ -168,6 +170,15 @@ pub struct CpuBackend {
     f16_kv: bool,
     /// Integer weights run batched rows on AMX where the CPU has it (`with_amx`).
     amx: bool,
+    greedy: Mutex<GreedyIds>,
+}
+
+/// The ids of `queue_argmax_rows` not yet taken, and the latest ids (what a
+/// `StepBatch::tokens_from_argmax` step takes).
+#[derive(Default)]
+struct GreedyIds {
+    pending: VecDeque<Vec<u32>>,
+    latest: Vec<u32>,
 }
 
 impl CpuBackend {
@@ -221,6 +232,7 @@ impl CpuBackend {
             activations,
             f16_kv: false,
             amx: true,
+            greedy: Mutex::default(),
         })
     }
 
@@ -453,8 +465,20 @@ impl Backend for CpuBackend {
                 query_blocks.push((i as u32, (seq.start + t) as u32, (seq.start + end) as u32));
             }
         }
+        let mut batch = batch.clone();
+        if batch.tokens_from_argmax {
+            let latest = &self.greedy.lock().unwrap().latest;
+            check(latest.len() == batch.tokens.len(), "prepare_step", || {
+                format!(
+                    "{} tokens from the latest argmax of {} rows",
+                    batch.tokens.len(),
+                    latest.len()
+                )
+            })?;
+            batch.tokens.clone_from(latest);
+        }
         Ok(Step {
-            batch: batch.clone(),
+            batch,
             query_blocks,
         })
     }
@@ -725,5 +749,26 @@ impl Backend for CpuBackend {
             out.0[i * dim..(i + 1) * dim].copy_from_slice(&x.0[r * dim..(r + 1) * dim]);
         }
         Ok(())
+    }
+
+    fn queue_argmax_rows(&self, x: &Buffer, rows: usize, dim: usize) -> Result<()> {
+        len_check("queue_argmax_rows", "x", x.0.len(), rows * dim)?;
+        let mut greedy = self.greedy.lock().unwrap();
+        check(
+            greedy.pending.len() < ARGMAX_PENDING,
+            "queue_argmax_rows",
+            || format!("{ARGMAX_PENDING} results wait to be taken (take_argmax)"),
+        )?;
+        let ids: Vec<u32> = (0..rows)
+            .map(|r| crate::argmax(&x.0[r * dim..(r + 1) * dim]))
+            .collect();
+        greedy.latest.clone_from(&ids);
+        greedy.pending.push_back(ids);
+        Ok(())
+    }
+
+    fn take_argmax(&self) -> Result<Vec<u32>> {
+        let pending = self.greedy.lock().unwrap().pending.pop_front();
+        pending.ok_or_else(|| KernelError::Shape("take_argmax: no ids queued".into()))
     }
 }

@@ -192,6 +192,7 @@ fn decode_batch(tokens: &[u32]) -> StepBatch {
         slots: vec![0; tokens.len()],
         seqs: vec![],
         logit_rows: vec![],
+        tokens_from_argmax: false,
     }
 }
 
@@ -553,6 +554,7 @@ fn attention_matches_contiguous_reference() {
                     ..s.clone()
                 }],
                 logit_rows: vec![],
+                tokens_from_argmax: false,
             };
             let width = heads * head_dim;
             let mut out1 = poisoned(&b, width);
@@ -589,6 +591,7 @@ fn attention_matches_contiguous_reference() {
                     ..s.clone()
                 }],
                 logit_rows: vec![],
+                tokens_from_argmax: false,
             };
             let rows = (s.start + s.len - 6) * width..(s.start + s.len) * width;
             let mut out6 = poisoned(&b, 6 * width);

@@ -32,17 +32,18 @@ pub use cudarc;
 
 use crate::{
     check, swiglu_in_two_ops, Backend, KernelError, KvLayout, MatmulRows, Result, StepBatch,
+    ARGMAX_PENDING,
 };
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
     LaunchConfig, PinnedHostSlice,
 };
 use half::bf16;
 use marlin_quant::{DenseFormat, HostWeight, QuantFormat, QuantTensor, WeightData};
 use rayon::prelude::*;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -57,6 +58,10 @@ const COMMON: [&str; 3] = [
 const QGEMV: &str = include_str!("qgemv.cu");
 /// The wgmma prefill kernel on packed weights, added to each format's module on sm_90.
 const QGEMM: &str = include_str!("qgemm.cu");
+
+/// Page-locked stages for replayed steps' descriptions (`WordsStage`): the step being uploaded and
+/// the one before, whose copy may still be queued.
+const WORD_STAGES: usize = 2;
 
 /// Rows up to which matmul runs the GEMV kernels (and steps are recorded as CUDA graphs).
 pub const DECODE_MAX_ROWS: usize = 16;
@@ -322,6 +327,7 @@ impl Step {
         }
         let data = b.stream.clone_htod(&self.words).map_err(dev)?;
         let p = b.ptr(&data);
+        b.feed_tokens(self, p)?;
         let _ = self.dev.set((Some(data), p));
         Ok(p)
     }
@@ -406,6 +412,29 @@ enum Recording {
     },
 }
 
+/// Greedy ids on their way to the host (`Backend::queue_argmax_rows`).
+#[derive(Default)]
+struct GreedyIds {
+    /// Where the argmax kernel writes, grown on demand (no recording points at it): the latest
+    /// ids, which a `tokens_from_argmax` step copies over its tokens.
+    device: Option<CudaSlice<u32>>,
+    latest_rows: usize,
+    /// Page-locked copies of the ids, one per result that may wait, used in turn.
+    stage: Vec<PinnedHostSlice<u32>>,
+    next_stage: usize,
+    /// Results not yet taken: stage, rows, and the event that follows the copy.
+    pending: VecDeque<(usize, usize, CudaEvent)>,
+}
+
+/// Page-locked copies of replayed steps' descriptions, used in turn, each with the event that
+/// follows its upload. A copy from pageable memory may wait for the stream (the driver stages
+/// it), which would hold the host until the step before finished instead of queueing behind it.
+#[derive(Default)]
+struct WordsStage {
+    buffers: Vec<(PinnedHostSlice<u32>, CudaEvent)>,
+    next: usize,
+}
+
 /// The recorded steps of one caller's buffers and weights (`Backend::queue_step`'s key).
 #[derive(Default)]
 struct Graphs {
@@ -476,8 +505,8 @@ pub struct CudaBackend {
     /// memory goes through the driver's staging buffers, and a decode step reads its logits
     /// (256 KiB for a 128k vocabulary) with the GPU idle until the next step is queued.
     read_stage: Mutex<Option<PinnedHostSlice<u16>>>,
-    /// The ids `argmax_rows` writes on the device, grown on demand (no recording points at it).
-    argmax_ids: Mutex<Option<CudaSlice<u32>>>,
+    greedy: Mutex<GreedyIds>,
+    words_stage: Mutex<WordsStage>,
     graphs_on: AtomicBool,
     /// Prefill on packed weights through the wgmma kernel (sm_90 unless `MARLIN_CUDA_WGMMA=0`)
     /// rather than the expansion for cuBLAS.
@@ -623,7 +652,8 @@ impl CudaBackend {
             permuted: Mutex::new(None),
             graphs: Mutex::new(Graphs::default()),
             read_stage: Mutex::new(None),
-            argmax_ids: Mutex::new(None),
+            greedy: Mutex::default(),
+            words_stage: Mutex::default(),
             graphs_on: AtomicBool::new(
                 std::env::var("MARLIN_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             ),
@@ -702,6 +732,70 @@ impl CudaBackend {
     /// Waits for all queued work.
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(dev)
+    }
+
+    /// Copies a replayed step's description to `dst` through the page-locked stages.
+    fn upload_words(&self, words: &[u32], dst: u64) -> Result<()> {
+        let mut stage = self.words_stage.lock().unwrap();
+        let i = stage.next;
+        stage.next = (i + 1) % WORD_STAGES;
+        if stage.buffers.len() < WORD_STAGES {
+            let fresh = (0..WORD_STAGES).map(|_| {
+                // SAFETY: a stage is written by the host before it is copied from.
+                let host = unsafe { self.ctx.alloc_pinned_with_flags::<u32>(words.len(), 0) }?;
+                Ok::<_, cudarc::driver::DriverError>((host, self.ctx.new_event(None)?))
+            });
+            stage.buffers = fresh.collect::<std::result::Result<_, _>>().map_err(dev)?;
+        }
+        let (host, uploaded) = &mut stage.buffers[i];
+        // The stage's last upload must be done before the host writes it again.
+        uploaded.synchronize().map_err(dev)?;
+        if host.len() < words.len() {
+            // SAFETY: as above.
+            *host = unsafe { self.ctx.alloc_pinned_with_flags::<u32>(2 * words.len(), 0) }
+                .map_err(dev)?;
+        }
+        let host = &mut host.as_mut_slice().map_err(dev)?[..words.len()];
+        host.copy_from_slice(words);
+        self.ctx.bind_to_thread().map_err(dev)?;
+        // SAFETY: `dst` holds at least `words.len()` words (the recording's buffer), and the
+        // stage is not written again before the event recorded after the copy.
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst, host, self.stream.cu_stream()) }
+            .map_err(dev)?;
+        uploaded.record(&self.stream).map_err(dev)
+    }
+
+    /// For a `tokens_from_argmax` step, copies the latest greedy ids over its tokens at `dst`
+    /// (in stream order: after the argmax, and after the step's words are uploaded there).
+    fn feed_tokens(&self, step: &Step, dst: u64) -> Result<()> {
+        if !step.batch.tokens_from_argmax {
+            return Ok(());
+        }
+        let n = step.batch.num_tokens();
+        let greedy = self.greedy.lock().unwrap();
+        let ids = match &greedy.device {
+            Some(ids) if greedy.latest_rows == n => ids,
+            _ => {
+                return Err(KernelError::Shape(format!(
+                    "step: {n} tokens from the latest argmax of {} rows",
+                    greedy.latest_rows
+                )))
+            }
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        self.ctx.bind_to_thread().map_err(dev)?;
+        // SAFETY: both buffers hold at least `n` ids (the step's words begin with its tokens).
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(
+                dst,
+                self.ptr(ids),
+                4 * n,
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(dev)
     }
 
     /// Turns the recording and replay of decode steps as CUDA graphs on or off (on unless
@@ -1775,8 +1869,9 @@ impl Backend for CudaBackend {
             }
             match graphs.steps.get_mut(&shape) {
                 Some(Recording::Ready { graph, inputs }) if inputs.len() >= words.len() => {
-                    let mut view = inputs.slice_mut(..words.len());
-                    self.stream.memcpy_htod(words, &mut view).map_err(dev)?;
+                    let at = self.ptr(inputs);
+                    self.upload_words(words, at)?;
+                    self.feed_tokens(step, at)?;
                     graph.launch().map_err(dev)?;
                     return Ok(());
                 }
@@ -1807,6 +1902,7 @@ impl Backend for CudaBackend {
         self.stream
             .memcpy_htod(words, &mut inputs.slice_mut(..words.len()))
             .map_err(dev)?;
+        self.feed_tokens(step, self.ptr(&inputs))?;
         let homed = Step {
             batch: step.batch.clone(),
             words: Vec::new(),
@@ -2472,31 +2568,63 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn argmax_rows(&self, x: &Buffer, rows: usize, dim: usize) -> Result<Vec<u32>> {
-        len_check("argmax_rows", "x", x.len, rows * dim)?;
+    fn queue_argmax_rows(&self, x: &Buffer, rows: usize, dim: usize) -> Result<()> {
+        len_check("queue_argmax_rows", "x", x.len, rows * dim)?;
+        let mut greedy = self.greedy.lock().unwrap();
+        check(
+            greedy.pending.len() < ARGMAX_PENDING,
+            "queue_argmax_rows",
+            || format!("{ARGMAX_PENDING} results wait to be taken (take_argmax)"),
+        )?;
+        if greedy.device.as_ref().map_or(0, |d| d.len()) < rows {
+            // Nothing may still be copying into or out of the buffers being replaced.
+            self.stream.synchronize().map_err(dev)?;
+            let len = rows.next_power_of_two();
+            greedy.device = Some(self.stream.alloc_zeros::<u32>(len).map_err(dev)?);
+            greedy.stage = (0..ARGMAX_PENDING)
+                // Not write-combined (cudarc's default for pinned memory): the host reads it.
+                // SAFETY: a stage is written by a copy before the host reads it.
+                .map(|_| unsafe { self.ctx.alloc_pinned_with_flags::<u32>(len, 0) })
+                .collect::<std::result::Result<_, _>>()
+                .map_err(dev)?;
+        }
+        let stage = greedy.next_stage;
+        if rows > 0 {
+            let ids = self.ptr(greedy.device.as_ref().unwrap());
+            launch!(
+                self,
+                "argmax_rows",
+                cfg2((rows, 1), ARGMAX_THREADS, 0),
+                x.ptr,
+                dim as i32,
+                ids
+            );
+            let host = &mut greedy.stage[stage].as_mut_slice().map_err(dev)?[..rows];
+            self.ctx.bind_to_thread().map_err(dev)?;
+            // SAFETY: `host` is page-locked memory of `rows` ids, the device buffer holds at
+            // least `rows`, and the stage is not read or reused before the event below (at most
+            // ARGMAX_PENDING results wait, one stage each).
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(host, ids, self.stream.cu_stream())
+            }
+            .map_err(dev)?;
+        }
+        let copied = self.stream.record_event(None).map_err(dev)?;
+        greedy.pending.push_back((stage, rows, copied));
+        greedy.next_stage = (stage + 1) % ARGMAX_PENDING;
+        greedy.latest_rows = rows;
+        Ok(())
+    }
+
+    fn take_argmax(&self) -> Result<Vec<u32>> {
+        let mut greedy = self.greedy.lock().unwrap();
+        let Some((stage, rows, copied)) = greedy.pending.pop_front() else {
+            return Err(KernelError::Shape("take_argmax: no ids queued".into()));
+        };
         if rows == 0 {
             return Ok(Vec::new());
         }
-        let mut guard = self.argmax_ids.lock().unwrap();
-        if guard.as_ref().is_none_or(|ids| ids.len() < rows) {
-            *guard = None;
-            *guard = Some(
-                self.stream
-                    .alloc_zeros::<u32>(rows.next_power_of_two())
-                    .map_err(dev)?,
-            );
-        }
-        let ids = guard.as_ref().unwrap();
-        launch!(
-            self,
-            "argmax_rows",
-            cfg2((rows, 1), ARGMAX_THREADS, 0),
-            x.ptr,
-            dim as i32,
-            self.ptr(ids)
-        );
-        let host = self.stream.clone_dtoh(&ids.slice(..rows)).map_err(dev)?;
-        self.stream.synchronize().map_err(dev)?;
-        Ok(host)
+        copied.synchronize().map_err(dev)?;
+        Ok(greedy.stage[stage].as_slice().map_err(dev)?[..rows].to_vec())
     }
 }
