@@ -280,7 +280,8 @@ pub fn swiglu_in_two_ops<B: Backend + ?Sized>(
 }
 
 /// The index of the largest value of `row`: the first on ties, NaN never (0 for a row without a
-/// number). What `Backend::argmax_rows` computes for each row, and greedy sampling on the host.
+/// number). What `Backend::queue_argmax_rows` computes for each row, and greedy sampling on the
+/// host.
 ///
 /// The max over sixteen lanes (`f32::max` skips NaN) vectorises, then the first position
 /// holding it is the lowest index among ties: greedy decoding runs this over the whole

@@ -1080,7 +1080,7 @@ fn kernel_cache_is_reused() {
     );
 }
 
-/// `argmax_rows` against the host scan (`marlin_kernels::argmax`, the CPU backend's) on the same
+/// `queue_argmax_rows` (the `argmax_rows` kernel) against the host scan (`marlin_kernels::argmax`, the CPU backend's) on the same
 /// bf16 values: odd and 16-byte-multiple widths (the kernel's scalar and vector paths), a
 /// 128256-wide vocabulary, rows whose maximum repeats (the first index wins), rows with NaNs
 /// (never chosen) and rows of only NaN (0).
