@@ -262,6 +262,13 @@ pub trait Backend: Send + Sync + 'static {
 /// host reads and of the one queued behind it.
 pub const ARGMAX_PENDING: usize = 2;
 
+/// The error of a `queue_argmax_rows` with `ARGMAX_PENDING` results already waiting.
+pub(crate) fn check_argmax_room(pending: usize) -> Result<()> {
+    check(pending < ARGMAX_PENDING, "queue_argmax_rows", || {
+        format!("{ARGMAX_PENDING} results wait to be taken (take_argmax)")
+    })
+}
+
 /// `Backend::matmul_swiglu` as its two ops, for backends that fuse it only for some shapes.
 #[allow(clippy::too_many_arguments)]
 pub fn swiglu_in_two_ops<B: Backend + ?Sized>(

@@ -63,6 +63,39 @@ fn stepped<B: Backend>(model: &Model<B>, tokens: &[u32], chunks: &[usize]) -> Ve
     })
 }
 
+/// Tokens per KV block of the tests' caches.
+const BLOCK: usize = 16;
+
+/// One sequence's step: `tokens` at positions `from..`, its blocks `table` (in the order the
+/// sequence uses them), logits of `logit_rows`; with `fed`, `tokens` are placeholders for the ids
+/// of the latest queued argmax.
+fn seq_step(
+    table: &[u32],
+    from: usize,
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    logit_rows: Vec<u32>,
+    fed: bool,
+) -> StepBatch {
+    let to = from + tokens.len();
+    StepBatch {
+        positions: (from as u32..to as u32).collect(),
+        slots: (from..to)
+            .map(|p| table[p / BLOCK] * BLOCK as u32 + (p % BLOCK) as u32)
+            .collect(),
+        seqs: vec![SeqSpan {
+            start: 0,
+            len: tokens.len(),
+            context_len: to,
+            prompt_len,
+            block_table: table[..to.div_ceil(BLOCK)].to_vec(),
+        }],
+        logit_rows,
+        tokens,
+        tokens_from_argmax: fed,
+    }
+}
+
 /// `forward` (or another step of the model) over `tokens` in `chunks`, every position a logit row.
 fn stepped_with<B: Backend, T>(
     model: &Model<B>,
@@ -70,7 +103,6 @@ fn stepped_with<B: Backend, T>(
     chunks: &[usize],
     mut run: impl FnMut(&mut Workspace<B>, &mut KvCache<B>, &StepBatch) -> Vec<T>,
 ) -> Vec<T> {
-    const BLOCK: usize = 16;
     let n = tokens.len();
     let blocks = n.div_ceil(BLOCK);
     let mut ws = model.workspace(chunks[0]).unwrap();
@@ -81,22 +113,8 @@ fn stepped_with<B: Backend, T>(
     let mut done = 0;
     for &take in chunks {
         let end = done + take;
-        let batch = StepBatch {
-            tokens: tokens[done..end].to_vec(),
-            positions: (done as u32..end as u32).collect(),
-            slots: (done..end)
-                .map(|p| table[p / BLOCK] * BLOCK as u32 + (p % BLOCK) as u32)
-                .collect(),
-            seqs: vec![SeqSpan {
-                start: 0,
-                len: take,
-                context_len: end,
-                prompt_len: 0,
-                block_table: table[..end.div_ceil(BLOCK)].to_vec(),
-            }],
-            logit_rows: (0..take as u32).collect(),
-            tokens_from_argmax: false,
-        };
+        let rows = (0..take as u32).collect();
+        let batch = seq_step(&table, done, tokens[done..end].to_vec(), 0, rows, false);
         logits.extend(run(&mut ws, &mut kv, &batch));
         done = end;
     }
@@ -308,6 +326,19 @@ fn decode_graphs_replay_exactly() {
     }
 }
 
+/// A synthetic SmolLM2-shaped model with int4 weights (random codes from `seed`).
+fn synthetic_int4(g: CudaBackend, seed: u64) -> (Model<CudaBackend>, ModelConfig) {
+    let mut options = LoadOptions::new(DenseFormat::BF16);
+    options.quantize = Some(QuantizeSpec::new(QuantFormat::Int {
+        bits: 4,
+        asym: false,
+    }));
+    let config: ModelConfig = synthetic::config("smollm2").unwrap();
+    let source = SyntheticSource::new("smollm2", &config, &options, seed).unwrap();
+    let model = Model::load(g, config.clone(), &source, options.dtype).unwrap();
+    (model, config)
+}
+
 /// Greedy steps (`forward_greedy`: the argmax taken on the device, only ids read back) choose
 /// what the host scan of the same steps' logits chooses, over prefill and decode steps (graphs
 /// on, so replayed steps too).
@@ -316,14 +347,7 @@ fn greedy_ids_match_logits() {
     let Some(g) = gpu("greedy_ids_match_logits") else {
         return;
     };
-    let mut options = LoadOptions::new(DenseFormat::BF16);
-    options.quantize = Some(QuantizeSpec::new(QuantFormat::Int {
-        bits: 4,
-        asym: false,
-    }));
-    let config: ModelConfig = synthetic::config("smollm2").unwrap();
-    let source = SyntheticSource::new("smollm2", &config, &options, 5).unwrap();
-    let model = Model::load(g, config.clone(), &source, options.dtype).unwrap();
+    let (model, config) = synthetic_int4(g, 5);
     let toks = tokens(config.vocab_size);
     let logits = stepped(&model, &toks, &CHUNKS);
     let want: Vec<u32> = logits
@@ -344,14 +368,7 @@ fn steps_fed_on_the_device_match_steps_fed_by_the_host() {
     let Some(g) = gpu("steps_fed_on_the_device_match_steps_fed_by_the_host") else {
         return;
     };
-    let mut options = LoadOptions::new(DenseFormat::BF16);
-    options.quantize = Some(QuantizeSpec::new(QuantFormat::Int {
-        bits: 4,
-        asym: false,
-    }));
-    let config: ModelConfig = synthetic::config("smollm2").unwrap();
-    let source = SyntheticSource::new("smollm2", &config, &options, 6).unwrap();
-    let model = Model::load(g, config.clone(), &source, options.dtype).unwrap();
+    let (model, config) = synthetic_int4(g, 6);
     let prompt = &tokens(config.vocab_size)[..20];
     let by_host = greedy_decode(&model, prompt, 24, false);
     let on_device = greedy_decode(&model, prompt, 24, true);
@@ -367,29 +384,13 @@ fn greedy_decode<B: Backend>(
     steps: usize,
     on_device: bool,
 ) -> Vec<u32> {
-    const BLOCK: usize = 16;
     let blocks = (prompt.len() + steps).div_ceil(BLOCK);
     let mut ws = model.workspace(prompt.len()).unwrap();
     let mut kv = model.kv_cache(blocks + 2, BLOCK).unwrap();
     let table: Vec<u32> = (0..blocks as u32).rev().collect();
     let batch = |from: usize, tokens: Vec<u32>, fed: bool| {
-        let to = from + tokens.len();
-        StepBatch {
-            positions: (from as u32..to as u32).collect(),
-            slots: (from..to)
-                .map(|p| table[p / BLOCK] * BLOCK as u32 + (p % BLOCK) as u32)
-                .collect(),
-            seqs: vec![SeqSpan {
-                start: 0,
-                len: tokens.len(),
-                context_len: to,
-                prompt_len: prompt.len(),
-                block_table: table[..to.div_ceil(BLOCK)].to_vec(),
-            }],
-            logit_rows: vec![tokens.len() as u32 - 1],
-            tokens,
-            tokens_from_argmax: fed,
-        }
+        let last = tokens.len() as u32 - 1;
+        seq_step(&table, from, tokens, prompt.len(), vec![last], fed)
     };
     let (ws, kv) = (&mut ws, &mut kv);
     let mut got = model

@@ -9,7 +9,9 @@ mod simd;
 #[cfg(test)]
 mod tests;
 
-use crate::{check, Backend, KernelError, KvLayout, MatmulRows, Result, StepBatch, ARGMAX_PENDING};
+use crate::{
+    check, check_argmax_room, Backend, KernelError, KvLayout, MatmulRows, Result, StepBatch,
+};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 pub use int8dot::IntWeight;
@@ -754,11 +756,7 @@ impl Backend for CpuBackend {
     fn queue_argmax_rows(&self, x: &Buffer, rows: usize, dim: usize) -> Result<()> {
         len_check("queue_argmax_rows", "x", x.0.len(), rows * dim)?;
         let mut greedy = self.greedy.lock().unwrap();
-        check(
-            greedy.pending.len() < ARGMAX_PENDING,
-            "queue_argmax_rows",
-            || format!("{ARGMAX_PENDING} results wait to be taken (take_argmax)"),
-        )?;
+        check_argmax_room(greedy.pending.len())?;
         let ids: Vec<u32> = (0..rows)
             .map(|r| crate::argmax(&x.0[r * dim..(r + 1) * dim]))
             .collect();

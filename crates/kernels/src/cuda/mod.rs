@@ -31,8 +31,8 @@ mod quant;
 pub use cudarc;
 
 use crate::{
-    check, swiglu_in_two_ops, Backend, KernelError, KvLayout, MatmulRows, Result, StepBatch,
-    ARGMAX_PENDING,
+    check, check_argmax_room, swiglu_in_two_ops, Backend, KernelError, KvLayout, MatmulRows,
+    Result, StepBatch, ARGMAX_PENDING,
 };
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -2571,11 +2571,7 @@ impl Backend for CudaBackend {
     fn queue_argmax_rows(&self, x: &Buffer, rows: usize, dim: usize) -> Result<()> {
         len_check("queue_argmax_rows", "x", x.len, rows * dim)?;
         let mut greedy = self.greedy.lock().unwrap();
-        check(
-            greedy.pending.len() < ARGMAX_PENDING,
-            "queue_argmax_rows",
-            || format!("{ARGMAX_PENDING} results wait to be taken (take_argmax)"),
-        )?;
+        check_argmax_room(greedy.pending.len())?;
         if greedy.device.as_ref().map_or(0, |d| d.len()) < rows {
             // Nothing may still be copying into or out of the buffers being replaced.
             self.stream.synchronize().map_err(dev)?;
