@@ -249,22 +249,8 @@ impl Engine {
                 free_blocks: self.blocks.num_free(),
                 block_size,
             })?;
-        let batch = StepBatch {
-            tokens: tokens.to_vec(),
-            positions: (0..tokens.len() as u32).collect(),
-            slots: (0..tokens.len())
-                .map(|p| table.slot(block_size, p))
-                .collect(),
-            seqs: vec![SeqSpan {
-                start: 0,
-                len: tokens.len(),
-                context_len: tokens.len(),
-                prompt_len: tokens.len(),
-                block_table: table.blocks().to_vec(),
-            }],
-            logit_rows: Vec::new(),
-            tokens_from_argmax: false,
-        };
+        let batch =
+            StepBatch::one_sequence(tokens.to_vec(), 0, table.blocks(), block_size, tokens.len());
         let result = f(self.runner.as_mut(), &batch);
         self.blocks.free(&mut table);
         Ok(result?)

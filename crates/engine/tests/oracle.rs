@@ -4,7 +4,7 @@
 
 use marlin_engine::{Engine, Event, Request, Runner, SamplingParams, Sequence, StepRunner};
 use marlin_kernels::cpu::CpuBackend;
-use marlin_kernels::{DenseFormat, SeqSpan, StepBatch};
+use marlin_kernels::{DenseFormat, StepBatch};
 use marlin_model::{ChatMessage, ModelFiles};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -157,24 +157,10 @@ fn steps_fed_by_the_previous_argmax_match_transformers() {
         let expected = ids(&reference["greedy"]["tokens"]);
         let total = prompt.len() + expected.len();
         let table: Vec<u32> = (0..total.div_ceil(BLOCK) as u32).rev().collect();
-        let batch = |from: usize, tokens: Vec<u32>, fed: bool| {
-            let to = from + tokens.len();
-            StepBatch {
-                positions: (from as u32..to as u32).collect(),
-                slots: (from..to)
-                    .map(|p| table[p / BLOCK] * BLOCK as u32 + (p % BLOCK) as u32)
-                    .collect(),
-                seqs: vec![SeqSpan {
-                    start: 0,
-                    len: tokens.len(),
-                    context_len: to,
-                    prompt_len: prompt.len(),
-                    block_table: table[..to.div_ceil(BLOCK)].to_vec(),
-                }],
-                logit_rows: vec![tokens.len() as u32 - 1],
-                tokens,
-                tokens_from_argmax: fed,
-            }
+        let batch = |from: usize, tokens: Vec<u32>, fed: bool| StepBatch {
+            logit_rows: vec![tokens.len() as u32 - 1],
+            tokens_from_argmax: fed,
+            ..StepBatch::one_sequence(tokens, from, &table, BLOCK, prompt.len())
         };
         runner
             .queue_greedy(&batch(0, prompt.clone(), false))

@@ -19,22 +19,8 @@ fn main() {
     let mut cache = b.alloc_kv(layout).unwrap();
     // Blocks in reverse so logical order is not physical order.
     let table: Vec<u32> = (0..layout.num_blocks as u32).rev().collect();
-    let batch = |from: usize, to: usize| StepBatch {
-        tokens: vec![0; to - from],
-        positions: (from as u32..to as u32).collect(),
-        slots: (from..to)
-            .map(|p| table[p / bs] * bs as u32 + (p % bs) as u32)
-            .collect(),
-        seqs: vec![SeqSpan {
-            start: 0,
-            len: to - from,
-            context_len: to,
-            prompt_len: 0,
-            block_table: table.clone(),
-        }],
-        logit_rows: vec![],
-        tokens_from_argmax: false,
-    };
+    let batch =
+        |from: usize, to: usize| StepBatch::one_sequence(vec![0; to - from], from, &table, bs, 0);
     let fill = |n: usize| -> Vec<f32> {
         (0..n)
             .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)

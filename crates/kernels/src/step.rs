@@ -77,6 +77,34 @@ pub struct StepBatch {
 }
 
 impl StepBatch {
+    /// A step of one sequence: `tokens` at positions `from..`, in the slots that `block_table`
+    /// (the physical block of each logical block of `block_size` slots) gives them, its first
+    /// `prompt_len` positions given; no logit rows.
+    pub fn one_sequence(
+        tokens: Vec<u32>,
+        from: usize,
+        block_table: &[u32],
+        block_size: usize,
+        prompt_len: usize,
+    ) -> StepBatch {
+        let to = from + tokens.len();
+        StepBatch {
+            positions: (from as u32..to as u32).collect(),
+            slots: (from..to)
+                .map(|p| block_table[p / block_size] * block_size as u32 + (p % block_size) as u32)
+                .collect(),
+            seqs: vec![SeqSpan {
+                start: 0,
+                len: tokens.len(),
+                context_len: to,
+                prompt_len,
+                block_table: block_table[..to.div_ceil(block_size)].to_vec(),
+            }],
+            tokens,
+            ..StepBatch::default()
+        }
+    }
+
     pub fn num_tokens(&self) -> usize {
         self.tokens.len()
     }
@@ -205,6 +233,23 @@ mod tests {
             prompt_len,
             block_table: vec![],
         }
+    }
+
+    /// A one-sequence step maps each position through its block table and passes `validate`.
+    #[test]
+    fn one_sequence_fills_slots_from_the_block_table() {
+        let layout = KvLayout {
+            num_blocks: 4,
+            block_size: 4,
+            kv_heads: 1,
+            head_dim: 8,
+        };
+        let batch = StepBatch::one_sequence(vec![7, 8, 9], 3, &[2, 0, 3, 1], 4, 4);
+        assert_eq!(batch.positions, vec![3, 4, 5]);
+        assert_eq!(batch.slots, vec![11, 0, 1]);
+        assert_eq!(batch.seqs[0].block_table, vec![2, 0]);
+        assert_eq!(batch.prompt_rows(), vec![0..1]);
+        batch.validate(&layout).unwrap();
     }
 
     /// Runs of prompt tokens across sequences: a prefill chunk, a decode token, a recomputed

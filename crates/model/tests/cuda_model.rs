@@ -22,7 +22,7 @@
 
 use marlin_kernels::cpu::{Activations, CpuBackend};
 use marlin_kernels::cuda::{self, CudaBackend};
-use marlin_kernels::{Backend, DenseFormat, SeqSpan, StepBatch};
+use marlin_kernels::{Backend, DenseFormat, StepBatch};
 use marlin_model::synthetic::{self, SyntheticSource};
 use marlin_model::{KvCache, LoadOptions, Model, ModelConfig, ModelFiles, QuantizeSpec, Workspace};
 use marlin_quant::QuantFormat;
@@ -66,36 +66,6 @@ fn stepped<B: Backend>(model: &Model<B>, tokens: &[u32], chunks: &[usize]) -> Ve
 /// Tokens per KV block of the tests' caches.
 const BLOCK: usize = 16;
 
-/// One sequence's step: `tokens` at positions `from..`, its blocks `table` (in the order the
-/// sequence uses them), logits of `logit_rows`; with `fed`, `tokens` are placeholders for the ids
-/// of the latest queued argmax.
-fn seq_step(
-    table: &[u32],
-    from: usize,
-    tokens: Vec<u32>,
-    prompt_len: usize,
-    logit_rows: Vec<u32>,
-    fed: bool,
-) -> StepBatch {
-    let to = from + tokens.len();
-    StepBatch {
-        positions: (from as u32..to as u32).collect(),
-        slots: (from..to)
-            .map(|p| table[p / BLOCK] * BLOCK as u32 + (p % BLOCK) as u32)
-            .collect(),
-        seqs: vec![SeqSpan {
-            start: 0,
-            len: tokens.len(),
-            context_len: to,
-            prompt_len,
-            block_table: table[..to.div_ceil(BLOCK)].to_vec(),
-        }],
-        logit_rows,
-        tokens,
-        tokens_from_argmax: fed,
-    }
-}
-
 /// `forward` (or another step of the model) over `tokens` in `chunks`, every position a logit row.
 fn stepped_with<B: Backend, T>(
     model: &Model<B>,
@@ -113,8 +83,10 @@ fn stepped_with<B: Backend, T>(
     let mut done = 0;
     for &take in chunks {
         let end = done + take;
-        let rows = (0..take as u32).collect();
-        let batch = seq_step(&table, done, tokens[done..end].to_vec(), 0, rows, false);
+        let batch = StepBatch {
+            logit_rows: (0..take as u32).collect(),
+            ..StepBatch::one_sequence(tokens[done..end].to_vec(), done, &table, BLOCK, 0)
+        };
         logits.extend(run(&mut ws, &mut kv, &batch));
         done = end;
     }
@@ -388,9 +360,10 @@ fn greedy_decode<B: Backend>(
     let mut ws = model.workspace(prompt.len()).unwrap();
     let mut kv = model.kv_cache(blocks + 2, BLOCK).unwrap();
     let table: Vec<u32> = (0..blocks as u32).rev().collect();
-    let batch = |from: usize, tokens: Vec<u32>, fed: bool| {
-        let last = tokens.len() as u32 - 1;
-        seq_step(&table, from, tokens, prompt.len(), vec![last], fed)
+    let batch = |from: usize, tokens: Vec<u32>, fed: bool| StepBatch {
+        logit_rows: vec![tokens.len() as u32 - 1],
+        tokens_from_argmax: fed,
+        ..StepBatch::one_sequence(tokens, from, &table, BLOCK, prompt.len())
     };
     let (ws, kv) = (&mut ws, &mut kv);
     let mut got = model
