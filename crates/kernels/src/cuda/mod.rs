@@ -71,6 +71,12 @@ const QW_WARPS: usize = 8;
 const QG_WARPS: usize = 8;
 /// Most weights one quantized decode launch multiplies (QG_PARTS in qgemv.cu).
 const QG_PARTS: usize = 3;
+/// Ring stages of the one-row decode kernel's deep build (`_1d`, QDEEP1 in qgemv.cu), for
+/// launches of at most two blocks an SM. H100, int4 g128 at m = 1 (twentieth session, one call):
+/// 4096 x 14336 14.7 -> 12.5 us (72 -> 85% of copy), 4096^2 5.5 -> 5.7; llama3-8b int4 decode at
+/// a 512-token prompt 440.4 / 439.1 -> 444.7 / 443.2 tok/s. 6 and 12 stages: 419 and 401 tok/s
+/// against 444 at 8 (nineteenth session).
+const QG_DEEP_STAGES: usize = 8;
 /// Warps of the quantized decode kernel wanted per SM: what fits (3 blocks of 8 warps at its ~80
 /// registers a thread; 4 for the one-row `w` build of launches with many strips), so a launch is
 /// about one full wave. Measured on an H200 (int4 g32, m=1):
@@ -516,6 +522,8 @@ pub struct CudaBackend {
     /// Bumped whenever a buffer that recordings point at is reallocated.
     generation: AtomicU64,
     sms: usize,
+    /// Shared memory of an SM, bytes: whether two blocks of the deep decode build fit.
+    smem_per_sm: usize,
     name: String,
     arch: (i32, i32),
     kernels: KernelLoad,
@@ -582,6 +590,11 @@ impl CudaBackend {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .map_err(dev)? as usize;
+        let smem_per_sm = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+            )
+            .map_err(dev)? as usize;
         let stream = ctx.new_stream().map_err(dev)?;
         let blas = CudaBlas::new(stream.clone()).map_err(dev)?;
         // A workspace of cuBLAS's own, set once: without it cuBLAS allocates on first use of a
@@ -616,6 +629,11 @@ impl CudaBackend {
                 let f = module.load_function(&name).map_err(dev)?;
                 let big_smem = qgemm_shape(&name)
                     .map(|(format, bn)| qgemm_smem(format, bn))
+                    .or_else(|| {
+                        qgemv_deep_format(&name)
+                            .filter(|&f| deep_fits(f, smem_per_sm))
+                            .map(qgemv_deep_smem)
+                    })
                     .or_else(|| {
                         name.strip_prefix("attention_prefill_")
                             .and_then(|hd| prefill_attention_smem(hd.parse().ok()?))
@@ -663,6 +681,7 @@ impl CudaBackend {
             capturing: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             sms,
+            smem_per_sm,
             name,
             arch,
             kernels,
@@ -1441,6 +1460,12 @@ impl CudaBackend {
             Some(WideBuilds::UpTo8Rows) if rows <= 8 => blocks > 4 * self.sms,
             _ => false,
         };
+        // The deep ring where the blocks are at most two an SM (one row).
+        let deep = one
+            && !glu
+            && !wide
+            && blocks <= 2 * self.sms
+            && deep_fits(q0.format, self.smem_per_sm);
         let name = format!(
             "{}_{}_{}{}{}",
             if glu { "qglu" } else { "qgemv" },
@@ -1455,6 +1480,8 @@ impl CudaBackend {
             if q0.post() { "p" } else { "" },
             if wide {
                 "w"
+            } else if deep {
+                "d"
             } else if per_block == 2 && !glu {
                 "s"
             } else {
@@ -1491,7 +1518,8 @@ impl CudaBackend {
             args.ws = self.ptr(w);
             args.counters = self.ptr(c);
         }
-        let cfg = cfg2((blocks * row_blocks, ksplit), 32 * warps as u32, 0);
+        let smem = if deep { qgemv_deep_smem(q0.format) } else { 0 };
+        let cfg = cfg2((blocks * row_blocks, ksplit), 32 * warps as u32, smem);
         launch!(self, &name, cfg, args);
         Ok(())
     }
@@ -1658,8 +1686,11 @@ fn modules(arch: (i32, i32)) -> Vec<(String, Vec<String>)> {
             QuantFormat::Mxfp4 => (4, false, "K_MX"),
             QuantFormat::Nvfp4 => (4, false, "K_NV"),
         };
-        let mut source = format!("{PRELUDE}{QGEMV}\nQFORMAT({tag}, {bits}, {asym}, {kind})\n");
-        let mut variants = vec!["1", "8", "16", "1p", "8p", "16p"];
+        let mut source = format!(
+            "{PRELUDE}{QGEMV}\nQFORMAT({tag}, {bits}, {asym}, {kind})\n\
+             QDEEP1({tag}, {bits}, {asym}, {kind}, {QG_DEEP_STAGES})\n"
+        );
+        let mut variants = vec!["1", "8", "16", "1p", "8p", "16p", "1d", "1pd"];
         let wide = wide_builds(format);
         let mut gated = vec!["1", "1p"];
         if wide == Some(WideBuilds::UpTo8Rows) {
@@ -1727,6 +1758,22 @@ fn prefill_attention_smem(hd: usize) -> Option<u32> {
     matches!(hd, 64 | 128).then_some((APF_WARPS * 2 * APF_KEYS * hd * 2) as u32)
 }
 
+/// Whether two blocks of `format`'s deep decode build fit an SM of `smem_per_sm` bytes of shared
+/// memory (with the 1 KB the system reserves a block and the build's few static bytes); the
+/// H100's 228 KB fit every format, GPUs with less take the static ring.
+fn deep_fits(format: QuantFormat, smem_per_sm: usize) -> bool {
+    2 * (qgemv_deep_smem(format) as usize + 2048) <= smem_per_sm
+}
+
+/// The format of a deep decode build's name (`qgemv_{tag}_1d` or `_1pd`).
+fn qgemv_deep_format(name: &str) -> Option<QuantFormat> {
+    let rest = name.strip_prefix("qgemv_")?;
+    let tag = rest
+        .strip_suffix("_1d")
+        .or_else(|| rest.strip_suffix("_1pd"))?;
+    QuantFormat::ALL.into_iter().find(|&f| quant::tag(f) == tag)
+}
+
 /// The format and rows a block of a `qgemm_{tag}_{rows}` kernel.
 fn qgemm_shape(name: &str) -> Option<(QuantFormat, usize)> {
     let (tag, bn) = name.strip_prefix("qgemm_")?.rsplit_once('_')?;
@@ -1734,6 +1781,19 @@ fn qgemm_shape(name: &str) -> Option<(QuantFormat, usize)> {
         .into_iter()
         .find(|&f| quant::tag(f) == tag)?;
     Some((format, bn.parse().ok()?))
+}
+
+/// Dynamic shared memory of the one-row decode kernel's deep build: its rings (qgemv.cu) of
+/// `QG_DEEP_STAGES` stages, each of a block's chunks (codes, activations, int3 planes, scales,
+/// asymmetric offsets) for every lane of QG_WARPS warps.
+fn qgemv_deep_smem(format: QuantFormat) -> u32 {
+    let tpu = quant::tile_span(format);
+    let per_step = if tpu <= 4 { 2 } else { 1 };
+    let lanes = QG_DEEP_STAGES * per_step * 32 * QG_WARPS;
+    // Activations: 2 tpu words of 16 bytes a chunk (for 32 lanes), tpu bytes a lane.
+    let lane_bytes =
+        16 + tpu + 8 * usize::from(format.bits() == 3) + 4 + 4 * usize::from(format.is_asym());
+    (lanes * lane_bytes) as u32
 }
 
 /// Dynamic shared memory of a qgemm block of `bn` rows: qw_stages stages of the x tile (`bn` rows

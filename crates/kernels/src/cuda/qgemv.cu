@@ -312,6 +312,15 @@ __device__ __forceinline__ void load_x(const bf16_t* p, bool ok, int left, bool 
     }
 }
 
+// N entries of T at byte OFF of the dynamic shared memory. Declared here, not in qgemv's body:
+// there NVRTC 13.0 placed the array inside the module's 1 KB-aligned static window (16 bytes in
+// instead of 1 KB), and the deep builds ran ~20% slower (H100, twentieth session).
+template <typename T, int N, unsigned OFF>
+__device__ __forceinline__ T (&qg_dynamic_ring())[N] {
+    extern __shared__ uint4 qg_dyn[];
+    return *reinterpret_cast<T(*)[N]>(reinterpret_cast<char*>(qg_dyn) + OFF);
+}
+
 // A block's second strip (SP = 2) as offsets from its first: codes and planes in their words,
 // scales and offsets in theirs; and its weight's tensor scale and fold.
 struct QgSecond {
@@ -333,7 +342,7 @@ __device__ __forceinline__ QgSecond next_strip(int s, int n, int CH, int G, floa
 // launch (row r) are ws[r * wstride + f], its strips' counters counters[sg]. With SP = 2 the
 // block also takes the strip `two` says (its sums 16 features after the first's), and with GLU
 // (gate and up of a feed-forward, strip s of each) writes silu(gate) * up.
-template <int BITS, bool ASYM, int KIND, int NB, bool POST, bool XS, int SP, bool GLU>
+template <int BITS, bool ASYM, int KIND, int NB, bool POST, bool XS, int SP, bool GLU, int DS = 0>
 __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets, const uint2* planes, float ts, int fold,
                       const QgSecond two, const bf16_t* x, int m, int k, int n, u32 gmul, int G, int CH, int cpb,
                       float* ws, u32* counters, int wstride, int s, int sg, bf16_t* out) {
@@ -363,16 +372,39 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     // XS keeps 3 stages: 4 fill the 48 KB of static shared memory exactly (rings merged) and
     // measured slower end to end (H100, same call: 398-400 against 385-386 tok/s). 2- and 3-bit
     // chunks are twice as wide: 4 stages hold as many columns in flight as 8 of int4's.
-    constexpr int S = E == 2 ? (ASYM || XS ? 3 : 4) : TPU == 8 ? 4 : QG_STAGES;
+    constexpr int S = DS ? DS : E == 2 ? (ASYM || XS ? 3 : 4) : TPU == 8 ? 4 : QG_STAGES;
     // XS (one row, whole chunks): the activations ride in the ring too, XC 16-byte words a chunk
     // copied by the warp's first XC lanes, so their latency hides behind S - 1 steps like the
     // weights' (with registers, one step ahead, it was the loop's most common stall).
     constexpr int XC = CW / 8;
-    __shared__ uint4 ring_q[S][E][QG_MAXW * 32];
-    __shared__ u32 ring_s[S][E][QG_MAXW * 32];
-    __shared__ u32 ring_o[ASYM ? S : 1][E][ASYM ? QG_MAXW * 32 : 1];
-    __shared__ uint4 ring_x[XS ? S : 1][U][XS ? QG_MAXW * XC : 1];
-    __shared__ uint2 ring_h[PLANE ? S : 1][E][PLANE ? QG_MAXW * 32 : 1];
+    // The rings, in static shared memory; with DS (the deep builds) in dynamic shared memory,
+    // which may exceed static memory's 48 KB, in the order q, x, h, s, o (`qgemv_deep_smem` on the
+    // host; a ring a build does not use takes no room), the static ones then one entry each.
+    // QG_RING picks one at each use: a constant choice, so the static builds compile as before.
+    __shared__ uint4 ring_q[DS ? 1 : S][DS ? 1 : E][DS ? 1 : QG_MAXW * 32];
+    __shared__ u32 ring_s[DS ? 1 : S][DS ? 1 : E][DS ? 1 : QG_MAXW * 32];
+    __shared__ u32 ring_o[ASYM && !DS ? S : 1][DS ? 1 : E][ASYM && !DS ? QG_MAXW * 32 : 1];
+    __shared__ uint4 ring_x[XS && !DS ? S : 1][DS ? 1 : U][XS && !DS ? QG_MAXW * XC : 1];
+    __shared__ uint2 ring_h[PLANE && !DS ? S : 1][DS ? 1 : E][PLANE && !DS ? QG_MAXW * 32 : 1];
+    using RingQ = uint4[E][QG_MAXW * 32];
+    using RingS = u32[E][QG_MAXW * 32];
+    using RingO = u32[E][ASYM ? QG_MAXW * 32 : 1];
+    using RingX = uint4[U][XS ? QG_MAXW * XC : 1];
+    using RingH = uint2[E][PLANE ? QG_MAXW * 32 : 1];
+    constexpr unsigned OX = sizeof(RingQ) * S, OH = OX + (XS ? sizeof(RingX) * S : 0),
+                       OS = OH + (PLANE ? sizeof(RingH) * S : 0), OO = OS + sizeof(RingS) * S,
+                       DYN_BYTES = OO + (ASYM ? sizeof(RingO) * S : 0);
+    auto& dyn_q = qg_dynamic_ring<RingQ, S, 0>();
+    auto& dyn_x = qg_dynamic_ring<RingX, S, OX>();
+    auto& dyn_h = qg_dynamic_ring<RingH, S, OH>();
+    auto& dyn_s = qg_dynamic_ring<RingS, S, OS>();
+    auto& dyn_o = qg_dynamic_ring<RingO, S, OO>();
+#define QG_RING(r, at) (DS ? dyn_##r at : ring_##r at)
+    if (DS) {
+        u32 have;
+        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(have));
+        if (DYN_BYTES > have) __trap();  // the host's size is short
+    }
     __shared__ int last;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, W = blockDim.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -394,9 +426,10 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     const int gpar = byte_scales(KIND) ? (int)min(__umulhi(col_first, gmul), (u32)G - 1) & 1 : 0;
     static_assert(SP == 1 || SP == 2, "one or two strips a block");
     const u32* o0 = ASYM ? offsets + sbase : scales;
-    const u32 rq = smem_u32(&ring_q[0][0][tid]), rs = smem_u32(&ring_s[0][0][tid]),
-              ro = smem_u32(&ring_o[0][0][ASYM ? tid : 0]), rx = smem_u32(&ring_x[0][0][XS ? warp * XC + lane % XC : 0]),
-              rh = smem_u32(&ring_h[0][0][PLANE ? tid : 0]);
+    const u32 rq = smem_u32(&QG_RING(q, [0][0][tid])), rs = smem_u32(&QG_RING(s, [0][0][tid])),
+              ro = smem_u32(&QG_RING(o, [0][0][ASYM ? tid : 0])),
+              rx = smem_u32(&QG_RING(x, [0][0][XS ? warp * XC + lane % XC : 0])),
+              rh = smem_u32(&QG_RING(h, [0][0][PLANE ? tid : 0]));
     constexpr u32 HSLOT = E * QG_MAXW * 32 * 8, HU = QG_MAXW * 32 * 8;
     constexpr u32 XSLOT = U * QG_MAXW * XC * 16, XU = QG_MAXW * XC * 16;
     constexpr u32 QSLOT = E * QG_MAXW * 32 * 16, QU = QG_MAXW * 32 * 16, SSLOT = E * QG_MAXW * 32 * 4,
@@ -523,10 +556,10 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
         u32 sp[E], op[E];
 #pragma unroll
         for (int e = 0; e < E; e++) {
-            q[e] = ring_q[slot][e][tid];
-            hp[e] = PLANE ? ring_h[PLANE ? slot : 0][e][PLANE ? tid : 0] : make_uint2(0, 0);
-            sp[e] = ring_s[slot][e][tid];
-            op[e] = ASYM ? ring_o[ASYM ? slot : 0][e][ASYM ? tid : 0] : 0u;
+            q[e] = QG_RING(q, [slot][e][tid]);
+            hp[e] = PLANE ? QG_RING(h, [PLANE ? slot : 0][e][PLANE ? tid : 0]) : make_uint2(0, 0);
+            sp[e] = QG_RING(s, [slot][e][tid]);
+            op[e] = ASYM ? QG_RING(o, [ASYM ? slot : 0][e][ASYM ? tid : 0]) : 0u;
         }
         uint4 xl[U][NB][XW];
 #pragma unroll
@@ -535,7 +568,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
             for (int b = 0; b < NB; b++)
 #pragma unroll
                 for (int w = 0; w < XW; w++)
-                    xl[u][b][w] = XS ? ring_x[XS ? slot : 0][u][warp * XC + t * XW + w] : xc[u][b][w];
+                    xl[u][b][w] = XS ? QG_RING(x, [XS ? slot : 0][u][warp * XC + t * XW + w]) : xc[u][b][w];
         // Step i issues step i + S - 1's chunks.
         if (FAST && i + S <= mine / U)
             issue_fast(next);
@@ -634,7 +667,8 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     cp_async_wait<0>();
     __syncthreads();
     // The rings are free now: reuse them for the cross-warp reduction.
-    float* red = (float*)ring_q;
+    float* red = DS ? (float*)&dyn_q : (float*)ring_q;
+#undef QG_RING
     constexpr int OUTS = SP * NB * 128;
 #pragma unroll
     for (int p = 0; p < SP; p++)
@@ -730,14 +764,14 @@ struct QgArgs {
 
 // Suffix p: the scale applied after the mma, for groups that cover whole chunks.
 #define QG_SEL(f) (pi == 0 ? a.p[0].f : pi == 1 ? a.p[1].f : a.p[2].f)
-#define QGEMV1(name, BITS, ASYM, KIND, NB, POST, XS, SP, BOUNDS)                                                  \
+#define QGEMV1(name, BITS, ASYM, KIND, NB, POST, XS, SP, BOUNDS, DS)                                              \
     extern "C" __global__ void __launch_bounds__ BOUNDS name(const QgArgs a) {                                  \
         griddep_launch(); /* the kernel after may start now: it waits for this one (pdl_enter) */               \
         /* A block's row blocks are neighbours: they run together and share its weights in the L2. */          \
         const int bs = blockIdx.x / a.row_blocks, rb = blockIdx.x - bs * a.row_blocks, sg = bs * SP;            \
         const int pi = (a.parts > 1 && sg >= a.p[1].strip0) + (a.parts > 2 && sg >= a.p[2].strip0);            \
         const QgSecond two = next_strip<KIND>(sg - QG_SEL(strip0), QG_SEL(n), a.CH, QG_SEL(G), QG_SEL(ts), QG_SEL(fold)); \
-        qgemv<BITS, ASYM, KIND, NB, POST, XS, SP, false>(QG_SEL(codes), QG_SEL(scales), QG_SEL(offsets), QG_SEL(planes), \
+        qgemv<BITS, ASYM, KIND, NB, POST, XS, SP, false, DS>(QG_SEL(codes), QG_SEL(scales), QG_SEL(offsets), QG_SEL(planes), \
                                               QG_SEL(ts), QG_SEL(fold), two, a.x + (size_t)rb * 16 * a.k, min(16, a.m - rb * 16), a.k, \
                                               QG_SEL(n), QG_SEL(gmul), QG_SEL(G), a.CH, a.cpb, a.ws, a.counters,   \
                                               a.wstride, sg - QG_SEL(strip0), sg,                               \
@@ -767,12 +801,12 @@ struct QgArgs {
 // 17.1 / 17.7 (256 strips: 4 blocks an SM leave more SMs idle); llama3-8b decode, 4 blocks for
 // every launch, lost 2% against the 3-block build.
 #define QFORMAT(tag, BITS, ASYM, KIND)                                         \
-    QGEMV1(qgemv_##tag##_1, BITS, ASYM, KIND, 1, false, true, 1, (QG_MAXW * 32))   \
-    QGEMV1(qgemv_##tag##_8, BITS, ASYM, KIND, 1, false, false, 1, (QG_MAXW * 32))  \
-    QGEMV1(qgemv_##tag##_16, BITS, ASYM, KIND, 2, false, false, 1, (QG_MAXW * 32)) \
-    QGEMV1(qgemv_##tag##_1p, BITS, ASYM, KIND, 1, true, true, 1, (QG_MAXW * 32))   \
-    QGEMV1(qgemv_##tag##_8p, BITS, ASYM, KIND, 1, true, false, 1, (QG_MAXW * 32))  \
-    QGEMV1(qgemv_##tag##_16p, BITS, ASYM, KIND, 2, true, false, 1, (QG_MAXW * 32)) \
+    QGEMV1(qgemv_##tag##_1, BITS, ASYM, KIND, 1, false, true, 1, (QG_MAXW * 32), 0)   \
+    QGEMV1(qgemv_##tag##_8, BITS, ASYM, KIND, 1, false, false, 1, (QG_MAXW * 32), 0)  \
+    QGEMV1(qgemv_##tag##_16, BITS, ASYM, KIND, 2, false, false, 1, (QG_MAXW * 32), 0) \
+    QGEMV1(qgemv_##tag##_1p, BITS, ASYM, KIND, 1, true, true, 1, (QG_MAXW * 32), 0)   \
+    QGEMV1(qgemv_##tag##_8p, BITS, ASYM, KIND, 1, true, false, 1, (QG_MAXW * 32), 0)  \
+    QGEMV1(qgemv_##tag##_16p, BITS, ASYM, KIND, 2, true, false, 1, (QG_MAXW * 32), 0) \
     QGLU1(qglu_##tag##_1, BITS, ASYM, KIND, 1, false, true, (QG_MAXW * 32))        \
     QGLU1(qglu_##tag##_1p, BITS, ASYM, KIND, 1, true, true, (QG_MAXW * 32))        \
     DEQUANT(dequant_##tag, BITS, ASYM, KIND)                                \
@@ -781,23 +815,30 @@ struct QgArgs {
 // formats whose kernels fit them without spilling: one row at 4 blocks an SM (symmetric
 // formats), 8 rows at 3 (symmetric formats of 4 bits and more).
 #define QWIDE1(tag, BITS, ASYM, KIND)                                                 \
-    QGEMV1(qgemv_##tag##_1w, BITS, ASYM, KIND, 1, false, true, 1, (QG_MAXW * 32, 4))  \
-    QGEMV1(qgemv_##tag##_1pw, BITS, ASYM, KIND, 1, true, true, 1, (QG_MAXW * 32, 4))
+    QGEMV1(qgemv_##tag##_1w, BITS, ASYM, KIND, 1, false, true, 1, (QG_MAXW * 32, 4), 0)  \
+    QGEMV1(qgemv_##tag##_1pw, BITS, ASYM, KIND, 1, true, true, 1, (QG_MAXW * 32, 4), 0)
 // The gated kernel at 4 blocks an SM, for the formats whose build fits it without spilling
 // (symmetric, 4 bits and more; 2- and 3-bit chunks of two strips spilled 32-52 bytes).
 #define QGLUW(tag, BITS, ASYM, KIND)                                              \
     QGLU1(qglu_##tag##_1w, BITS, ASYM, KIND, 1, false, true, (QG_MAXW * 32, 4))  \
     QGLU1(qglu_##tag##_1pw, BITS, ASYM, KIND, 1, true, true, (QG_MAXW * 32, 4))
 #define QWIDE8(tag, BITS, ASYM, KIND)                                                 \
-    QGEMV1(qgemv_##tag##_8w, BITS, ASYM, KIND, 1, false, false, 1, (QG_MAXW * 32, 3)) \
-    QGEMV1(qgemv_##tag##_8pw, BITS, ASYM, KIND, 1, true, false, 1, (QG_MAXW * 32, 3))
+    QGEMV1(qgemv_##tag##_8w, BITS, ASYM, KIND, 1, false, false, 1, (QG_MAXW * 32, 3), 0) \
+    QGEMV1(qgemv_##tag##_8pw, BITS, ASYM, KIND, 1, true, false, 1, (QG_MAXW * 32, 3), 0)
+// The one-row kernel with a deeper ring (STAGES, the host's choice) in dynamic shared memory
+// (suffix d), for launches of at most two blocks an SM: there the static ring's 3 stages leave
+// about 32 KB of loads in flight an SM, short of what covers HBM's latency, and shared memory is
+// to spare. The prologue issues all but one stage before the programmatic wait.
+#define QDEEP1(tag, BITS, ASYM, KIND, STAGES)                                                  \
+    QGEMV1(qgemv_##tag##_1d, BITS, ASYM, KIND, 1, false, true, 1, (QG_MAXW * 32), STAGES)    \
+    QGEMV1(qgemv_##tag##_1pd, BITS, ASYM, KIND, 1, true, true, 1, (QG_MAXW * 32), STAGES)
 // Two strips a block (suffix s) for 16 rows, and for blocks of 16 rows above, of 4- and 8-bit
 // codes (the 2- and 3-bit ones took 166-194 registers); the host takes them where the blocks
 // still fill the SMs (at 128 blocks, n = 4096, split-K made them 1.4x slower at 16 rows).
 // The gated kernel (two strips a block) for 2-16 rows and blocks of 16 rows above, likewise.
 #define QPAIR16(tag, BITS, ASYM, KIND)                                                \
-    QGEMV1(qgemv_##tag##_16s, BITS, ASYM, KIND, 2, false, false, 2, (QG_MAXW * 32))   \
-    QGEMV1(qgemv_##tag##_16ps, BITS, ASYM, KIND, 2, true, false, 2, (QG_MAXW * 32))   \
+    QGEMV1(qgemv_##tag##_16s, BITS, ASYM, KIND, 2, false, false, 2, (QG_MAXW * 32), 0)   \
+    QGEMV1(qgemv_##tag##_16ps, BITS, ASYM, KIND, 2, true, false, 2, (QG_MAXW * 32), 0)   \
     QGLU1(qglu_##tag##_8, BITS, ASYM, KIND, 1, false, false, (QG_MAXW * 32))          \
     QGLU1(qglu_##tag##_8p, BITS, ASYM, KIND, 1, true, false, (QG_MAXW * 32))          \
     QGLU1(qglu_##tag##_16, BITS, ASYM, KIND, 2, false, false, (QG_MAXW * 32))         \
