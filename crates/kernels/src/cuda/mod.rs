@@ -333,14 +333,18 @@ impl Step {
         }
         let data = b.stream.clone_htod(&self.words).map_err(dev)?;
         let p = b.ptr(&data);
-        b.feed_tokens(self, p)?;
         let _ = self.dev.set((Some(data), p));
         Ok(p)
     }
     fn at(&self, b: &CudaBackend, field: usize) -> Result<u64> {
         Ok(self.base(b)? + 4 * (field * self.batch.num_tokens()) as u64)
     }
+    /// The step's token ids: its words, or for a `tokens_from_argmax` step the latest greedy ids
+    /// where the argmax left them on the device.
     fn tokens(&self, b: &CudaBackend) -> Result<u64> {
+        if self.batch.tokens_from_argmax {
+            return b.argmax_ids(self.batch.num_tokens()).map(|(ids, _)| ids);
+        }
         self.at(b, 0)
     }
     fn positions(&self, b: &CudaBackend) -> Result<u64> {
@@ -421,14 +425,17 @@ enum Recording {
 /// Greedy ids on their way to the host (`Backend::queue_argmax_rows`).
 #[derive(Default)]
 struct GreedyIds {
-    /// Where the argmax kernel writes, grown on demand (no recording points at it): the latest
-    /// ids, which a `tokens_from_argmax` step copies over its tokens.
+    /// Where the argmax kernel writes the latest ids, which a `tokens_from_argmax` step's
+    /// embedding reads as its tokens. Grown on demand, dropping the recordings (they point at it).
     device: Option<CudaSlice<u32>>,
+    /// Rows and row length of the latest argmax.
     latest_rows: usize,
-    /// Page-locked copies of the ids, one per result that may wait, used in turn.
-    stage: Vec<PinnedHostSlice<u32>>,
+    latest_dim: usize,
+    /// Page-locked copies of the ids, one per result that may wait, used in turn; mapped into the
+    /// device's address space, where the argmax kernel writes them (no copy queued after it).
+    stage: Vec<(PinnedHostSlice<u32>, u64)>,
     next_stage: usize,
-    /// Results not yet taken: stage, rows, and the event that follows the copy.
+    /// Results not yet taken: stage, rows, and the event that follows the kernel writing them.
     pending: VecDeque<(usize, usize, CudaEvent)>,
 }
 
@@ -445,7 +452,7 @@ struct WordsStage {
 #[derive(Default)]
 struct Graphs {
     owner: Vec<u64>,
-    steps: HashMap<(usize, usize, usize), Recording>,
+    steps: HashMap<(usize, usize, usize, bool), Recording>,
 }
 
 // SAFETY: the graphs are used only under the backend's mutex, so from one thread at a time.
@@ -784,37 +791,17 @@ impl CudaBackend {
         uploaded.record(&self.stream).map_err(dev)
     }
 
-    /// For a `tokens_from_argmax` step, copies the latest greedy ids over its tokens at `dst`
-    /// (in stream order: after the argmax, and after the step's words are uploaded there).
-    fn feed_tokens(&self, step: &Step, dst: u64) -> Result<()> {
-        if !step.batch.tokens_from_argmax {
-            return Ok(());
-        }
-        let n = step.batch.num_tokens();
+    /// The device address of the latest greedy ids, for a `tokens_from_argmax` step of `n` tokens,
+    /// and the row length they index (the vocabulary they were chosen from).
+    fn argmax_ids(&self, n: usize) -> Result<(u64, usize)> {
         let greedy = self.greedy.lock().unwrap();
-        let ids = match &greedy.device {
-            Some(ids) if greedy.latest_rows == n => ids,
-            _ => {
-                return Err(KernelError::Shape(format!(
-                    "step: {n} tokens from the latest argmax of {} rows",
-                    greedy.latest_rows
-                )))
-            }
-        };
-        if n == 0 {
-            return Ok(());
+        match &greedy.device {
+            Some(ids) if greedy.latest_rows == n => Ok((self.ptr(ids), greedy.latest_dim)),
+            _ => Err(KernelError::Shape(format!(
+                "step: {n} tokens from the latest argmax of {} rows",
+                greedy.latest_rows
+            ))),
         }
-        self.ctx.bind_to_thread().map_err(dev)?;
-        // SAFETY: both buffers hold at least `n` ids (the step's words begin with its tokens).
-        unsafe {
-            cudarc::driver::result::memcpy_dtod_async(
-                dst,
-                self.ptr(ids),
-                4 * n,
-                self.stream.cu_stream(),
-            )
-        }
-        .map_err(dev)
     }
 
     /// Turns the recording and replay of decode steps as CUDA graphs on or off (on unless
@@ -856,6 +843,26 @@ impl CudaBackend {
             ));
         }
         self.drop_recordings()
+    }
+
+    /// Page-locked host memory of `len` ids that kernels can write (mapped into the device's
+    /// address space), and its device address. Not write-combined: the host reads it.
+    fn alloc_mapped_ids(&self, len: usize) -> Result<(PinnedHostSlice<u32>, u64)> {
+        use cudarc::driver::sys;
+        // SAFETY: the memory is written by a kernel before the host reads it.
+        let mut host = unsafe {
+            self.ctx
+                .alloc_pinned_with_flags::<u32>(len, sys::CU_MEMHOSTALLOC_DEVICEMAP)
+        }
+        .map_err(dev)?;
+        let mut at: sys::CUdeviceptr = 0;
+        // SAFETY: `host` is a live allocation made with CU_MEMHOSTALLOC_DEVICEMAP.
+        unsafe {
+            sys::cuMemHostGetDevicePointer_v2(&mut at, host.as_mut_ptr().map_err(dev)?.cast(), 0)
+        }
+        .result()
+        .map_err(dev)?;
+        Ok((host, at))
     }
 
     fn func(&self, name: &str) -> Result<&CudaFunction> {
@@ -1916,7 +1923,12 @@ impl Backend for CudaBackend {
         if !self.graphs_on.load(Ordering::SeqCst) || n == 0 || n > DECODE_MAX_ROWS {
             return ops(step);
         }
-        let shape = (n, step.batch.logit_rows.len(), step.key_bucket);
+        let from_argmax = step.batch.tokens_from_argmax;
+        if from_argmax {
+            // Validated here: a replay runs no op that would.
+            self.argmax_ids(n)?;
+        }
+        let shape = (n, step.batch.logit_rows.len(), step.key_bucket, from_argmax);
         let words = &step.words;
         {
             let mut graphs = self.graphs.lock().unwrap();
@@ -1931,7 +1943,6 @@ impl Backend for CudaBackend {
                 Some(Recording::Ready { graph, inputs }) if inputs.len() >= words.len() => {
                     let at = self.ptr(inputs);
                     self.upload_words(words, at)?;
-                    self.feed_tokens(step, at)?;
                     graph.launch().map_err(dev)?;
                     return Ok(());
                 }
@@ -1962,7 +1973,6 @@ impl Backend for CudaBackend {
         self.stream
             .memcpy_htod(words, &mut inputs.slice_mut(..words.len()))
             .map_err(dev)?;
-        self.feed_tokens(step, self.ptr(&inputs))?;
         let homed = Step {
             batch: step.batch.clone(),
             words: Vec::new(),
@@ -2113,7 +2123,12 @@ impl Backend for CudaBackend {
         let (vocab, dim) = table.shape();
         let tokens = &step.batch.tokens;
         len_check("embedding", "out", out.len, tokens.len() * dim)?;
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        if step.batch.tokens_from_argmax {
+            let (_, chosen_from) = self.argmax_ids(tokens.len())?;
+            check(chosen_from <= vocab, "embedding", || {
+                format!("tokens chosen from {chosen_from} logits, vocab {vocab}")
+            })?;
+        } else if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
             return Err(KernelError::Shape(format!(
                 "embedding: token {t} of vocab {vocab}"
             )));
@@ -2633,16 +2648,14 @@ impl Backend for CudaBackend {
         let mut greedy = self.greedy.lock().unwrap();
         check_argmax_room(greedy.pending.len())?;
         if greedy.device.as_ref().map_or(0, |d| d.len()) < rows {
-            // Nothing may still be copying into or out of the buffers being replaced.
-            self.stream.synchronize().map_err(dev)?;
-            let len = rows.next_power_of_two();
+            // Nothing may still be copying into or out of the buffers being replaced, and the
+            // recordings whose embedding reads the ids go.
+            self.before_realloc()?;
+            let len = rows.next_power_of_two().max(DECODE_MAX_ROWS);
             greedy.device = Some(self.stream.alloc_zeros::<u32>(len).map_err(dev)?);
             greedy.stage = (0..ARGMAX_PENDING)
-                // Not write-combined (cudarc's default for pinned memory): the host reads it.
-                // SAFETY: a stage is written by a copy before the host reads it.
-                .map(|_| unsafe { self.ctx.alloc_pinned_with_flags::<u32>(len, 0) })
-                .collect::<std::result::Result<_, _>>()
-                .map_err(dev)?;
+                .map(|_| self.alloc_mapped_ids(len))
+                .collect::<Result<_>>()?;
         }
         let stage = greedy.next_stage;
         if rows > 0 {
@@ -2653,34 +2666,27 @@ impl Backend for CudaBackend {
                 cfg2((rows, 1), ARGMAX_THREADS, 0),
                 x.ptr,
                 dim as i32,
-                ids
+                ids,
+                greedy.stage[stage].1
             );
-            let host = &mut greedy.stage[stage].as_mut_slice().map_err(dev)?[..rows];
-            self.ctx.bind_to_thread().map_err(dev)?;
-            // SAFETY: `host` is page-locked memory of `rows` ids, the device buffer holds at
-            // least `rows`, and the stage is not read or reused before the event below (at most
-            // ARGMAX_PENDING results wait, one stage each).
-            unsafe {
-                cudarc::driver::result::memcpy_dtoh_async(host, ids, self.stream.cu_stream())
-            }
-            .map_err(dev)?;
         }
-        let copied = self.stream.record_event(None).map_err(dev)?;
-        greedy.pending.push_back((stage, rows, copied));
+        let written = self.stream.record_event(None).map_err(dev)?;
+        greedy.pending.push_back((stage, rows, written));
         greedy.next_stage = (stage + 1) % ARGMAX_PENDING;
         greedy.latest_rows = rows;
+        greedy.latest_dim = dim;
         Ok(())
     }
 
     fn take_argmax(&self) -> Result<Vec<u32>> {
         let mut greedy = self.greedy.lock().unwrap();
-        let Some((stage, rows, copied)) = greedy.pending.pop_front() else {
+        let Some((stage, rows, written)) = greedy.pending.pop_front() else {
             return Err(KernelError::Shape("take_argmax: no ids queued".into()));
         };
         if rows == 0 {
             return Ok(Vec::new());
         }
-        copied.synchronize().map_err(dev)?;
-        Ok(greedy.stage[stage].as_slice().map_err(dev)?[..rows].to_vec())
+        written.synchronize().map_err(dev)?;
+        Ok(greedy.stage[stage].0.as_slice().map_err(dev)?[..rows].to_vec())
     }
 }

@@ -234,8 +234,9 @@ extern "C" __global__ void copy_u4(const uint4* src, u64 n, uint4* dst) {
 }
 
 // Index of the largest value of each row (the first on ties, NaN never, 0 for a row without a
-// number: `marlin_kernels::argmax`), one block of ARGMAX_THREADS per row; greedy decoding copies
-// these ids to the host instead of the logits (128k bf16 a token for Llama 3, then a host scan:
+// number: `marlin_kernels::argmax`), one block of ARGMAX_THREADS per row, written to `out` (where
+// the next step's embedding reads them) and to mapped host memory; greedy decoding reads these ids
+// instead of the logits (128k bf16 a token for Llama 3, then a host scan:
 // ~0.1 ms a token with the GPU idle). Each thread scans its 16-byte words in order (so a strict
 // > keeps the first index), then the block reduces (value, index) pairs. Bound: one read of the
 // row by one SM (256 KiB for 128k logits, a few us).
@@ -247,7 +248,7 @@ __device__ __forceinline__ void argmax_take(float& best, u32& bi, float v, u32 i
         bi = i;
     }
 }
-extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS) argmax_rows(const bf16_t* x, int dim, u32* out) {
+extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS) argmax_rows(const bf16_t* x, int dim, u32* out, u32* host_out) {
     pdl_enter();
     __shared__ float sb[32];
     __shared__ u32 si[32];
@@ -294,6 +295,10 @@ extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS) argmax_rows(const b
             const u32 i = __shfl_xor_sync(0xffffffffu, bi, o);
             argmax_take(best, bi, v, i);
         }
-        if (lane == 0) out[blockIdx.x] = bi == ARGMAX_NONE ? 0u : bi;
+        if (lane == 0) {
+            const u32 id = bi == ARGMAX_NONE ? 0u : bi;
+            out[blockIdx.x] = id;
+            host_out[blockIdx.x] = id;  // mapped host memory: no copy queued after the kernel
+        }
     }
 }
