@@ -72,10 +72,10 @@ const QG_WARPS: usize = 8;
 /// Most weights one quantized decode launch multiplies (QG_PARTS in qgemv.cu).
 const QG_PARTS: usize = 3;
 /// Ring stages of the one-row decode kernel's deep build (`_1d`, QDEEP1 in qgemv.cu), for
-/// launches of at most two blocks an SM. H100, int4 g128 at m = 1 (twentieth session, one call):
-/// 4096 x 14336 14.7 -> 12.5 us (72 -> 85% of copy), 4096^2 5.5 -> 5.7; llama3-8b int4 decode at
-/// a 512-token prompt 440.4 / 439.1 -> 444.7 / 443.2 tok/s. 6 and 12 stages: 419 and 401 tok/s
-/// against 444 at 8 (nineteenth session).
+/// launches of at most two blocks an SM. H100, int4 g128 at m = 1 (twentieth session):
+/// 4096 x 14336 14.6 -> 12.5 us (72 -> 85% of copy), 4096^2 5.6 -> 5.6; llama3-8b int4 decode at
+/// a 512-token prompt 438.9-440.1 -> 444.3-445.6 tok/s (three alternations in one call). 6 stages:
+/// 4096 x 14336 21.0 us, decode 418-420.
 const QG_DEEP_STAGES: usize = 8;
 /// Warps of the quantized decode kernel wanted per SM: what fits (3 blocks of 8 warps at its ~80
 /// registers a thread; 4 for the one-row `w` build of launches with many strips), so a launch is
@@ -1467,7 +1467,11 @@ impl CudaBackend {
             Some(WideBuilds::UpTo8Rows) if rows <= 8 => blocks > 4 * self.sms,
             _ => false,
         };
-        // The deep ring where the blocks are at most two an SM (one row).
+        // The deep ring where the blocks are at most two an SM (one row). Llama3-8b's o and down
+        // both take it. Measured apart (H100, same call): o's is what gains after the split decode
+        // attention (512-token prompt: +1.3% with both, +0.1% with down's alone), but after the
+        // whole-head attention of short contexts it costs (128 tokens: -0.8% with both, +1.1%
+        // with down's alone); the default prompt decides.
         let deep = one
             && !glu
             && !wide
