@@ -93,8 +93,25 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
 __device__ __forceinline__ void cp_async4(void* dst, const void* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_u32(dst)), "l"(src) : "memory");
 }
-__device__ __forceinline__ void cp_async4_at(u32 dst, const void* src) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
+// The decode kernel's weight copies carry an L2 policy (`streaming_policy`): a decode step reads
+// its weights once, gigabytes through the 50 MB L2, which as plain loads push out what the step
+// reads again (activations, the KV cache, attention's partials, the kernels' code).
+__device__ __forceinline__ u64 streaming_policy() {
+    u64 p;
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
+    return p;
+}
+__device__ __forceinline__ void cp_async16_stream(u32 dst, const void* src, u64 policy) {
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "l"(policy)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async8_stream(u32 dst, const void* src, u64 policy) {
+    asm volatile("cp.async.ca.shared.global.L2::cache_hint [%0], [%1], 8, %2;" ::"r"(dst), "l"(src), "l"(policy)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async4_stream(u32 dst, const void* src, u64 policy) {
+    asm volatile("cp.async.ca.shared.global.L2::cache_hint [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "l"(policy)
+                 : "memory");
 }
 
 // base + 4 · 8 i (word 8 i of a u32 array) in one 64-bit multiply-add: written as C the compiler
@@ -445,6 +462,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     // Chunks are issued to the ring, and their activations fetched, in order: each keeps a
     // running address (a 64-bit add per chunk instead of recomputing it from the chunk index).
     const uint4* qi = q0;
+    const u64 wpol = streaming_policy();
     u32 ci = col_first;
     int ji = 0;
     const bf16_t* xi = x + (size_t)(c_lo + warp) * CW + 8 * (lane % XC);
@@ -459,8 +477,8 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
 #pragma unroll
         for (int p = 0; p < SP; p++) {
             const u32 e = u * SP + p;
-            cp_async16_at(rq + slot * QSLOT + e * QU, qi + (p ? two.q : 0));
-            if (PLANE) cp_async8_at(rh + slot * HSLOT + e * HU, hq + (p ? two.h : 0));
+            cp_async16_stream(rq + slot * QSLOT + e * QU, qi + (p ? two.q : 0), wpol);
+            if (PLANE) cp_async8_stream(rh + slot * HSLOT + e * HU, hq + (p ? two.h : 0), wpol);
         }
         if (XS && with_x) issue_x(slot, u);
         // The run's group: col / group by a multiply-high (gmul = ceil(2^32 / group)).
@@ -468,8 +486,8 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
 #pragma unroll
         for (int p = 0; p < SP; p++) {
             const u32 e = u * SP + p;
-            cp_async4_at(rs + slot * SSLOT + e * SU, at8(s0 + (p ? two.s : 0), sw));
-            if (ASYM) cp_async4_at(ro + slot * SSLOT + e * SU, at8(o0 + (p ? two.o : 0), sw));
+            cp_async4_stream(rs + slot * SSLOT + e * SU, at8(s0 + (p ? two.s : 0), sw), wpol);
+            if (ASYM) cp_async4_stream(ro + slot * SSLOT + e * SU, at8(o0 + (p ? two.o : 0), sw), wpol);
         }
         if (PLANE) hq += qstride;
         qi += qstride;
