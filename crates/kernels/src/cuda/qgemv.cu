@@ -95,7 +95,10 @@ __device__ __forceinline__ void cp_async4(void* dst, const void* src) {
 }
 // The decode kernel's weight copies carry an L2 policy (`streaming_policy`): a decode step reads
 // its weights once, gigabytes through the 50 MB L2, which as plain loads push out what the step
-// reads again (activations, the KV cache, attention's partials, the kernels' code).
+// reads again (activations, the KV cache, attention's partials, the kernels' code). Llama3-8b int4
+// decode on the H100 (twentieth session, one call, alternated): 443.6-444.8 -> 458.5-459.6 tok/s at
+// a 512-token prompt (69.1-69.5 -> 71.5-71.7% of the bound), 446.0 -> 460.9 at 128; a lone GEMV,
+// with nothing else to keep in the L2, runs ~1-2% slower (4096 x 14336 int4 12.6 -> 12.9 us).
 __device__ __forceinline__ u64 streaming_policy() {
     u64 p;
     asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
