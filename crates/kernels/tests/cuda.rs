@@ -707,8 +707,11 @@ fn quant_matmul_every_format() {
             // Between two and three blocks an SM on an H100 (132 SMs): the one-row kernel's
             // static ring (the shapes above take its deep build there).
             (5600, 1024, 128),
-            // More strips than 4 blocks an SM on any GPU up to 132 SMs: the bounded builds.
+            // More strips than 4 blocks an SM on any GPU up to 132 SMs: the bounded builds, and
+            // at 2-8 rows the four-strip blocks on an H100 (its last block one strip); those
+            // again per channel with a partial last chunk and two strips in the last block.
             (8464, 512, 128),
+            (7700, 1000, 1000),
         ] {
             let Some(group) = test_group(format, k, group) else {
                 continue;
@@ -850,21 +853,22 @@ fn check_many(
 /// Several weights of one input (`matmul_many`: q/k/v, gate/up), in one launch when they share
 /// a format, width and scaling, against the f64 reference of each, and run twice bitwise alike:
 /// partial strips, split-K plans (k = 4096, up to dozens of splits), a set that cannot share a
-/// launch (int4 groups of 32 beside per-channel scales), and one of odd strip counts large enough
-/// for the two-strip blocks at 16 rows on an H100; at 200 rows the wgmma prefill kernel's
-/// launches of several weights (on sm_90).
+/// launch (int4 groups of 32 beside per-channel scales), two of odd strip counts large enough
+/// for the two-strip blocks at 16 rows and the four-strip blocks at 3 and 8 rows on an H100; at
+/// 200 rows the wgmma prefill kernel's launches of several weights (on sm_90).
 #[test]
 fn matmul_many_quant() {
     let Some(g) = gpu("matmul_many_quant") else {
         return;
     };
     let mut r = rng();
-    let sets: [(usize, &[(usize, usize)]); 5] = [
+    let sets: [(usize, &[(usize, usize)]); 6] = [
         (384, &[(200, 128), (40, 128), (40, 128)]),
         (4096, &[(40, 128), (24, 128)]),
         (1024, &[(77, 64), (300, 64)]),
         (224, &[(50, 32), (33, 224)]),
         (128, &[(4104, 128), (1000, 128)]),
+        (256, &[(7000, 128), (1000, 128)]),
     ];
     for format in QuantFormat::ALL {
         for &(k, shapes) in &sets {

@@ -77,6 +77,8 @@ const QG_PARTS: usize = 3;
 /// a 512-token prompt 438.9-440.1 -> 444.3-445.6 tok/s (three alternations in one call). 6 stages:
 /// 4096 x 14336 21.0 us, decode 418-420.
 const QG_DEEP_STAGES: usize = 8;
+/// Ring stages of the four-strip decode builds (QQUAD in qgemv.cu).
+const QG_QUAD_STAGES: usize = 4;
 /// Warps of the quantized decode kernel wanted per SM: what fits (3 blocks of 8 warps at its ~80
 /// registers a thread; 4 for the one-row `w` build of launches with many strips), so a launch is
 /// about one full wave. Measured on an H200 (int4 g32, m=1):
@@ -256,8 +258,8 @@ impl QuantWeight {
     /// (warps per block, splits of each block's chunks, chunks per block) of the decode kernel:
     /// enough warps in flight to cover the memory latency (about 32 per SM), splitting the chunks
     /// over several blocks (split-K) only when the strips alone fall short, and never below 4
-    /// chunks a warp. Of a launch of `blocks` blocks (of one or two strips, see `qgemv_stored`) of
-    /// `chunks` chunks.
+    /// chunks a warp. Of a launch of `blocks` blocks (of one, two or four strips, see
+    /// `qgemv_stored`) of `warps` warps and `chunks` chunks.
     ///
     /// At most two splits: the splits add their sums into the workspace with atomics, in the
     /// order they finish, and two sums added to zero give the same bits in either order, three
@@ -265,12 +267,7 @@ impl QuantWeight {
     /// only from a few strips with long rows (a k or v projection of 4096 columns on its own);
     /// the kernel sweep's shapes and the synthetic llama3-8b, qwen3-4b and smollm2 split at most
     /// in two.
-    fn plan(blocks: usize, chunks: usize, sms: usize) -> (usize, usize, usize) {
-        let warps = if blocks >= sms {
-            QG_WARPS
-        } else {
-            QG_WARPS / 2
-        };
+    fn plan(blocks: usize, warps: usize, chunks: usize, sms: usize) -> (usize, usize, usize) {
         let want = sms * QG_WARPS_PER_SM / (blocks * warps);
         let ksplit = want.min(chunks / (4 * warps)).clamp(1, 2);
         let cpb = chunks.div_ceil(ksplit);
@@ -637,9 +634,9 @@ impl CudaBackend {
                 let big_smem = qgemm_shape(&name)
                     .map(|(format, bn)| qgemm_smem(format, bn))
                     .or_else(|| {
-                        qgemv_deep_format(&name)
-                            .filter(|&f| deep_fits(f, smem_per_sm))
-                            .map(qgemv_deep_smem)
+                        qgemv_ring_build(&name)
+                            .filter(|&(f, b)| ring_fits(f, b, smem_per_sm))
+                            .map(|(f, b)| qgemv_ring_smem(f, b))
                     })
                     .or_else(|| {
                         name.strip_prefix("attention_prefill_")
@@ -1440,12 +1437,27 @@ impl CudaBackend {
         // but the 512-strip 8192×28672 49.6 → 62.9).
         let one = rows == 1 && q0.cols.is_multiple_of(16 * q0.tile_span()) && x.is_multiple_of(16);
         let row_blocks = rows.div_ceil(16);
-        // Above 8 rows, two strips a block (`s`) where those blocks still fill the SMs. A block
-        // takes `per_block` neighbouring strips of one weight: each weight's strips are padded
-        // to a multiple of it in the launch's strip numbering.
+        // A block takes `per_block` neighbouring strips of one weight: each weight's strips are
+        // padded to a multiple of it in the launch's strip numbering. At 2-8 rows, four strips
+        // (`q`) where those blocks, split in two along k, fill nearly all of two blocks an SM: a
+        // step reads its activations once for 64 features, and a block's warps stream four times
+        // the chunks. H100, µs at 2 / 8 rows, one strip a block against four: int4 g128
+        // 14336 × 4096 15.9 / 16.8 → 13.6 / 13.7, 28672 × 8192 46.6 / 54.2 → 47.4 / 47.9, 8192²
+        // 17.4 / 17.8 → 16.8 / 17.0, 8192 × 28672 even; int8 8192 × 28672 102.5 / 105.3 → 85.0 /
+        // 85.9. Fewer blocks lose: n = 4096 (64) 5.9 → 9.5 at 2 rows, and llama3-8b's q/k/v
+        // launch (96) took batch-8 decode from 2664-2677 to 2525 tok/s. At 16 rows the build
+        // spills (128 registers, for two blocks an SM) and lost on every shape.
+        // Above 8 rows, two strips (`s`) where those blocks still fill the SMs.
         let pairs: usize = ws.iter().map(|q| q.strips.div_ceil(2)).sum();
-        let per_block = if rows > 8 && two_strip_builds(q0.format) && pairs * row_blocks >= self.sms
-        {
+        let quads: usize = ws.iter().map(|q| q.strips.div_ceil(4)).sum();
+        let quad = !glu
+            && (2..=8).contains(&rows)
+            && four_strip_builds(q0.format)
+            && 10 * quads >= 9 * self.sms
+            && ring_fits(q0.format, RingBuild::Quad, self.smem_per_sm);
+        let per_block = if quad {
+            4
+        } else if rows > 8 && two_strip_builds(q0.format) && pairs * row_blocks >= self.sms {
             2
         } else {
             1
@@ -1460,6 +1472,7 @@ impl CudaBackend {
             (strips, strips / per_block)
         };
         let wide = match wide_builds(q0.format) {
+            _ if per_block > 1 => false,
             // The gated kernel's bounded build (QGLUW): one row, formats of 4 bits and more.
             Some(WideBuilds::UpTo8Rows) if glu => one && blocks > 3 * self.sms,
             _ if glu => false,
@@ -1476,7 +1489,7 @@ impl CudaBackend {
             && !glu
             && !wide
             && blocks <= 2 * self.sms
-            && deep_fits(q0.format, self.smem_per_sm);
+            && ring_fits(q0.format, RingBuild::Deep, self.smem_per_sm);
         let name = format!(
             "{}_{}_{}{}{}",
             if glu { "qglu" } else { "qgemv" },
@@ -1493,6 +1506,8 @@ impl CudaBackend {
                 "w"
             } else if deep {
                 "d"
+            } else if per_block == 4 {
+                "q"
             } else if per_block == 2 && !glu {
                 "s"
             } else {
@@ -1503,7 +1518,14 @@ impl CudaBackend {
         let (warps, ksplit, cpb) = if row_blocks > 1 {
             (QG_WARPS, 1, q0.chunks)
         } else {
-            QuantWeight::plan(blocks, q0.chunks, self.sms)
+            // The four-strip build at 8 warps a block always: its 128 registers fit two such
+            // blocks an SM, and 4-warp blocks (8 warps an SM where the blocks are few) ran slower.
+            let warps = if quad || blocks >= self.sms {
+                QG_WARPS
+            } else {
+                QG_WARPS / 2
+            };
+            QuantWeight::plan(blocks, warps, q0.chunks, self.sms)
         };
         args.cpb = cpb as i32;
         args.wstride = (16 * strips) as i32;
@@ -1529,7 +1551,13 @@ impl CudaBackend {
             args.ws = self.ptr(w);
             args.counters = self.ptr(c);
         }
-        let smem = if deep { qgemv_deep_smem(q0.format) } else { 0 };
+        let smem = if deep {
+            qgemv_ring_smem(q0.format, RingBuild::Deep)
+        } else if per_block == 4 {
+            qgemv_ring_smem(q0.format, RingBuild::Quad)
+        } else {
+            0
+        };
         let cfg = cfg2((blocks * row_blocks, ksplit), 32 * warps as u32, smem);
         launch!(self, &name, cfg, args);
         Ok(())
@@ -1725,6 +1753,10 @@ fn modules(arch: (i32, i32)) -> Vec<(String, Vec<String>)> {
                 variants.extend(names);
             }
         }
+        if four_strip_builds(format) {
+            source += &format!("QQUAD({tag}, {bits}, {asym}, {kind}, {QG_QUAD_STAGES})\n");
+            variants.extend(["8q", "8pq"]);
+        }
         let mut names: Vec<String> = variants
             .iter()
             .map(|v| format!("qgemv_{tag}_{v}"))
@@ -1769,20 +1801,49 @@ fn prefill_attention_smem(hd: usize) -> Option<u32> {
     matches!(hd, 64 | 128).then_some((APF_WARPS * 2 * APF_KEYS * hd * 2) as u32)
 }
 
-/// Whether two blocks of `format`'s deep decode build fit an SM of `smem_per_sm` bytes of shared
-/// memory (with the 1 KB the system reserves a block and the build's few static bytes); the
-/// H100's 228 KB fit every format, GPUs with less take the static ring.
-fn deep_fits(format: QuantFormat, smem_per_sm: usize) -> bool {
-    2 * (qgemv_deep_smem(format) as usize + 2048) <= smem_per_sm
+/// The decode kernel's builds whose rings lie in dynamic shared memory (qgemv.cu): the one-row
+/// deep ring (`_1d`, `_1pd`, QDEEP1) and four strips a block (`_8q`, `_8pq`, QQUAD).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum RingBuild {
+    Deep,
+    Quad,
 }
 
-/// The format of a deep decode build's name (`qgemv_{tag}_1d` or `_1pd`).
-fn qgemv_deep_format(name: &str) -> Option<QuantFormat> {
-    let rest = name.strip_prefix("qgemv_")?;
-    let tag = rest
-        .strip_suffix("_1d")
-        .or_else(|| rest.strip_suffix("_1pd"))?;
-    QuantFormat::ALL.into_iter().find(|&f| quant::tag(f) == tag)
+/// The format and build of a decode kernel with a dynamic ring, from its name.
+fn qgemv_ring_build(name: &str) -> Option<(QuantFormat, RingBuild)> {
+    let (tag, variant) = name.strip_prefix("qgemv_")?.rsplit_once('_')?;
+    let build = match variant {
+        "1d" | "1pd" => RingBuild::Deep,
+        "8q" | "8pq" => RingBuild::Quad,
+        _ => return None,
+    };
+    let format = QuantFormat::ALL
+        .into_iter()
+        .find(|&f| quant::tag(f) == tag)?;
+    Some((format, build))
+}
+
+/// Whether two blocks of a dynamic-ring build fit an SM of `smem_per_sm` bytes of shared memory
+/// (with the 1 KB the system reserves a block and the build's few static bytes); the H100's
+/// 228 KB fit every format, GPUs with less take the static rings.
+fn ring_fits(format: QuantFormat, build: RingBuild, smem_per_sm: usize) -> bool {
+    2 * (qgemv_ring_smem(format, build) as usize + 2048) <= smem_per_sm
+}
+
+/// Dynamic shared memory of a decode build's rings (qgemv.cu): each stage holds a step's chunks
+/// (codes, activations for the one-row build, int3 planes, scales, asymmetric offsets) for every
+/// lane of QG_WARPS warps.
+fn qgemv_ring_smem(format: QuantFormat, build: RingBuild) -> u32 {
+    let tpu = quant::tile_span(format);
+    let (stages, per_step, x_bytes) = match build {
+        // Activations: 2 tpu words of 16 bytes a chunk (for 32 lanes), tpu bytes a lane.
+        RingBuild::Deep => (QG_DEEP_STAGES, if tpu <= 4 { 2 } else { 1 }, tpu),
+        RingBuild::Quad => (QG_QUAD_STAGES, 4, 0),
+    };
+    let lanes = stages * per_step * 32 * QG_WARPS;
+    let lane_bytes =
+        16 + x_bytes + 8 * usize::from(format.bits() == 3) + 4 + 4 * usize::from(format.is_asym());
+    (lanes * lane_bytes) as u32
 }
 
 /// The format and rows a block of a `qgemm_{tag}_{rows}` kernel.
@@ -1792,19 +1853,6 @@ fn qgemm_shape(name: &str) -> Option<(QuantFormat, usize)> {
         .into_iter()
         .find(|&f| quant::tag(f) == tag)?;
     Some((format, bn.parse().ok()?))
-}
-
-/// Dynamic shared memory of the one-row decode kernel's deep build: its rings (qgemv.cu) of
-/// `QG_DEEP_STAGES` stages, each of a block's chunks (codes, activations, int3 planes, scales,
-/// asymmetric offsets) for every lane of QG_WARPS warps.
-fn qgemv_deep_smem(format: QuantFormat) -> u32 {
-    let tpu = quant::tile_span(format);
-    let per_step = if tpu <= 4 { 2 } else { 1 };
-    let lanes = QG_DEEP_STAGES * per_step * 32 * QG_WARPS;
-    // Activations: 2 tpu words of 16 bytes a chunk (for 32 lanes), tpu bytes a lane.
-    let lane_bytes =
-        16 + tpu + 8 * usize::from(format.bits() == 3) + 4 + 4 * usize::from(format.is_asym());
-    (lanes * lane_bytes) as u32
 }
 
 /// Dynamic shared memory of a qgemm block of `bn` rows: qw_stages stages of the x tile (`bn` rows
@@ -1828,6 +1876,12 @@ fn qgemm_smem(format: QuantFormat, bn: usize) -> u32 {
 /// kernel above one row (QPAIR16 in qgemv.cu): 4- and 8-bit codes.
 fn two_strip_builds(format: QuantFormat) -> bool {
     format.bits() >= 4
+}
+
+/// Whether a format has the decode kernels for 2-8 rows that take four strips a block (QQUAD in
+/// qgemv.cu): symmetric 4- and 8-bit codes (the asymmetric builds spill at their 128 registers).
+fn four_strip_builds(format: QuantFormat) -> bool {
+    !format.is_asym() && format.bits() >= 4
 }
 
 /// Which bounded (`w`) builds of the decode kernel a format has (QWIDE1, QWIDE8 in qgemv.cu).

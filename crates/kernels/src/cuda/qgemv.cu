@@ -356,11 +356,22 @@ __device__ __forceinline__ QgSecond next_strip(int s, int n, int CH, int G, floa
     const long long q = has ? (long long)CH * 32 : 0, sc = has ? (long long)scale_at<KIND>(1, 0, G, 0) : 0;
     return QgSecond{q, q, sc, sc, ts, fold};
 }
+// Strip p's offset from the block's first, given the second's (`one`). With four strips a block
+// they are strips s .. s + 3 of one weight; those past its last strip (p > extra) read its last
+// again, and their features, past n, are never written.
+// (The scales' offsets spell out the SP <= 2 case at the call: through this helper NVRTC 13.0
+// scheduled the one- and two-strip kernels' prologues differently.)
+template <int SP>
+__device__ __forceinline__ long long strip_off(int p, long long one, int s, int n) {
+    if (SP <= 2) return p ? one : 0;
+    return (long long)min(p, (n + 15) / 16 - s - 1) * one;
+}
 
 // Strip s of a weight of n features whose strips are strips sg - s .. of the launch (several
 // weights of one input run as one launch, see QgArgs); the split-K sums of feature f of the
 // launch (row r) are ws[r * wstride + f], its strips' counters counters[sg]. With SP = 2 the
-// block also takes the strip `two` says (its sums 16 features after the first's), and with GLU
+// block also takes the strip `two` says (its sums 16 features after the first's; with SP = 4 the
+// strips s + 1 .. s + 3 of the same weight, `strip_off`), and with GLU
 // (gate and up of a feed-forward, strip s of each) writes silu(gate) * up.
 template <int BITS, bool ASYM, int KIND, int NB, bool POST, bool XS, int SP, bool GLU, int DS = 0>
 __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets, const uint2* planes, float ts, int fold,
@@ -371,7 +382,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     // activations alone fill the registers, so 1. With SP = 2 a block takes two neighbouring
     // strips instead, and a step one chunk of each: the strips share its activations, read from
     // the L2 once per two strips (at 16 rows the activations outweigh the weights: 8192² reads
-    // 134 MB of them into the SMs against 35 MB of int4 weights).
+    // 134 MB of them into the SMs against 35 MB of int4 weights); with SP = 4, four strips.
     constexpr int TPU = tile_span(BITS), CW = 16 * TPU, XW = TPU / 2;
     constexpr int U = SP == 1 && NB == 1 && TPU <= 4 ? 2 : 1, E = U * SP;  // E: ring entries a lane per step
     constexpr bool PLANE = BITS == 3;
@@ -444,7 +455,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     // their codes are 4-bit (64-column chunks), so a lane's runs lie 64 W columns apart, an even
     // number of 16- or 32-column groups.
     const int gpar = byte_scales(KIND) ? (int)min(__umulhi(col_first, gmul), (u32)G - 1) & 1 : 0;
-    static_assert(SP == 1 || SP == 2, "one or two strips a block");
+    static_assert(SP == 1 || SP == 2 || SP == 4, "one, two or four strips a block");
     const u32* o0 = ASYM ? offsets + sbase : scales;
     const u32 rq = smem_u32(&QG_RING(q, [0][0][tid])), rs = smem_u32(&QG_RING(s, [0][0][tid])),
               ro = smem_u32(&QG_RING(o, [0][0][ASYM ? tid : 0])),
@@ -480,8 +491,8 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
 #pragma unroll
         for (int p = 0; p < SP; p++) {
             const u32 e = u * SP + p;
-            cp_async16_stream(rq + slot * QSLOT + e * QU, qi + (p ? two.q : 0), wpol);
-            if (PLANE) cp_async8_stream(rh + slot * HSLOT + e * HU, hq + (p ? two.h : 0), wpol);
+            cp_async16_stream(rq + slot * QSLOT + e * QU, qi + strip_off<SP>(p, two.q, s, n), wpol);
+            if (PLANE) cp_async8_stream(rh + slot * HSLOT + e * HU, hq + strip_off<SP>(p, two.h, s, n), wpol);
         }
         if (XS && with_x) issue_x(slot, u);
         // The run's group: col / group by a multiply-high (gmul = ceil(2^32 / group)).
@@ -489,8 +500,8 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
 #pragma unroll
         for (int p = 0; p < SP; p++) {
             const u32 e = u * SP + p;
-            cp_async4_stream(rs + slot * SSLOT + e * SU, at8(s0 + (p ? two.s : 0), sw), wpol);
-            if (ASYM) cp_async4_stream(ro + slot * SSLOT + e * SU, at8(o0 + (p ? two.o : 0), sw), wpol);
+            cp_async4_stream(rs + slot * SSLOT + e * SU, at8(s0 + (SP <= 2 ? (p ? two.s : 0) : strip_off<SP>(p, two.s, s, n)), sw), wpol);
+            if (ASYM) cp_async4_stream(ro + slot * SSLOT + e * SU, at8(o0 + (SP <= 2 ? (p ? two.o : 0) : strip_off<SP>(p, two.o, s, n)), sw), wpol);
         }
         if (PLANE) hq += qstride;
         qi += qstride;
@@ -864,6 +875,16 @@ struct QgArgs {
     QGLU1(qglu_##tag##_8p, BITS, ASYM, KIND, 1, true, false, (QG_MAXW * 32))          \
     QGLU1(qglu_##tag##_16, BITS, ASYM, KIND, 2, false, false, (QG_MAXW * 32))         \
     QGLU1(qglu_##tag##_16p, BITS, ASYM, KIND, 2, true, false, (QG_MAXW * 32))
+
+// Four strips a block (suffix q) for 2-8 rows of symmetric 4- and 8-bit codes: a warp's step
+// multiplies one chunk of each strip by the same activations, which are then read from the L2
+// once per 64 features instead of once per 16 (at 8 rows that traffic is twice the weights'), and
+// a block's warps stream four times the chunks (fewer, longer blocks where k is short). The ring
+// (STAGES deep, four entries a step, 80 KB for int4) is in dynamic shared memory; bounded to 128
+// registers, two blocks an SM.
+#define QQUAD(tag, BITS, ASYM, KIND, STAGES)                                                     \
+    QGEMV1(qgemv_##tag##_8q, BITS, ASYM, KIND, 1, false, false, 4, (QG_MAXW * 32, 2), STAGES)   \
+    QGEMV1(qgemv_##tag##_8pq, BITS, ASYM, KIND, 1, true, false, 4, (QG_MAXW * 32, 2), STAGES)
 
 // Element (row, col) of a re-laid weight, dequantized in f32 exactly as the CPU does (the code's
 // value times the scale, plus the offset when asymmetric): the inverse of the layout above.
