@@ -63,8 +63,9 @@
 // 2880 GB/s, 2026-11-27, eleventh session): int4 g128 at m=1 96.5% of copy on 28672×8192
 // (3.88x cuBLAS bf16), 95% on 8192×28672 (3.82x), 87% at 8192² (3.75x), 81% on 14336×4096, 73.5%
 // on 4096×14336, 54% at 4096² (the last two with 3 blocks an SM, the others 4: the `w` builds
-// below); 8 rows 51-85%, 16 rows (two mmas per tile, two strips a block) 59-86% (42-68% with one
-// strip a block); fp8 and int8 91-101% (tenth session). At 2-16 rows the activations cost too:
+// below); 8 rows 51-85% (71-91% on the shapes of 8192 and more with four strips a block,
+// twenty-first session: 8-bit codes 84-98%), 16 rows (two mmas per tile, two strips a block)
+// 59-86% (42-68% with one strip a block); fp8 and int8 at one row 91-101% (tenth session). At 2-16 rows the activations cost too:
 // each strip reads its rows from the L2, and with those loads pointed at one cached chunk (a
 // timing experiment, wrong results) int4 g128 at 8 rows ran at 93-97% of copy on the long shapes
 // instead of 76-86% (twelfth session). Sharing them instead (blocks of 8 strips stepping through
