@@ -1446,12 +1446,18 @@ impl CudaBackend {
         // 17.4 / 17.8 → 16.8 / 17.0, 8192 × 28672 even; int8 8192 × 28672 102.5 / 105.3 → 85.0 /
         // 85.9. Fewer blocks lose: n = 4096 (64) 5.9 → 9.5 at 2 rows, and llama3-8b's q/k/v
         // launch (96) took batch-8 decode from 2664-2677 to 2525 tok/s. At 16 rows the build
-        // spills (128 registers, for two blocks an SM) and lost on every shape.
+        // spills (128 registers, for two blocks an SM) and lost on every shape. At 2-4 rows the
+        // activations are cheap, and where one-strip blocks take the bounded build (more than 4
+        // an SM) on rows of 8192 columns or more they stay: 28672 × 8192 lost 2% (int4, int8)
+        // to 8% (fp4) with four strips there, while 14336 × 4096 gained 11-17%.
         // Above 8 rows, two strips (`s`) where those blocks still fill the SMs.
         let pairs: usize = ws.iter().map(|q| q.strips.div_ceil(2)).sum();
         let quads: usize = ws.iter().map(|q| q.strips.div_ceil(4)).sum();
+        let singles: usize = ws.iter().map(|q| q.strips).sum();
+        let long_singles = rows <= 4 && singles > 4 * self.sms && q0.cols >= 8192;
         let quad = !glu
             && (2..=8).contains(&rows)
+            && !long_singles
             && four_strip_builds(q0.format)
             && 10 * quads >= 9 * self.sms
             && ring_fits(q0.format, RingBuild::Quad, self.smem_per_sm);
