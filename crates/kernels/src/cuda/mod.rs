@@ -336,14 +336,6 @@ impl Step {
     fn at(&self, b: &CudaBackend, field: usize) -> Result<u64> {
         Ok(self.base(b)? + 4 * (field * self.batch.num_tokens()) as u64)
     }
-    /// The step's token ids: its words, or for a `tokens_from_argmax` step the latest greedy ids
-    /// where the argmax left them on the device.
-    fn tokens(&self, b: &CudaBackend) -> Result<u64> {
-        if self.batch.tokens_from_argmax {
-            return b.argmax_ids(self.batch.num_tokens()).map(|(ids, _)| ids);
-        }
-        self.at(b, 0)
-    }
     fn positions(&self, b: &CudaBackend) -> Result<u64> {
         self.at(b, 1)
     }
@@ -1557,13 +1549,14 @@ impl CudaBackend {
             args.ws = self.ptr(w);
             args.counters = self.ptr(c);
         }
-        let smem = if deep {
-            qgemv_ring_smem(q0.format, RingBuild::Deep)
-        } else if per_block == 4 {
-            qgemv_ring_smem(q0.format, RingBuild::Quad)
+        let ring = if deep {
+            Some(RingBuild::Deep)
+        } else if quad {
+            Some(RingBuild::Quad)
         } else {
-            0
+            None
         };
+        let smem = ring.map_or(0, |build| qgemv_ring_smem(q0.format, build));
         let cfg = cfg2((blocks * row_blocks, ksplit), 32 * warps as u32, smem);
         launch!(self, &name, cfg, args);
         Ok(())
@@ -2187,19 +2180,28 @@ impl Backend for CudaBackend {
         let (vocab, dim) = table.shape();
         let tokens = &step.batch.tokens;
         len_check("embedding", "out", out.len, tokens.len() * dim)?;
-        if step.batch.tokens_from_argmax {
-            let (_, chosen_from) = self.argmax_ids(tokens.len())?;
+        // The token ids: the step's words, or for a `tokens_from_argmax` step the latest greedy
+        // ids where the argmax left them on the device.
+        let from_argmax = if step.batch.tokens_from_argmax {
+            let (ids, chosen_from) = self.argmax_ids(tokens.len())?;
             check(chosen_from <= vocab, "embedding", || {
                 format!("tokens chosen from {chosen_from} logits, vocab {vocab}")
             })?;
+            Some(ids)
         } else if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
             return Err(KernelError::Shape(format!(
                 "embedding: token {t} of vocab {vocab}"
             )));
-        }
+        } else {
+            None
+        };
         if tokens.is_empty() {
             return Ok(());
         }
+        let ids = match from_argmax {
+            Some(ids) => ids,
+            None => step.at(self, 0)?,
+        };
         let d = match table {
             Weight::Dense(d) => d,
             Weight::Quant(q) => {
@@ -2217,7 +2219,7 @@ impl Backend for CudaBackend {
                     offsets,
                     planes,
                     q.tensor_scale,
-                    step.tokens(self)?,
+                    ids,
                     dim as i32,
                     q.group as i32,
                     q.groups as i32,
@@ -2233,7 +2235,7 @@ impl Backend for CudaBackend {
             DenseFormat::BF16 => "embedding_bf16",
         };
         let cfg = cfg2((dim.div_ceil(256), tokens.len()), 256, 0);
-        launch!(self, f, cfg, d.ptr, step.tokens(self)?, dim as i32, out.ptr);
+        launch!(self, f, cfg, d.ptr, ids, dim as i32, out.ptr);
         Ok(())
     }
 
