@@ -50,6 +50,10 @@ pub struct BenchArgs {
     /// With `kernels`: only these row counts [default: 1 2 4 8 16 32 64 128 512 4096]
     #[arg(long, num_args = 1.., value_name = "M")]
     pub rows: Vec<usize>,
+    /// With `kernels`: only these weight shapes, N×K (output × input features, e.g. 128256x4096
+    /// for Llama-3's lm_head) [default: the six of 4096 to 28672]
+    #[arg(long, num_args = 1.., value_name = "NxK", value_parser = parse_shape)]
+    pub shapes: Vec<(usize, usize)>,
     /// With `serve`: requests kept in flight, one level after another
     #[arg(long, num_args = 1.., default_values_t = [1, 8, 32])]
     pub concurrency: Vec<usize>,
@@ -62,6 +66,15 @@ pub struct BenchArgs {
     /// With `serve`: flags for the `marlin serve` it starts
     #[arg(last = true, value_name = "SERVE_FLAGS")]
     pub serve_args: Vec<String>,
+}
+
+fn parse_shape(s: &str) -> Result<(usize, usize), String> {
+    let bad = || format!("`{s}` is not a shape N×K, such as 4096x14336");
+    let (n, k) = s.split_once(['x', '×', 'X']).ok_or_else(bad)?;
+    match (n.trim().parse(), k.trim().parse()) {
+        (Ok(n), Ok(k)) if n > 0 && k > 0 => Ok((n, k)),
+        _ => Err(bad()),
+    }
 }
 
 /// A sequence being benchmarked: its tokens (the first `prompt_len` given), how many are in the
@@ -618,6 +631,11 @@ mod kernels {
             args.rows.clone()
         };
         anyhow::ensure!(!rows.contains(&0), "--rows: row counts start at 1");
+        let shapes = if args.shapes.is_empty() {
+            SHAPES.to_vec()
+        } else {
+            args.shapes.clone()
+        };
         let g = CudaBackend::new(0).context("marlin bench kernels runs on CUDA device 0")?;
         let copy = g.copy_bandwidth(1 << 30)?;
         let int = |bits, asym| Some(QuantFormat::Int { bits, asym });
@@ -643,7 +661,7 @@ mod kernels {
         println!("| shape n × k | format | rows | µs | GB/s | % of copy | TFLOP/s | cuBLAS bf16 µs | vs cuBLAS |");
         println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
         let max_rows = rows.iter().copied().max().unwrap_or(1);
-        for (si, &(n, k)) in SHAPES.iter().enumerate() {
+        for (si, &(n, k)) in shapes.iter().enumerate() {
             let x = random_buffer(&g, max_rows * k, 11 + si as u64)?;
             let mut out = g.alloc(max_rows * n)?;
             let dense = copies(&g, g.upload_weight(&weight(None, 0, n, k, 1)?)?)?;
@@ -677,5 +695,15 @@ mod kernels {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn shapes_parse_with_either_cross() {
+        assert_eq!(super::parse_shape("128256x4096"), Ok((128256, 4096)));
+        assert_eq!(super::parse_shape("14336×4096"), Ok((14336, 4096)));
+        assert!(super::parse_shape("4096").is_err());
     }
 }

@@ -273,6 +273,14 @@ fn unknown_model_name_says_what_to_do() {
 }
 
 #[test]
+fn bad_kernel_shape_is_named() {
+    for shape in ["4096", "0x4096", "4096xK"] {
+        let err = failure(&["bench", "kernels", "--shapes", "8192x8192", shape]);
+        assert!(err.contains(&format!("`{shape}` is not a shape")), "{err}");
+    }
+}
+
+#[test]
 fn bench_runs_a_synthetic_shape_without_a_model_file() {
     let out = marlin(&[
         "bench",

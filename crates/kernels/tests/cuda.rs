@@ -712,6 +712,9 @@ fn quant_matmul_every_format() {
             // again per channel with a partial last chunk and two strips in the last block.
             (8464, 512, 128),
             (7700, 1000, 1000),
+            // Enough four-strip blocks for 9-16 rows on an H100 (199, its last two strips, one of
+            // them partial).
+            (12700, 256, 128),
         ] {
             let Some(group) = test_group(format, k, group) else {
                 continue;

@@ -1437,21 +1437,28 @@ impl CudaBackend {
         // 14336 × 4096 15.9 / 16.8 → 13.6 / 13.7, 28672 × 8192 46.6 / 54.2 → 47.4 / 47.9, 8192²
         // 17.4 / 17.8 → 16.8 / 17.0, 8192 × 28672 even; int8 8192 × 28672 102.5 / 105.3 → 85.0 /
         // 85.9. Fewer blocks lose: n = 4096 (64) 5.9 → 9.5 at 2 rows, and llama3-8b's q/k/v
-        // launch (96) took batch-8 decode from 2664-2677 to 2525 tok/s. At 16 rows the build
-        // spills (128 registers, for two blocks an SM) and lost on every shape. At 2-4 rows the
-        // activations are cheap, and where one-strip blocks take the bounded build (more than 4
+        // launch (96) took batch-8 decode from 2664-2677 to 2525 tok/s. At 9-16 rows, four strips
+        // (a build holding one set of activations) only where their blocks number 1.5 an SM or
+        // more. H100, 16 rows, two strips a block against four: int4 g128 14336 × 4096
+        // 18.1 → 16.4 µs, 28672 × 8192 59.7 → 55.3; int8 g32 128256 × 4096 (Llama-3's lm_head)
+        // 224 → 209; but 128 blocks lost: 8192² 16.5 → 20.3, 8192 × 28672 49.6 → 54.2. At 2-4
+        // rows the activations are cheap, and where one-strip blocks take the bounded build (more than 4
         // an SM) on rows of 8192 columns or more they stay: 28672 × 8192 lost 2% (int4, int8)
         // to 8% (fp4) with four strips there, while 14336 × 4096 gained 11-17%.
-        // Above 8 rows, two strips (`s`) where those blocks still fill the SMs.
+        // Otherwise above 8 rows, two strips (`s`) where those blocks still fill the SMs.
         let pairs: usize = ws.iter().map(|q| q.strips.div_ceil(2)).sum();
         let quads: usize = ws.iter().map(|q| q.strips.div_ceil(4)).sum();
         let singles: usize = ws.iter().map(|q| q.strips).sum();
         let long_singles = rows <= 4 && singles > 4 * self.sms && q0.cols >= 8192;
         let quad = !glu
-            && (2..=8).contains(&rows)
+            && (2..=16).contains(&rows)
             && !long_singles
             && four_strip_builds(q0.format)
-            && 10 * quads >= 9 * self.sms
+            && if rows <= 8 {
+                10 * quads >= 9 * self.sms
+            } else {
+                2 * quads >= 3 * self.sms
+            }
             && ring_fits(q0.format, RingBuild::Quad, self.smem_per_sm);
         let per_block = if quad {
             4
@@ -1754,7 +1761,7 @@ fn modules(arch: (i32, i32)) -> Vec<(String, Vec<String>)> {
         }
         if four_strip_builds(format) {
             source += &format!("QQUAD({tag}, {bits}, {asym}, {kind}, {QG_QUAD_STAGES})\n");
-            variants.extend(["8q", "8pq"]);
+            variants.extend(["8q", "8pq", "16q", "16pq"]);
         }
         let mut names: Vec<String> = variants
             .iter()
@@ -1813,7 +1820,7 @@ fn qgemv_ring_build(name: &str) -> Option<(QuantFormat, RingBuild)> {
     let (tag, variant) = name.strip_prefix("qgemv_")?.rsplit_once('_')?;
     let build = match variant {
         "1d" | "1pd" => RingBuild::Deep,
-        "8q" | "8pq" => RingBuild::Quad,
+        "8q" | "8pq" | "16q" | "16pq" => RingBuild::Quad,
         _ => return None,
     };
     let format = QuantFormat::ALL

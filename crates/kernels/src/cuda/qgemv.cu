@@ -387,6 +387,10 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     constexpr int TPU = tile_span(BITS), CW = 16 * TPU, XW = TPU / 2;
     constexpr int U = SP == 1 && NB == 1 && TPU <= 4 ? 2 : 1, E = U * SP;  // E: ring entries a lane per step
     constexpr bool PLANE = BITS == 3;
+    // Four strips at 9-16 rows: the activations in one register set, fetched at the step's start
+    // (two sets, one step ahead, spilled at 128 registers and lost on every shape; with one set
+    // int8 and fp8 do not spill and int4 spills 32 bytes).
+    constexpr bool LATE = SP == 4 && NB == 2;
     // E2M1 codes scaled per weight: e2m1_bits (the value times 2^-126) times the scale times
     // 2^(126 - fold) in one bf16x2 multiply, and the sums times 2^fold at the end (both exact).
     // The host picks fold >= 0 so that the largest scale times 2^(126 - fold) stays below bf16's
@@ -594,6 +598,12 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
             sp[e] = QG_RING(s, [slot][e][tid]);
             op[e] = ASYM ? QG_RING(o, [ASYM ? slot : 0][e][ASYM ? tid : 0]) : 0u;
         }
+        // LATE: this step's activations fetched now, into the one register set (xc is xn).
+        if (LATE && FAST) {
+            fetch_x_fast(xn);
+        } else if (LATE) {
+            fetch_x(xn);
+        }
         uint4 xl[U][NB][XW];
 #pragma unroll
         for (int u = 0; u < U; u++)
@@ -609,7 +619,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
             issue(next, true);
         slot = slot == S - 1 ? 0 : slot + 1;
         next = next == S - 1 ? 0 : next + 1;
-        if (XS) {
+        if (XS || LATE) {
         } else if (FAST) {
             fetch_x_fast(xn);
         } else if (i + 1 < steps) {
@@ -668,6 +678,8 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
         }
     };
     uint4 xa[U][NB][XW], xb[U][NB][XW];
+    // LATE: one register set for the activations, each step fetching its own (xb unused).
+    auto& xsecond = LATE ? xa : xb;
     // Launched as a programmatic dependent: the weights above are in flight while the kernel
     // that writes x may still run; x (and the split-K workspace) only after it finished.
     griddep_wait();
@@ -680,7 +692,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
                 if (j < mine) issue_x(i, u);
             cp_async_commit();
         }
-    } else if (steps > 0) {
+    } else if (steps > 0 && !LATE) {
         fetch_x(xa);
     }
     // Step i is unchecked when steps i and i + 1 are whole: (i + 2) U <= nfull; an even count of
@@ -688,14 +700,14 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     const int fast = max(0, nfull / U - 1) & ~1;
     int i = 0;
     for (; i < fast; i += 2) {
-        step(true, i, xa, xb);
-        step(true, i + 1, xb, xa);
+        step(true, i, xa, xsecond);
+        step(true, i + 1, xsecond, xa);
     }
     jx += fast * U;
     cx += fast * U * (int)col_stride;
     for (; i < steps; i += 2) {
-        step(false, i, xa, xb);
-        if (i + 1 < steps) step(false, i + 1, xb, xa);
+        step(false, i, xa, xsecond);
+        if (i + 1 < steps) step(false, i + 1, xsecond, xa);
     }
     cp_async_wait<0>();
     __syncthreads();
@@ -877,15 +889,18 @@ struct QgArgs {
     QGLU1(qglu_##tag##_16, BITS, ASYM, KIND, 2, false, false, (QG_MAXW * 32))         \
     QGLU1(qglu_##tag##_16p, BITS, ASYM, KIND, 2, true, false, (QG_MAXW * 32))
 
-// Four strips a block (suffix q) for 2-8 rows of symmetric 4- and 8-bit codes: a warp's step
+// Four strips a block (suffix q) for 2-16 rows of symmetric 4- and 8-bit codes: a warp's step
 // multiplies one chunk of each strip by the same activations, which are then read from the L2
 // once per 64 features instead of once per 16 (at 8 rows that traffic is twice the weights'), and
 // a block's warps stream four times the chunks (fewer, longer blocks where k is short). The ring
 // (STAGES deep, four entries a step, 80 KB for int4) is in dynamic shared memory; bounded to 128
-// registers, two blocks an SM.
+// registers, two blocks an SM. At 9-16 rows (`_16q`) the activations take one register set,
+// fetched at each step's start (LATE above): two sets spilled.
 #define QQUAD(tag, BITS, ASYM, KIND, STAGES)                                                     \
     QGEMV1(qgemv_##tag##_8q, BITS, ASYM, KIND, 1, false, false, 4, (QG_MAXW * 32, 2), STAGES)   \
-    QGEMV1(qgemv_##tag##_8pq, BITS, ASYM, KIND, 1, true, false, 4, (QG_MAXW * 32, 2), STAGES)
+    QGEMV1(qgemv_##tag##_8pq, BITS, ASYM, KIND, 1, true, false, 4, (QG_MAXW * 32, 2), STAGES)   \
+    QGEMV1(qgemv_##tag##_16q, BITS, ASYM, KIND, 2, false, false, 4, (QG_MAXW * 32, 2), STAGES)  \
+    QGEMV1(qgemv_##tag##_16pq, BITS, ASYM, KIND, 2, true, false, 4, (QG_MAXW * 32, 2), STAGES)
 
 // Element (row, col) of a re-laid weight, dequantized in f32 exactly as the CPU does (the code's
 // value times the scale, plus the offset when asymmetric): the inverse of the layout above.
