@@ -1437,24 +1437,29 @@ impl CudaBackend {
         // 14336 × 4096 15.9 / 16.8 → 13.6 / 13.7, 28672 × 8192 46.6 / 54.2 → 47.4 / 47.9, 8192²
         // 17.4 / 17.8 → 16.8 / 17.0, 8192 × 28672 even; int8 8192 × 28672 102.5 / 105.3 → 85.0 /
         // 85.9. Fewer blocks lose: n = 4096 (64) 5.9 → 9.5 at 2 rows, and llama3-8b's q/k/v
-        // launch (96) took batch-8 decode from 2664-2677 to 2525 tok/s. At 9-16 rows, four strips
-        // (a build holding one set of activations) only where their blocks number 1.5 an SM or
-        // more. H100, 16 rows, two strips a block against four: int4 g128 14336 × 4096
-        // 18.1 → 16.4 µs, 28672 × 8192 59.7 → 55.3; int8 g32 128256 × 4096 (Llama-3's lm_head)
-        // 224 → 209; but 128 blocks lost: 8192² 16.5 → 20.3, 8192 × 28672 49.6 → 54.2. At 2-4
-        // rows the activations are cheap, and where one-strip blocks take the bounded build (more than 4
-        // an SM) on rows of 8192 columns or more they stay: 28672 × 8192 lost 2% (int4, int8)
-        // to 8% (fp4) with four strips there, while 14336 × 4096 gained 11-17%.
+        // launch (96) took batch-8 decode from 2664-2677 to 2525 tok/s. At 9-16 rows, for formats
+        // with two-strip builds (4 and 8 bits), four strips (a build holding one set of
+        // activations) only where their blocks number 1.5 an SM or more. H100, 16 rows, two
+        // strips a block against four: int4 g128 14336 × 4096 18.1 → 16.4 µs, 28672 × 8192
+        // 59.7 → 55.3; int8 g32 128256 × 4096 (Llama-3's lm_head) 224 → 209; but 128 blocks lost:
+        // 8192² 16.5 → 20.3, 8192 × 28672 49.6 → 54.2. 2- and 3-bit codes, one strip a block
+        // against four, int2 / int3 g128: 8 rows 8192 × 28672 73.8 / 52.1 → 30.3 / 45.3 µs,
+        // 16 rows 82.2 / 87.9 → 45.7 / 69.3 and 28672 × 8192 92.0 / 98.0 → 50.8 / 75.0.
+        // At 2-4 rows the activations are cheap, and where one-strip blocks take the bounded
+        // build (more than 4 an SM) on rows of 8192 columns or more they stay: 28672 × 8192 lost
+        // 2% (int4, int8) to 8% (fp4) with four strips there, while 14336 × 4096 gained 11-17%;
+        // 3-bit ones stay on any rows of 8192 columns (8192² 15.7 → 18.5 µs at 2 rows).
         // Otherwise above 8 rows, two strips (`s`) where those blocks still fill the SMs.
         let pairs: usize = ws.iter().map(|q| q.strips.div_ceil(2)).sum();
         let quads: usize = ws.iter().map(|q| q.strips.div_ceil(4)).sum();
         let singles: usize = ws.iter().map(|q| q.strips).sum();
-        let long_singles = rows <= 4 && singles > 4 * self.sms && q0.cols >= 8192;
+        let long_singles =
+            rows <= 4 && (singles > 4 * self.sms || q0.format.bits() == 3) && q0.cols >= 8192;
         let quad = !glu
             && (2..=16).contains(&rows)
             && !long_singles
             && four_strip_builds(q0.format)
-            && if rows <= 8 {
+            && if rows <= 8 || !two_strip_builds(q0.format) {
                 10 * quads >= 9 * self.sms
             } else {
                 2 * quads >= 3 * self.sms
@@ -1884,10 +1889,10 @@ fn two_strip_builds(format: QuantFormat) -> bool {
     format.bits() >= 4
 }
 
-/// Whether a format has the decode kernels for 2-8 rows that take four strips a block (QQUAD in
-/// qgemv.cu): symmetric 4- and 8-bit codes (the asymmetric builds spill at their 128 registers).
+/// Whether a format has the decode kernels for 2-16 rows that take four strips a block (QQUAD in
+/// qgemv.cu): symmetric codes (the asymmetric builds spill at their 128 registers).
 fn four_strip_builds(format: QuantFormat) -> bool {
-    !format.is_asym() && format.bits() >= 4
+    !format.is_asym()
 }
 
 /// Which bounded (`w`) builds of the decode kernel a format has (QWIDE1, QWIDE8 in qgemv.cu).

@@ -387,10 +387,11 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     constexpr int TPU = tile_span(BITS), CW = 16 * TPU, XW = TPU / 2;
     constexpr int U = SP == 1 && NB == 1 && TPU <= 4 ? 2 : 1, E = U * SP;  // E: ring entries a lane per step
     constexpr bool PLANE = BITS == 3;
-    // Four strips at 9-16 rows: the activations in one register set, fetched at the step's start
-    // (two sets, one step ahead, spilled at 128 registers and lost on every shape; with one set
-    // int8 and fp8 do not spill and int4 spills 32 bytes).
-    constexpr bool LATE = SP == 4 && NB == 2;
+    // Four strips at 9-16 rows, or of 32 columns a lane: the activations in one register set,
+    // fetched at the step's start (two sets, one step ahead, spilled at 128 registers and lost on
+    // every shape; with one set, at 16 rows int8 and fp8 do not spill, int4 spills 32 bytes and
+    // int2 / int3 104-160, at 8 rows int2 / int3 0-16).
+    constexpr bool LATE = SP == 4 && (NB == 2 || TPU == 8);
     // E2M1 codes scaled per weight: e2m1_bits (the value times 2^-126) times the scale times
     // 2^(126 - fold) in one bf16x2 multiply, and the sums times 2^fold at the end (both exact).
     // The host picks fold >= 0 so that the largest scale times 2^(126 - fold) stays below bf16's
@@ -889,13 +890,14 @@ struct QgArgs {
     QGLU1(qglu_##tag##_16, BITS, ASYM, KIND, 2, false, false, (QG_MAXW * 32))         \
     QGLU1(qglu_##tag##_16p, BITS, ASYM, KIND, 2, true, false, (QG_MAXW * 32))
 
-// Four strips a block (suffix q) for 2-16 rows of symmetric 4- and 8-bit codes: a warp's step
+// Four strips a block (suffix q) for 2-16 rows of symmetric codes: a warp's step
 // multiplies one chunk of each strip by the same activations, which are then read from the L2
 // once per 64 features instead of once per 16 (at 8 rows that traffic is twice the weights'), and
 // a block's warps stream four times the chunks (fewer, longer blocks where k is short). The ring
 // (STAGES deep, four entries a step, 80 KB for int4) is in dynamic shared memory; bounded to 128
-// registers, two blocks an SM. At 9-16 rows (`_16q`) the activations take one register set,
-// fetched at each step's start (LATE above): two sets spilled.
+// registers, two blocks an SM. At 9-16 rows (`_16q`), and for 2- and 3-bit codes (32 columns a
+// lane) at 2-8 rows too, the activations take one register set, fetched at each step's start
+// (LATE above): two sets spilled.
 #define QQUAD(tag, BITS, ASYM, KIND, STAGES)                                                     \
     QGEMV1(qgemv_##tag##_8q, BITS, ASYM, KIND, 1, false, false, 4, (QG_MAXW * 32, 2), STAGES)   \
     QGEMV1(qgemv_##tag##_8pq, BITS, ASYM, KIND, 1, true, false, 4, (QG_MAXW * 32, 2), STAGES)   \
