@@ -390,8 +390,9 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     // Four strips at 9-16 rows, or of 32 columns a lane: the activations in one register set,
     // fetched at the step's start (two sets, one step ahead, spilled at 128 registers and lost on
     // every shape; with one set, at 16 rows int8 and fp8 do not spill, int4 spills 32 bytes and
-    // int2 / int3 104-160, at 8 rows int2 / int3 0-16).
-    constexpr bool LATE = SP == 4 && (NB == 2 || TPU == 8);
+    // int2 104-120, at 8 rows int2 / int3 0-16). 3-bit codes at 16 rows, which spilled 136-160
+    // bytes with one set, keep two in blocks of one an SM (247-254 registers).
+    constexpr bool LATE = SP == 4 && (BITS == 3 ? NB == 1 : NB == 2 || TPU == 8);
     // E2M1 codes scaled per weight: e2m1_bits (the value times 2^-126) times the scale times
     // 2^(126 - fold) in one bf16x2 multiply, and the sums times 2^fold at the end (both exact).
     // The host picks fold >= 0 so that the largest scale times 2^(126 - fold) stays below bf16's
@@ -895,14 +896,14 @@ struct QgArgs {
 // once per 64 features instead of once per 16 (at 8 rows that traffic is twice the weights'), and
 // a block's warps stream four times the chunks (fewer, longer blocks where k is short). The ring
 // (STAGES deep, four entries a step, 80 KB for int4) is in dynamic shared memory; bounded to 128
-// registers, two blocks an SM. At 9-16 rows (`_16q`), and for 2- and 3-bit codes (32 columns a
-// lane) at 2-8 rows too, the activations take one register set, fetched at each step's start
-// (LATE above): two sets spilled.
-#define QQUAD(tag, BITS, ASYM, KIND, STAGES)                                                     \
-    QGEMV1(qgemv_##tag##_8q, BITS, ASYM, KIND, 1, false, false, 4, (QG_MAXW * 32, 2), STAGES)   \
-    QGEMV1(qgemv_##tag##_8pq, BITS, ASYM, KIND, 1, true, false, 4, (QG_MAXW * 32, 2), STAGES)   \
-    QGEMV1(qgemv_##tag##_16q, BITS, ASYM, KIND, 2, false, false, 4, (QG_MAXW * 32, 2), STAGES)  \
-    QGEMV1(qgemv_##tag##_16pq, BITS, ASYM, KIND, 2, true, false, 4, (QG_MAXW * 32, 2), STAGES)
+// registers, two blocks an SM (3-bit codes at 16 rows: one, unbounded). At 9-16 rows (`_16q`),
+// and for 2- and 3-bit codes (32 columns a lane) at 2-8 rows too, the activations take one
+// register set, fetched at each step's start (LATE above): two sets spilled.
+#define QQUAD(tag, BITS, ASYM, KIND, STAGES)                                                                   \
+    QGEMV1(qgemv_##tag##_8q, BITS, ASYM, KIND, 1, false, false, 4, (QG_MAXW * 32, 2), STAGES)                  \
+    QGEMV1(qgemv_##tag##_8pq, BITS, ASYM, KIND, 1, true, false, 4, (QG_MAXW * 32, 2), STAGES)                  \
+    QGEMV1(qgemv_##tag##_16q, BITS, ASYM, KIND, 2, false, false, 4, (QG_MAXW * 32, BITS == 3 ? 1 : 2), STAGES) \
+    QGEMV1(qgemv_##tag##_16pq, BITS, ASYM, KIND, 2, true, false, 4, (QG_MAXW * 32, BITS == 3 ? 1 : 2), STAGES)
 
 // Element (row, col) of a re-laid weight, dequantized in f32 exactly as the CPU does (the code's
 // value times the scale, plus the offset when asymmetric): the inverse of the layout above.
