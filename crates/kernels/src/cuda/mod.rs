@@ -1444,7 +1444,7 @@ impl CudaBackend {
         // 59.7 → 55.3; int8 g32 128256 × 4096 (Llama-3's lm_head) 224 → 209; but 128 blocks lost:
         // 8192² 16.5 → 20.3, 8192 × 28672 49.6 → 54.2. 2- and 3-bit codes, one strip a block
         // against four, int2 / int3 g128: 8 rows 8192 × 28672 73.8 / 52.1 → 30.3 / 45.3 µs,
-        // 16 rows 82.2 / 87.9 → 45.7 / 69.3 and 28672 × 8192 92.0 / 98.0 → 50.8 / 75.0.
+        // 16 rows 82.2 / 87.9 → 45.7 / 54.8 and 28672 × 8192 92.0 / 98.0 → 50.8 / 62.9.
         // At 2-4 rows the activations are cheap, and where one-strip blocks take the bounded
         // build (more than 4 an SM) on rows of 8192 columns or more they stay: 28672 × 8192 lost
         // 2% (int4, int8) to 8% (fp4) with four strips there, while 14336 × 4096 gained 11-17%;
@@ -1453,11 +1453,11 @@ impl CudaBackend {
         let pairs: usize = ws.iter().map(|q| q.strips.div_ceil(2)).sum();
         let quads: usize = ws.iter().map(|q| q.strips.div_ceil(4)).sum();
         let singles: usize = ws.iter().map(|q| q.strips).sum();
-        let long_singles =
+        let singles_stay =
             rows <= 4 && (singles > 4 * self.sms || q0.format.bits() == 3) && q0.cols >= 8192;
         let quad = !glu
             && (2..=16).contains(&rows)
-            && !long_singles
+            && !singles_stay
             && four_strip_builds(q0.format)
             && if rows <= 8 || !two_strip_builds(q0.format) {
                 10 * quads >= 9 * self.sms
