@@ -1448,13 +1448,25 @@ impl CudaBackend {
         // At 2-4 rows the activations are cheap, and where one-strip blocks take the bounded
         // build (more than 4 an SM) on rows of 8192 columns or more they stay: 28672 × 8192 lost
         // 2% (int4, int8) to 8% (fp4) with four strips there, while 14336 × 4096 gained 11-17%;
-        // 3-bit ones stay on any rows of 8192 columns (8192² 15.7 → 18.5 µs at 2 rows).
+        // 2- and 3-bit codes, whose chunks carry twice the columns of activations per weight
+        // byte, stay only where the four-strip blocks are fewer than two an SM (3-bit ones on
+        // any such rows: 8192² 15.7 → 18.5 µs at 2 rows with four strips). H100, g128 at 2 / 4
+        // rows, one strip a block against four, same calls: int2 28672 × 8192 (448 blocks)
+        // 38.2 / 42.2 → 32.8 / 33.4 µs, 128256 × 8192 150.7 / 171.8 → 114.0 / 122.6 (g32
+        // 28672 × 8192 40.0 / 42.3 → 37.8 / 37.8), but 10240 × 8192 (160) 17.2 / 19.0 →
+        // 18.5 / 19.0; int3 28672 × 8192 47.5 / 51.6 → 48.1 / 48.8, 128256 × 8192 194 / 206 →
+        // 173 / 176.
         // Otherwise above 8 rows, two strips (`s`) where those blocks still fill the SMs.
         let pairs: usize = ws.iter().map(|q| q.strips.div_ceil(2)).sum();
         let quads: usize = ws.iter().map(|q| q.strips.div_ceil(4)).sum();
         let singles: usize = ws.iter().map(|q| q.strips).sum();
-        let singles_stay =
-            rows <= 4 && (singles > 4 * self.sms || q0.format.bits() == 3) && q0.cols >= 8192;
+        let singles_stay = rows <= 4
+            && q0.cols >= 8192
+            && match q0.format.bits() {
+                2 => singles > 4 * self.sms && quads < 2 * self.sms,
+                3 => quads < 2 * self.sms,
+                _ => singles > 4 * self.sms,
+            };
         let quad = !glu
             && (2..=16).contains(&rows)
             && !singles_stay
