@@ -1427,7 +1427,22 @@ impl CudaBackend {
         // where the strips exceed a wave of 3-block slots (one row) or 4 blocks an SM (8 rows:
         // H100, int4 g128, 14336×4096 17.9 → 17.2 µs and 28672×8192 57.7 → 55.3 at 3 blocks,
         // but the 512-strip 8192×28672 49.6 → 62.9).
-        let one = rows == 1 && q0.cols.is_multiple_of(16 * q0.tile_span()) && x.is_multiple_of(16);
+        let whole = q0.cols.is_multiple_of(16 * q0.tile_span()) && x.is_multiple_of(16);
+        let one = rows == 1 && whole;
+        let singles: usize = ws.iter().map(|q| q.strips).sum();
+        // Two rows likewise (`_2`), on rows of 8192 columns or more where the strips are three
+        // blocks an SM or more. H100, 2 rows, against the kernel the rule below picks (same call):
+        // int4 g128 8192² 16.9 → 14.3 µs (71 → 84% of copy), 8192 × 28672 47.0 → 44.9 (90 →
+        // 94%), 28672 × 8192 46.5 → 44.7 (91 → 94%); nvfp4 70 → 77%, 88 → 91%, 87 → 89%; int8
+        // and fp8 8192² 85 → 91%, the others 1-2% faster. Shorter rows or fewer strips lost:
+        // 4096 × 14336 (256 strips) int4 13.6 → 16.0, 4096² 8-15% (nvfp4, int8), 14336 × 4096
+        // even to 3% slower; and 2-bit codes (four strips a block there) lost 12-47%.
+        let two = rows == 2
+            && whole
+            && !glu
+            && two_row_builds(q0.format)
+            && q0.cols >= 8192
+            && singles >= 3 * self.sms;
         let row_blocks = rows.div_ceil(16);
         // A block takes `per_block` neighbouring strips of one weight: each weight's strips are
         // padded to a multiple of it in the launch's strip numbering. At 2-8 rows, four strips
@@ -1459,7 +1474,6 @@ impl CudaBackend {
         // Otherwise above 8 rows, two strips (`s`) where those blocks still fill the SMs.
         let pairs: usize = ws.iter().map(|q| q.strips.div_ceil(2)).sum();
         let quads: usize = ws.iter().map(|q| q.strips.div_ceil(4)).sum();
-        let singles: usize = ws.iter().map(|q| q.strips).sum();
         let singles_stay = rows <= 4
             && q0.cols >= 8192
             && match q0.format.bits() {
@@ -1468,6 +1482,7 @@ impl CudaBackend {
                 _ => singles > 4 * self.sms,
             };
         let quad = !glu
+            && !two
             && (2..=16).contains(&rows)
             && !singles_stay
             && four_strip_builds(q0.format)
@@ -1498,7 +1513,7 @@ impl CudaBackend {
             // The gated kernel's bounded build (QGLUW): one row, formats of 4 bits and more.
             Some(WideBuilds::UpTo8Rows) if glu => one && blocks > 3 * self.sms,
             _ if glu => false,
-            Some(_) if one => blocks > 3 * self.sms,
+            Some(_) if one || two => blocks > 3 * self.sms,
             Some(WideBuilds::UpTo8Rows) if rows <= 8 => blocks > 4 * self.sms,
             _ => false,
         };
@@ -1518,6 +1533,8 @@ impl CudaBackend {
             quant::tag(q0.format),
             if one {
                 1
+            } else if two {
+                2
             } else if rows <= 8 {
                 8
             } else {
@@ -1764,6 +1781,7 @@ fn modules(arch: (i32, i32)) -> Vec<(String, Vec<String>)> {
         }
         for (line, names, wanted) in [
             ("QWIDE1", &["1w", "1pw"][..], wide.is_some()),
+            ("QTWO", &["2", "2p", "2w", "2pw"], two_row_builds(format)),
             (
                 "QWIDE8",
                 &["8w", "8pw"],
@@ -1905,6 +1923,12 @@ fn two_strip_builds(format: QuantFormat) -> bool {
 /// qgemv.cu): symmetric codes (the asymmetric builds spill at their 128 registers).
 fn four_strip_builds(format: QuantFormat) -> bool {
     !format.is_asym()
+}
+
+/// Whether a format has the two-row decode kernels that take the activations through the copy
+/// ring (QTWO in qgemv.cu): symmetric codes of 4 bits and more.
+fn two_row_builds(format: QuantFormat) -> bool {
+    wide_builds(format) == Some(WideBuilds::UpTo8Rows)
 }
 
 /// Which bounded (`w`) builds of the decode kernel a format has (QWIDE1, QWIDE8 in qgemv.cu).

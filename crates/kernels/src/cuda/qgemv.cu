@@ -39,7 +39,7 @@
 // by `cp.async` (16-byte codes, 4-byte scale pair), so QG_STAGES - 1 chunks per lane are in flight
 // without holding registers, and no barrier is needed (a lane reads only what it copied). The
 // activations of the next chunk are loaded into registers while the current one is multiplied;
-// with one row of whole chunks (the `_1` kernels, batch-1 decode) they ride in the ring instead,
+// with one or two rows of whole chunks (the `_1` and `_2` kernels) they ride in the ring instead,
 // copied by a few lanes of the warp and read by all from shared memory: one step ahead, their L2
 // latency was the loop's most common stall (Nsight Compute, gate/up at m=1: 44% of the warps'
 // cycles waiting on a global load), and in the ring it hides behind S - 1 steps like the weights'.
@@ -374,7 +374,7 @@ __device__ __forceinline__ long long strip_off(int p, long long one, int s, int 
 // block also takes the strip `two` says (its sums 16 features after the first's; with SP = 4 the
 // strips s + 1 .. s + 3 of the same weight, `strip_off`), and with GLU
 // (gate and up of a feed-forward, strip s of each) writes silu(gate) * up.
-template <int BITS, bool ASYM, int KIND, int NB, bool POST, bool XS, int SP, bool GLU, int DS = 0>
+template <int BITS, bool ASYM, int KIND, int NB, bool POST, int XS, int SP, bool GLU, int DS = 0>
 __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets, const uint2* planes, float ts, int fold,
                       const QgSecond two, const bf16_t* x, int m, int k, int n, u32 gmul, int G, int CH, int cpb,
                       float* ws, u32* counters, int wstride, int s, int sg, bf16_t* out) {
@@ -411,9 +411,10 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     // measured slower end to end (H100, same call: 398-400 against 385-386 tok/s). 2- and 3-bit
     // chunks are twice as wide: 4 stages hold as many columns in flight as 8 of int4's.
     constexpr int S = DS ? DS : E == 2 ? (ASYM || XS ? 3 : 4) : TPU == 8 ? 4 : QG_STAGES;
-    // XS (one row, whole chunks): the activations ride in the ring too, XC 16-byte words a chunk
-    // copied by the warp's first XC lanes, so their latency hides behind S - 1 steps like the
-    // weights' (with registers, one step ahead, it was the loop's most common stall).
+    // XS (that many rows, one or two, of whole chunks): the activations ride in the ring too, XC
+    // 16-byte words a chunk and row copied by the warp's first XS XC lanes, so their latency hides
+    // behind S - 1 steps like the weights' (with registers, one step ahead, it was the loop's most
+    // common stall); lane (g, t) reads row g % XS.
     constexpr int XC = CW / 8;
     // The rings, in static shared memory; with DS (the deep builds) in dynamic shared memory,
     // which may exceed static memory's 48 KB, in the order q, x, h, s, o (`qgemv_deep_smem` on the
@@ -422,12 +423,12 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     __shared__ uint4 ring_q[DS ? 1 : S][DS ? 1 : E][DS ? 1 : QG_MAXW * 32];
     __shared__ u32 ring_s[DS ? 1 : S][DS ? 1 : E][DS ? 1 : QG_MAXW * 32];
     __shared__ u32 ring_o[ASYM && !DS ? S : 1][DS ? 1 : E][ASYM && !DS ? QG_MAXW * 32 : 1];
-    __shared__ uint4 ring_x[XS && !DS ? S : 1][DS ? 1 : U][XS && !DS ? QG_MAXW * XC : 1];
+    __shared__ uint4 ring_x[XS && !DS ? S : 1][DS ? 1 : U][XS && !DS ? QG_MAXW * XC * XS : 1];
     __shared__ uint2 ring_h[PLANE && !DS ? S : 1][DS ? 1 : E][PLANE && !DS ? QG_MAXW * 32 : 1];
     using RingQ = uint4[E][QG_MAXW * 32];
     using RingS = u32[E][QG_MAXW * 32];
     using RingO = u32[E][ASYM ? QG_MAXW * 32 : 1];
-    using RingX = uint4[U][XS ? QG_MAXW * XC : 1];
+    using RingX = uint4[U][XS ? QG_MAXW * XC * XS : 1];
     using RingH = uint2[E][PLANE ? QG_MAXW * 32 : 1];
     constexpr unsigned OX = sizeof(RingQ) * S, OH = OX + (XS ? sizeof(RingX) * S : 0),
                        OS = OH + (PLANE ? sizeof(RingH) * S : 0), OO = OS + sizeof(RingS) * S,
@@ -466,10 +467,10 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     const u32* o0 = ASYM ? offsets + sbase : scales;
     const u32 rq = smem_u32(&QG_RING(q, [0][0][tid])), rs = smem_u32(&QG_RING(s, [0][0][tid])),
               ro = smem_u32(&QG_RING(o, [0][0][ASYM ? tid : 0])),
-              rx = smem_u32(&QG_RING(x, [0][0][XS ? warp * XC + lane % XC : 0])),
+              rx = smem_u32(&QG_RING(x, [0][0][XS ? warp * XC * XS + lane % (XC * XS) : 0])),
               rh = smem_u32(&QG_RING(h, [0][0][PLANE ? tid : 0]));
     constexpr u32 HSLOT = E * QG_MAXW * 32 * 8, HU = QG_MAXW * 32 * 8;
-    constexpr u32 XSLOT = U * QG_MAXW * XC * 16, XU = QG_MAXW * XC * 16;
+    constexpr u32 XSLOT = U * QG_MAXW * XC * XS * 16, XU = QG_MAXW * XC * XS * 16;
     constexpr u32 QSLOT = E * QG_MAXW * 32 * 16, QU = QG_MAXW * 32 * 16, SSLOT = E * QG_MAXW * 32 * 4,
                   SU = QG_MAXW * 32 * 4;
     const bf16_t* xrow[NB];
@@ -486,10 +487,10 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     const u64 wpol = streaming_policy();
     u32 ci = col_first;
     int ji = 0;
-    const bf16_t* xi = x + (size_t)(c_lo + warp) * CW + 8 * (lane % XC);
+    const bf16_t* xi = x + (size_t)(XS ? lane / XC % XS : 0) * k + (size_t)(c_lo + warp) * CW + 8 * (lane % XC);
     // A chunk's activations (XS; not before griddep_wait, see the prologue).
     auto issue_x = [&](int slot, int u) {
-        if (lane < XC) cp_async16_at(rx + slot * XSLOT + u * XU, xi);
+        if (lane < XC * XS) cp_async16_at(rx + slot * XSLOT + u * XU, xi);
         xi += col_stride;
     };
     // Chunk u of a step: its codes (and planes), activations (XS, with_x), scales and offsets
@@ -613,7 +614,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
             for (int b = 0; b < NB; b++)
 #pragma unroll
                 for (int w = 0; w < XW; w++)
-                    xl[u][b][w] = XS ? QG_RING(x, [XS ? slot : 0][u][warp * XC + t * XW + w]) : xc[u][b][w];
+                    xl[u][b][w] = XS ? QG_RING(x, [XS ? slot : 0][u][warp * XC * XS + g % (XS ? XS : 1) * XC + t * XW + w]) : xc[u][b][w];
         // Step i issues step i + S - 1's chunks.
         if (FAST && i + S <= mine / U)
             issue_fast(next);
@@ -858,6 +859,16 @@ struct QgArgs {
     QGLU1(qglu_##tag##_1p, BITS, ASYM, KIND, 1, true, true, (QG_MAXW * 32))        \
     DEQUANT(dequant_##tag, BITS, ASYM, KIND)                                \
     QEMBED(embedding_##tag, BITS, ASYM, KIND)
+// Two rows of whole chunks (suffix 2), their activations in the ring as the one-row kernel's
+// (XS = 2): where the strips are many, the one-step-ahead register loads of the 8-row kernel
+// left the L2's latency in every step (H100, int4 g128 8192² at 2 rows: 84% of copy against 71%
+// for the four-strip blocks). Symmetric formats of 4 bits and more; the bounded builds (w) at 4
+// blocks an SM, as the one-row kernel's.
+#define QTWO(tag, BITS, ASYM, KIND)                                                     \
+    QGEMV1(qgemv_##tag##_2, BITS, ASYM, KIND, 1, false, 2, 1, (QG_MAXW * 32), 0)       \
+    QGEMV1(qgemv_##tag##_2p, BITS, ASYM, KIND, 1, true, 2, 1, (QG_MAXW * 32), 0)       \
+    QGEMV1(qgemv_##tag##_2w, BITS, ASYM, KIND, 1, false, 2, 1, (QG_MAXW * 32, 4), 0)   \
+    QGEMV1(qgemv_##tag##_2pw, BITS, ASYM, KIND, 1, true, 2, 1, (QG_MAXW * 32, 4), 0)
 // The host appends these lines where a format uses them. The bounded builds (suffix w), for the
 // formats whose kernels fit them without spilling: one row at 4 blocks an SM (symmetric
 // formats), 8 rows at 3 (symmetric formats of 4 bits and more).
