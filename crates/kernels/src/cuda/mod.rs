@@ -1430,17 +1430,21 @@ impl CudaBackend {
         let whole = q0.cols.is_multiple_of(16 * q0.tile_span()) && x.is_multiple_of(16);
         let one = rows == 1 && whole;
         let singles: usize = ws.iter().map(|q| q.strips).sum();
-        // Two rows likewise (`_2`), on rows of 8192 columns or more where the strips are three
-        // blocks an SM or more. H100, 2 rows, against the kernel the rule below picks (same call):
-        // int4 g128 8192² 16.9 → 14.3 µs (71 → 84% of copy), 8192 × 28672 47.0 → 44.9 (90 →
-        // 94%), 28672 × 8192 46.5 → 44.7 (91 → 94%); nvfp4 70 → 77%, 88 → 91%, 87 → 89%; int8
-        // and fp8 8192² 85 → 91%, the others 1-2% faster. Shorter rows or fewer strips lost:
-        // 4096 × 14336 (256 strips) int4 13.6 → 16.0, 4096² 8-15% (nvfp4, int8), 14336 × 4096
-        // even to 3% slower; and 2-bit codes (four strips a block there) lost 12-47%.
-        let two = rows == 2
+        // 2-4 rows likewise (`_2`, `_4`: a ring of 2 or 4 rows), for symmetric 4-bit codes
+        // (`ring_rows_max`) on rows of 8192 columns or more where the strips are three blocks an
+        // SM or more. H100, g128, against the kernels the rules below pick (same calls), µs at
+        // 2 / 3 / 4 rows: int4 8192² 16.7 / 16.7 / 16.9 → 14.3 / 13.9 / 13.5 (72 → 84-89% of
+        // copy), 28672 × 8192 46.6 / 46.7 / 46.9 → 44.5 / 44.1 / 44.1 (90 → 95%), 10240 × 8192
+        // 21.3 → 18.4-20.0, 8192 × 28672 1-3% faster; fp4 8192² 67 → 78-80%, 10240 × 8192 68 →
+        // 76-77%, the long shapes 1-3% faster; nvfp4 and mxfp4 at 2 rows 8192² 70 → 76-79%,
+        // 10240 × 8192 70-72 → 74-77%, the long shapes 0-3% faster (at 3-4 rows 2-5% slower
+        // there, so they keep two rows). Shorter rows or fewer strips
+        // lost at 2 rows: 4096 × 14336 (256 strips) int4 13.6 → 16.0, 4096² nvfp4 6.4 → 7.2,
+        // 14336 × 4096 even to 3% slower. 8-bit codes gained at 8192² only (85 → 89-91% at 2
+        // rows) and lost up to 5% at 3-4 rows; 2-bit ones (four strips a block) 12-47%.
+        let ring_rows = (2..=ring_rows_max(q0.format)).contains(&rows)
             && whole
             && !glu
-            && two_row_builds(q0.format)
             && q0.cols >= 8192
             && singles >= 3 * self.sms;
         let row_blocks = rows.div_ceil(16);
@@ -1482,7 +1486,7 @@ impl CudaBackend {
                 _ => singles > 4 * self.sms,
             };
         let quad = !glu
-            && !two
+            && !ring_rows
             && (2..=16).contains(&rows)
             && !singles_stay
             && four_strip_builds(q0.format)
@@ -1513,7 +1517,7 @@ impl CudaBackend {
             // The gated kernel's bounded build (QGLUW): one row, formats of 4 bits and more.
             Some(WideBuilds::UpTo8Rows) if glu => one && blocks > 3 * self.sms,
             _ if glu => false,
-            Some(_) if one || two => blocks > 3 * self.sms,
+            Some(_) if one || ring_rows => blocks > 3 * self.sms,
             Some(WideBuilds::UpTo8Rows) if rows <= 8 => blocks > 4 * self.sms,
             _ => false,
         };
@@ -1533,8 +1537,8 @@ impl CudaBackend {
             quant::tag(q0.format),
             if one {
                 1
-            } else if two {
-                2
+            } else if ring_rows {
+                rows.next_power_of_two()
             } else if rows <= 8 {
                 8
             } else {
@@ -1781,7 +1785,6 @@ fn modules(arch: (i32, i32)) -> Vec<(String, Vec<String>)> {
         }
         for (line, names, wanted) in [
             ("QWIDE1", &["1w", "1pw"][..], wide.is_some()),
-            ("QTWO", &["2", "2p", "2w", "2pw"], two_row_builds(format)),
             (
                 "QWIDE8",
                 &["8w", "8pw"],
@@ -1791,6 +1794,12 @@ fn modules(arch: (i32, i32)) -> Vec<(String, Vec<String>)> {
         ] {
             if wanted {
                 source += &format!("{line}({tag}, {bits}, {asym}, {kind})\n");
+                variants.extend(names);
+            }
+        }
+        for (rows, names) in [(2, ["2", "2p", "2w", "2pw"]), (4, ["4", "4p", "4w", "4pw"])] {
+            if rows <= ring_rows_max(format) {
+                source += &format!("QROWS({tag}, {bits}, {asym}, {kind}, {rows})\n");
                 variants.extend(names);
             }
         }
@@ -1925,10 +1934,16 @@ fn four_strip_builds(format: QuantFormat) -> bool {
     !format.is_asym()
 }
 
-/// Whether a format has the two-row decode kernels that take the activations through the copy
-/// ring (QTWO in qgemv.cu): symmetric codes of 4 bits and more.
-fn two_row_builds(format: QuantFormat) -> bool {
-    wide_builds(format) == Some(WideBuilds::UpTo8Rows)
+/// The most rows of a format's decode kernels that take the activations through the copy ring
+/// (QROWS in qgemv.cu, 2 and 4 rows): 4 for symmetric 4-bit codes with f16 scales, 2 with byte
+/// scales (mxfp4, nvfp4: at 3-4 rows the four-row ring lost 2-5% on the long shapes), 0 for the
+/// other formats.
+fn ring_rows_max(format: QuantFormat) -> usize {
+    match format {
+        _ if format.is_asym() || format.bits() != 4 => 0,
+        QuantFormat::Mxfp4 | QuantFormat::Nvfp4 => 2,
+        _ => 4,
+    }
 }
 
 /// Which bounded (`w`) builds of the decode kernel a format has (QWIDE1, QWIDE8 in qgemv.cu).

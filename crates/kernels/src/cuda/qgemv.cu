@@ -39,7 +39,7 @@
 // by `cp.async` (16-byte codes, 4-byte scale pair), so QG_STAGES - 1 chunks per lane are in flight
 // without holding registers, and no barrier is needed (a lane reads only what it copied). The
 // activations of the next chunk are loaded into registers while the current one is multiplied;
-// with one or two rows of whole chunks (the `_1` and `_2` kernels) they ride in the ring instead,
+// with 1-4 rows of whole chunks (the `_1`, `_2` and `_4` kernels) they ride in the ring instead,
 // copied by a few lanes of the warp and read by all from shared memory: one step ahead, their L2
 // latency was the loop's most common stall (Nsight Compute, gate/up at m=1: 44% of the warps'
 // cycles waiting on a global load), and in the ring it hides behind S - 1 steps like the weights'.
@@ -380,12 +380,13 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
                       float* ws, u32* counters, int wstride, int s, int sg, bf16_t* out) {
     // U chunks per ring slot (per loop step) amortize the step's fixed work (wait, commit, scale
     // and activation addressing); with 16 rows, or 32 columns a lane (2- and 3-bit chunks), the
-    // activations alone fill the registers, so 1. With SP = 2 a block takes two neighbouring
+    // activations alone fill the registers, so 1 (and with four rows in the ring, whose slots
+    // would not fit 48 KB at two chunks). With SP = 2 a block takes two neighbouring
     // strips instead, and a step one chunk of each: the strips share its activations, read from
     // the L2 once per two strips (at 16 rows the activations outweigh the weights: 8192² reads
     // 134 MB of them into the SMs against 35 MB of int4 weights); with SP = 4, four strips.
     constexpr int TPU = tile_span(BITS), CW = 16 * TPU, XW = TPU / 2;
-    constexpr int U = SP == 1 && NB == 1 && TPU <= 4 ? 2 : 1, E = U * SP;  // E: ring entries a lane per step
+    constexpr int U = SP == 1 && NB == 1 && TPU <= 4 && XS <= 2 ? 2 : 1, E = U * SP;  // E: ring entries a lane per step
     constexpr bool PLANE = BITS == 3;
     // Four strips at 9-16 rows, or of 32 columns a lane: the activations in one register set,
     // fetched at the step's start (two sets, one step ahead, spilled at 128 registers and lost on
@@ -409,12 +410,14 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     }
     // XS keeps 3 stages: 4 fill the 48 KB of static shared memory exactly (rings merged) and
     // measured slower end to end (H100, same call: 398-400 against 385-386 tok/s). 2- and 3-bit
-    // chunks are twice as wide: 4 stages hold as many columns in flight as 8 of int4's.
-    constexpr int S = DS ? DS : E == 2 ? (ASYM || XS ? 3 : 4) : TPU == 8 ? 4 : QG_STAGES;
-    // XS (that many rows, one or two, of whole chunks): the activations ride in the ring too, XC
+    // chunks are twice as wide: 4 stages hold as many columns in flight as 8 of int4's. Four
+    // rows in the ring (one chunk a step): 5 stages, 47 KB for int4.
+    constexpr int S = DS ? DS : E == 2 ? (ASYM || XS ? 3 : 4) : TPU == 8 ? 4 : XS > 2 ? 5 : QG_STAGES;
+    // XS (that many rows, 1, 2 or 4, of whole chunks): the activations ride in the ring too, XC
     // 16-byte words a chunk and row copied by the warp's first XS XC lanes, so their latency hides
     // behind S - 1 steps like the weights' (with registers, one step ahead, it was the loop's most
-    // common stall); lane (g, t) reads row g % XS.
+    // common stall); lane (g, t) reads row g % XS, and rows past m hold row m - 1 (they only feed
+    // outputs that are never written).
     constexpr int XC = CW / 8;
     // The rings, in static shared memory; with DS (the deep builds) in dynamic shared memory,
     // which may exceed static memory's 48 KB, in the order q, x, h, s, o (`qgemv_deep_smem` on the
@@ -487,7 +490,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     const u64 wpol = streaming_policy();
     u32 ci = col_first;
     int ji = 0;
-    const bf16_t* xi = x + (size_t)(XS ? lane / XC % XS : 0) * k + (size_t)(c_lo + warp) * CW + 8 * (lane % XC);
+    const bf16_t* xi = x + (size_t)(XS > 1 ? min(lane / XC % XS, m - 1) : 0) * k + (size_t)(c_lo + warp) * CW + 8 * (lane % XC);
     // A chunk's activations (XS; not before griddep_wait, see the prologue).
     auto issue_x = [&](int slot, int u) {
         if (lane < XC * XS) cp_async16_at(rx + slot * XSLOT + u * XU, xi);
@@ -859,16 +862,17 @@ struct QgArgs {
     QGLU1(qglu_##tag##_1p, BITS, ASYM, KIND, 1, true, true, (QG_MAXW * 32))        \
     DEQUANT(dequant_##tag, BITS, ASYM, KIND)                                \
     QEMBED(embedding_##tag, BITS, ASYM, KIND)
-// Two rows of whole chunks (suffix 2), their activations in the ring as the one-row kernel's
-// (XS = 2): where the strips are many, the one-step-ahead register loads of the 8-row kernel
-// left the L2's latency in every step (H100, int4 g128 8192² at 2 rows: 84% of copy against 71%
-// for the four-strip blocks). Symmetric formats of 4 bits and more; the bounded builds (w) at 4
-// blocks an SM, as the one-row kernel's.
-#define QTWO(tag, BITS, ASYM, KIND)                                                     \
-    QGEMV1(qgemv_##tag##_2, BITS, ASYM, KIND, 1, false, 2, 1, (QG_MAXW * 32), 0)       \
-    QGEMV1(qgemv_##tag##_2p, BITS, ASYM, KIND, 1, true, 2, 1, (QG_MAXW * 32), 0)       \
-    QGEMV1(qgemv_##tag##_2w, BITS, ASYM, KIND, 1, false, 2, 1, (QG_MAXW * 32, 4), 0)   \
-    QGEMV1(qgemv_##tag##_2pw, BITS, ASYM, KIND, 1, true, 2, 1, (QG_MAXW * 32, 4), 0)
+// 2-4 rows of whole chunks (suffix 2, or 4 for 3-4 rows), their activations in the ring as the
+// one-row kernel's (XS = R): where the strips are many, the one-step-ahead register loads of the
+// 8-row kernel left the L2's latency in every step (H100, int4 g128 8192² at 2-4 rows: 84-89% of
+// copy against 72% for the four-strip blocks). With four rows a step takes one chunk (U) and the
+// ring 5 stages, to fit 48 KB. Symmetric 4-bit codes (4 rows: those with f16 scales, int4 and
+// fp4); the bounded builds (w) at 4 blocks an SM, as the one-row kernel's.
+#define QROWS(tag, BITS, ASYM, KIND, R)                                                   \
+    QGEMV1(qgemv_##tag##_##R, BITS, ASYM, KIND, 1, false, R, 1, (QG_MAXW * 32), 0)       \
+    QGEMV1(qgemv_##tag##_##R##p, BITS, ASYM, KIND, 1, true, R, 1, (QG_MAXW * 32), 0)     \
+    QGEMV1(qgemv_##tag##_##R##w, BITS, ASYM, KIND, 1, false, R, 1, (QG_MAXW * 32, 4), 0) \
+    QGEMV1(qgemv_##tag##_##R##pw, BITS, ASYM, KIND, 1, true, R, 1, (QG_MAXW * 32, 4), 0)
 // The host appends these lines where a format uses them. The bounded builds (suffix w), for the
 // formats whose kernels fit them without spilling: one row at 4 blocks an SM (symmetric
 // formats), 8 rows at 3 (symmetric formats of 4 bits and more).
