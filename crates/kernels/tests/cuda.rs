@@ -726,9 +726,9 @@ fn quant_matmul_every_format() {
 }
 
 /// Two to four rows of 4-bit codes on rows of 8192 columns, the decode kernels whose activations
-/// ride in the copy ring (`_2`, and `_4` for int4 and fp4): 396 strips is three blocks an SM on an H100 (the plain
-/// builds), 400 more (the bounded ones). `quant_matmul_every_format`'s weights are too short for
-/// them, and its row counts skip 3 and 4.
+/// ride in the copy ring (`_2`, and `_4` for int4 and fp4): 396 strips is three blocks an SM on
+/// an H100 (the plain builds), 400 more (the bounded ones). `quant_matmul_every_format`'s weights
+/// are too short for them, and its row counts skip 3 and 4.
 #[test]
 fn quant_matmul_ring_rows() {
     let Some(g) = gpu("quant_matmul_ring_rows") else {
