@@ -1438,10 +1438,10 @@ impl CudaBackend {
         // 21.3 → 18.4-20.0, 8192 × 28672 1-3% faster; fp4 8192² 67 → 78-80%, 10240 × 8192 68 →
         // 76-77%, the long shapes 1-3% faster; nvfp4 and mxfp4 at 2 rows 8192² 70 → 76-79%,
         // 10240 × 8192 70-72 → 74-77%, the long shapes 0-3% faster (at 3-4 rows 2-5% slower
-        // there, so they keep two rows). Shorter rows or fewer strips
-        // lost at 2 rows: 4096 × 14336 (256 strips) int4 13.6 → 16.0, 4096² nvfp4 6.4 → 7.2,
-        // 14336 × 4096 even to 3% slower. 8-bit codes gained at 8192² only (85 → 89-91% at 2
-        // rows) and lost up to 5% at 3-4 rows; 2-bit ones (four strips a block) 12-47%.
+        // there, so they keep two rows). Shorter rows or fewer strips lost at 2 rows: 4096 ×
+        // 14336 (256 strips) int4 13.6 → 16.0, 4096² nvfp4 6.4 → 7.2, 14336 × 4096 even to 3%
+        // slower. 8-bit codes gained at 8192² only (85 → 89-91% at 2 rows) and lost up to 5% at
+        // 3-4 rows; 2-bit ones (four strips a block) 12-47%.
         let ring_rows = (2..=ring_rows_max(q0.format)).contains(&rows)
             && whole
             && !glu
