@@ -1447,6 +1447,31 @@ impl CudaBackend {
             && !glu
             && q0.cols >= 8192
             && singles >= 3 * self.sms;
+        let pairs: usize = ws.iter().map(|q| q.strips.div_ceil(2)).sum();
+        // Two strips a block with the rows in the ring (`_2r`, `_4r`, `_8r`), where the pair
+        // blocks are many: the strips share a step's activations, so the SMs read them from the
+        // L2 once per 32 features. H200, g128, % of copy against the kernels the other rules
+        // pick (same calls): at 2-4 rows where the pairs are four blocks an SM or more, int4
+        // 28672 × 8192 70-74 → 83-84%, 57344 × 8192 72-77 → 86%, 128256 × 8192 74-80 → 88%;
+        // fp4 28672 × 8192 60-64 → 70%, 86016 × 8192 64-68 → 73%; nvfp4 and mxfp4 (2 rows)
+        // 28672 × 8192 62-64 → 67-70%. Fewer lost or tied (10240 × 8192: int4 +3%, fp4 ±1%,
+        // nvfp4 and mxfp4 -5%). At 5-8 rows (all four formats, against four strips a block)
+        // where the pairs are two to eight blocks an SM: int4 8464 × 8192 42 → 53%, 10240 ×
+        // 8192 48 → 59-63%, 28672 × 8192 77 → 80%; fp4, nvfp4, mxfp4 10240 × 8192 45-48 →
+        // 53-55%, 28672 × 8192 63-65 → 65-69%. 8192² (256 pairs) lost (57 → 52%), and above
+        // eight an SM four strips keep the lead for three of the four formats' measures (int4
+        // 128256 × 8192 88 → 84%, fp4 57344 × 8192 and up 73-75 → 71-73%; int4 57344 and 86016
+        // × 8192 gained 4%).
+        let ring_pairs = ring_rows_max(q0.format) > 0
+            && whole
+            && !glu
+            && q0.cols >= 8192
+            && match rows {
+                2..=4 => rows <= ring_rows_max(q0.format) && pairs >= 4 * self.sms,
+                5..=8 => (2 * self.sms..8 * self.sms).contains(&pairs),
+                _ => false,
+            };
+        let ring_rows = ring_rows && !ring_pairs;
         let row_blocks = rows.div_ceil(16);
         // A block takes `per_block` neighbouring strips of one weight: each weight's strips are
         // padded to a multiple of it in the launch's strip numbering. At 2-8 rows, four strips
@@ -1476,7 +1501,6 @@ impl CudaBackend {
         // 18.5 / 19.0; int3 28672 × 8192 47.5 / 51.6 → 48.1 / 48.8, 128256 × 8192 194 / 206 →
         // 173 / 176.
         // Otherwise above 8 rows, two strips (`s`) where those blocks still fill the SMs.
-        let pairs: usize = ws.iter().map(|q| q.strips.div_ceil(2)).sum();
         let quads: usize = ws.iter().map(|q| q.strips.div_ceil(4)).sum();
         let singles_stay = rows <= 4
             && q0.cols >= 8192
@@ -1486,6 +1510,7 @@ impl CudaBackend {
                 _ => singles > 4 * self.sms,
             };
         let quad = !glu
+            && !ring_pairs
             && !ring_rows
             && (2..=16).contains(&rows)
             && !singles_stay
@@ -1496,7 +1521,9 @@ impl CudaBackend {
                 2 * quads >= 3 * self.sms
             }
             && ring_fits(q0.format, RingBuild::Quad, self.smem_per_sm);
-        let per_block = if quad {
+        let per_block = if ring_pairs {
+            2
+        } else if quad {
             4
         } else if rows > 8 && two_strip_builds(q0.format) && pairs * row_blocks >= self.sms {
             2
@@ -1537,7 +1564,7 @@ impl CudaBackend {
             quant::tag(q0.format),
             if one {
                 1
-            } else if ring_rows {
+            } else if ring_rows || ring_pairs {
                 rows.next_power_of_two()
             } else if rows <= 8 {
                 8
@@ -1545,7 +1572,9 @@ impl CudaBackend {
                 16
             },
             if q0.post() { "p" } else { "" },
-            if wide {
+            if ring_pairs {
+                "r"
+            } else if wide {
                 "w"
             } else if deep {
                 "d"
@@ -1563,7 +1592,7 @@ impl CudaBackend {
         } else {
             // The four-strip build at 8 warps a block always: its 128 registers fit two such
             // blocks an SM, and 4-warp blocks (8 warps an SM where the blocks are few) ran slower.
-            let warps = if quad || blocks >= self.sms {
+            let warps = if quad || ring_pairs || blocks >= self.sms {
                 QG_WARPS
             } else {
                 QG_WARPS / 2
@@ -1594,7 +1623,9 @@ impl CudaBackend {
             args.ws = self.ptr(w);
             args.counters = self.ptr(c);
         }
-        let ring = if deep {
+        let ring = if ring_pairs {
+            Some(RingBuild::RingPairs(rows.next_power_of_two()))
+        } else if deep {
             Some(RingBuild::Deep)
         } else if quad {
             Some(RingBuild::Quad)
@@ -1803,6 +1834,13 @@ fn modules(arch: (i32, i32)) -> Vec<(String, Vec<String>)> {
                 variants.extend(names);
             }
         }
+        for (rows, names) in [(2, ["2r", "2pr"]), (4, ["4r", "4pr"]), (8, ["8r", "8pr"])] {
+            if ring_rows_max(format) > 0 && rows.min(4) <= ring_rows_max(format) {
+                source +=
+                    &format!("QRINGS({tag}, {bits}, {asym}, {kind}, {rows}, {QG_QUAD_STAGES})\n");
+                variants.extend(names);
+            }
+        }
         if four_strip_builds(format) {
             source += &format!("QQUAD({tag}, {bits}, {asym}, {kind}, {QG_QUAD_STAGES})\n");
             variants.extend(["8q", "8pq", "16q", "16pq"]);
@@ -1852,11 +1890,13 @@ fn prefill_attention_smem(hd: usize) -> Option<u32> {
 }
 
 /// The decode kernel's builds whose rings lie in dynamic shared memory (qgemv.cu): the one-row
-/// deep ring (`_1d`, `_1pd`, QDEEP1) and four strips a block (`_8q`, `_8pq`, QQUAD).
+/// deep ring (`_1d`, `_1pd`, QDEEP1), four strips a block (`_8q`, `_8pq`, QQUAD), and two
+/// strips a block with 2, 4 or 8 rows of activations in the ring (`_2r`, `_4pr`..., QRINGS).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum RingBuild {
     Deep,
     Quad,
+    RingPairs(usize),
 }
 
 /// The format and build of a decode kernel with a dynamic ring, from its name.
@@ -1865,6 +1905,9 @@ fn qgemv_ring_build(name: &str) -> Option<(QuantFormat, RingBuild)> {
     let build = match variant {
         "1d" | "1pd" => RingBuild::Deep,
         "8q" | "8pq" | "16q" | "16pq" => RingBuild::Quad,
+        "2r" | "2pr" => RingBuild::RingPairs(2),
+        "4r" | "4pr" => RingBuild::RingPairs(4),
+        "8r" | "8pr" => RingBuild::RingPairs(8),
         _ => return None,
     };
     let format = QuantFormat::ALL
@@ -1881,14 +1924,16 @@ fn ring_fits(format: QuantFormat, build: RingBuild, smem_per_sm: usize) -> bool 
 }
 
 /// Dynamic shared memory of a decode build's rings (qgemv.cu): each stage holds a step's chunks
-/// (codes, activations for the one-row build, int3 planes, scales, asymmetric offsets) for every
-/// lane of QG_WARPS warps.
+/// (codes, activations for the one-row and ring-pair builds, int3 planes, scales, asymmetric
+/// offsets) for every lane of QG_WARPS warps.
 fn qgemv_ring_smem(format: QuantFormat, build: RingBuild) -> u32 {
     let tpu = quant::tile_span(format);
     let (stages, per_step, x_bytes) = match build {
         // Activations: 2 tpu words of 16 bytes a chunk (for 32 lanes), tpu bytes a lane.
         RingBuild::Deep => (QG_DEEP_STAGES, if tpu <= 4 { 2 } else { 1 }, tpu),
         RingBuild::Quad => (QG_QUAD_STAGES, 4, 0),
+        // A step's activations: 2 tpu words of 16 bytes a chunk and row, for 64 lanes.
+        RingBuild::RingPairs(rows) => (QG_QUAD_STAGES, 2, tpu * rows / 2),
     };
     let lanes = stages * per_step * 32 * QG_WARPS;
     let lane_bytes =
@@ -1934,10 +1979,11 @@ fn four_strip_builds(format: QuantFormat) -> bool {
     !format.is_asym()
 }
 
-/// The most rows of a format's decode kernels that take the activations through the copy ring
-/// (QROWS in qgemv.cu, 2 and 4 rows): 4 for symmetric 4-bit codes with f16 scales, 2 with byte
-/// scales (mxfp4, nvfp4: at 3-4 rows the four-row ring lost 2-5% on the long shapes), 0 for the
-/// other formats.
+/// The most rows up to 4 of a format's decode kernels that take the activations through the
+/// copy ring (QROWS and QRINGS in qgemv.cu, 2 and 4 rows): 4 for symmetric 4-bit codes with f16
+/// scales, 2 with byte scales (mxfp4, nvfp4: at 3-4 rows the four-row ring lost 2-5% on the long
+/// shapes), 0 for the other formats. The formats with any also have the 8-row ring of two
+/// strips a block (`_8r`), for 5-8 rows.
 fn ring_rows_max(format: QuantFormat) -> usize {
     match format {
         _ if format.is_asym() || format.bits() != 4 => 0,

@@ -413,11 +413,14 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     // chunks are twice as wide: 4 stages hold as many columns in flight as 8 of int4's. Four
     // rows in the ring (one chunk a step): 5 stages, 47 KB for int4.
     constexpr int S = DS ? DS : E == 2 ? (ASYM || XS ? 3 : 4) : TPU == 8 ? 4 : XS > 2 ? 5 : QG_STAGES;
-    // XS (that many rows, 1, 2 or 4, of whole chunks): the activations ride in the ring too, XC
-    // 16-byte words a chunk and row copied by the warp's first XS XC lanes, so their latency hides
-    // behind S - 1 steps like the weights' (with registers, one step ahead, it was the loop's most
-    // common stall); lane (g, t) reads row g % XS, and rows past m hold row m - 1 (they only feed
-    // outputs that are never written).
+    // XS (that many rows, 1, 2, 4 or 8, of whole chunks): the activations ride in the ring too,
+    // XC 16-byte words a chunk and row copied by the warp's lanes (XS XC of them, twice over for
+    // 8 rows of 4-bit chunks), so their latency hides behind S - 1 steps like the weights' (with
+    // registers, one step ahead, it was the loop's most common stall); lane (g, t) reads row
+    // g % XS. Rows past m only feed the mma's output columns of those rows, which are never
+    // written: up to 4 rows they repeat row m - 1, and of 8 they are not copied (their words,
+    // stale, are harmless there; repeating row m - 1, 5 rows of 8192 × 28672 took 65 µs against
+    // 42 at 8 rows in a one-strip build of the 8-row ring, H200: many lanes on one address).
     constexpr int XC = CW / 8;
     // The rings, in static shared memory; with DS (the deep builds) in dynamic shared memory,
     // which may exceed static memory's 48 KB, in the order q, x, h, s, o (`qgemv_deep_smem` on the
@@ -490,11 +493,23 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     const u64 wpol = streaming_policy();
     u32 ci = col_first;
     int ji = 0;
-    const bf16_t* xi = x + (size_t)(XS > 1 ? min(lane / XC % XS, m - 1) : 0) * k + (size_t)(c_lo + warp) * CW + 8 * (lane % XC);
+    // A chunk's XL words of activations, XR a lane.
+    constexpr int XL = XS ? XC * XS : 1, XR = (XL + 31) / 32;
+    const bf16_t* xi[XR];
+    bool xcopy[XR];
+#pragma unroll
+    for (int r = 0; r < XR; r++) {
+        const int c = lane + 32 * r, row = XS > 1 ? c / XC % XS : 0;
+        xcopy[r] = c < XL && (XS <= 4 || row < m);
+        xi[r] = x + (size_t)(XS > 1 ? min(row, m - 1) : 0) * k + (size_t)(c_lo + warp) * CW + 8 * (c % XC);
+    }
     // A chunk's activations (XS; not before griddep_wait, see the prologue).
     auto issue_x = [&](int slot, int u) {
-        if (lane < XC * XS) cp_async16_at(rx + slot * XSLOT + u * XU, xi);
-        xi += col_stride;
+#pragma unroll
+        for (int r = 0; r < XR; r++) {
+            if (xcopy[r]) cp_async16_at(rx + 512 * r + slot * XSLOT + u * XU, xi[r]);
+            xi[r] += col_stride;
+        }
     };
     // Chunk u of a step: its codes (and planes), activations (XS, with_x), scales and offsets
     // in each of the SP strips.
@@ -873,6 +888,15 @@ struct QgArgs {
     QGEMV1(qgemv_##tag##_##R##p, BITS, ASYM, KIND, 1, true, R, 1, (QG_MAXW * 32), 0)     \
     QGEMV1(qgemv_##tag##_##R##w, BITS, ASYM, KIND, 1, false, R, 1, (QG_MAXW * 32, 4), 0) \
     QGEMV1(qgemv_##tag##_##R##pw, BITS, ASYM, KIND, 1, true, R, 1, (QG_MAXW * 32, 4), 0)
+// Two strips a block with their R rows (2, 4 or 8) in the ring (suffix r), in dynamic shared
+// memory, STAGES deep: the strips share a step's activations, which the SMs then read from the
+// L2 once per 32 features, and at 5-8 rows the L2's latency leaves the loop as it did at 2-4 rows
+// (8 rows of int4: 64 KB a ring, 3 blocks an SM). The host takes them where the pair blocks are
+// many (H200, int4 g128 at 2-4 rows: 128256 × 8192 74-80 → 88% of copy; at 5-8 rows 10240 ×
+// 8192 48 → 59-63%).
+#define QRINGS(tag, BITS, ASYM, KIND, R, STAGES)                                                      \
+    QGEMV1(qgemv_##tag##_##R##r, BITS, ASYM, KIND, 1, false, R, 2, (QG_MAXW * 32, 3), STAGES)      \
+    QGEMV1(qgemv_##tag##_##R##pr, BITS, ASYM, KIND, 1, true, R, 2, (QG_MAXW * 32, 3), STAGES)
 // The host appends these lines where a format uses them. The bounded builds (suffix w), for the
 // formats whose kernels fit them without spilling: one row at 4 blocks an SM (symmetric
 // formats), 8 rows at 3 (symmetric formats of 4 bits and more).
