@@ -1835,7 +1835,7 @@ fn modules(arch: (i32, i32)) -> Vec<(String, Vec<String>)> {
             }
         }
         for (rows, names) in [(2, ["2r", "2pr"]), (4, ["4r", "4pr"]), (8, ["8r", "8pr"])] {
-            if ring_rows_max(format) > 0 && rows.min(4) <= ring_rows_max(format) {
+            if ring_rows_max(format) > 0 && (rows == 8 || rows <= ring_rows_max(format)) {
                 source +=
                     &format!("QRINGS({tag}, {bits}, {asym}, {kind}, {rows}, {QG_QUAD_STAGES})\n");
                 variants.extend(names);
