@@ -1448,16 +1448,18 @@ impl CudaBackend {
             && q0.cols >= 8192
             && singles >= 3 * self.sms;
         let pairs: usize = ws.iter().map(|q| q.strips.div_ceil(2)).sum();
-        // Two strips a block with the rows in the ring (`_2r`, `_4r`, `_8r`), where the pair
-        // blocks are many: the strips share a step's activations, so the SMs read them from the
-        // L2 once per 32 features. H200, g128, % of copy against the kernels the other rules
-        // pick (same calls): at 2-4 rows where the pairs are four blocks an SM or more, int4
-        // 28672 × 8192 70-74 → 83-84%, 57344 × 8192 72-77 → 86%, 128256 × 8192 74-80 → 88%;
-        // fp4 28672 × 8192 60-64 → 70%, 86016 × 8192 64-68 → 73%; nvfp4 and mxfp4 (2 rows)
-        // 28672 × 8192 62-64 → 67-70%. Fewer lost or tied (10240 × 8192: int4 +3%, fp4 ±1%,
-        // nvfp4 and mxfp4 -5%). At 5-8 rows (all four formats, against four strips a block)
-        // where the pairs are two to eight blocks an SM: int4 8464 × 8192 42 → 53%, 10240 ×
-        // 8192 48 → 59-63%, 28672 × 8192 77 → 80%; fp4, nvfp4, mxfp4 10240 × 8192 45-48 →
+        // Two strips a block with the rows in the ring (`_1r`, `_2r`, `_4r`, `_8r`), where the
+        // pair blocks are many: the strips share a step's activations, so the SMs read them from
+        // the L2 once per 32 features. H200, g128, % of copy against the kernels the other rules
+        // pick (same calls), where the pairs are four blocks an SM or more: at one row int4
+        // 28672 × 8192 78 → 86%, 57344 × 8192 80 → 88%, 128256 × 4096 72 → 81%, nvfp4 66 → 71%,
+        // 67 → 73%, 62 → 68% (llama3-8b decode even: 516.9 against 516.8 tok/s); at 2-4 rows
+        // int4 28672 × 8192 70-74 → 83-84%, 57344 × 8192 72-77 → 86%, 128256 × 8192 74-80 →
+        // 88%; fp4 28672 × 8192 60-64 → 70%, 86016 × 8192 64-68 → 73%; nvfp4 and mxfp4 (2
+        // rows) 28672 × 8192 62-64 → 67-70%. Fewer pairs, 10240 × 8192 (320): int4 +2-3 points,
+        // fp4 ±1%, nvfp4 and mxfp4 -3. At 5-8 rows (all four formats, against four strips a
+        // block) where the pairs are two to eight blocks an SM: int4 8464 × 8192 42 → 53%, 10240
+        // × 8192 48 → 59-63%, 28672 × 8192 77 → 80%; fp4, nvfp4, mxfp4 10240 × 8192 45-48 →
         // 53-55%, 28672 × 8192 63-65 → 65-69%. 8192² (256 pairs) lost (57 → 52%), and above
         // eight an SM four strips keep the lead for three of the four formats' measures (int4
         // 128256 × 8192 88 → 84%, fp4 57344 × 8192 and up 73-75 → 71-73%; int4 57344 and 86016
@@ -1465,9 +1467,9 @@ impl CudaBackend {
         let ring_pairs = ring_rows_max(q0.format) > 0
             && whole
             && !glu
-            && q0.cols >= 8192
+            && q0.cols >= if rows == 1 { 4096 } else { 8192 }
             && match rows {
-                2..=4 => rows <= ring_rows_max(q0.format) && pairs >= 4 * self.sms,
+                1..=4 => rows <= ring_rows_max(q0.format) && pairs >= 4 * self.sms,
                 5..=8 => (2 * self.sms..8 * self.sms).contains(&pairs),
                 _ => false,
             };
@@ -1554,6 +1556,7 @@ impl CudaBackend {
         // whole-head attention of short contexts it costs (128 tokens: -0.8% with both, +1.1%
         // with down's alone); the default prompt decides.
         let deep = one
+            && !ring_pairs
             && !glu
             && !wide
             && blocks <= 2 * self.sms
@@ -1834,7 +1837,12 @@ fn modules(arch: (i32, i32)) -> Vec<(String, Vec<String>)> {
                 variants.extend(names);
             }
         }
-        for (rows, names) in [(2, ["2r", "2pr"]), (4, ["4r", "4pr"]), (8, ["8r", "8pr"])] {
+        for (rows, names) in [
+            (1, ["1r", "1pr"]),
+            (2, ["2r", "2pr"]),
+            (4, ["4r", "4pr"]),
+            (8, ["8r", "8pr"]),
+        ] {
             if ring_rows_max(format) > 0 && (rows == 8 || rows <= ring_rows_max(format)) {
                 source +=
                     &format!("QRINGS({tag}, {bits}, {asym}, {kind}, {rows}, {QG_QUAD_STAGES})\n");
@@ -1891,7 +1899,7 @@ fn prefill_attention_smem(hd: usize) -> Option<u32> {
 
 /// The decode kernel's builds whose rings lie in dynamic shared memory (qgemv.cu): the one-row
 /// deep ring (`_1d`, `_1pd`, QDEEP1), four strips a block (`_8q`, `_8pq`, QQUAD), and two
-/// strips a block with 2, 4 or 8 rows of activations in the ring (`_2r`, `_4pr`..., QRINGS).
+/// strips a block with 1, 2, 4 or 8 rows of activations in the ring (`_1r`, `_4pr`..., QRINGS).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum RingBuild {
     Deep,
@@ -1905,6 +1913,7 @@ fn qgemv_ring_build(name: &str) -> Option<(QuantFormat, RingBuild)> {
     let build = match variant {
         "1d" | "1pd" => RingBuild::Deep,
         "8q" | "8pq" | "16q" | "16pq" => RingBuild::Quad,
+        "1r" | "1pr" => RingBuild::RingPairs(1),
         "2r" | "2pr" => RingBuild::RingPairs(2),
         "4r" | "4pr" => RingBuild::RingPairs(4),
         "8r" | "8pr" => RingBuild::RingPairs(8),
@@ -1980,10 +1989,10 @@ fn four_strip_builds(format: QuantFormat) -> bool {
 }
 
 /// The most rows up to 4 of a format's decode kernels that take the activations through the
-/// copy ring (QROWS and QRINGS in qgemv.cu, 2 and 4 rows): 4 for symmetric 4-bit codes with f16
-/// scales, 2 with byte scales (mxfp4, nvfp4: at 3-4 rows the four-row ring lost 2-5% on the long
-/// shapes), 0 for the other formats. The formats with any also have the 8-row ring of two
-/// strips a block (`_8r`), for 5-8 rows.
+/// copy ring (QROWS and QRINGS in qgemv.cu, 2 and 4 rows; every format's one-row kernel does): 4
+/// for symmetric 4-bit codes with f16 scales, 2 with byte scales (mxfp4, nvfp4: at 3-4 rows the
+/// four-row ring lost 2-5% on the long shapes), 0 for the other formats. The formats with any
+/// also have the one-row and 8-row rings of two strips a block (`_1r`, `_8r`).
 fn ring_rows_max(format: QuantFormat) -> usize {
     match format {
         _ if format.is_asym() || format.bits() != 4 => 0,

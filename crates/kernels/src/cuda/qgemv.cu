@@ -888,12 +888,12 @@ struct QgArgs {
     QGEMV1(qgemv_##tag##_##R##p, BITS, ASYM, KIND, 1, true, R, 1, (QG_MAXW * 32), 0)     \
     QGEMV1(qgemv_##tag##_##R##w, BITS, ASYM, KIND, 1, false, R, 1, (QG_MAXW * 32, 4), 0) \
     QGEMV1(qgemv_##tag##_##R##pw, BITS, ASYM, KIND, 1, true, R, 1, (QG_MAXW * 32, 4), 0)
-// Two strips a block with their R rows (2, 4 or 8) in the ring (suffix r), in dynamic shared
+// Two strips a block with their R rows (1, 2, 4 or 8) in the ring (suffix r), in dynamic shared
 // memory, STAGES deep: the strips share a step's activations, which the SMs then read from the
 // L2 once per 32 features, and at 5-8 rows the L2's latency leaves the loop as it did at 2-4 rows
 // (8 rows of int4: 64 KB a ring, 3 blocks an SM). The host takes them where the pair blocks are
-// many (H200, int4 g128 at 2-4 rows: 128256 × 8192 74-80 → 88% of copy; at 5-8 rows 10240 ×
-// 8192 48 → 59-63%).
+// many (H200, int4 g128 at one row: 57344 × 8192 80 → 88% of copy; at 2-4 rows 128256 × 8192
+// 74-80 → 88%; at 5-8 rows 10240 × 8192 48 → 59-63%).
 #define QRINGS(tag, BITS, ASYM, KIND, R, STAGES)                                                      \
     QGEMV1(qgemv_##tag##_##R##r, BITS, ASYM, KIND, 1, false, R, 2, (QG_MAXW * 32, 3), STAGES)      \
     QGEMV1(qgemv_##tag##_##R##pr, BITS, ASYM, KIND, 1, true, R, 2, (QG_MAXW * 32, 3), STAGES)
