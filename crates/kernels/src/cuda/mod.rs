@@ -228,11 +228,7 @@ impl QuantWeight {
     /// 64, asymmetric int3 / int2 64-70 against 171-173, so 64 rows for the rest (symmetric int3
     /// at 64 rows 105.5, about 210 at 128 against 172.5).
     fn max_decode_rows(&self) -> usize {
-        if self.format.bits() == 4 {
-            128
-        } else {
-            64
-        }
+        max_decode_rows(self.format)
     }
 
     fn perm_key(&self) -> Option<u64> {
@@ -1422,180 +1418,33 @@ impl CudaBackend {
         glu: bool,
     ) -> Result<()> {
         let q0 = ws[0];
-        // One row of whole chunks, 16-byte aligned: the kernel that streams the activations
-        // through its copy ring (`_1`). The `w` builds (one row at 4 blocks an SM, 8 rows at 3)
-        // where the strips exceed a wave of 3-block slots (one row) or 4 blocks an SM (8 rows:
-        // H100, int4 g128, 14336×4096 17.9 → 17.2 µs and 28672×8192 57.7 → 55.3 at 3 blocks,
-        // but the 512-strip 8192×28672 49.6 → 62.9).
-        let whole = q0.cols.is_multiple_of(16 * q0.tile_span()) && x.is_multiple_of(16);
-        let one = rows == 1 && whole;
-        let singles: usize = ws.iter().map(|q| q.strips).sum();
-        // 2-4 rows likewise (`_2`, `_4`: a ring of 2 or 4 rows), for symmetric 4-bit codes
-        // (`ring_rows_max`) on rows of 8192 columns or more where the strips are three blocks an
-        // SM or more. H100, g128, against the kernels the rules below pick (same calls), µs at
-        // 2 / 3 / 4 rows: int4 8192² 16.7 / 16.7 / 16.9 → 14.3 / 13.9 / 13.5 (72 → 84-89% of
-        // copy), 28672 × 8192 46.6 / 46.7 / 46.9 → 44.5 / 44.1 / 44.1 (90 → 95%), 10240 × 8192
-        // 21.3 → 18.4-20.0, 8192 × 28672 1-3% faster; fp4 8192² 67 → 78-80%, 10240 × 8192 68 →
-        // 76-77%, the long shapes 1-3% faster; nvfp4 and mxfp4 at 2 rows 8192² 70 → 76-79%,
-        // 10240 × 8192 70-72 → 74-77%, the long shapes 0-3% faster (at 3-4 rows 2-5% slower
-        // there, so they keep two rows). Shorter rows or fewer strips lost at 2 rows: 4096 ×
-        // 14336 (256 strips) int4 13.6 → 16.0, 4096² nvfp4 6.4 → 7.2, 14336 × 4096 even to 3%
-        // slower. 8-bit codes gained at 8192² only (85 → 89-91% at 2 rows) and lost up to 5% at
-        // 3-4 rows; 2-bit ones (four strips a block) 12-47%.
-        let ring_rows = (2..=ring_rows_max(q0.format)).contains(&rows)
-            && whole
-            && !glu
-            && q0.cols >= 8192
-            && singles >= 3 * self.sms;
-        let pairs: usize = ws.iter().map(|q| q.strips.div_ceil(2)).sum();
-        // Two strips a block with the rows in the ring (`_1r`, `_2r`, `_4r`, `_8r`), where the
-        // pair blocks are many: the strips share a step's activations, so the SMs read them from
-        // the L2 once per 32 features. H200, g128, % of copy against the kernels the other rules
-        // pick (same calls), where the pairs are four blocks an SM or more: at one row int4
-        // 28672 × 8192 78 → 86%, 57344 × 8192 80 → 88%, 128256 × 4096 72 → 81%, nvfp4 66 → 71%,
-        // 67 → 73%, 62 → 68% (llama3-8b decode even: 516.9 against 516.8 tok/s); at 2-4 rows
-        // int4 28672 × 8192 70-74 → 83-84%, 57344 × 8192 72-77 → 86%, 128256 × 8192 74-80 →
-        // 88%; fp4 28672 × 8192 60-64 → 70%, 86016 × 8192 64-68 → 73%; nvfp4 and mxfp4 (2
-        // rows) 28672 × 8192 62-64 → 67-70%. Fewer pairs, 10240 × 8192 (320): int4 +2-3 points,
-        // fp4 ±1%, nvfp4 and mxfp4 -3. At 5-8 rows (all four formats, against four strips a
-        // block) where the pairs are two to eight blocks an SM: int4 8464 × 8192 42 → 53%, 10240
-        // × 8192 48 → 59-63%, 28672 × 8192 77 → 80%; fp4, nvfp4, mxfp4 10240 × 8192 45-48 →
-        // 53-55%, 28672 × 8192 63-65 → 65-69%. 8192² (256 pairs) lost (57 → 52%), and above
-        // eight an SM four strips keep the lead for three of the four formats' measures (int4
-        // 128256 × 8192 88 → 84%, fp4 57344 × 8192 and up 73-75 → 71-73%; int4 57344 and 86016
-        // × 8192 gained 4%).
-        let ring_pairs = ring_rows_max(q0.format) > 0
-            && whole
-            && !glu
-            && q0.cols >= if rows == 1 { 4096 } else { 8192 }
-            && match rows {
-                1..=4 => rows <= ring_rows_max(q0.format) && pairs >= 4 * self.sms,
-                5..=8 => (2 * self.sms..8 * self.sms).contains(&pairs),
-                _ => false,
-            };
-        let ring_rows = ring_rows && !ring_pairs;
+        let mut weights = [0; QG_PARTS];
+        for (w, q) in weights.iter_mut().zip(ws) {
+            *w = q.strips;
+        }
+        let shape = DecodeShape {
+            format: q0.format,
+            post: q0.post(),
+            cols: q0.cols,
+            strips: &weights[..ws.len()],
+            rows,
+            glu,
+            whole: q0.cols.is_multiple_of(16 * q0.tile_span()) && x.is_multiple_of(16),
+        };
+        let DecodePlan {
+            name,
+            per_block,
+            strips,
+            blocks,
+            full_warps,
+            ring,
+        } = decode_plan(&shape, self.sms, self.smem_per_sm);
         let row_blocks = rows.div_ceil(16);
-        // A block takes `per_block` neighbouring strips of one weight: each weight's strips are
-        // padded to a multiple of it in the launch's strip numbering. At 2-8 rows, four strips
-        // (`q`) where those blocks, split in two along k, fill nearly all of two blocks an SM: a
-        // step reads its activations once for 64 features, and a block's warps stream four times
-        // the chunks. H100, µs at 2 / 8 rows, one strip a block against four: int4 g128
-        // 14336 × 4096 15.9 / 16.8 → 13.6 / 13.7, 28672 × 8192 46.6 / 54.2 → 47.4 / 47.9, 8192²
-        // 17.4 / 17.8 → 16.8 / 17.0, 8192 × 28672 even; int8 8192 × 28672 102.5 / 105.3 → 85.0 /
-        // 85.9. Fewer blocks lose: n = 4096 (64) 5.9 → 9.5 at 2 rows, and llama3-8b's q/k/v
-        // launch (96) took batch-8 decode from 2664-2677 to 2525 tok/s. At 9-16 rows, for formats
-        // with two-strip builds (4 and 8 bits), four strips (a build holding one set of
-        // activations) only where their blocks number 1.5 an SM or more. H100, 16 rows, two
-        // strips a block against four: int4 g128 14336 × 4096 18.1 → 16.4 µs, 28672 × 8192
-        // 59.7 → 55.3; int8 g32 128256 × 4096 (Llama-3's lm_head) 224 → 209; but 128 blocks lost:
-        // 8192² 16.5 → 20.3, 8192 × 28672 49.6 → 54.2. 2- and 3-bit codes, one strip a block
-        // against four, int2 / int3 g128: 8 rows 8192 × 28672 73.8 / 52.1 → 30.3 / 45.3 µs,
-        // 16 rows 82.2 / 87.9 → 45.7 / 54.8 and 28672 × 8192 92.0 / 98.0 → 50.8 / 62.9.
-        // At 2-4 rows the activations are cheap, and where one-strip blocks take the bounded
-        // build (more than 4 an SM) on rows of 8192 columns or more they stay: 28672 × 8192 lost
-        // 2% (int4, int8) to 8% (fp4) with four strips there, while 14336 × 4096 gained 11-17%;
-        // 2- and 3-bit codes, whose chunks carry twice the columns of activations per weight
-        // byte, stay only where the four-strip blocks are fewer than two an SM (3-bit ones on
-        // any such rows: 8192² 15.7 → 18.5 µs at 2 rows with four strips). H100, g128 at 2 / 4
-        // rows, one strip a block against four, same calls: int2 28672 × 8192 (448 blocks)
-        // 38.2 / 42.2 → 32.8 / 33.4 µs, 128256 × 8192 150.7 / 171.8 → 114.0 / 122.6 (g32
-        // 28672 × 8192 40.0 / 42.3 → 37.8 / 37.8), but 10240 × 8192 (160) 17.2 / 19.0 →
-        // 18.5 / 19.0; int3 28672 × 8192 47.5 / 51.6 → 48.1 / 48.8, 128256 × 8192 194 / 206 →
-        // 173 / 176.
-        // Otherwise above 8 rows, two strips (`s`) where those blocks still fill the SMs.
-        let quads: usize = ws.iter().map(|q| q.strips.div_ceil(4)).sum();
-        let singles_stay = rows <= 4
-            && q0.cols >= 8192
-            && match q0.format.bits() {
-                2 => singles > 4 * self.sms && quads < 2 * self.sms,
-                3 => quads < 2 * self.sms,
-                _ => singles > 4 * self.sms,
-            };
-        let quad = !glu
-            && !ring_pairs
-            && !ring_rows
-            && (2..=16).contains(&rows)
-            && !singles_stay
-            && four_strip_builds(q0.format)
-            && if rows <= 8 || !two_strip_builds(q0.format) {
-                10 * quads >= 9 * self.sms
-            } else {
-                2 * quads >= 3 * self.sms
-            }
-            && ring_fits(q0.format, RingBuild::Quad, self.smem_per_sm);
-        let per_block = if ring_pairs {
-            2
-        } else if quad {
-            4
-        } else if rows > 8 && two_strip_builds(q0.format) && pairs * row_blocks >= self.sms {
-            2
-        } else {
-            1
-        };
-        let (strips, blocks) = if glu {
-            (2 * q0.strips, q0.strips)
-        } else {
-            let strips: usize = ws
-                .iter()
-                .map(|q| q.strips.next_multiple_of(per_block))
-                .sum();
-            (strips, strips / per_block)
-        };
-        let wide = match wide_builds(q0.format) {
-            _ if per_block > 1 => false,
-            // The gated kernel's bounded build (QGLUW): one row, formats of 4 bits and more.
-            Some(WideBuilds::UpTo8Rows) if glu => one && blocks > 3 * self.sms,
-            _ if glu => false,
-            Some(_) if one || ring_rows => blocks > 3 * self.sms,
-            Some(WideBuilds::UpTo8Rows) if rows <= 8 => blocks > 4 * self.sms,
-            _ => false,
-        };
-        // The deep ring where the blocks are at most two an SM (one row). Llama3-8b's o and down
-        // both take it. Measured apart (H100, same call): o's is what gains after the split decode
-        // attention (512-token prompt: +1.3% with both, +0.1% with down's alone), but after the
-        // whole-head attention of short contexts it costs (128 tokens: -0.8% with both, +1.1%
-        // with down's alone); the default prompt decides.
-        let deep = one
-            && !ring_pairs
-            && !glu
-            && !wide
-            && blocks <= 2 * self.sms
-            && ring_fits(q0.format, RingBuild::Deep, self.smem_per_sm);
-        let name = format!(
-            "{}_{}_{}{}{}",
-            if glu { "qglu" } else { "qgemv" },
-            quant::tag(q0.format),
-            if one {
-                1
-            } else if ring_rows || ring_pairs {
-                rows.next_power_of_two()
-            } else if rows <= 8 {
-                8
-            } else {
-                16
-            },
-            if q0.post() { "p" } else { "" },
-            if ring_pairs {
-                "r"
-            } else if wide {
-                "w"
-            } else if deep {
-                "d"
-            } else if per_block == 4 {
-                "q"
-            } else if per_block == 2 && !glu {
-                "s"
-            } else {
-                ""
-            }
-        );
         let (mut args, _) = self.quant_args(x, ws, outs, rows, q0.cols, per_block);
         let (warps, ksplit, cpb) = if row_blocks > 1 {
             (QG_WARPS, 1, q0.chunks)
         } else {
-            // The four-strip build at 8 warps a block always: its 128 registers fit two such
-            // blocks an SM, and 4-warp blocks (8 warps an SM where the blocks are few) ran slower.
-            let warps = if quad || ring_pairs || blocks >= self.sms {
+            let warps = if full_warps || blocks >= self.sms {
                 QG_WARPS
             } else {
                 QG_WARPS / 2
@@ -1626,15 +1475,6 @@ impl CudaBackend {
             args.ws = self.ptr(w);
             args.counters = self.ptr(c);
         }
-        let ring = if ring_pairs {
-            Some(RingBuild::RingPairs(rows.next_power_of_two()))
-        } else if deep {
-            Some(RingBuild::Deep)
-        } else if quad {
-            Some(RingBuild::Quad)
-        } else {
-            None
-        };
         let smem = ring.map_or(0, |build| qgemv_ring_smem(q0.format, build));
         let cfg = cfg2((blocks * row_blocks, ksplit), 32 * warps as u32, smem);
         launch!(self, &name, cfg, args);
@@ -1897,6 +1737,240 @@ fn prefill_attention_smem(hd: usize) -> Option<u32> {
     matches!(hd, 64 | 128).then_some((APF_WARPS * 2 * APF_KEYS * hd * 2) as u32)
 }
 
+/// What the choice of a decode kernel depends on (`decode_plan`).
+#[derive(Clone, Copy)]
+struct DecodeShape<'a> {
+    format: QuantFormat,
+    /// Groups covering whole chunks: the scale applied after the mma (the `p` builds).
+    post: bool,
+    cols: usize,
+    /// Each weight's strips (gate and up for `glu`).
+    strips: &'a [usize],
+    rows: usize,
+    /// Gate and up into silu(gate) * up (the `qglu` kernels).
+    glu: bool,
+    /// Rows of whole chunks, 16-byte aligned.
+    whole: bool,
+}
+
+/// A decode launch's kernel and geometry.
+#[derive(Debug)]
+struct DecodePlan {
+    name: String,
+    /// Neighbouring strips of one weight a block takes.
+    per_block: usize,
+    /// Strips in the launch's numbering (each weight's padded to a multiple of `per_block`),
+    /// and blocks a row block.
+    strips: usize,
+    blocks: usize,
+    /// Whether the build runs QG_WARPS warps a block however few its blocks.
+    full_warps: bool,
+    /// The ring in dynamic shared memory, if the build has one.
+    ring: Option<RingBuild>,
+}
+
+/// The decode kernel (`qgemv.cu`) for a launch of this shape on a GPU of `sms` SMs with
+/// `smem_per_sm` bytes of shared memory each: which build, and how many strips a block.
+fn decode_plan(d: &DecodeShape, sms: usize, smem_per_sm: usize) -> DecodePlan {
+    // One row of whole chunks, 16-byte aligned: the kernel that streams the activations
+    // through its copy ring (`_1`). The `w` builds (one row at 4 blocks an SM, 8 rows at 3)
+    // where the strips exceed a wave of 3-block slots (one row) or 4 blocks an SM (8 rows:
+    // H100, int4 g128, 14336×4096 17.9 → 17.2 µs and 28672×8192 57.7 → 55.3 at 3 blocks,
+    // but the 512-strip 8192×28672 49.6 → 62.9).
+    let DecodeShape {
+        format,
+        post,
+        cols,
+        strips: weights,
+        rows,
+        glu,
+        whole,
+    } = *d;
+    let one = rows == 1 && whole;
+    let singles: usize = weights.iter().sum();
+    // 2-4 rows likewise (`_2`, `_4`: a ring of 2 or 4 rows), for symmetric 4-bit codes
+    // (`ring_rows_max`) on rows of 8192 columns or more where the strips are three blocks an
+    // SM or more. H100, g128, against the kernels the rules below pick (same calls), µs at
+    // 2 / 3 / 4 rows: int4 8192² 16.7 / 16.7 / 16.9 → 14.3 / 13.9 / 13.5 (72 → 84-89% of
+    // copy), 28672 × 8192 46.6 / 46.7 / 46.9 → 44.5 / 44.1 / 44.1 (90 → 95%), 10240 × 8192
+    // 21.3 → 18.4-20.0, 8192 × 28672 1-3% faster; fp4 8192² 67 → 78-80%, 10240 × 8192 68 →
+    // 76-77%, the long shapes 1-3% faster; nvfp4 and mxfp4 at 2 rows 8192² 70 → 76-79%,
+    // 10240 × 8192 70-72 → 74-77%, the long shapes 0-3% faster (at 3-4 rows 2-5% slower
+    // there, so they keep two rows). Shorter rows or fewer strips lost at 2 rows: 4096 ×
+    // 14336 (256 strips) int4 13.6 → 16.0, 4096² nvfp4 6.4 → 7.2, 14336 × 4096 even to 3%
+    // slower. 8-bit codes gained at 8192² only (85 → 89-91% at 2 rows) and lost up to 5% at
+    // 3-4 rows; 2-bit ones (four strips a block) 12-47%.
+    let ring_rows = (2..=ring_rows_max(format)).contains(&rows)
+        && whole
+        && !glu
+        && cols >= 8192
+        && singles >= 3 * sms;
+    let pairs: usize = weights.iter().map(|s| s.div_ceil(2)).sum();
+    // Two strips a block with the rows in the ring (`_1r`, `_2r`, `_4r`, `_8r`), where the
+    // pair blocks are many: the strips share a step's activations, so the SMs read them from
+    // the L2 once per 32 features. H200, g128, % of copy against the kernels the other rules
+    // pick (same calls), where the pairs are four blocks an SM or more: at one row int4
+    // 28672 × 8192 78 → 86%, 57344 × 8192 80 → 88%, 128256 × 4096 72 → 81%, nvfp4 66 → 71%,
+    // 67 → 73%, 62 → 68% (llama3-8b decode even: 516.9 against 516.8 tok/s); at 2-4 rows
+    // int4 28672 × 8192 70-74 → 83-84%, 57344 × 8192 72-77 → 86%, 128256 × 8192 74-80 →
+    // 88%; fp4 28672 × 8192 60-64 → 70%, 86016 × 8192 64-68 → 73%; nvfp4 and mxfp4 (2
+    // rows) 28672 × 8192 62-64 → 67-70%. Fewer pairs, 10240 × 8192 (320): int4 +2-3 points,
+    // fp4 ±1%, nvfp4 and mxfp4 -3. At 5-8 rows (all four formats, against four strips a
+    // block) where the pairs are two to eight blocks an SM: int4 8464 × 8192 42 → 53%, 10240
+    // × 8192 48 → 59-63%, 28672 × 8192 77 → 80%; fp4, nvfp4, mxfp4 10240 × 8192 45-48 →
+    // 53-55%, 28672 × 8192 63-65 → 65-69%. 8192² (256 pairs) lost (57 → 52%), and above
+    // eight an SM four strips keep the lead for three of the four formats' measures (int4
+    // 128256 × 8192 88 → 84%, fp4 57344 × 8192 and up 73-75 → 71-73%; int4 57344 and 86016
+    // × 8192 gained 4%).
+    let ring_pairs = ring_rows_max(format) > 0
+        && whole
+        && !glu
+        && ring_fits(
+            format,
+            RingBuild::RingPairs(rows.next_power_of_two()),
+            smem_per_sm,
+        )
+        && cols >= if rows == 1 { 4096 } else { 8192 }
+        && match rows {
+            1..=4 => rows <= ring_rows_max(format) && pairs >= 4 * sms,
+            5..=8 => (2 * sms..8 * sms).contains(&pairs),
+            _ => false,
+        };
+    let ring_rows = ring_rows && !ring_pairs;
+    let row_blocks = rows.div_ceil(16);
+    // A block takes `per_block` neighbouring strips of one weight: each weight's strips are
+    // padded to a multiple of it in the launch's strip numbering. At 2-8 rows, four strips
+    // (`q`) where those blocks, split in two along k, fill nearly all of two blocks an SM: a
+    // step reads its activations once for 64 features, and a block's warps stream four times
+    // the chunks. H100, µs at 2 / 8 rows, one strip a block against four: int4 g128
+    // 14336 × 4096 15.9 / 16.8 → 13.6 / 13.7, 28672 × 8192 46.6 / 54.2 → 47.4 / 47.9, 8192²
+    // 17.4 / 17.8 → 16.8 / 17.0, 8192 × 28672 even; int8 8192 × 28672 102.5 / 105.3 → 85.0 /
+    // 85.9. Fewer blocks lose: n = 4096 (64) 5.9 → 9.5 at 2 rows, and llama3-8b's q/k/v
+    // launch (96) took batch-8 decode from 2664-2677 to 2525 tok/s. At 9-16 rows, for formats
+    // with two-strip builds (4 and 8 bits), four strips (a build holding one set of
+    // activations) only where their blocks number 1.5 an SM or more. H100, 16 rows, two
+    // strips a block against four: int4 g128 14336 × 4096 18.1 → 16.4 µs, 28672 × 8192
+    // 59.7 → 55.3; int8 g32 128256 × 4096 (Llama-3's lm_head) 224 → 209; but 128 blocks lost:
+    // 8192² 16.5 → 20.3, 8192 × 28672 49.6 → 54.2. 2- and 3-bit codes, one strip a block
+    // against four, int2 / int3 g128: 8 rows 8192 × 28672 73.8 / 52.1 → 30.3 / 45.3 µs,
+    // 16 rows 82.2 / 87.9 → 45.7 / 54.8 and 28672 × 8192 92.0 / 98.0 → 50.8 / 62.9.
+    // At 2-4 rows the activations are cheap, and where one-strip blocks take the bounded
+    // build (more than 4 an SM) on rows of 8192 columns or more they stay: 28672 × 8192 lost
+    // 2% (int4, int8) to 8% (fp4) with four strips there, while 14336 × 4096 gained 11-17%;
+    // 2- and 3-bit codes, whose chunks carry twice the columns of activations per weight
+    // byte, stay only where the four-strip blocks are fewer than two an SM (3-bit ones on
+    // any such rows: 8192² 15.7 → 18.5 µs at 2 rows with four strips). H100, g128 at 2 / 4
+    // rows, one strip a block against four, same calls: int2 28672 × 8192 (448 blocks)
+    // 38.2 / 42.2 → 32.8 / 33.4 µs, 128256 × 8192 150.7 / 171.8 → 114.0 / 122.6 (g32
+    // 28672 × 8192 40.0 / 42.3 → 37.8 / 37.8), but 10240 × 8192 (160) 17.2 / 19.0 →
+    // 18.5 / 19.0; int3 28672 × 8192 47.5 / 51.6 → 48.1 / 48.8, 128256 × 8192 194 / 206 →
+    // 173 / 176.
+    // Otherwise above 8 rows, two strips (`s`) where those blocks still fill the SMs.
+    let quads: usize = weights.iter().map(|s| s.div_ceil(4)).sum();
+    let singles_stay = rows <= 4
+        && cols >= 8192
+        && match format.bits() {
+            2 => singles > 4 * sms && quads < 2 * sms,
+            3 => quads < 2 * sms,
+            _ => singles > 4 * sms,
+        };
+    let quad = !glu
+        && !ring_pairs
+        && !ring_rows
+        && (2..=16).contains(&rows)
+        && !singles_stay
+        && four_strip_builds(format)
+        && if rows <= 8 || !two_strip_builds(format) {
+            10 * quads >= 9 * sms
+        } else {
+            2 * quads >= 3 * sms
+        }
+        && ring_fits(format, RingBuild::Quad, smem_per_sm);
+    let per_block = if ring_pairs {
+        2
+    } else if quad {
+        4
+    } else if rows > 8 && two_strip_builds(format) && pairs * row_blocks >= sms {
+        2
+    } else {
+        1
+    };
+    let (strips, blocks) = if glu {
+        (2 * weights[0], weights[0])
+    } else {
+        let strips: usize = weights.iter().map(|s| s.next_multiple_of(per_block)).sum();
+        (strips, strips / per_block)
+    };
+    let wide = match wide_builds(format) {
+        _ if per_block > 1 => false,
+        // The gated kernel's bounded build (QGLUW): one row, formats of 4 bits and more.
+        Some(WideBuilds::UpTo8Rows) if glu => one && blocks > 3 * sms,
+        _ if glu => false,
+        Some(_) if one || ring_rows => blocks > 3 * sms,
+        Some(WideBuilds::UpTo8Rows) if rows <= 8 => blocks > 4 * sms,
+        _ => false,
+    };
+    // The deep ring where the blocks are at most two an SM (one row). Llama3-8b's o and down
+    // both take it. Measured apart (H100, same call): o's is what gains after the split decode
+    // attention (512-token prompt: +1.3% with both, +0.1% with down's alone), but after the
+    // whole-head attention of short contexts it costs (128 tokens: -0.8% with both, +1.1%
+    // with down's alone); the default prompt decides.
+    let deep = one
+        && !ring_pairs
+        && !glu
+        && !wide
+        && blocks <= 2 * sms
+        && ring_fits(format, RingBuild::Deep, smem_per_sm);
+    let ring = if ring_pairs {
+        Some(RingBuild::RingPairs(rows.next_power_of_two()))
+    } else if deep {
+        Some(RingBuild::Deep)
+    } else if quad {
+        Some(RingBuild::Quad)
+    } else {
+        None
+    };
+    let name = format!(
+        "{}_{}_{}{}{}",
+        if glu { "qglu" } else { "qgemv" },
+        quant::tag(format),
+        if one {
+            1
+        } else if ring_rows || ring_pairs {
+            rows.next_power_of_two()
+        } else if rows <= 8 {
+            8
+        } else {
+            16
+        },
+        if post { "p" } else { "" },
+        if ring_pairs {
+            "r"
+        } else if wide {
+            "w"
+        } else if deep {
+            "d"
+        } else if per_block == 4 {
+            "q"
+        } else if per_block == 2 && !glu {
+            "s"
+        } else {
+            ""
+        }
+    );
+    DecodePlan {
+        name,
+        per_block,
+        strips,
+        blocks,
+        // The four-strip and ring-pair builds at 8 warps a block always: their rings are
+        // sized for them, and the four-strip build's 128 registers fit two such blocks an SM
+        // (4-warp blocks, 8 warps an SM where the blocks are few, ran slower).
+        full_warps: quad || ring_pairs,
+        ring,
+    }
+}
+
 /// The decode kernel's builds whose rings lie in dynamic shared memory (qgemv.cu): the one-row
 /// deep ring (`_1d`, `_1pd`, QDEEP1), four strips a block (`_8q`, `_8pq`, QQUAD), and two
 /// strips a block with 1, 2, 4 or 8 rows of activations in the ring (`_1r`, `_4pr`..., QRINGS).
@@ -1980,6 +2054,23 @@ fn qgemm_smem(format: QuantFormat, bn: usize) -> u32 {
 /// kernel above one row (QPAIR16 in qgemv.cu): 4- and 8-bit codes.
 fn two_strip_builds(format: QuantFormat) -> bool {
     format.bits() >= 4
+}
+
+/// Rows up to which a format's weights run the decode kernel (see `QuantWeight`'s method).
+fn max_decode_rows(format: QuantFormat) -> usize {
+    if format.bits() == 4 {
+        128
+    } else {
+        64
+    }
+}
+
+/// Whether gate and up of a format take the gated decode kernel at `rows` rows (`whole`: of
+/// whole chunks, 16-byte aligned): one row of any format, or up to the decode kernel's rows for
+/// the formats with two-strip builds.
+fn gated_decode(format: QuantFormat, rows: usize, whole: bool) -> bool {
+    (rows == 1 && whole)
+        || ((2..=max_decode_rows(format)).contains(&rows) && two_strip_builds(format))
 }
 
 /// Whether a format has the decode kernels for 2-16 rows that take four strips a block (QQUAD in
@@ -2700,17 +2791,15 @@ impl Backend for CudaBackend {
         out: &mut Buffer,
     ) -> Result<()> {
         // Packed weights of one shape, format, group and column order at decode: the gated
-        // kernel, for one row of whole chunks (any format) or up to the decode kernel's rows
-        // (the formats with two-strip builds).
+        // kernel where the format has it for these rows (`gated_decode`).
         let (Weight::Quant(g), Weight::Quant(u)) = (gate, up) else {
             return swiglu_in_two_ops(self, x, gate, up, rows, gate_out, up_out, out);
         };
         let n = rows.count;
         let same = (g.format, g.rows, g.cols, g.group, g.post(), g.perm_key())
             == (u.format, u.rows, u.cols, u.group, u.post(), u.perm_key());
-        let one = n == 1 && g.cols.is_multiple_of(16 * g.tile_span()) && x.ptr.is_multiple_of(16);
-        let batched = (2..=g.max_decode_rows()).contains(&n) && two_strip_builds(g.format);
-        if !same || !(one || batched) {
+        let whole = g.cols.is_multiple_of(16 * g.tile_span()) && x.ptr.is_multiple_of(16);
+        if !same || !gated_decode(g.format, n, whole) {
             return swiglu_in_two_ops(self, x, gate, up, rows, gate_out, up_out, out);
         }
         len_check("matmul_swiglu", "x", x.len, n * g.cols)?;
@@ -2872,5 +2961,77 @@ impl Backend for CudaBackend {
         }
         written.synchronize().map_err(dev)?;
         Ok(greedy.stage[stage].0.as_slice().map_err(dev)?[..rows].to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every decode kernel the host may ask for is in the modules it compiles, and a build with a
+    /// ring in dynamic shared memory had that memory granted at load (`ring_fits`, by name) for
+    /// the ring its launch sizes. Checked over the formats, row counts, launch shapes and two
+    /// GPUs' shared memory: an H100's or H200's 228 KB an SM, and the 100 KB of sm_86/sm_89.
+    #[test]
+    fn every_decode_plan_names_a_compiled_kernel() {
+        let compiled: std::collections::HashSet<String> = modules((9, 0))
+            .into_iter()
+            .flat_map(|(_, names)| names)
+            .collect();
+        let mut checked = 0;
+        for (sms, smem_per_sm) in [(132, 228 << 10), (128, 100 << 10)] {
+            for format in QuantFormat::ALL {
+                for strips in [1, 64, 132, 256, 264, 396, 529, 640, 1057, 1792, 8016] {
+                    let side = (strips / 8).max(1);
+                    let launches: [&[usize]; 3] =
+                        [&[strips], &[strips, side, side], &[strips, strips]];
+                    for (weights, glu) in launches.into_iter().zip([false, false, true]) {
+                        for (cols, whole, post, rows) in launch_sides(1..=max_decode_rows(format)) {
+                            if glu && !gated_decode(format, rows, whole) {
+                                continue;
+                            }
+                            let shape = DecodeShape {
+                                format,
+                                post,
+                                cols,
+                                strips: weights,
+                                rows,
+                                glu,
+                                whole,
+                            };
+                            let plan = decode_plan(&shape, sms, smem_per_sm);
+                            assert!(
+                                compiled.contains(&plan.name),
+                                "{plan:?} for {format} {strips} strips × {cols}, {rows} rows, \
+                                 glu {glu}: no such kernel"
+                            );
+                            let granted = qgemv_ring_build(&plan.name)
+                                .filter(|&(f, b)| ring_fits(f, b, smem_per_sm))
+                                .map(|(_, b)| b);
+                            assert_eq!(granted, plan.ring, "{plan:?}: its ring at load");
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked > 100_000, "{checked} launches");
+    }
+
+    /// The columns, alignment, scale placement and rows a launch may have.
+    fn launch_sides(
+        rows: std::ops::RangeInclusive<usize>,
+    ) -> impl Iterator<Item = (usize, bool, bool, usize)> {
+        [4096, 8192, 14336, 28672]
+            .into_iter()
+            .flat_map(move |cols| {
+                let rows = rows.clone();
+                [true, false].into_iter().flat_map(move |whole| {
+                    let rows = rows.clone();
+                    [true, false]
+                        .into_iter()
+                        .flat_map(move |post| rows.clone().map(move |r| (cols, whole, post, r)))
+                })
+            })
     }
 }
