@@ -420,7 +420,7 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     // g % XS. Rows past m only feed the mma's output columns of those rows, which are never
     // written: up to 4 rows they repeat row m - 1, and of 8 they are not copied (their words,
     // stale, are harmless there; repeating row m - 1, 5 rows of 8192 × 28672 took 65 µs against
-    // 42 at 8 rows in a one-strip build of the 8-row ring, H200: many lanes on one address).
+    // 42 at 8 rows in a one-strip build of the 8-row ring, H200; likely many lanes on one address).
     constexpr int XC = CW / 8;
     // The rings, in static shared memory; with DS (the deep builds) in dynamic shared memory,
     // which may exceed static memory's 48 KB, in the order q, x, h, s, o (`qgemv_deep_smem` on the
