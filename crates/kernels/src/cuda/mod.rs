@@ -622,9 +622,7 @@ impl CudaBackend {
                 let big_smem = qgemm_shape(&name)
                     .map(|(format, bn)| qgemm_smem(format, bn))
                     .or_else(|| {
-                        qgemv_ring_build(&name)
-                            .filter(|&(f, b)| ring_fits(f, b, smem_per_sm))
-                            .map(|(f, b)| qgemv_ring_smem(f, b))
+                        granted_ring(&name, smem_per_sm).map(|(f, b)| qgemv_ring_smem(f, b))
                     })
                     .or_else(|| {
                         name.strip_prefix("attention_prefill_")
@@ -1999,6 +1997,12 @@ fn qgemv_ring_build(name: &str) -> Option<(QuantFormat, RingBuild)> {
     Some((format, build))
 }
 
+/// The dynamic ring a decode kernel is granted shared memory for at load: its build's, where
+/// two blocks of it fit an SM of `smem_per_sm` bytes.
+fn granted_ring(name: &str, smem_per_sm: usize) -> Option<(QuantFormat, RingBuild)> {
+    qgemv_ring_build(name).filter(|&(f, b)| ring_fits(f, b, smem_per_sm))
+}
+
 /// Whether two blocks of a dynamic-ring build fit an SM of `smem_per_sm` bytes of shared memory
 /// (with the 1 KB the system reserves a block and the build's few static bytes); the H100's
 /// 228 KB fit every format, GPUs with less take the static rings.
@@ -2986,7 +2990,11 @@ mod tests {
                     let launches: [&[usize]; 3] =
                         [&[strips], &[strips, side, side], &[strips, strips]];
                     for (weights, glu) in launches.into_iter().zip([false, false, true]) {
-                        for (cols, whole, post, rows) in launch_sides(1..=max_decode_rows(format)) {
+                        let rows = 1..=max_decode_rows(format);
+                        let sides = launch_sides().into_iter();
+                        for ((cols, whole, post), rows) in
+                            sides.flat_map(|side| rows.clone().map(move |r| (side, r)))
+                        {
                             if glu && !gated_decode(format, rows, whole) {
                                 continue;
                             }
@@ -3005,9 +3013,7 @@ mod tests {
                                 "{plan:?} for {format} {strips} strips × {cols}, {rows} rows, \
                                  glu {glu}: no such kernel"
                             );
-                            let granted = qgemv_ring_build(&plan.name)
-                                .filter(|&(f, b)| ring_fits(f, b, smem_per_sm))
-                                .map(|(_, b)| b);
+                            let granted = granted_ring(&plan.name, smem_per_sm).map(|(_, b)| b);
                             assert_eq!(granted, plan.ring, "{plan:?}: its ring at load");
                             checked += 1;
                         }
@@ -3018,20 +3024,16 @@ mod tests {
         assert!(checked > 100_000, "{checked} launches");
     }
 
-    /// The columns, alignment, scale placement and rows a launch may have.
-    fn launch_sides(
-        rows: std::ops::RangeInclusive<usize>,
-    ) -> impl Iterator<Item = (usize, bool, bool, usize)> {
-        [4096, 8192, 14336, 28672]
-            .into_iter()
-            .flat_map(move |cols| {
-                let rows = rows.clone();
-                [true, false].into_iter().flat_map(move |whole| {
-                    let rows = rows.clone();
-                    [true, false]
-                        .into_iter()
-                        .flat_map(move |post| rows.clone().map(move |r| (cols, whole, post, r)))
-                })
-            })
+    /// The columns, alignment and scale placement a launch may have.
+    fn launch_sides() -> Vec<(usize, bool, bool)> {
+        let mut sides = Vec::new();
+        for cols in [4096, 8192, 14336, 28672] {
+            for whole in [true, false] {
+                for post in [true, false] {
+                    sides.push((cols, whole, post));
+                }
+            }
+        }
+        sides
     }
 }
