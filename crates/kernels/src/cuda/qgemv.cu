@@ -82,7 +82,11 @@
 // spent ~25 of ~107 instructions per chunk on the ring's addressing and the activation bounds;
 // 16 still go to the second bf16x2 operation per register), not the loads. Trading that second operation for a
 // second mma (c s from one FMA, the -8 s as a constant fragment) measured 4-7% slower at m=1
-// (H100, int4 g32): the mma costs more issue time than the FMAs it saves. Full tables:
+// (H100, int4 g32): the mma costs more issue time than the FMAs it saves. On an H200 (40% more
+// bandwidth, the same SMs) the one-row loop is issue-bound: at its copy bandwidth an SM
+// sub-partition has ~134 cycles for a chunk's 512 bytes against ~123 instructions a chunk (int4
+// g128), and timing-only builds without the 16 offset FMAs a chunk ran ~5 points of copy faster
+// on the long shapes, without any dequantization 5-13 (twenty-fifth session). Full tables:
 // docs/benchmarks.md.
 
 #define QG_STAGES 6
