@@ -251,6 +251,12 @@ impl QuantWeight {
         self.groups == 1 || self.group.is_multiple_of(16 * self.tile_span())
     }
 
+    /// Whether rows of activations at `x` are whole chunks, 16-byte aligned (the decode builds
+    /// that take the activations through the copy ring, `DecodeShape::whole`).
+    fn whole_rows(&self, x: u64) -> bool {
+        self.cols.is_multiple_of(16 * self.tile_span()) && x.is_multiple_of(16)
+    }
+
     /// (warps per block, splits of each block's chunks, chunks per block) of the decode kernel:
     /// enough warps in flight to cover the memory latency (about 32 per SM), splitting the chunks
     /// over several blocks (split-K) only when the strips alone fall short, and never below 4
@@ -1427,7 +1433,7 @@ impl CudaBackend {
             strips: &weights[..ws.len()],
             rows,
             glu,
-            whole: q0.cols.is_multiple_of(16 * q0.tile_span()) && x.is_multiple_of(16),
+            whole: q0.whole_rows(x),
         };
         let DecodePlan {
             name,
@@ -2802,7 +2808,7 @@ impl Backend for CudaBackend {
         let n = rows.count;
         let same = (g.format, g.rows, g.cols, g.group, g.post(), g.perm_key())
             == (u.format, u.rows, u.cols, u.group, u.post(), u.perm_key());
-        let whole = g.cols.is_multiple_of(16 * g.tile_span()) && x.ptr.is_multiple_of(16);
+        let whole = g.whole_rows(x.ptr);
         if !same || !gated_decode(g.format, n, whole) {
             return swiglu_in_two_ops(self, x, gate, up, rows, gate_out, up_out, out);
         }
