@@ -87,10 +87,11 @@
 // sub-partition has ~134 cycles for a chunk's 512 bytes against ~123 instructions a chunk (int4
 // g128), and timing-only builds without the 16 offset FMAs a chunk ran ~5 points of copy faster
 // on the long shapes, without any dequantization 5-13 (twenty-fifth session). Fewer
-// instructions alone do not buy it back: a build whose copies one producer thread issued as bulk
+// instructions alone do not buy it back: builds whose copies one producer thread issued as bulk
 // copies (cp.async.bulk, mbarriers; 72-106 instructions a chunk) ran 2-18 points of copy slower
-// on most shapes, its warps waiting on whole steps to land (twenty-sixth session, branches
-// `cuda-bulk`, `cuda-bulk2`). Full tables: docs/benchmarks.md.
+// on most shapes, their warps waiting on whole steps to land, and with each warp's own smaller
+// bulk copies 14-17 points slower on the long shapes (twenty-sixth session, branches
+// `cuda-bulk`, `cuda-bulk2`, `cuda-bulk3`). Full tables: docs/benchmarks.md.
 
 #define QG_STAGES 6
 #define QG_MAXW 8
