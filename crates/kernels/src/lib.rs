@@ -5,6 +5,7 @@
 //! the decode path allocates nothing. Ops read and write the leading `rows * dim` elements of a
 //! buffer, which lets one workspace serve every batch size up to its capacity.
 
+mod contract;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

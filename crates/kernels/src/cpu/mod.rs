@@ -10,7 +10,9 @@ mod simd;
 mod tests;
 
 use crate::{
-    check, check_argmax_room, Backend, KernelError, KvLayout, MatmulRows, Result, StepBatch,
+    check, check_argmax_room,
+    contract::{self, len_check},
+    Backend, KernelError, KvLayout, MatmulRows, Result, StepBatch,
 };
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
@@ -292,12 +294,6 @@ pub(crate) fn huge_page_vec<T: Copy>(len: usize, value: T) -> Vec<T> {
     v
 }
 
-fn len_check(op: &str, what: &str, have: usize, need: usize) -> Result<()> {
-    check(have >= need, op, || {
-        format!("{what} holds {have} elements, needs {need}")
-    })
-}
-
 /// Sets its flag when dropped, on return or unwinding alike.
 struct ReleaseOnDrop<'a>(&'a AtomicBool);
 
@@ -508,9 +504,7 @@ impl Backend for CpuBackend {
         dim: usize,
         out: &mut Buffer,
     ) -> Result<()> {
-        len_check("rms_norm", "x", x.0.len(), rows * dim)?;
-        len_check("rms_norm", "weight", weight.0.len(), dim)?;
-        len_check("rms_norm", "out", out.0.len(), rows * dim)?;
+        contract::rms_norm(x.0.len(), weight.0.len(), out.0.len(), rows, dim)?;
         let (x, w) = (&x.0, &weight.0[..dim]);
         // Memory bound (one read of x, one write of out); the f64 lanes keep the sum of squares
         // exact enough that the only f32 rounding is Hugging Face's own.
@@ -546,12 +540,7 @@ impl Backend for CpuBackend {
         table: &Buffer,
     ) -> Result<()> {
         let tokens = step.batch.num_tokens();
-        check(head_dim.is_multiple_of(2), "rope", || {
-            format!("odd head_dim {head_dim}")
-        })?;
-        len_check("rope", "x", x.0.len(), tokens * heads * head_dim)?;
-        let max_pos = step.batch.positions.iter().max().map_or(0, |&p| p as usize);
-        len_check("rope", "table", table.0.len(), (max_pos + 1) * head_dim)?;
+        contract::rope(x.0.len(), table.0.len(), &step.batch, heads, head_dim)?;
         let (half, table, positions) = (head_dim / 2, &table.0, &step.batch.positions);
         self.for_chunks(
             &mut x.0[..tokens * heads * head_dim],
@@ -583,8 +572,7 @@ impl Backend for CpuBackend {
             return self.matmul_many(x, &[weight], rows, &mut [out]);
         }
         let (n, k) = weight.shape();
-        len_check("matmul", "x", x.0.len(), rows.count * k)?;
-        len_check("matmul", "out", out.0.len(), rows.count * n)?;
+        contract::matmul("matmul", x.0.len(), out.0.len(), rows.count, k, n)?;
         matmul::matmul(&self.pool, self.isa, &x.0, weight, rows.count, &mut out.0);
         Ok(())
     }
@@ -613,8 +601,14 @@ impl Backend for CpuBackend {
             return Ok(());
         }
         for (w, out) in ints.iter().zip(outs.iter()) {
-            len_check("matmul_many", "x", x.0.len(), rows.count * w.cols)?;
-            len_check("matmul_many", "out", out.0.len(), rows.count * w.rows)?;
+            contract::matmul(
+                "matmul_many",
+                x.0.len(),
+                out.0.len(),
+                rows.count,
+                w.cols,
+                w.rows,
+            )?;
         }
         if let Some(run) = rows
             .prompt
@@ -635,8 +629,7 @@ impl Backend for CpuBackend {
         let layout = cache.layout;
         step.batch.validate(&layout)?;
         let (n, sw) = (step.batch.num_tokens(), layout.slot_width());
-        len_check("write_kv", "k", k.0.len(), n * sw)?;
-        len_check("write_kv", "v", v.0.len(), n * sw)?;
+        contract::write_kv(k.0.len(), v.0.len(), n, sw)?;
         let hd = layout.head_dim;
         for (t, &slot) in step.batch.slots.iter().enumerate() {
             for kvh in 0..layout.kv_heads {
@@ -682,9 +675,7 @@ impl Backend for CpuBackend {
     }
 
     fn silu_mul(&self, gate: &Buffer, up: &Buffer, len: usize, out: &mut Buffer) -> Result<()> {
-        len_check("silu_mul", "gate", gate.0.len(), len)?;
-        len_check("silu_mul", "up", up.0.len(), len)?;
-        len_check("silu_mul", "out", out.0.len(), len)?;
+        contract::silu_mul(gate.0.len(), up.0.len(), out.0.len(), len)?;
         let (gate, up, isa) = (&gate.0, &up.0, self.isa);
         // Memory bound at prefill sizes once the exp is vectorised (a libm exp per element cost
         // about a tenth of a prefill layer's matmul time).
@@ -705,8 +696,7 @@ impl Backend for CpuBackend {
     }
 
     fn add(&self, x: &mut Buffer, y: &Buffer, len: usize) -> Result<()> {
-        len_check("add", "x", x.0.len(), len)?;
-        len_check("add", "y", y.0.len(), len)?;
+        contract::add(x.0.len(), y.0.len(), len)?;
         let y = &y.0;
         self.for_chunks(&mut x.0[..len], ELEM_CHUNK, |i, xs| {
             for (a, &b) in xs.iter_mut().zip(&y[i * ELEM_CHUNK..]) {
@@ -738,15 +728,8 @@ impl Backend for CpuBackend {
         dim: usize,
         out: &mut Buffer,
     ) -> Result<()> {
-        let (n, rows) = (step.batch.num_tokens(), &step.batch.logit_rows);
-        len_check("gather_logit_rows", "x", x.0.len(), n * dim)?;
-        len_check("gather_logit_rows", "out", out.0.len(), rows.len() * dim)?;
-        if let Some(&r) = rows.iter().find(|&&r| r as usize >= n) {
-            return Err(KernelError::Shape(format!(
-                "gather_logit_rows: row {r} of {n} tokens"
-            )));
-        }
-        for (i, &r) in rows.iter().enumerate() {
+        contract::gather_logit_rows(x.0.len(), out.0.len(), &step.batch, dim)?;
+        for (i, &r) in step.batch.logit_rows.iter().enumerate() {
             let r = r as usize;
             out.0[i * dim..(i + 1) * dim].copy_from_slice(&x.0[r * dim..(r + 1) * dim]);
         }

@@ -386,6 +386,28 @@ fn matmul_rejects_short_buffers() {
     assert!(matches!(err, Err(KernelError::Shape(m)) if m.starts_with("matmul")));
 }
 
+#[test]
+fn elementwise_ops_name_the_short_buffer() {
+    let b = CpuBackend::new(0).unwrap();
+    let shape_error = |r: Result<()>| match r {
+        Err(KernelError::Shape(m)) => m,
+        other => panic!("expected a shape error, got {other:?}"),
+    };
+    let (x, short) = (b.alloc(12).unwrap(), b.alloc(3).unwrap());
+    let m = shape_error(b.rms_norm(&x, &short, 1e-5, 3, 4, &mut b.alloc(12).unwrap()));
+    assert_eq!(m, "rms_norm: weight holds 3 elements, needs 4");
+    let m = shape_error(b.silu_mul(&x, &short, 12, &mut b.alloc(12).unwrap()));
+    assert_eq!(m, "silu_mul: up holds 3 elements, needs 12");
+    let m = shape_error(b.add(&mut b.alloc(12).unwrap(), &short, 12));
+    assert_eq!(m, "add: y holds 3 elements, needs 12");
+    // Two tokens at positions 0 and 7: the rope table needs 8 rows of 4.
+    let step = b.prepare_step(&decode_batch(&[0, 0])).unwrap();
+    let m = shape_error(b.rope(&mut b.alloc(8).unwrap(), &step, 1, 4, &short));
+    assert_eq!(m, "rope: table holds 3 elements, needs 32");
+    let m = shape_error(b.rope(&mut b.alloc(8).unwrap(), &step, 1, 3, &x));
+    assert_eq!(m, "rope: odd head_dim 3");
+}
+
 /// Sequences given as (tokens already cached, new tokens), keys and values per position.
 struct AttnCase {
     layout: KvLayout,

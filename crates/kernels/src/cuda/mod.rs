@@ -31,8 +31,10 @@ mod quant;
 pub use cudarc;
 
 use crate::{
-    check, check_argmax_room, swiglu_in_two_ops, Backend, KernelError, KvLayout, MatmulRows,
-    Result, StepBatch, ARGMAX_PENDING,
+    check, check_argmax_room,
+    contract::{self, len_check},
+    swiglu_in_two_ops, Backend, KernelError, KvLayout, MatmulRows, Result, StepBatch,
+    ARGMAX_PENDING,
 };
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -156,12 +158,6 @@ fn dev(e: impl std::fmt::Debug) -> KernelError {
         backend: "cuda".into(),
         message: format!("{e:?}"),
     }
-}
-
-fn len_check(op: &str, what: &str, have: usize, need: usize) -> Result<()> {
-    check(have >= need, op, || {
-        format!("{what} holds {have} elements, needs {need}")
-    })
 }
 
 /// bf16 activations (or small vectors: norm weights, the rotary table) on the device.
@@ -2467,9 +2463,7 @@ impl Backend for CudaBackend {
         dim: usize,
         out: &mut Buffer,
     ) -> Result<()> {
-        len_check("rms_norm", "x", x.len, rows * dim)?;
-        len_check("rms_norm", "weight", weight.len, dim)?;
-        len_check("rms_norm", "out", out.len, rows * dim)?;
+        contract::rms_norm(x.len, weight.len, out.len, rows, dim)?;
         if rows == 0 {
             return Ok(());
         }
@@ -2496,12 +2490,7 @@ impl Backend for CudaBackend {
         table: &Buffer,
     ) -> Result<()> {
         let tokens = step.batch.num_tokens();
-        check(head_dim.is_multiple_of(2), "rope", || {
-            format!("odd head_dim {head_dim}")
-        })?;
-        len_check("rope", "x", x.len, tokens * heads * head_dim)?;
-        let max_pos = step.batch.positions.iter().max().map_or(0, |&p| p as usize);
-        len_check("rope", "table", table.len, (max_pos + 1) * head_dim)?;
+        contract::rope(x.len, table.len, &step.batch, heads, head_dim)?;
         if tokens == 0 || heads == 0 {
             return Ok(());
         }
@@ -2529,8 +2518,7 @@ impl Backend for CudaBackend {
         // Prompt and generated rows run alike here.
         let rows = rows.count;
         let (n, k) = weight.shape();
-        len_check("matmul", "x", x.len, rows * k)?;
-        len_check("matmul", "out", out.len, rows * n)?;
+        contract::matmul("matmul", x.len, out.len, rows, k, n)?;
         if rows == 0 || n == 0 {
             return Ok(());
         }
@@ -2623,9 +2611,8 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let k = quant[0].cols;
-        len_check("matmul_many", "x", x.len, rows * k)?;
         for (q, out) in quant.iter().zip(outs.iter()) {
-            len_check("matmul_many", "out", out.len, rows * q.rows)?;
+            contract::matmul("matmul_many", x.len, out.len, rows, k, q.rows)?;
         }
         let ptrs: Vec<u64> = outs.iter().map(|o| o.ptr).collect();
         if prefill {
@@ -2706,8 +2693,7 @@ impl Backend for CudaBackend {
         let layout = cache.layout;
         step.batch.validate(&layout)?;
         let (n, sw) = (step.batch.num_tokens(), layout.slot_width());
-        len_check("write_kv", "k", k.len, n * sw)?;
-        len_check("write_kv", "v", v.len, n * sw)?;
+        contract::write_kv(k.len, v.len, n, sw)?;
         if n == 0 {
             return Ok(());
         }
@@ -2820,9 +2806,7 @@ impl Backend for CudaBackend {
     }
 
     fn silu_mul(&self, gate: &Buffer, up: &Buffer, len: usize, out: &mut Buffer) -> Result<()> {
-        len_check("silu_mul", "gate", gate.len, len)?;
-        len_check("silu_mul", "up", up.len, len)?;
-        len_check("silu_mul", "out", out.len, len)?;
+        contract::silu_mul(gate.len, up.len, out.len, len)?;
         if len == 0 {
             return Ok(());
         }
@@ -2839,8 +2823,7 @@ impl Backend for CudaBackend {
     }
 
     fn add(&self, x: &mut Buffer, y: &Buffer, len: usize) -> Result<()> {
-        len_check("add", "x", x.len, len)?;
-        len_check("add", "y", y.len, len)?;
+        contract::add(x.len, y.len, len)?;
         if len == 0 {
             return Ok(());
         }
@@ -2903,14 +2886,8 @@ impl Backend for CudaBackend {
         dim: usize,
         out: &mut Buffer,
     ) -> Result<()> {
-        let (n, rows) = (step.batch.num_tokens(), &step.batch.logit_rows);
-        len_check("gather_logit_rows", "x", x.len, n * dim)?;
-        len_check("gather_logit_rows", "out", out.len, rows.len() * dim)?;
-        if let Some(&r) = rows.iter().find(|&&r| r as usize >= n) {
-            return Err(KernelError::Shape(format!(
-                "gather_logit_rows: row {r} of {n} tokens"
-            )));
-        }
+        contract::gather_logit_rows(x.len, out.len, &step.batch, dim)?;
+        let rows = &step.batch.logit_rows;
         if rows.is_empty() || dim == 0 {
             return Ok(());
         }
