@@ -47,7 +47,8 @@ use rayon::ThreadPool;
 use std::cell::RefCell;
 
 /// Calls `$go!(layout, scales, asym, half)` with `$w`'s kind as constants, one instantiation
-/// of a kernel per kind. `half`: scales per 16 columns (nvfp4).
+/// of a kernel per kind. `half`: scales per 16 columns (nvfp4). Its kernels are x86's.
+#[cfg(target_arch = "x86_64")]
 macro_rules! for_each_kind {
     ($w:expr, $go:ident) => {
         match ($w.layout, $w.scales, $w.asym) {
