@@ -760,6 +760,50 @@ fn quant_matmul_ring_rows() {
     }
 }
 
+/// The int4 decode kernels on integer codes of the activations (1-4 rows of 8192 columns and
+/// more, many strips): each chunk of 64 activations is two int8 codes a value scaled by the
+/// chunk's largest, so a chunk with one value 120 times the others must keep those others
+/// (with one code each, the error here is ~2e-2), and an all-zero chunk must give zeros, not
+/// NaN. Bounded by 1e-3: the weights' values are exact there, so the codes are all that errs.
+#[test]
+fn int4_integer_activations() {
+    let Some(g) = gpu("int4_integer_activations") else {
+        return;
+    };
+    let mut r = rng();
+    let format = QuantFormat::Int {
+        bits: 4,
+        asym: false,
+    };
+    for &(n, k, group) in &[(8464usize, 8192usize, 128usize), (4240, 12288, 64)] {
+        let t = quantize_rtn(&randv(&mut r, n * k, 0.1), n, k, format, group).unwrap();
+        let gw = g
+            .upload_weight(&HostWeight::quant(t.clone()).unwrap())
+            .unwrap();
+        for rows in 1..=4 {
+            let mut x = randv(&mut r, rows * k, 0.5);
+            for (c, chunk) in x.chunks_mut(64).enumerate() {
+                match c % 5 {
+                    0 => chunk[c % 64] = if c % 2 == 0 { 60.0 } else { -60.0 },
+                    1 => chunk.fill(0.0),
+                    _ => {}
+                }
+            }
+            let mut gx = g.alloc(rows * k).unwrap();
+            g.write(&mut gx, &x).unwrap();
+            let mut go = poisoned(g, rows * n);
+            g.matmul(&gx, &gw, MatmulRows::plain(rows), &mut go)
+                .unwrap();
+            let got = g.read(&go, rows * n).unwrap();
+            let e = rel_err(&got, &reference(&t, &x, rows));
+            assert!(
+                e < 1e-3,
+                "int4 {n}x{k} g{group} rows {rows}: relative error {e:.2e}"
+            );
+        }
+    }
+}
+
 /// Prefill on packed weights, every format: the wgmma kernel (sm_90) over several row tiles, the
 /// last one partial, in blocks of 128 rows and (a weight of many strips at 500 rows, enough
 /// blocks to fill an H100) of 256, and the expansion for cuBLAS that other GPUs take.

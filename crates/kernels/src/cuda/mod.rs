@@ -79,6 +79,12 @@ const QG_PARTS: usize = 3;
 /// a 512-token prompt 438.9-440.1 -> 444.3-445.6 tok/s (three alternations in one call). 6 stages:
 /// 4096 x 14336 21.0 us, decode 418-420.
 const QG_DEEP_STAGES: usize = 8;
+/// The format whose one-row decode multiplies integer codes of the activations (`QIACT` in
+/// qgemv.cu), at groups of whole chunks.
+const INT_ACTIVATIONS: QuantFormat = QuantFormat::Int {
+    bits: 4,
+    asym: false,
+};
 /// Ring stages of the four-strip decode builds (QQUAD in qgemv.cu).
 const QG_QUAD_STAGES: usize = 4;
 /// Warps of the quantized decode kernel wanted per SM: what fits (3 blocks of 8 warps at its ~80
@@ -468,6 +474,7 @@ struct QgPart {
 struct QgArgs {
     p: [QgPart; QG_PARTS],
     x: u64,
+    xd: u64,
     ws: u64,
     counters: u64,
     parts: i32,
@@ -500,6 +507,8 @@ pub struct CudaBackend {
     /// Activations reordered for act-order weights (`with_stored_order`); sized for decode when
     /// such a weight is uploaded, grown by prefill.
     permuted: Mutex<Option<CudaSlice<u16>>>,
+    /// One row of activations as integer codes and their chunks' scales (`quantize_x_codes`).
+    int_codes: Mutex<Option<CudaSlice<u16>>>,
     graphs: Mutex<Graphs>,
     /// Page-locked host memory that `read` copies into (grown on demand): a copy into pageable
     /// memory goes through the driver's staging buffers, and a decode step reads its logits
@@ -660,6 +669,7 @@ impl CudaBackend {
             att_part: Mutex::new(Some(att_part)),
             splitk: Mutex::new(None),
             permuted: Mutex::new(None),
+            int_codes: Mutex::new(None),
             graphs: Mutex::new(Graphs::default()),
             read_stage: Mutex::new(None),
             greedy: Mutex::default(),
@@ -883,6 +893,9 @@ impl CudaBackend {
         }
         let r = quant::relay(t);
         let s = &self.stream;
+        if t.format == INT_ACTIVATIONS {
+            self.grow_scratch(&mut self.int_codes.lock().unwrap(), 4 * int_codes_len(t.cols))?;
+        }
         {
             let mut guard = self.splitk.lock().unwrap();
             let (sums, counters) = (DECODE_MAX_ROWS * r.strips * 16, r.strips);
@@ -1438,6 +1451,7 @@ impl CudaBackend {
             blocks,
             full_warps,
             ring,
+            int_codes,
         } = decode_plan(&shape, self.sms, self.smem_per_sm);
         let row_blocks = rows.div_ceil(16);
         let (mut args, _) = self.quant_args(x, ws, outs, rows, q0.cols, per_block);
@@ -1477,6 +1491,19 @@ impl CudaBackend {
         }
         let smem = ring.map_or(0, |build| qgemv_ring_smem(q0.format, build));
         let cfg = cfg2((blocks * row_blocks, ksplit), 32 * warps as u32, smem);
+        if int_codes {
+            let k = q0.cols;
+            let mut guard = self.int_codes.lock().unwrap();
+            self.grow_scratch(&mut guard, rows * int_codes_len(k))?;
+            let codes = self.ptr(guard.as_ref().unwrap());
+            let (chunks, scales) = (k / 64, codes + 2 * (rows * k) as u64);
+            let cfg = cfg2((chunks.div_ceil(8), rows), 256, 0);
+            launch!(self, "quantize_x_codes", cfg, x, chunks as i32, codes, scales);
+            args.x = codes;
+            args.xd = scales;
+            launch!(self, &name, cfg, args);
+            return Ok(());
+        }
         launch!(self, &name, cfg, args);
         Ok(())
     }
@@ -1594,6 +1621,12 @@ impl CudaBackend {
 }
 
 /// Launch config of `threads`-wide blocks covering `items` items with a grid-stride loop.
+/// u16 elements of `int_codes` for a row of k columns: 128 bytes of codes and an f32 scale a
+/// chunk of 64.
+fn int_codes_len(k: usize) -> usize {
+    k + k / 32
+}
+
 fn grid1(items: usize, threads: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (
@@ -1693,11 +1726,19 @@ fn modules(arch: (i32, i32)) -> Vec<(String, Vec<String>)> {
             source += &format!("QQUAD({tag}, {bits}, {asym}, {kind}, {QG_QUAD_STAGES})\n");
             variants.extend(["8q", "8pq", "16q", "16pq"]);
         }
+        let int_activations = format == INT_ACTIVATIONS;
+        if int_activations {
+            source += &format!("QIACT({QG_DEEP_STAGES})\n");
+            variants.extend(["1i", "1iw", "1id", "2i", "2iw", "4i", "4iw"]);
+        }
         let mut names: Vec<String> = variants
             .iter()
             .map(|v| format!("qgemv_{tag}_{v}"))
             .chain(gated.iter().map(|v| format!("qglu_{tag}_{v}")))
             .collect();
+        if int_activations {
+            names.push("quantize_x_codes".into());
+        }
         names.push(format!("dequant_{tag}"));
         names.push(format!("embedding_{tag}"));
         if has_wgmma(arch) {
@@ -1767,6 +1808,8 @@ struct DecodePlan {
     full_warps: bool,
     /// The ring in dynamic shared memory, if the build has one.
     ring: Option<RingBuild>,
+    /// Whether the build takes integer codes of the activations (`quantize_x_codes` first).
+    int_codes: bool,
 }
 
 /// The decode kernel (`qgemv.cu`) for a launch of this shape on a GPU of `sms` SMs with
@@ -1788,6 +1831,19 @@ fn decode_plan(d: &DecodeShape, sms: usize, smem_per_sm: usize) -> DecodePlan {
     } = *d;
     let one = rows == 1 && whole;
     let singles: usize = weights.iter().sum();
+    // One row of int4 on integer codes of the activations (`_1i`, `_1iw`, `_1id`) where rows
+    // are long and strips many. H200, g128, % of copy against the kernels the rules below pick
+    // (same call, quantize_x_codes' launch included): 8192² 67 → 72, 8192 × 28672 83 → 89,
+    // 28672 × 8192 86 → 89-90 (against the ring pairs); 14336 × 4096 61 → 62-64, but 4096 ×
+    // 14336 (256 strips) 64 → 61 and 4096² 40 → 30-36, where the extra launch weighs most
+    // (llama3-8b int4 g128 decode 545 → 535 tok/s with it on every one-row launch).
+    let int_activations = (1..=4).contains(&rows)
+        && whole
+        && post
+        && !glu
+        && format == INT_ACTIVATIONS
+        && cols >= 8192
+        && singles >= 2 * sms;
     // 2-4 rows likewise (`_2`, `_4`: a ring of 2 or 4 rows), for symmetric 4-bit codes
     // (`ring_rows_max`) on rows of 8192 columns or more where the strips are three blocks an
     // SM or more. H100, g128, against the kernels the rules below pick (same calls), µs at
@@ -1801,6 +1857,7 @@ fn decode_plan(d: &DecodeShape, sms: usize, smem_per_sm: usize) -> DecodePlan {
     // slower. 8-bit codes gained at 8192² only (85 → 89-91% at 2 rows) and lost up to 5% at
     // 3-4 rows; 2-bit ones (four strips a block) 12-47%.
     let ring_rows = (2..=ring_rows_max(format)).contains(&rows)
+        && !int_activations
         && whole
         && !glu
         && cols >= 8192
@@ -1823,6 +1880,7 @@ fn decode_plan(d: &DecodeShape, sms: usize, smem_per_sm: usize) -> DecodePlan {
     // 128256 × 8192 88 → 84%, fp4 57344 × 8192 and up 73-75 → 71-73%; int4 57344 and 86016
     // × 8192 gained 4%).
     let ring_pairs = ring_rows_max(format) > 0
+        && !int_activations
         && whole
         && !glu
         && ring_fits(
@@ -1875,6 +1933,7 @@ fn decode_plan(d: &DecodeShape, sms: usize, smem_per_sm: usize) -> DecodePlan {
             _ => singles > 4 * sms,
         };
     let quad = !glu
+        && !int_activations
         && !ring_pairs
         && !ring_rows
         && (2..=16).contains(&rows)
@@ -1906,7 +1965,7 @@ fn decode_plan(d: &DecodeShape, sms: usize, smem_per_sm: usize) -> DecodePlan {
         // The gated kernel's bounded build (QGLUW): one row, formats of 4 bits and more.
         Some(WideBuilds::UpTo8Rows) if glu => one && blocks > 3 * sms,
         _ if glu => false,
-        Some(_) if one || ring_rows => blocks > 3 * sms,
+        Some(_) if one || ring_rows || int_activations => blocks > 3 * sms,
         Some(WideBuilds::UpTo8Rows) if rows <= 8 => blocks > 4 * sms,
         _ => false,
     };
@@ -1930,7 +1989,20 @@ fn decode_plan(d: &DecodeShape, sms: usize, smem_per_sm: usize) -> DecodePlan {
     } else {
         None
     };
-    let name = format!(
+    let name = if int_activations {
+        format!(
+            "qgemv_int4_{}i{}",
+            rows.next_power_of_two(),
+            if wide {
+                "w"
+            } else if deep {
+                "d"
+            } else {
+                ""
+            }
+        )
+    } else {
+        format!(
         "{}_{}_{}{}{}",
         if glu { "qglu" } else { "qgemv" },
         quant::tag(format),
@@ -1957,7 +2029,8 @@ fn decode_plan(d: &DecodeShape, sms: usize, smem_per_sm: usize) -> DecodePlan {
         } else {
             ""
         }
-    );
+    )
+    };
     DecodePlan {
         name,
         per_block,
@@ -1968,6 +2041,7 @@ fn decode_plan(d: &DecodeShape, sms: usize, smem_per_sm: usize) -> DecodePlan {
         // (4-warp blocks, 8 warps an SM where the blocks are few, ran slower).
         full_warps: quad || ring_pairs,
         ring,
+        int_codes: int_activations,
     }
 }
 
@@ -1985,7 +2059,7 @@ enum RingBuild {
 fn qgemv_ring_build(name: &str) -> Option<(QuantFormat, RingBuild)> {
     let (tag, variant) = name.strip_prefix("qgemv_")?.rsplit_once('_')?;
     let build = match variant {
-        "1d" | "1pd" => RingBuild::Deep,
+        "1d" | "1pd" | "1id" => RingBuild::Deep,
         "8q" | "8pq" | "16q" | "16pq" => RingBuild::Quad,
         "1r" | "1pr" => RingBuild::RingPairs(1),
         "2r" | "2pr" => RingBuild::RingPairs(2),

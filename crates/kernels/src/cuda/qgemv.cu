@@ -134,6 +134,30 @@ __device__ __forceinline__ const u32* at8(const u32* base, u32 i) {
     return r;
 }
 
+// d = a b (+ d with ACC) on tensor cores in int8 (m16n8k32): a0 / a2 rows g, a1 / a3 rows g + 8.
+template <bool ACC>
+__device__ __forceinline__ void mma_s8(int* d, const u32 (&a)[4], u32 b0, u32 b1) {
+    if (ACC)
+        asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+            "{%0, %1, %2, %3};"
+            : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+        asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+            "{%10, %10, %10, %10};"
+            : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(0));
+}
+
+// An int4 word's codes c as the int8 16 (c - 8): the nibbles at bit 4 of each byte (`low`:
+// those at bit 0 moved there first) with their sign flipped, as one lop3 ((a ^ b) & c).
+template <bool LOW>
+__device__ __forceinline__ u32 int4_times16(u32 w) {
+    u32 r;
+    asm("lop3.b32 %0, %1, %2, %3, 0x28;" : "=r"(r) : "r"(LOW ? w << 4 : w), "r"(0x88888888u), "r"(0xf0f0f0f0u));
+    return r;
+}
+
 // (a & b) | c in one instruction (the compiler otherwise emits an AND and an OR).
 __device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {
     u32 r;
@@ -146,6 +170,9 @@ __host__ __device__ constexpr int tile_span(int bits) { return bits == 8 ? 2 : b
 
 // x << n for n of either sign (a right shift when negative; n is a compile-time constant).
 __device__ __forceinline__ u32 shl(u32 x, int n) { return n >= 0 ? x << n : x >> -n; }
+__device__ __forceinline__ void cp_async4_at(u32 dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
+}
 __device__ __forceinline__ void cp_async8_at(u32 dst, const void* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src) : "memory");
 }
@@ -382,9 +409,9 @@ __device__ __forceinline__ long long strip_off(int p, long long one, int s, int 
 // block also takes the strip `two` says (its sums 16 features after the first's; with SP = 4 the
 // strips s + 1 .. s + 3 of the same weight, `strip_off`), and with GLU
 // (gate and up of a feed-forward, strip s of each) writes silu(gate) * up.
-template <int BITS, bool ASYM, int KIND, int NB, bool POST, int XS, int SP, bool GLU, int DS = 0>
+template <int BITS, bool ASYM, int KIND, int NB, bool POST, int XS, int SP, bool GLU, int DS = 0, bool IA = false>
 __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets, const uint2* planes, float ts, int fold,
-                      const QgSecond two, const bf16_t* x, int m, int k, int n, u32 gmul, int G, int CH, int cpb,
+                      const QgSecond two, const bf16_t* x, const float* xd, int m, int k, int n, u32 gmul, int G, int CH, int cpb,
                       float* ws, u32* counters, int wstride, int s, int sg, bf16_t* out) {
     // U chunks per ring slot (per loop step) amortize the step's fixed work (wait, commit, scale
     // and activation addressing); with 16 rows, or 32 columns a lane (2- and 3-bit chunks), the
@@ -408,6 +435,9 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     // 2^127; a product keeps bf16's full precision while the scale is above 2^(fold - 125).
     constexpr bool FOLD = e2m1_folded(KIND, POST, ASYM);
     static_assert(!GLU || SP == 2, "gate and up: one strip of each");
+    static_assert(!IA || (BITS == 4 && !ASYM && KIND == K_INT && NB == 1 && POST && (XS == 1 || XS == 2 || XS == 4) &&
+                          SP == 1 && !GLU),
+                  "integer activations: 1-4 rows of symmetric int4, a scale per chunk");
     float tsp[SP], sfold[SP], omul[SP];
 #pragma unroll
     for (int p = 0; p < SP; p++) {
@@ -439,6 +469,9 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     __shared__ u32 ring_o[ASYM && !DS ? S : 1][DS ? 1 : E][ASYM && !DS ? QG_MAXW * 32 : 1];
     __shared__ uint4 ring_x[XS && !DS ? S : 1][DS ? 1 : U][XS && !DS ? QG_MAXW * XC * XS : 1];
     __shared__ uint2 ring_h[PLANE && !DS ? S : 1][DS ? 1 : E][PLANE && !DS ? QG_MAXW * 32 : 1];
+    // IA: each chunk's activation scales (one a row, warp and chunk, copied by lanes 0 .. XS - 1),
+    // static in every build.
+    __shared__ float ring_d[IA ? S : 1][IA ? U : 1][IA ? QG_MAXW : 1][IA ? XS : 1];
     using RingQ = uint4[E][QG_MAXW * 32];
     using RingS = u32[E][QG_MAXW * 32];
     using RingO = u32[E][ASYM ? QG_MAXW * 32 : 1];
@@ -512,11 +545,18 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
         xi[r] = x + (size_t)(XS > 1 ? min(row, m - 1) : 0) * k + (size_t)(c_lo + warp) * CW + 8 * (c % XC);
     }
     // A chunk's activations (XS; not before griddep_wait, see the prologue).
+    const bool dcopy = IA && lane < XS;
+    const float* xdi = IA ? xd + (size_t)min(lane, m - 1) * CH + c_lo + warp : nullptr;
+    const u32 rd = smem_u32(&ring_d[0][0][IA ? warp : 0][IA ? lane % (XS ? XS : 1) : 0]);
     auto issue_x = [&](int slot, int u) {
 #pragma unroll
         for (int r = 0; r < XR; r++) {
             if (xcopy[r]) cp_async16_at(rx + 512 * r + slot * XSLOT + u * XU, xi[r]);
             xi[r] += col_stride;
+        }
+        if (IA) {
+            if (dcopy) cp_async4_at(rd + 4 * (slot * U + u) * QG_MAXW * XS, xdi);
+            xdi += W;
         }
     };
     // Chunk u of a step: its codes (and planes), activations (XS, with_x), scales and offsets
@@ -634,13 +674,23 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
             fetch_x(xn);
         }
         uint4 xl[U][NB][XW];
+        float dl[U];
 #pragma unroll
-        for (int u = 0; u < U; u++)
+        for (int u = 0; u < U; u++) {
+            // IA: lane (g, t) holds column g of the mma's B, row g / 2's high codes of run t (even
+            // g) or its low ones (odd g), so lane (g, t)'s columns 2t and 2t + 1 of the result
+            // are row t's two sums (rows past XS repeat, and are never written).
+            if (IA) {
+                xl[u][0][0] = QG_RING(x, [XS ? slot : 0][u][warp * XC * XS + (g >> 1) % (XS ? XS : 1) * XC + 2 * t + (g & 1)]);
+                dl[u] = ring_d[IA ? slot : 0][IA ? u : 0][IA ? warp : 0][IA ? t % (XS ? XS : 1) : 0];
+            } else {
 #pragma unroll
-            for (int b = 0; b < NB; b++)
+                for (int b = 0; b < NB; b++)
 #pragma unroll
-                for (int w = 0; w < XW; w++)
-                    xl[u][b][w] = XS ? QG_RING(x, [XS ? slot : 0][u][warp * XC * XS + g % (XS ? XS : 1) * XC + t * XW + w]) : xc[u][b][w];
+                    for (int w = 0; w < XW; w++)
+                        xl[u][b][w] = XS ? QG_RING(x, [XS ? slot : 0][u][warp * XC * XS + g % (XS ? XS : 1) * XC + t * XW + w]) : xc[u][b][w];
+            }
+        }
         // Step i issues step i + S - 1's chunks.
         if (FAST && i + S <= mine / U)
             issue_fast(next);
@@ -660,6 +710,23 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
             if (!FAST && i * U + u >= mine) break;  // past the warp's share: the slot was not filled
             const QScale sc = qscale<BITS, ASYM && !POST, KIND>(sp[e], op[e], tsp[p], gpar, sfold[p]);
             const u32 words[4] = {q[e].x, q[e].y, q[e].z, q[e].w}, plane[2] = {hp[e].x, hp[e].y};
+            if (IA) {
+                // Codes times 16 as int8 (16 (c - 8): the code's nibble, sign flipped, in the
+                // byte's top half; feature g's from the low nibbles, g + 8's from the high), two
+                // integer mmas of 32 columns, then the chunk's scales (see quantize_x_codes).
+                int c[4];
+                const u32* xw = (const u32*)xl[u][0];
+                const u32 a0[4] = {int4_times16<true>(words[0]), int4_times16<false>(words[0]),
+                                   int4_times16<true>(words[1]), int4_times16<false>(words[1])};
+                const u32 a1[4] = {int4_times16<true>(words[2]), int4_times16<false>(words[2]),
+                                   int4_times16<true>(words[3]), int4_times16<false>(words[3])};
+                mma_s8<false>(c, a0, xw[0], xw[1]);
+                mma_s8<true>(c, a1, xw[2], xw[3]);
+                const float dx = dl[u];
+                acc[0][0][0] = fmaf((float)(c[0] * 128 + c[1]), sc.slo * dx, acc[0][0][0]);
+                acc[0][0][2] = fmaf((float)(c[2] * 128 + c[3]), sc.shi * dx, acc[0][0][2]);
+                continue;
+            }
             if (POST) {
                 // One group over the whole chunk: integer products summed over its tiles, then
                 // scaled once (and the offset times the activations' sum, from an all-ones mma).
@@ -758,7 +825,8 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     auto place = [&](int e, size_t& at, size_t& wat) {
         const int p = SP == 1 ? 0 : e / (NB * 128), b = (e >> 7) % NB, j = (e >> 5) & 3, ln = e & 31;
         const int f = 16 * p + (ln >> 2) + 8 * (j >> 1), feat = s * 16 + (GLU ? f - 16 * p : f);
-        const int row = b * 8 + 2 * (ln & 3) + (j & 1);
+        // IA: a lane's sums are row t's (j = 0, 2); j = 1, 3 are never written.
+        const int row = IA ? ((j & 1) ? 16 : ln & 3) : b * 8 + 2 * (ln & 3) + (j & 1);
         at = (size_t)row * n + feat;
         wat = (size_t)row * wstride + sg * 16 + f;
         return feat < n && row < m;
@@ -830,6 +898,7 @@ struct QgPart {
 struct QgArgs {
     QgPart p[QG_PARTS];
     const bf16_t* x;
+    const float* xd;  // integer activations (IA): x holds their codes, xd their chunks' scales
     float* ws;
     u32* counters;
     // 16-row blocks: above 16 rows (batched decode) each strip runs once per block of rows.
@@ -838,15 +907,16 @@ struct QgArgs {
 
 // Suffix p: the scale applied after the mma, for groups that cover whole chunks.
 #define QG_SEL(f) (pi == 0 ? a.p[0].f : pi == 1 ? a.p[1].f : a.p[2].f)
-#define QGEMV1(name, BITS, ASYM, KIND, NB, POST, XS, SP, BOUNDS, DS)                                              \
+#define QGEMV1(name, BITS, ASYM, KIND, NB, POST, XS, SP, BOUNDS, DS) QGEMV1X(name, BITS, ASYM, KIND, NB, POST, XS, SP, BOUNDS, DS, false)
+#define QGEMV1X(name, BITS, ASYM, KIND, NB, POST, XS, SP, BOUNDS, DS, IA)                                         \
     extern "C" __global__ void __launch_bounds__ BOUNDS name(const QgArgs a) {                                  \
         griddep_launch(); /* the kernel after may start now: it waits for this one (pdl_enter) */               \
         /* A block's row blocks are neighbours: they run together and share its weights in the L2. */          \
         const int bs = blockIdx.x / a.row_blocks, rb = blockIdx.x - bs * a.row_blocks, sg = bs * SP;            \
         const int pi = (a.parts > 1 && sg >= a.p[1].strip0) + (a.parts > 2 && sg >= a.p[2].strip0);            \
         const QgSecond two = next_strip<KIND>(sg - QG_SEL(strip0), QG_SEL(n), a.CH, QG_SEL(G), QG_SEL(ts), QG_SEL(fold)); \
-        qgemv<BITS, ASYM, KIND, NB, POST, XS, SP, false, DS>(QG_SEL(codes), QG_SEL(scales), QG_SEL(offsets), QG_SEL(planes), \
-                                              QG_SEL(ts), QG_SEL(fold), two, a.x + (size_t)rb * 16 * a.k, min(16, a.m - rb * 16), a.k, \
+        qgemv<BITS, ASYM, KIND, NB, POST, XS, SP, false, DS, IA>(QG_SEL(codes), QG_SEL(scales), QG_SEL(offsets), QG_SEL(planes), \
+                                              QG_SEL(ts), QG_SEL(fold), two, a.x + (size_t)rb * 16 * a.k, a.xd, min(16, a.m - rb * 16), a.k, \
                                               QG_SEL(n), QG_SEL(gmul), QG_SEL(G), a.CH, a.cpb, a.ws, a.counters,   \
                                               a.wstride, sg - QG_SEL(strip0), sg,                               \
                                               QG_SEL(out) + (size_t)rb * 16 * QG_SEL(n));                       \
@@ -861,7 +931,7 @@ struct QgArgs {
         const QgSecond two{u.codes - g.codes, u.planes - g.planes, u.scales - g.scales, u.offsets - g.offsets,   \
                            u.ts, u.fold};                                                                       \
         qgemv<BITS, ASYM, KIND, NB, POST, XS, 2, true>(g.codes, g.scales, g.offsets, g.planes, g.ts, g.fold, two,    \
-                                                  a.x + (size_t)rb * 16 * a.k, min(16, a.m - rb * 16), a.k, g.n,  \
+                                                  a.x + (size_t)rb * 16 * a.k, a.xd, min(16, a.m - rb * 16), a.k, g.n, \
                                                   g.gmul, g.G, a.CH, a.cpb, a.ws, a.counters, a.wstride, s, 2 * s, \
                                                   g.out + (size_t)rb * 16 * g.n);                                \
     }
@@ -951,6 +1021,53 @@ struct QgArgs {
     QGEMV1(qgemv_##tag##_8pq, BITS, ASYM, KIND, 1, true, false, 4, (QG_MAXW * 32, 2), STAGES)                  \
     QGEMV1(qgemv_##tag##_16q, BITS, ASYM, KIND, 2, false, false, 4, (QG_MAXW * 32, BITS == 3 ? 1 : 2), STAGES) \
     QGEMV1(qgemv_##tag##_16pq, BITS, ASYM, KIND, 2, true, false, 4, (QG_MAXW * 32, BITS == 3 ? 1 : 2), STAGES)
+
+// 1, 2 or 4 rows (suffix 1i, 2i, 4i) of symmetric int4 in groups of whole chunks on integer
+// codes of the activations (the host's `quantize_x_codes` launch first): the weights' codes as
+// int8 against two int8 codes of each activation on integer mmas, where the bf16 kernels spend
+// ~44 of a chunk's ~100 instructions turning codes into bf16 (SASS of the unchecked loop,
+// int4 g128, NVRTC 13.0: 72.5 instructions a chunk against 102.5 for `_1pw`). One mma column
+// a row's high codes, the next its low ones, so four rows cost what one does. Static ring (3
+// blocks an SM), bounded (w, 4 an SM) and, for one row, deep (d).
+#define QIACT(STAGES)                                                                         \
+    QGEMV1X(qgemv_int4_1i, 4, false, K_INT, 1, true, 1, 1, (QG_MAXW * 32), 0, true)         \
+    QGEMV1X(qgemv_int4_1iw, 4, false, K_INT, 1, true, 1, 1, (QG_MAXW * 32, 4), 0, true)     \
+    QGEMV1X(qgemv_int4_1id, 4, false, K_INT, 1, true, 1, 1, (QG_MAXW * 32), STAGES, true)   \
+    QGEMV1X(qgemv_int4_2i, 4, false, K_INT, 1, true, 2, 1, (QG_MAXW * 32), 0, true)         \
+    QGEMV1X(qgemv_int4_2iw, 4, false, K_INT, 1, true, 2, 1, (QG_MAXW * 32, 4), 0, true)     \
+    QGEMV1X(qgemv_int4_4i, 4, false, K_INT, 1, true, 4, 1, (QG_MAXW * 32), 0, true)         \
+    QGEMV1X(qgemv_int4_4iw, 4, false, K_INT, 1, true, 4, 1, (QG_MAXW * 32, 4), 0, true)     \
+    QUANTIZE_X_CODES
+
+// One row of activations as integer codes for the `i` kernels: each chunk of 64 columns as
+// x ≈ d (h + l / 128), d = max |x| / 127, h = round(x / d) and l = round(128 (x / d - h)) (so
+// |x - d (h + l / 128)| <= d / 256: about 15 bits below the chunk's largest value, finer than
+// bf16's 8 for all but values 128 times smaller). The codes go where the mma's B fragments want
+// them: a chunk's 128 bytes are, for each lane run t of 16 columns, its 16 high codes then its 16
+// low ones, byte 4 i + b of each the column 4 i + (0, 2, 1, 3)[b] of the run (the order of the
+// weight's nibbles, see the layout). d / 2048 per chunk in `d` (the codes come times 16 and the
+// high sums times 128). One warp a chunk, grid (chunks / 8, rows); k a multiple of 64.
+#define QUANTIZE_X_CODES                                                                            \
+    extern "C" __global__ void quantize_x_codes(const bf16_t* x, int chunks, unsigned char* codes, float* d) { \
+        pdl_enter();                                                                                \
+        const int lane = threadIdx.x & 31, cr = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); \
+        if (cr >= chunks) return;                                                                   \
+        const int c = blockIdx.y * chunks + cr;                                                     \
+        const u32 pair = ((const u32*)x)[c * 32 + lane];                                            \
+        const float v0 = __uint_as_float(pair << 16), v1 = __uint_as_float(pair & 0xffff0000u);     \
+        float amax = fmaxf(fabsf(v0), fabsf(v1));                                                   \
+        for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));     \
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;                                       \
+        unsigned char* out = codes + (size_t)c * 128;                                               \
+        _Pragma("unroll") for (int e = 0; e < 2; e++) {                                             \
+            const float y = (e ? v1 : v0) * inv, h = rintf(y), l = rintf((y - h) * 128.0f);         \
+            const int col = 2 * lane + e, t = col >> 4, r = col & 15, o = r & 3;                     \
+            const int at = 32 * t + 4 * (r >> 2) + (o == 1 ? 2 : o == 2 ? 1 : o);                    \
+            out[at] = (unsigned char)(signed char)h;                                                \
+            out[at + 16] = (unsigned char)(signed char)l;                                           \
+        }                                                                                           \
+        if (lane == 0) d[c] = amax / (127.0f * 2048.0f);                                            \
+    }
 
 // Element (row, col) of a re-laid weight, dequantized in f32 exactly as the CPU does (the code's
 // value times the scale, plus the offset when asymmetric): the inverse of the layout above.
