@@ -760,11 +760,13 @@ fn quant_matmul_ring_rows() {
     }
 }
 
-/// The int4 decode kernels on integer codes of the activations (1-4 rows of 8192 columns and
+/// The int4 decode kernels on integer codes of the activations (1-2 rows of 8192 columns and
 /// more, many strips): each chunk of 64 activations is two int8 codes a value scaled by the
 /// chunk's largest, so a chunk with one value 120 times the others must keep those others
 /// (with one code each, the error here is ~2e-2), and an all-zero chunk must give zeros, not
-/// NaN. Bounded by 1e-3: the weights' values are exact there, so the codes are all that errs.
+/// NaN. Bounded by 4e-3: the weights' values are exact there, so what errs is the codes (~1e-4)
+/// and the outputs' rounding to bf16 (2^-9 at most, ~1.1e-3 here); 3 and 4 rows take the bf16
+/// kernels, against the same bound.
 #[test]
 fn int4_integer_activations() {
     let Some(g) = gpu("int4_integer_activations") else {
@@ -797,7 +799,7 @@ fn int4_integer_activations() {
             let got = g.read(&go, rows * n).unwrap();
             let e = rel_err(&got, &reference(&t, &x, rows));
             assert!(
-                e < 1e-3,
+                e < 4e-3,
                 "int4 {n}x{k} g{group} rows {rows}: relative error {e:.2e}"
             );
         }
@@ -998,18 +1000,23 @@ fn matmul_swiglu_quant() {
     };
     for format in QuantFormat::ALL {
         // (n, k, gate's group, up's group): partial strips, split-K (few strips, long rows),
-        // more strips than 3 blocks an SM, partial chunks, unlike groups.
+        // more strips than 3 blocks an SM, partial chunks, unlike groups; and (int4) rows of
+        // 8192 columns in many strips, which one row takes on integer codes of the activations.
         for &(n, k, gg, ug) in &[
             (77usize, 384usize, 128usize, 128usize),
             (40, 4096, 128, 128),
             (6500, 256, 64, 64),
             (50, 224, 32, 32),
             (96, 512, 32, 128),
+            (2200, 8192, 128, 64),
         ] {
             let (Some(gg), Some(ug)) = (test_group(format, k, gg), test_group(format, k, ug))
             else {
                 continue;
             };
+            if k == 8192 && format != int4 {
+                continue;
+            }
             let mut pair: Vec<QuantTensor> = [gg, ug]
                 .iter()
                 .map(|&group| {

@@ -894,7 +894,10 @@ impl CudaBackend {
         let r = quant::relay(t);
         let s = &self.stream;
         if t.format == INT_ACTIVATIONS {
-            self.grow_scratch(&mut self.int_codes.lock().unwrap(), 4 * int_codes_len(t.cols))?;
+            self.grow_scratch(
+                &mut self.int_codes.lock().unwrap(),
+                2 * int_codes_len(t.cols),
+            )?;
         }
         {
             let mut guard = self.splitk.lock().unwrap();
@@ -1497,12 +1500,18 @@ impl CudaBackend {
             self.grow_scratch(&mut guard, rows * int_codes_len(k))?;
             let codes = self.ptr(guard.as_ref().unwrap());
             let (chunks, scales) = (k / 64, codes + 2 * (rows * k) as u64);
-            let cfg = cfg2((chunks.div_ceil(8), rows), 256, 0);
-            launch!(self, "quantize_x_codes", cfg, x, chunks as i32, codes, scales);
+            let codes_cfg = cfg2((chunks.div_ceil(8), rows), 256, 0);
+            launch!(
+                self,
+                "quantize_x_codes",
+                codes_cfg,
+                x,
+                chunks as i32,
+                codes,
+                scales
+            );
             args.x = codes;
             args.xd = scales;
-            launch!(self, &name, cfg, args);
-            return Ok(());
         }
         launch!(self, &name, cfg, args);
         Ok(())
@@ -1729,7 +1738,7 @@ fn modules(arch: (i32, i32)) -> Vec<(String, Vec<String>)> {
         let int_activations = format == INT_ACTIVATIONS;
         if int_activations {
             source += &format!("QIACT({QG_DEEP_STAGES})\n");
-            variants.extend(["1i", "1iw", "1id", "2i", "2iw", "4i", "4iw"]);
+            variants.extend(["1i", "1iw", "1id", "2i", "2iw"]);
         }
         let mut names: Vec<String> = variants
             .iter()
@@ -1737,7 +1746,7 @@ fn modules(arch: (i32, i32)) -> Vec<(String, Vec<String>)> {
             .chain(gated.iter().map(|v| format!("qglu_{tag}_{v}")))
             .collect();
         if int_activations {
-            names.push("quantize_x_codes".into());
+            names.extend(["qglu_int4_1i", "qglu_int4_1iw", "quantize_x_codes"].map(String::from));
         }
         names.push(format!("dequant_{tag}"));
         names.push(format!("embedding_{tag}"));
@@ -1831,16 +1840,19 @@ fn decode_plan(d: &DecodeShape, sms: usize, smem_per_sm: usize) -> DecodePlan {
     } = *d;
     let one = rows == 1 && whole;
     let singles: usize = weights.iter().sum();
-    // One row of int4 on integer codes of the activations (`_1i`, `_1iw`, `_1id`) where rows
-    // are long and strips many. H200, g128, % of copy against the kernels the rules below pick
-    // (same call, quantize_x_codes' launch included): 8192² 67 → 72, 8192 × 28672 83 → 89,
-    // 28672 × 8192 86 → 89-90 (against the ring pairs); 14336 × 4096 61 → 62-64, but 4096 ×
-    // 14336 (256 strips) 64 → 61 and 4096² 40 → 30-36, where the extra launch weighs most
-    // (llama3-8b int4 g128 decode 545 → 535 tok/s with it on every one-row launch).
-    let int_activations = (1..=4).contains(&rows)
+    // One or two rows of int4 on integer codes of the activations (`_1i`, `_2i` and their
+    // bounded and deep builds) where rows are long and strips many. H200, g128, % of copy
+    // against the kernels the rules below pick (same call, quantize_x_codes' launch included),
+    // at 1 / 2 rows: 8192² 67.6 / 64.1 → 71.9-72.1 / 70.2-71.4, 8192 × 28672 83.7 / 77.3 →
+    // 89.0-90.0 / 88.6-88.7, 28672 × 8192 86.2 / 85.8 → 90.4-90.7 / 87.8-88.4, 10240 × 8192
+    // 67.9 / 63.9 → 66.9 / 65.6-65.7; llama3-70b-layer int4 g128 decode 4299 → 4412 tok/s. At
+    // 3-4 rows (a ring of 4 rows, one chunk a step) they lost: 28672 × 8192 86 → 80, 8192² 65 →
+    // 63. Rows of 4096 columns lost at one row (the extra launch weighs most there): 4096 ×
+    // 14336 (256 strips) 64 → 61, 4096² 40 → 30-36, llama3-8b int4 g128 decode 545 → 535.
+    let int_activations = (1..=2).contains(&rows)
+        && (rows == 1 || !glu)
         && whole
         && post
-        && !glu
         && format == INT_ACTIVATIONS
         && cols >= 8192
         && singles >= 2 * sms;
@@ -1991,8 +2003,8 @@ fn decode_plan(d: &DecodeShape, sms: usize, smem_per_sm: usize) -> DecodePlan {
     };
     let name = if int_activations {
         format!(
-            "qgemv_int4_{}i{}",
-            rows.next_power_of_two(),
+            "{}_int4_{rows}i{}",
+            if glu { "qglu" } else { "qgemv" },
             if wide {
                 "w"
             } else if deep {
@@ -2003,33 +2015,33 @@ fn decode_plan(d: &DecodeShape, sms: usize, smem_per_sm: usize) -> DecodePlan {
         )
     } else {
         format!(
-        "{}_{}_{}{}{}",
-        if glu { "qglu" } else { "qgemv" },
-        quant::tag(format),
-        if one {
-            1
-        } else if ring_rows || ring_pairs {
-            rows.next_power_of_two()
-        } else if rows <= 8 {
-            8
-        } else {
-            16
-        },
-        if post { "p" } else { "" },
-        if ring_pairs {
-            "r"
-        } else if wide {
-            "w"
-        } else if deep {
-            "d"
-        } else if per_block == 4 {
-            "q"
-        } else if per_block == 2 && !glu {
-            "s"
-        } else {
-            ""
-        }
-    )
+            "{}_{}_{}{}{}",
+            if glu { "qglu" } else { "qgemv" },
+            quant::tag(format),
+            if one {
+                1
+            } else if ring_rows || ring_pairs {
+                rows.next_power_of_two()
+            } else if rows <= 8 {
+                8
+            } else {
+                16
+            },
+            if post { "p" } else { "" },
+            if ring_pairs {
+                "r"
+            } else if wide {
+                "w"
+            } else if deep {
+                "d"
+            } else if per_block == 4 {
+                "q"
+            } else if per_block == 2 && !glu {
+                "s"
+            } else {
+                ""
+            }
+        )
     };
     DecodePlan {
         name,

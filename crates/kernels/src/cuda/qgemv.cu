@@ -435,9 +435,8 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     // 2^127; a product keeps bf16's full precision while the scale is above 2^(fold - 125).
     constexpr bool FOLD = e2m1_folded(KIND, POST, ASYM);
     static_assert(!GLU || SP == 2, "gate and up: one strip of each");
-    static_assert(!IA || (BITS == 4 && !ASYM && KIND == K_INT && NB == 1 && POST && (XS == 1 || XS == 2 || XS == 4) &&
-                          SP == 1 && !GLU),
-                  "integer activations: 1-4 rows of symmetric int4, a scale per chunk");
+    static_assert(!IA || (BITS == 4 && !ASYM && KIND == K_INT && NB == 1 && POST && (XS == 1 || XS == 2) && (SP == 1 || GLU)),
+                  "integer activations: 1-2 rows of symmetric int4, a scale per chunk");
     float tsp[SP], sfold[SP], omul[SP];
 #pragma unroll
     for (int p = 0; p < SP; p++) {
@@ -723,8 +722,8 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
                 mma_s8<false>(c, a0, xw[0], xw[1]);
                 mma_s8<true>(c, a1, xw[2], xw[3]);
                 const float dx = dl[u];
-                acc[0][0][0] = fmaf((float)(c[0] * 128 + c[1]), sc.slo * dx, acc[0][0][0]);
-                acc[0][0][2] = fmaf((float)(c[2] * 128 + c[3]), sc.shi * dx, acc[0][0][2]);
+                acc[p][0][0] = fmaf((float)(c[0] * 128 + c[1]), sc.slo * dx, acc[p][0][0]);
+                acc[p][0][2] = fmaf((float)(c[2] * 128 + c[3]), sc.shi * dx, acc[p][0][2]);
                 continue;
             }
             if (POST) {
@@ -923,14 +922,15 @@ struct QgArgs {
     }
 // Gate and up of a feed-forward (parts 0 and 1, of one shape) into silu(gate) * up (part 0's out):
 // block s takes strip s of each, so no silu_mul launch and no gate and up outputs.
-#define QGLU1(name, BITS, ASYM, KIND, NB, POST, XS, BOUNDS)                                                      \
+#define QGLU1(name, BITS, ASYM, KIND, NB, POST, XS, BOUNDS) QGLU1X(name, BITS, ASYM, KIND, NB, POST, XS, BOUNDS, false)
+#define QGLU1X(name, BITS, ASYM, KIND, NB, POST, XS, BOUNDS, IA)                                                  \
     extern "C" __global__ void __launch_bounds__ BOUNDS name(const QgArgs a) {                                  \
         griddep_launch();                                                                                      \
         const int s = blockIdx.x / a.row_blocks, rb = blockIdx.x - s * a.row_blocks;                           \
         const QgPart &g = a.p[0], &u = a.p[1];                                                                  \
         const QgSecond two{u.codes - g.codes, u.planes - g.planes, u.scales - g.scales, u.offsets - g.offsets,   \
                            u.ts, u.fold};                                                                       \
-        qgemv<BITS, ASYM, KIND, NB, POST, XS, 2, true>(g.codes, g.scales, g.offsets, g.planes, g.ts, g.fold, two,    \
+        qgemv<BITS, ASYM, KIND, NB, POST, XS, 2, true, 0, IA>(g.codes, g.scales, g.offsets, g.planes, g.ts, g.fold, two, \
                                                   a.x + (size_t)rb * 16 * a.k, a.xd, min(16, a.m - rb * 16), a.k, g.n, \
                                                   g.gmul, g.G, a.CH, a.cpb, a.ws, a.counters, a.wstride, s, 2 * s, \
                                                   g.out + (size_t)rb * 16 * g.n);                                \
@@ -1028,15 +1028,15 @@ struct QgArgs {
 // ~44 of a chunk's ~100 instructions turning codes into bf16 (SASS of the unchecked loop,
 // int4 g128, NVRTC 13.0: 72.5 instructions a chunk against 102.5 for `_1pw`). One mma column
 // a row's high codes, the next its low ones, so four rows cost what one does. Static ring (3
-// blocks an SM), bounded (w, 4 an SM) and, for one row, deep (d).
+// blocks an SM), bounded (w, 4 an SM) and, for one row, deep (d); gate and up (qglu) at one row.
 #define QIACT(STAGES)                                                                         \
     QGEMV1X(qgemv_int4_1i, 4, false, K_INT, 1, true, 1, 1, (QG_MAXW * 32), 0, true)         \
     QGEMV1X(qgemv_int4_1iw, 4, false, K_INT, 1, true, 1, 1, (QG_MAXW * 32, 4), 0, true)     \
     QGEMV1X(qgemv_int4_1id, 4, false, K_INT, 1, true, 1, 1, (QG_MAXW * 32), STAGES, true)   \
     QGEMV1X(qgemv_int4_2i, 4, false, K_INT, 1, true, 2, 1, (QG_MAXW * 32), 0, true)         \
     QGEMV1X(qgemv_int4_2iw, 4, false, K_INT, 1, true, 2, 1, (QG_MAXW * 32, 4), 0, true)     \
-    QGEMV1X(qgemv_int4_4i, 4, false, K_INT, 1, true, 4, 1, (QG_MAXW * 32), 0, true)         \
-    QGEMV1X(qgemv_int4_4iw, 4, false, K_INT, 1, true, 4, 1, (QG_MAXW * 32, 4), 0, true)     \
+    QGLU1X(qglu_int4_1i, 4, false, K_INT, 1, true, 1, (QG_MAXW * 32), true)                 \
+    QGLU1X(qglu_int4_1iw, 4, false, K_INT, 1, true, 1, (QG_MAXW * 32, 4), true)             \
     QUANTIZE_X_CODES
 
 // One row of activations as integer codes for the `i` kernels: each chunk of 64 columns as
