@@ -760,13 +760,13 @@ fn quant_matmul_ring_rows() {
     }
 }
 
-/// The int4 decode kernels on integer codes of the activations (1-2 rows of 8192 columns and
+/// The int4 decode kernels on integer codes of the activations (1-4 rows of 8192 columns and
 /// more, many strips): each chunk of 64 activations is two int8 codes a value scaled by the
 /// chunk's largest, so a chunk with one value 120 times the others must keep those others
 /// (with one code each, the error here is ~2e-2), and an all-zero chunk must give zeros, not
 /// NaN. Bounded by 4e-3: the weights' values are exact there, so what errs is the codes (~1e-4)
-/// and the outputs' rounding to bf16 (2^-9 at most, ~1.1e-3 here); 3 and 4 rows take the bf16
-/// kernels, against the same bound.
+/// and the outputs' rounding to bf16 (2^-9 at most, ~1.1e-3 here). (`quant_matmul_ring_rows`
+/// takes them as two strips a block.)
 #[test]
 fn int4_integer_activations() {
     let Some(g) = gpu("int4_integer_activations") else {

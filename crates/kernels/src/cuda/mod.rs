@@ -896,7 +896,7 @@ impl CudaBackend {
         if t.format == INT_ACTIVATIONS {
             self.grow_scratch(
                 &mut self.int_codes.lock().unwrap(),
-                2 * int_codes_len(t.cols),
+                4 * int_codes_len(t.cols),
             )?;
         }
         {
@@ -1737,8 +1737,10 @@ fn modules(arch: (i32, i32)) -> Vec<(String, Vec<String>)> {
         }
         let int_activations = format == INT_ACTIVATIONS;
         if int_activations {
-            source += &format!("QIACT({QG_DEEP_STAGES})\n");
-            variants.extend(["1i", "1iw", "1id", "2i", "2iw"]);
+            source += &format!("QIACT({QG_DEEP_STAGES}, {QG_QUAD_STAGES})\n");
+            variants.extend([
+                "1i", "1iw", "1id", "2i", "2iw", "4i", "4iw", "1ir", "2ir", "4ir",
+            ]);
         }
         let mut names: Vec<String> = variants
             .iter()
@@ -1840,16 +1842,19 @@ fn decode_plan(d: &DecodeShape, sms: usize, smem_per_sm: usize) -> DecodePlan {
     } = *d;
     let one = rows == 1 && whole;
     let singles: usize = weights.iter().sum();
-    // One or two rows of int4 on integer codes of the activations (`_1i`, `_2i` and their
-    // bounded and deep builds) where rows are long and strips many. H200, g128, % of copy
-    // against the kernels the rules below pick (same call, quantize_x_codes' launch included),
-    // at 1 / 2 rows: 8192² 67.6 / 64.1 → 71.9-72.1 / 70.2-71.4, 8192 × 28672 83.7 / 77.3 →
-    // 89.0-90.0 / 88.6-88.7, 28672 × 8192 86.2 / 85.8 → 90.4-90.7 / 87.8-88.4, 10240 × 8192
-    // 67.9 / 63.9 → 66.9 / 65.6-65.7; llama3-70b-layer int4 g128 decode 4299 → 4412 tok/s. At
-    // 3-4 rows (a ring of 4 rows, one chunk a step) they lost: 28672 × 8192 86 → 80, 8192² 65 →
-    // 63. Rows of 4096 columns lost at one row (the extra launch weighs most there): 4096 ×
-    // 14336 (256 strips) 64 → 61, 4096² 40 → 30-36, llama3-8b int4 g128 decode 545 → 535.
-    let int_activations = (1..=2).contains(&rows)
+    // 1-4 rows of int4 on integer codes of the activations (`_1i`, `_2i`, `_4i`, their bounded
+    // and deep builds, and as ring pairs `_1ir`.. where the rule below picks pairs; gate and up
+    // at one row) where rows are long and strips many. H200, g128, % of copy against the
+    // kernels the other rules pick (same call, quantize_x_codes' launch included), at 1 / 2 / 3
+    // / 4 rows: 8192² 67.2 / 63.0 / 63.8 / 64.0 → 71.1-72.4 / 69.7-70.5 / 63.0-63.8 /
+    // 62.8-63.3, 8192 × 28672 81.6 / 75.1 / 74.4 / 74.2 → 88.3 / 87.8-88.1 / 83.8-84.1 /
+    // 83.4-83.7, 28672 × 8192 85.4 / 85.0 / 85.1 / 85.1 → 90.4-90.7 / 89.6-91.1 / 90.8-91.3 /
+    // 90.4-90.8, 57344 × 8192 87.4-88.2 → 94-95 / ~100 / ~100 / ~100, 10240 × 8192 67.2 / 63.7
+    // / 63.7 / 64.0 → 66.7-67.3 / 65.4 / 65.2-65.6 / 65.4-65.9; llama3-70b-layer int4 g128
+    // decode 4278 → 4570 tok/s at batch 1, 7981 → 8268 at 2, 15165 → 15445 at 4. Rows of 4096
+    // columns lost at one row (the extra launch weighs most there): 4096 × 14336 (256 strips)
+    // 64 → 61, 4096² 40 → 30-36, llama3-8b int4 g128 decode 545 → 535.
+    let int_activations = (1..=4).contains(&rows)
         && (rows == 1 || !glu)
         && whole
         && post
@@ -1892,7 +1897,6 @@ fn decode_plan(d: &DecodeShape, sms: usize, smem_per_sm: usize) -> DecodePlan {
     // 128256 × 8192 88 → 84%, fp4 57344 × 8192 and up 73-75 → 71-73%; int4 57344 and 86016
     // × 8192 gained 4%).
     let ring_pairs = ring_rows_max(format) > 0
-        && !int_activations
         && whole
         && !glu
         && ring_fits(
@@ -2003,9 +2007,12 @@ fn decode_plan(d: &DecodeShape, sms: usize, smem_per_sm: usize) -> DecodePlan {
     };
     let name = if int_activations {
         format!(
-            "{}_int4_{rows}i{}",
+            "{}_int4_{}i{}",
             if glu { "qglu" } else { "qgemv" },
-            if wide {
+            rows.next_power_of_two(),
+            if ring_pairs {
+                "r"
+            } else if wide {
                 "w"
             } else if deep {
                 "d"
@@ -2073,9 +2080,9 @@ fn qgemv_ring_build(name: &str) -> Option<(QuantFormat, RingBuild)> {
     let build = match variant {
         "1d" | "1pd" | "1id" => RingBuild::Deep,
         "8q" | "8pq" | "16q" | "16pq" => RingBuild::Quad,
-        "1r" | "1pr" => RingBuild::RingPairs(1),
-        "2r" | "2pr" => RingBuild::RingPairs(2),
-        "4r" | "4pr" => RingBuild::RingPairs(4),
+        "1r" | "1pr" | "1ir" => RingBuild::RingPairs(1),
+        "2r" | "2pr" | "2ir" => RingBuild::RingPairs(2),
+        "4r" | "4pr" | "4ir" => RingBuild::RingPairs(4),
         "8r" | "8pr" => RingBuild::RingPairs(8),
         _ => return None,
     };

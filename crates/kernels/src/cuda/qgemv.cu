@@ -35,6 +35,13 @@
 // kernels 2-9% faster on the H100 (thirteenth session: mxfp4 8192×28672 50.4 -> 47.2 µs, 3.29x ->
 // 3.50x cuBLAS bf16; nvfp4 28672×8192 53.5 -> 50.0 µs; 8 and 16 rows 2-11%).
 //
+// Integer activations (symmetric int4, 1-4 rows of long rows in many strips, QIACT below): a
+// launch of `quantize_x_codes` first writes each chunk of 64 activations as two int8 codes a
+// value and a scale; the kernel then takes each nibble to the int8 16 (c - 8) in one lop3 and
+// multiplies on integer mmas (m16n8k32), one scale multiply a chunk. H200, int4 g128: 72.5
+// instructions a chunk against 102.5; 1-2 rows at 88-91% of copy on 8192 × 28672 and 28672 ×
+// 8192 where the bf16 kernels reach 75-86%, 3-4 rows at 84% and 90-91% (twenty-seventh session).
+//
 // Loads: each lane streams its own words through a QG_STAGES-deep ring in shared memory filled
 // by `cp.async` (16-byte codes, 4-byte scale pair), so QG_STAGES - 1 chunks per lane are in flight
 // without holding registers, and no barrier is needed (a lane reads only what it copied). The
@@ -435,8 +442,8 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     // 2^127; a product keeps bf16's full precision while the scale is above 2^(fold - 125).
     constexpr bool FOLD = e2m1_folded(KIND, POST, ASYM);
     static_assert(!GLU || SP == 2, "gate and up: one strip of each");
-    static_assert(!IA || (BITS == 4 && !ASYM && KIND == K_INT && NB == 1 && POST && (XS == 1 || XS == 2) && (SP == 1 || GLU)),
-                  "integer activations: 1-2 rows of symmetric int4, a scale per chunk");
+    static_assert(!IA || (BITS == 4 && !ASYM && KIND == K_INT && NB == 1 && POST && (XS == 1 || XS == 2 || XS == 4) && SP <= 2),
+                  "integer activations: 1-4 rows of symmetric int4, a scale per chunk");
     float tsp[SP], sfold[SP], omul[SP];
 #pragma unroll
     for (int p = 0; p < SP; p++) {
@@ -1028,13 +1035,19 @@ struct QgArgs {
 // ~44 of a chunk's ~100 instructions turning codes into bf16 (SASS of the unchecked loop,
 // int4 g128, NVRTC 13.0: 72.5 instructions a chunk against 102.5 for `_1pw`). One mma column
 // a row's high codes, the next its low ones, so four rows cost what one does. Static ring (3
-// blocks an SM), bounded (w, 4 an SM) and, for one row, deep (d); gate and up (qglu) at one row.
-#define QIACT(STAGES)                                                                         \
+// blocks an SM), bounded (w, 4 an SM), for one row deep (d), two strips a block with the rows
+// in a dynamic ring (r, as QRINGS), and gate and up (qglu) at one row.
+#define QIACT(STAGES, PSTAGES)                                                                       \
     QGEMV1X(qgemv_int4_1i, 4, false, K_INT, 1, true, 1, 1, (QG_MAXW * 32), 0, true)         \
     QGEMV1X(qgemv_int4_1iw, 4, false, K_INT, 1, true, 1, 1, (QG_MAXW * 32, 4), 0, true)     \
     QGEMV1X(qgemv_int4_1id, 4, false, K_INT, 1, true, 1, 1, (QG_MAXW * 32), STAGES, true)   \
     QGEMV1X(qgemv_int4_2i, 4, false, K_INT, 1, true, 2, 1, (QG_MAXW * 32), 0, true)         \
     QGEMV1X(qgemv_int4_2iw, 4, false, K_INT, 1, true, 2, 1, (QG_MAXW * 32, 4), 0, true)     \
+    QGEMV1X(qgemv_int4_4i, 4, false, K_INT, 1, true, 4, 1, (QG_MAXW * 32), 0, true)         \
+    QGEMV1X(qgemv_int4_4iw, 4, false, K_INT, 1, true, 4, 1, (QG_MAXW * 32, 4), 0, true)     \
+    QGEMV1X(qgemv_int4_1ir, 4, false, K_INT, 1, true, 1, 2, (QG_MAXW * 32, 3), PSTAGES, true) \
+    QGEMV1X(qgemv_int4_2ir, 4, false, K_INT, 1, true, 2, 2, (QG_MAXW * 32, 3), PSTAGES, true) \
+    QGEMV1X(qgemv_int4_4ir, 4, false, K_INT, 1, true, 4, 2, (QG_MAXW * 32, 3), PSTAGES, true) \
     QGLU1X(qglu_int4_1i, 4, false, K_INT, 1, true, 1, (QG_MAXW * 32), true)                 \
     QGLU1X(qglu_int4_1iw, 4, false, K_INT, 1, true, 1, (QG_MAXW * 32, 4), true)             \
     QUANTIZE_X_CODES
