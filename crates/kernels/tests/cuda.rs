@@ -663,24 +663,31 @@ fn check_quant(g: &CudaBackend, r: &mut StdRng, t: &QuantTensor, what: &str, row
     assert_eq!(g.weight_shape(&gw), (n, k));
     for &rows in row_counts {
         let x = randv(r, rows * k, 1.0);
-        let mut gx = g.alloc(rows * k).unwrap();
-        g.write(&mut gx, &x).unwrap();
-        let mut go = poisoned(g, rows * n);
-        g.matmul(&gx, &gw, MatmulRows::plain(rows), &mut go)
-            .unwrap();
-        let got = g.read(&go, rows * n).unwrap();
+        let got = matmul_poisoned(g, &x, &gw, rows, n);
         assert_close(
             &format!("{what} rows {rows}"),
             &got,
             &reference(t, &x, rows),
         );
         // Again into a fresh poisoned buffer: no split-K sums or counters left behind.
-        let mut again = poisoned(g, rows * n);
-        g.matmul(&gx, &gw, MatmulRows::plain(rows), &mut again)
-            .unwrap();
-        let again = g.read(&again, rows * n).unwrap();
+        let again = matmul_poisoned(g, &x, &gw, rows, n);
         assert_same_bits(&format!("{what} rows {rows}"), &got, &again);
     }
+}
+
+/// `rows` rows of x times the weight's n features, into a poisoned buffer, read back.
+fn matmul_poisoned(
+    g: &CudaBackend,
+    x: &[f32],
+    w: &cuda::Weight,
+    rows: usize,
+    n: usize,
+) -> Vec<f32> {
+    let mut gx = g.alloc(x.len()).unwrap();
+    g.write(&mut gx, x).unwrap();
+    let mut out = poisoned(g, rows * n);
+    g.matmul(&gx, w, MatmulRows::plain(rows), &mut out).unwrap();
+    g.read(&out, rows * n).unwrap()
 }
 
 /// Every packed format through the decode kernels (1-16 rows) and the prefill expansion (17, 40).
@@ -791,12 +798,7 @@ fn int4_integer_activations() {
                     _ => {}
                 }
             }
-            let mut gx = g.alloc(rows * k).unwrap();
-            g.write(&mut gx, &x).unwrap();
-            let mut go = poisoned(g, rows * n);
-            g.matmul(&gx, &gw, MatmulRows::plain(rows), &mut go)
-                .unwrap();
-            let got = g.read(&go, rows * n).unwrap();
+            let got = matmul_poisoned(g, &x, &gw, rows, n);
             let e = rel_err(&got, &reference(&t, &x, rows));
             assert!(
                 e < 4e-3,

@@ -2005,25 +2005,25 @@ fn decode_plan(d: &DecodeShape, sms: usize, smem_per_sm: usize) -> DecodePlan {
     } else {
         None
     };
+    let build = if ring_pairs {
+        "r"
+    } else if wide {
+        "w"
+    } else if deep {
+        "d"
+    } else if per_block == 4 {
+        "q"
+    } else if per_block == 2 && !glu {
+        "s"
+    } else {
+        ""
+    };
+    let kernel = if glu { "qglu" } else { "qgemv" };
     let name = if int_activations {
-        format!(
-            "{}_int4_{}i{}",
-            if glu { "qglu" } else { "qgemv" },
-            rows.next_power_of_two(),
-            if ring_pairs {
-                "r"
-            } else if wide {
-                "w"
-            } else if deep {
-                "d"
-            } else {
-                ""
-            }
-        )
+        format!("{kernel}_int4_{}i{build}", rows.next_power_of_two())
     } else {
         format!(
-            "{}_{}_{}{}{}",
-            if glu { "qglu" } else { "qgemv" },
+            "{kernel}_{}_{}{}{build}",
             quant::tag(format),
             if one {
                 1
@@ -2035,19 +2035,6 @@ fn decode_plan(d: &DecodeShape, sms: usize, smem_per_sm: usize) -> DecodePlan {
                 16
             },
             if post { "p" } else { "" },
-            if ring_pairs {
-                "r"
-            } else if wide {
-                "w"
-            } else if deep {
-                "d"
-            } else if per_block == 4 {
-                "q"
-            } else if per_block == 2 && !glu {
-                "s"
-            } else {
-                ""
-            }
         )
     };
     DecodePlan {
