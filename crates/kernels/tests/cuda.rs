@@ -1003,7 +1003,8 @@ fn matmul_swiglu_quant() {
     for format in QuantFormat::ALL {
         // (n, k, gate's group, up's group): partial strips, split-K (few strips, long rows),
         // more strips than 3 blocks an SM, partial chunks, unlike groups; and (int4) rows of
-        // 8192 columns in many strips, which one row takes on integer codes of the activations.
+        // 8192 columns in many strips, which one row takes on integer codes of the activations
+        // (400 strips: the bounded build).
         for &(n, k, gg, ug) in &[
             (77usize, 384usize, 128usize, 128usize),
             (40, 4096, 128, 128),
@@ -1011,6 +1012,7 @@ fn matmul_swiglu_quant() {
             (50, 224, 32, 32),
             (96, 512, 32, 128),
             (2200, 8192, 128, 64),
+            (6400, 8192, 128, 128),
         ] {
             let (Some(gg), Some(ug)) = (test_group(format, k, gg), test_group(format, k, ug))
             else {

@@ -1737,10 +1737,8 @@ fn modules(arch: (i32, i32)) -> Vec<(String, Vec<String>)> {
         }
         let int_activations = format == INT_ACTIVATIONS;
         if int_activations {
-            source += &format!("QIACT({QG_DEEP_STAGES}, {QG_QUAD_STAGES})\n");
-            variants.extend([
-                "1i", "1iw", "1id", "2i", "2iw", "4i", "4iw", "1ir", "2ir", "4ir",
-            ]);
+            source += &format!("QIACT({QG_QUAD_STAGES})\n");
+            variants.extend(["1i", "1iw", "2i", "2iw", "4i", "4iw", "1ir", "2ir", "4ir"]);
         }
         let mut names: Vec<String> = variants
             .iter()
@@ -1843,8 +1841,8 @@ fn decode_plan(d: &DecodeShape, sms: usize, smem_per_sm: usize) -> DecodePlan {
     let one = rows == 1 && whole;
     let singles: usize = weights.iter().sum();
     // 1-4 rows of int4 on integer codes of the activations (`_1i`, `_2i`, `_4i`, their bounded
-    // and deep builds, and as ring pairs `_1ir`.. where the rule below picks pairs; gate and up
-    // at one row) where rows are long and strips many. H200, g128, % of copy against the
+    // builds, and as ring pairs `_1ir`.. where the rule below picks pairs; gate and up at one
+    // row) where rows are long and strips many. H200, g128, % of copy against the
     // kernels the other rules pick (same call, quantize_x_codes' launch included), at 1 / 2 / 3
     // / 4 rows: 8192² 67.2 / 63.0 / 63.8 / 64.0 → 71.1-72.4 / 69.7-70.5 / 63.0-63.8 /
     // 62.8-63.3, 8192 × 28672 81.6 / 75.1 / 74.4 / 74.2 → 88.3 / 87.8-88.1 / 83.8-84.1 /
@@ -1991,6 +1989,7 @@ fn decode_plan(d: &DecodeShape, sms: usize, smem_per_sm: usize) -> DecodePlan {
     // whole-head attention of short contexts it costs (128 tokens: -0.8% with both, +1.1%
     // with down's alone); the default prompt decides.
     let deep = one
+        && !int_activations
         && !ring_pairs
         && !glu
         && !wide
@@ -2065,7 +2064,7 @@ enum RingBuild {
 fn qgemv_ring_build(name: &str) -> Option<(QuantFormat, RingBuild)> {
     let (tag, variant) = name.strip_prefix("qgemv_")?.rsplit_once('_')?;
     let build = match variant {
-        "1d" | "1pd" | "1id" => RingBuild::Deep,
+        "1d" | "1pd" => RingBuild::Deep,
         "8q" | "8pq" | "16q" | "16pq" => RingBuild::Quad,
         "1r" | "1pr" | "1ir" => RingBuild::RingPairs(1),
         "2r" | "2pr" | "2ir" => RingBuild::RingPairs(2),

@@ -1035,12 +1035,11 @@ struct QgArgs {
 // ~44 of a chunk's ~100 instructions turning codes into bf16 (SASS of the unchecked loop,
 // int4 g128, NVRTC 13.0: 72.5 instructions a chunk against 102.5 for `_1pw`). One mma column
 // a row's high codes, the next its low ones, so four rows cost what one does. Static ring (3
-// blocks an SM), bounded (w, 4 an SM), for one row deep (d), two strips a block with the rows
-// in a dynamic ring (r, as QRINGS), and gate and up (qglu) at one row.
-#define QIACT(STAGES, PSTAGES)                                                                       \
+// blocks an SM), bounded (w, 4 an SM), two strips a block with the rows in a dynamic ring (r,
+// as QRINGS), and gate and up (qglu) at one row.
+#define QIACT(PSTAGES)                                                                               \
     QGEMV1X(qgemv_int4_1i, 4, false, K_INT, 1, true, 1, 1, (QG_MAXW * 32), 0, true)         \
     QGEMV1X(qgemv_int4_1iw, 4, false, K_INT, 1, true, 1, 1, (QG_MAXW * 32, 4), 0, true)     \
-    QGEMV1X(qgemv_int4_1id, 4, false, K_INT, 1, true, 1, 1, (QG_MAXW * 32), STAGES, true)   \
     QGEMV1X(qgemv_int4_2i, 4, false, K_INT, 1, true, 2, 1, (QG_MAXW * 32), 0, true)         \
     QGEMV1X(qgemv_int4_2iw, 4, false, K_INT, 1, true, 2, 1, (QG_MAXW * 32, 4), 0, true)     \
     QGEMV1X(qgemv_int4_4i, 4, false, K_INT, 1, true, 4, 1, (QG_MAXW * 32), 0, true)         \
@@ -1052,7 +1051,7 @@ struct QgArgs {
     QGLU1X(qglu_int4_1iw, 4, false, K_INT, 1, true, 1, (QG_MAXW * 32, 4), true)             \
     QUANTIZE_X_CODES
 
-// One row of activations as integer codes for the `i` kernels: each chunk of 64 columns as
+// Rows of activations as integer codes for the `i` kernels: each chunk of 64 columns as
 // x ≈ d (h + l / 128), d = max |x| / 127, h = round(x / d) and l = round(128 (x / d - h)) (so
 // |x - d (h + l / 128)| <= d / 256: about 15 bits below the chunk's largest value, finer than
 // bf16's 8 for all but values 128 times smaller). The codes go where the mma's B fragments want
