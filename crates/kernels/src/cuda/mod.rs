@@ -79,7 +79,7 @@ const QG_PARTS: usize = 3;
 /// a 512-token prompt 438.9-440.1 -> 444.3-445.6 tok/s (three alternations in one call). 6 stages:
 /// 4096 x 14336 21.0 us, decode 418-420.
 const QG_DEEP_STAGES: usize = 8;
-/// The format whose one-row decode multiplies integer codes of the activations (`QIACT` in
+/// The format whose decode of 1-4 rows multiplies integer codes of the activations (`QIACT` in
 /// qgemv.cu), at groups of whole chunks.
 const INT_ACTIVATIONS: QuantFormat = QuantFormat::Int {
     bits: 4,
@@ -507,7 +507,8 @@ pub struct CudaBackend {
     /// Activations reordered for act-order weights (`with_stored_order`); sized for decode when
     /// such a weight is uploaded, grown by prefill.
     permuted: Mutex<Option<CudaSlice<u16>>>,
-    /// One row of activations as integer codes and their chunks' scales (`quantize_x_codes`).
+    /// Up to four rows of activations as integer codes, then their chunks' scales
+    /// (`quantize_x_codes`); sized for four rows of the widest int4 weight uploaded.
     int_codes: Mutex<Option<CudaSlice<u16>>>,
     graphs: Mutex<Graphs>,
     /// Page-locked host memory that `read` copies into (grown on demand): a copy into pageable
@@ -1629,13 +1630,13 @@ impl CudaBackend {
     }
 }
 
-/// Launch config of `threads`-wide blocks covering `items` items with a grid-stride loop.
 /// u16 elements of `int_codes` for a row of k columns: 128 bytes of codes and an f32 scale a
 /// chunk of 64.
 fn int_codes_len(k: usize) -> usize {
     k + k / 32
 }
 
+/// Launch config of `threads`-wide blocks covering `items` items with a grid-stride loop.
 fn grid1(items: usize, threads: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (
