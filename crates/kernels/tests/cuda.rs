@@ -784,7 +784,15 @@ fn int4_integer_activations() {
         bits: 4,
         asym: false,
     };
-    for &(n, k, group) in &[(8464usize, 8192usize, 128usize), (4240, 12288, 64)] {
+    // g128 and g64 (a scale a chunk: `_1i`..`_4i`), g32 (two: `_1h`, `_2h`; 3-4 rows the bf16
+    // kernels) in the bounded build (529 strips), the unbounded one (265) and ring pairs (1057).
+    for &(n, k, group) in &[
+        (8464usize, 8192usize, 128usize),
+        (4240, 12288, 64),
+        (8464, 8192, 32),
+        (4240, 8192, 32),
+        (16900, 8192, 32),
+    ] {
         let t = quantize_rtn(&randv(&mut r, n * k, 0.1), n, k, format, group).unwrap();
         let gw = g
             .upload_weight(&HostWeight::quant(t.clone()).unwrap())
@@ -1004,7 +1012,7 @@ fn matmul_swiglu_quant() {
         // (n, k, gate's group, up's group): partial strips, split-K (few strips, long rows),
         // more strips than 3 blocks an SM, partial chunks, unlike groups; and (int4) rows of
         // 8192 columns in many strips, which one row takes on integer codes of the activations
-        // (400 strips: the bounded build).
+        // (400 strips: the bounded build; g32, two scales a chunk, 400 and 275 strips).
         for &(n, k, gg, ug) in &[
             (77usize, 384usize, 128usize, 128usize),
             (40, 4096, 128, 128),
@@ -1013,6 +1021,8 @@ fn matmul_swiglu_quant() {
             (96, 512, 32, 128),
             (2200, 8192, 128, 64),
             (6400, 8192, 128, 128),
+            (6400, 8192, 32, 32),
+            (4400, 8192, 32, 32),
         ] {
             let (Some(gg), Some(ug)) = (test_group(format, k, gg), test_group(format, k, ug))
             else {

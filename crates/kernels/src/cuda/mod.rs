@@ -80,7 +80,7 @@ const QG_PARTS: usize = 3;
 /// 4096 x 14336 21.0 us, decode 418-420.
 const QG_DEEP_STAGES: usize = 8;
 /// The format whose decode of 1-4 rows multiplies integer codes of the activations (`QIACT` in
-/// qgemv.cu), at groups of whole chunks.
+/// qgemv.cu), at groups of whole chunks (and of 1-2 rows at groups of half a chunk).
 const INT_ACTIVATIONS: QuantFormat = QuantFormat::Int {
     bits: 4,
     asym: false,
@@ -251,6 +251,11 @@ impl QuantWeight {
     /// operations per weight); 16- and 32-column int4 groups scale each weight.
     fn post(&self) -> bool {
         self.groups == 1 || self.group.is_multiple_of(16 * self.tile_span())
+    }
+
+    /// Groups of half a chunk (int4 g32): two scales a chunk.
+    fn half_chunk_groups(&self) -> bool {
+        self.groups > 1 && 2 * self.group == 16 * self.tile_span()
     }
 
     /// Whether rows of activations at `x` are whole chunks, 16-byte aligned (the decode builds
@@ -1442,6 +1447,7 @@ impl CudaBackend {
         let shape = DecodeShape {
             format: q0.format,
             post: q0.post(),
+            halves: q0.half_chunk_groups(),
             cols: q0.cols,
             strips: &weights[..ws.len()],
             rows,
@@ -1740,6 +1746,7 @@ fn modules(arch: (i32, i32)) -> Vec<(String, Vec<String>)> {
         if int_activations {
             source += &format!("QIACT({QG_QUAD_STAGES})\n");
             variants.extend(["1i", "1iw", "2i", "2iw", "4i", "4iw", "1ir", "2ir", "4ir"]);
+            variants.extend(["1h", "1hw", "2h", "2hw", "1hr", "2hr"]);
         }
         let mut names: Vec<String> = variants
             .iter()
@@ -1747,7 +1754,16 @@ fn modules(arch: (i32, i32)) -> Vec<(String, Vec<String>)> {
             .chain(gated.iter().map(|v| format!("qglu_{tag}_{v}")))
             .collect();
         if int_activations {
-            names.extend(["qglu_int4_1i", "qglu_int4_1iw", "quantize_x_codes"].map(String::from));
+            names.extend(
+                [
+                    "qglu_int4_1i",
+                    "qglu_int4_1iw",
+                    "qglu_int4_1h",
+                    "qglu_int4_1hw",
+                    "quantize_x_codes",
+                ]
+                .map(String::from),
+            );
         }
         names.push(format!("dequant_{tag}"));
         names.push(format!("embedding_{tag}"));
@@ -1794,6 +1810,8 @@ struct DecodeShape<'a> {
     format: QuantFormat,
     /// Groups covering whole chunks: the scale applied after the mma (the `p` builds).
     post: bool,
+    /// Groups of half a chunk (int4 g32; the integer-activation builds `h`).
+    halves: bool,
     cols: usize,
     /// Each weight's strips (gate and up for `glu`).
     strips: &'a [usize],
@@ -1833,6 +1851,7 @@ fn decode_plan(d: &DecodeShape, sms: usize, smem_per_sm: usize) -> DecodePlan {
     let DecodeShape {
         format,
         post,
+        halves,
         cols,
         strips: weights,
         rows,
@@ -1853,10 +1872,14 @@ fn decode_plan(d: &DecodeShape, sms: usize, smem_per_sm: usize) -> DecodePlan {
     // decode 4278 → 4570 tok/s at batch 1, 7981 → 8268 at 2, 15165 → 15445 at 4. Rows of 4096
     // columns lost at one row (the extra launch weighs most there): 4096 × 14336 (256 strips)
     // 64 → 61, 4096² 40 → 30-36, llama3-8b int4 g128 decode 545 → 535.
+    // At g32 (two scales a chunk: `_1h`, `_2h`, their bounded and ring-pair builds, gated
+    // `qglu_int4_1h`) 1-2 rows, H200, same calls: 8192 × 28672 79-82 → 90-92%, 28672 × 8192
+    // 84-85 → 93-94%, 8192² 66-69 → 74-75%, 10240 × 8192 66-69 → 69-71%; llama3-70b-layer
+    // int4 (g32) decode 4116 → 4429-4439 tok/s (78 → 84% of the bound).
     let int_activations = (1..=4).contains(&rows)
         && (rows == 1 || !glu)
         && whole
-        && post
+        && (post || halves && rows <= 2)
         && format == INT_ACTIVATIONS
         && cols >= 8192
         && singles >= 2 * sms;
@@ -2020,7 +2043,8 @@ fn decode_plan(d: &DecodeShape, sms: usize, smem_per_sm: usize) -> DecodePlan {
     };
     let kernel = if glu { "qglu" } else { "qgemv" };
     let name = if int_activations {
-        format!("{kernel}_int4_{}i{build}", rows.next_power_of_two())
+        let groups = if post { "i" } else { "h" };
+        format!("{kernel}_int4_{}{groups}{build}", rows.next_power_of_two())
     } else {
         format!(
             "{kernel}_{}_{}{}{build}",
@@ -2067,8 +2091,8 @@ fn qgemv_ring_build(name: &str) -> Option<(QuantFormat, RingBuild)> {
     let build = match variant {
         "1d" | "1pd" => RingBuild::Deep,
         "8q" | "8pq" | "16q" | "16pq" => RingBuild::Quad,
-        "1r" | "1pr" | "1ir" => RingBuild::RingPairs(1),
-        "2r" | "2pr" | "2ir" => RingBuild::RingPairs(2),
+        "1r" | "1pr" | "1ir" | "1hr" => RingBuild::RingPairs(1),
+        "2r" | "2pr" | "2ir" | "2hr" => RingBuild::RingPairs(2),
         "4r" | "4pr" | "4ir" => RingBuild::RingPairs(4),
         "8r" | "8pr" => RingBuild::RingPairs(8),
         _ => return None,
@@ -3055,7 +3079,7 @@ mod tests {
                     for (weights, glu) in launches.into_iter().zip([false, false, true]) {
                         let rows = 1..=max_decode_rows(format);
                         let sides = launch_sides().into_iter();
-                        for ((cols, whole, post), rows) in
+                        for ((cols, whole, post, halves), rows) in
                             sides.flat_map(|side| rows.clone().map(move |r| (side, r)))
                         {
                             if glu && !gated_decode(format, rows, whole) {
@@ -3064,6 +3088,7 @@ mod tests {
                             let shape = DecodeShape {
                                 format,
                                 post,
+                                halves,
                                 cols,
                                 strips: weights,
                                 rows,
@@ -3087,13 +3112,14 @@ mod tests {
         assert!(checked > 100_000, "{checked} launches");
     }
 
-    /// The columns, alignment and scale placement a launch may have.
-    fn launch_sides() -> Vec<(usize, bool, bool)> {
+    /// The columns, alignment and scale placement (after the mma; groups of half a chunk) a
+    /// launch may have.
+    fn launch_sides() -> Vec<(usize, bool, bool, bool)> {
         let mut sides = Vec::new();
         for cols in [4096, 8192, 14336, 28672] {
             for whole in [true, false] {
-                for post in [true, false] {
-                    sides.push((cols, whole, post));
+                for (post, halves) in [(true, false), (false, false), (false, true)] {
+                    sides.push((cols, whole, post, halves));
                 }
             }
         }

@@ -38,7 +38,9 @@
 // Integer activations (symmetric int4, 1-4 rows of long rows in many strips, QIACT below): a
 // launch of `quantize_x_codes` first writes each chunk of 64 activations as two int8 codes a
 // value and a scale; the kernel then takes each nibble to the int8 16 (c - 8) in one lop3 and
-// multiplies on integer mmas (m16n8k32), one scale multiply a chunk. H200, int4 g128: 72.5
+// multiplies on integer mmas (m16n8k32), one scale multiply a chunk (g32, two groups a chunk, 1-2
+// rows: a row's high and low codes take two mma columns each, one a group, the other group's
+// activations masked to zero). H200, int4 g128: 72.5
 // instructions a chunk against 102.5; 1-2 rows at 88-91% of copy on 8192 × 28672 and 28672 ×
 // 8192 where the bf16 kernels reach 75-86%, 3-4 rows at 84% and 90-91% (twenty-seventh session).
 //
@@ -416,7 +418,7 @@ __device__ __forceinline__ long long strip_off(int p, long long one, int s, int 
 // block also takes the strip `two` says (its sums 16 features after the first's; with SP = 4 the
 // strips s + 1 .. s + 3 of the same weight, `strip_off`), and with GLU
 // (gate and up of a feed-forward, strip s of each) writes silu(gate) * up.
-template <int BITS, bool ASYM, int KIND, int NB, bool POST, int XS, int SP, bool GLU, int DS = 0, bool IA = false>
+template <int BITS, bool ASYM, int KIND, int NB, bool POST, int XS, int SP, bool GLU, int DS = 0, int IA = 0>
 __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets, const uint2* planes, float ts, int fold,
                       const QgSecond two, const bf16_t* x, const float* xd, int m, int k, int n, u32 gmul, int G, int CH, int cpb,
                       float* ws, u32* counters, int wstride, int s, int sg, bf16_t* out) {
@@ -442,8 +444,10 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     // 2^127; a product keeps bf16's full precision while the scale is above 2^(fold - 125).
     constexpr bool FOLD = e2m1_folded(KIND, POST, ASYM);
     static_assert(!GLU || SP == 2, "gate and up: one strip of each");
-    static_assert(!IA || (BITS == 4 && !ASYM && KIND == K_INT && NB == 1 && POST && (XS == 1 || XS == 2 || XS == 4) && SP <= 2),
-                  "integer activations: 1-4 rows of symmetric int4, a scale per chunk");
+    // IA: 1 with a scale a chunk, 2 with two groups a chunk (g32; 1-2 rows, see the mma below).
+    static_assert(!IA || (BITS == 4 && !ASYM && KIND == K_INT && NB == 1 && POST && (XS == 1 || XS == 2 || XS == 4) && SP <= 2 &&
+                          (IA == 1 || XS <= 2)),
+                  "integer activations: 1-4 rows of symmetric int4 with a scale a chunk, 1-2 with two");
     float tsp[SP], sfold[SP], omul[SP];
 #pragma unroll
     for (int p = 0; p < SP; p++) {
@@ -538,7 +542,9 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     // running address (a 64-bit add per chunk instead of recomputing it from the chunk index).
     const uint4* qi = q0;
     const u64 wpol = streaming_policy();
-    u32 ci = col_first;
+    // IA == 2: lane (g, t)'s scales are those of the chunk's group t % 2 (its sums' group, see
+    // the mma below), not its own run's.
+    u32 ci = IA == 2 ? (u32)(c_lo + warp) * CW + CW / 2 * (t & 1) : col_first;
     int ji = 0;
     // A chunk's XL words of activations, XR a lane.
     constexpr int XL = XS ? XC * XS : 1, XR = (XL + 31) / 32;
@@ -553,6 +559,9 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     // A chunk's activations (XS; not before griddep_wait, see the prologue).
     const bool dcopy = IA && lane < XS;
     const float* xdi = IA ? xd + (size_t)min(lane, m - 1) * CH + c_lo + warp : nullptr;
+    // IA == 2: B column g sums group (g / 2) % 2 of the chunk, which is runs 2 ((g / 2) % 2) and
+    // the next: the other runs' activations are masked to zero (IA == 1: every run).
+    const u32 xkeep = IA != 2 || (t >> 1) == ((g >> 1) & 1) ? ~0u : 0u;
     const u32 rd = smem_u32(&ring_d[0][0][IA ? warp : 0][IA ? lane % (XS ? XS : 1) : 0]);
     auto issue_x = [&](int slot, int u) {
 #pragma unroll
@@ -685,10 +694,13 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
         for (int u = 0; u < U; u++) {
             // IA: lane (g, t) holds column g of the mma's B, row g / 2's high codes of run t (even
             // g) or its low ones (odd g), so lane (g, t)'s columns 2t and 2t + 1 of the result
-            // are row t's two sums (rows past XS repeat, and are never written).
+            // are row t's two sums (rows past XS repeat, and are never written). IA == 2: row
+            // g / 4's, and column g takes only group (g / 2) % 2's runs (xkeep), so lane t's
+            // columns are row t / 2's sums over group t % 2.
             if (IA) {
-                xl[u][0][0] = QG_RING(x, [XS ? slot : 0][u][warp * XC * XS + (g >> 1) % (XS ? XS : 1) * XC + 2 * t + (g & 1)]);
-                dl[u] = ring_d[IA ? slot : 0][IA ? u : 0][IA ? warp : 0][IA ? t % (XS ? XS : 1) : 0];
+                const int xr = (IA == 2 ? g >> 2 : g >> 1) % (XS ? XS : 1), dr = (IA == 2 ? t >> 1 : t) % (XS ? XS : 1);
+                xl[u][0][0] = QG_RING(x, [XS ? slot : 0][u][warp * XC * XS + xr * XC + 2 * t + (g & 1)]);
+                dl[u] = ring_d[IA ? slot : 0][IA ? u : 0][IA ? warp : 0][IA ? dr : 0];
             } else {
 #pragma unroll
                 for (int b = 0; b < NB; b++)
@@ -721,7 +733,8 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
                 // byte's top half; feature g's from the low nibbles, g + 8's from the high), two
                 // integer mmas of 32 columns, then the chunk's scales (see quantize_x_codes).
                 int c[4];
-                const u32* xw = (const u32*)xl[u][0];
+                const u32* xl32 = (const u32*)xl[u][0];
+                const u32 xw[4] = {xl32[0] & xkeep, xl32[1] & xkeep, xl32[2] & xkeep, xl32[3] & xkeep};
                 const u32 a0[4] = {int4_times16<true>(words[0]), int4_times16<false>(words[0]),
                                    int4_times16<true>(words[1]), int4_times16<false>(words[1])};
                 const u32 a1[4] = {int4_times16<true>(words[2]), int4_times16<false>(words[2]),
@@ -831,15 +844,18 @@ __device__ void qgemv(const uint4* codes, const u32* scales, const u32* offsets,
     auto place = [&](int e, size_t& at, size_t& wat) {
         const int p = SP == 1 ? 0 : e / (NB * 128), b = (e >> 7) % NB, j = (e >> 5) & 3, ln = e & 31;
         const int f = 16 * p + (ln >> 2) + 8 * (j >> 1), feat = s * 16 + (GLU ? f - 16 * p : f);
-        // IA: a lane's sums are row t's (j = 0, 2); j = 1, 3 are never written.
-        const int row = IA ? ((j & 1) ? 16 : ln & 3) : b * 8 + 2 * (ln & 3) + (j & 1);
+        // IA: a lane's sums are row t's (j = 0, 2); j = 1, 3 are never written. IA == 2: row
+        // t / 2's, from even t, to which total() adds lane t + 1's (the chunk's other group).
+        const int row = IA == 2 ? (((j & 1) || (ln & 1)) ? 16 : (ln & 3) >> 1)
+                        : IA   ? ((j & 1) ? 16 : ln & 3)
+                               : b * 8 + 2 * (ln & 3) + (j & 1);
         at = (size_t)row * n + feat;
         wat = (size_t)row * wstride + sg * 16 + f;
         return feat < n && row < m;
     };
     auto total = [&](int e) {
         float v = 0.0f;
-        for (int w = 0; w < W; w++) v += red[w * OUTS + e];
+        for (int w = 0; w < W; w++) v += red[w * OUTS + e] + (IA == 2 && !(e & 1) ? red[w * OUTS + e + 1] : 0.0f);
         return v * (SP == 2 && e >= NB * 128 ? omul[SP - 1] : omul[0]);
     };
     // GLU: the elements of the first strip, each with its second strip's (GLU_AT later), both
@@ -913,7 +929,7 @@ struct QgArgs {
 
 // Suffix p: the scale applied after the mma, for groups that cover whole chunks.
 #define QG_SEL(f) (pi == 0 ? a.p[0].f : pi == 1 ? a.p[1].f : a.p[2].f)
-#define QGEMV1(name, BITS, ASYM, KIND, NB, POST, XS, SP, BOUNDS, DS) QGEMV1X(name, BITS, ASYM, KIND, NB, POST, XS, SP, BOUNDS, DS, false)
+#define QGEMV1(name, BITS, ASYM, KIND, NB, POST, XS, SP, BOUNDS, DS) QGEMV1X(name, BITS, ASYM, KIND, NB, POST, XS, SP, BOUNDS, DS, 0)
 #define QGEMV1X(name, BITS, ASYM, KIND, NB, POST, XS, SP, BOUNDS, DS, IA)                                         \
     extern "C" __global__ void __launch_bounds__ BOUNDS name(const QgArgs a) {                                  \
         griddep_launch(); /* the kernel after may start now: it waits for this one (pdl_enter) */               \
@@ -929,7 +945,7 @@ struct QgArgs {
     }
 // Gate and up of a feed-forward (parts 0 and 1, of one shape) into silu(gate) * up (part 0's out):
 // block s takes strip s of each, so no silu_mul launch and no gate and up outputs.
-#define QGLU1(name, BITS, ASYM, KIND, NB, POST, XS, BOUNDS) QGLU1X(name, BITS, ASYM, KIND, NB, POST, XS, BOUNDS, false)
+#define QGLU1(name, BITS, ASYM, KIND, NB, POST, XS, BOUNDS) QGLU1X(name, BITS, ASYM, KIND, NB, POST, XS, BOUNDS, 0)
 #define QGLU1X(name, BITS, ASYM, KIND, NB, POST, XS, BOUNDS, IA)                                                  \
     extern "C" __global__ void __launch_bounds__ BOUNDS name(const QgArgs a) {                                  \
         griddep_launch();                                                                                      \
@@ -1029,29 +1045,34 @@ struct QgArgs {
     QGEMV1(qgemv_##tag##_16q, BITS, ASYM, KIND, 2, false, false, 4, (QG_MAXW * 32, BITS == 3 ? 1 : 2), STAGES) \
     QGEMV1(qgemv_##tag##_16pq, BITS, ASYM, KIND, 2, true, false, 4, (QG_MAXW * 32, BITS == 3 ? 1 : 2), STAGES)
 
-// 1, 2 or 4 rows (suffix 1i, 2i, 4i) of symmetric int4 in groups of whole chunks on integer
-// codes of the activations (the host's `quantize_x_codes` launch first): the weights' codes as
+// 1, 2 or 4 rows (suffix 1i, 2i, 4i) of symmetric int4 in groups of whole chunks, and 1 or 2
+// rows (1h, 2h) in groups of half a chunk (g32), on integer codes of the activations (the host's `quantize_x_codes` launch first): the weights' codes as
 // int8 against two int8 codes of each activation on integer mmas, where the bf16 kernels spend
 // ~44 of a chunk's ~100 instructions turning codes into bf16 (SASS of the unchecked loop,
 // int4 g128, NVRTC 13.0: 72.5 instructions a chunk against 102.5 for `_1pw`). One mma column
 // a row's high codes, the next its low ones, so four rows cost what one does. Static ring (3
 // blocks an SM), bounded (w, 4 an SM), two strips a block with the rows in a dynamic ring (r,
 // as QRINGS), and gate and up (qglu) at one row.
-#define QIACT(PSTAGES)                                                                               \
-    QGEMV1X(qgemv_int4_1i, 4, false, K_INT, 1, true, 1, 1, (QG_MAXW * 32), 0, true)         \
-    QGEMV1X(qgemv_int4_1iw, 4, false, K_INT, 1, true, 1, 1, (QG_MAXW * 32, 4), 0, true)     \
-    QGEMV1X(qgemv_int4_2i, 4, false, K_INT, 1, true, 2, 1, (QG_MAXW * 32), 0, true)         \
-    QGEMV1X(qgemv_int4_2iw, 4, false, K_INT, 1, true, 2, 1, (QG_MAXW * 32, 4), 0, true)     \
-    QGEMV1X(qgemv_int4_4i, 4, false, K_INT, 1, true, 4, 1, (QG_MAXW * 32), 0, true)         \
-    QGEMV1X(qgemv_int4_4iw, 4, false, K_INT, 1, true, 4, 1, (QG_MAXW * 32, 4), 0, true)     \
-    QGEMV1X(qgemv_int4_1ir, 4, false, K_INT, 1, true, 1, 2, (QG_MAXW * 32, 3), PSTAGES, true) \
-    QGEMV1X(qgemv_int4_2ir, 4, false, K_INT, 1, true, 2, 2, (QG_MAXW * 32, 3), PSTAGES, true) \
-    QGEMV1X(qgemv_int4_4ir, 4, false, K_INT, 1, true, 4, 2, (QG_MAXW * 32, 3), PSTAGES, true) \
-    QGLU1X(qglu_int4_1i, 4, false, K_INT, 1, true, 1, (QG_MAXW * 32), true)                 \
-    QGLU1X(qglu_int4_1iw, 4, false, K_INT, 1, true, 1, (QG_MAXW * 32, 4), true)             \
+#define QIACT(PSTAGES)                                                                                     \
+    QIACT_GROUPS(i, 1, PSTAGES)                                                                            \
+    QGEMV1X(qgemv_int4_4i, 4, false, K_INT, 1, true, 4, 1, (QG_MAXW * 32), 0, 1)                          \
+    QGEMV1X(qgemv_int4_4iw, 4, false, K_INT, 1, true, 4, 1, (QG_MAXW * 32, 4), 0, 1)                      \
+    QGEMV1X(qgemv_int4_4ir, 4, false, K_INT, 1, true, 4, 2, (QG_MAXW * 32, 3), PSTAGES, 1)                \
+    QIACT_GROUPS(h, 2, PSTAGES)                                                                            \
     QUANTIZE_X_CODES
 
-// Rows of activations as integer codes for the `i` kernels: each chunk of 64 columns as
+// The 1- and 2-row builds of QIACT, with a scale a chunk (IA 1, suffix i) or two (IA 2, h).
+#define QIACT_GROUPS(G, IA, PSTAGES)                                                                       \
+    QGEMV1X(qgemv_int4_1##G, 4, false, K_INT, 1, true, 1, 1, (QG_MAXW * 32), 0, IA)                        \
+    QGEMV1X(qgemv_int4_1##G##w, 4, false, K_INT, 1, true, 1, 1, (QG_MAXW * 32, 4), 0, IA)                  \
+    QGEMV1X(qgemv_int4_2##G, 4, false, K_INT, 1, true, 2, 1, (QG_MAXW * 32), 0, IA)                        \
+    QGEMV1X(qgemv_int4_2##G##w, 4, false, K_INT, 1, true, 2, 1, (QG_MAXW * 32, 4), 0, IA)                  \
+    QGEMV1X(qgemv_int4_1##G##r, 4, false, K_INT, 1, true, 1, 2, (QG_MAXW * 32, 3), PSTAGES, IA)            \
+    QGEMV1X(qgemv_int4_2##G##r, 4, false, K_INT, 1, true, 2, 2, (QG_MAXW * 32, 3), PSTAGES, IA)            \
+    QGLU1X(qglu_int4_1##G, 4, false, K_INT, 1, true, 1, (QG_MAXW * 32), IA)                                \
+    QGLU1X(qglu_int4_1##G##w, 4, false, K_INT, 1, true, 1, (QG_MAXW * 32, 4), IA)
+
+// Rows of activations as integer codes for the `i` and `h` kernels: each chunk of 64 columns as
 // x ≈ d (h + l / 128), d = max |x| / 127, h = round(x / d) and l = round(128 (x / d - h)) (so
 // |x - d (h + l / 128)| <= d / 256: about 15 bits below the chunk's largest value, finer than
 // bf16's 8 for all but values 128 times smaller). The codes go where the mma's B fragments want
