@@ -784,11 +784,13 @@ fn int4_integer_activations() {
         bits: 4,
         asym: false,
     };
-    // g128 and g64 (a scale a chunk: `_1i`..`_4i`), g32 (two: `_1h`, `_2h`; 3-4 rows the bf16
-    // kernels) in the bounded build (529 strips), the unbounded one (265) and ring pairs (1057).
+    // 1-8 rows: on integer codes 1-4 of g128 and g64 (a scale a chunk: `_1i`..`_4i`) and 1-2 of
+    // g32 (two: `_1h`, `_2h`), the others on the bf16 kernels; in the bounded builds (500 and
+    // 529 strips), the unbounded ones (265) and ring pairs (529 and 1057 strips).
     for &(n, k, group) in &[
         (8464usize, 8192usize, 128usize),
         (4240, 12288, 64),
+        (8000, 8192, 64),
         (8464, 8192, 32),
         (4240, 8192, 32),
         (16900, 8192, 32),
@@ -797,7 +799,7 @@ fn int4_integer_activations() {
         let gw = g
             .upload_weight(&HostWeight::quant(t.clone()).unwrap())
             .unwrap();
-        for rows in 1..=4 {
+        for rows in 1..=8 {
             let mut x = randv(&mut r, rows * k, 0.5);
             for (c, chunk) in x.chunks_mut(64).enumerate() {
                 match c % 5 {
