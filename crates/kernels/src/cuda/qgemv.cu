@@ -43,7 +43,7 @@
 // activations masked to zero). H200, int4 g128: 72.5
 // instructions a chunk against 102.5; 1-2 rows at 88-91% of copy on 8192 × 28672 and 28672 ×
 // 8192 where the bf16 kernels reach 75-86%, 3-4 rows at 84% and 90-91% (twenty-seventh session);
-g32 at 1-2 rows 90-94% there against 79-85%, 79 instructions a chunk against 117 (twenty-eighth).
+// g32 at 1-2 rows 90-94% there against 79-85%, 79 instructions a chunk against 117 (twenty-eighth).
 //
 // Loads: each lane streams its own words through a QG_STAGES-deep ring in shared memory filled
 // by `cp.async` (16-byte codes, 4-byte scale pair), so QG_STAGES - 1 chunks per lane are in flight
