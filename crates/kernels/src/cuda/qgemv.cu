@@ -1047,11 +1047,12 @@ struct QgArgs {
     QGEMV1(qgemv_##tag##_16pq, BITS, ASYM, KIND, 2, true, false, 4, (QG_MAXW * 32, BITS == 3 ? 1 : 2), STAGES)
 
 // 1, 2 or 4 rows (suffix 1i, 2i, 4i) of symmetric int4 in groups of whole chunks, and 1 or 2
-// rows (1h, 2h) in groups of half a chunk (g32), on integer codes of the activations (the host's `quantize_x_codes` launch first): the weights' codes as
-// int8 against two int8 codes of each activation on integer mmas, where the bf16 kernels spend
-// ~44 of a chunk's ~100 instructions turning codes into bf16 (SASS of the unchecked loop,
-// int4 g128, NVRTC 13.0: 72.5 instructions a chunk against 102.5 for `_1pw`). One mma column
-// a row's high codes, the next its low ones, so four rows cost what one does. Static ring (3
+// rows (1h, 2h) in groups of half a chunk (g32), on integer codes of the activations (the
+// host's `quantize_x_codes` launch first): the weights' codes as int8 against two int8 codes of
+// each activation on integer mmas, where the bf16 kernels spend ~44 of a chunk's ~100
+// instructions turning codes into bf16 (SASS of the unchecked loop, int4 g128, NVRTC 13.0: 72.5
+// instructions a chunk against 102.5 for `_1pw`). One mma column a row's high codes, the next
+// its low ones, so four rows cost what one does (two with two groups a chunk). Static ring (3
 // blocks an SM), bounded (w, 4 an SM), two strips a block with the rows in a dynamic ring (r,
 // as QRINGS), and gate and up (qglu) at one row.
 #define QIACT(PSTAGES)                                                                                     \
