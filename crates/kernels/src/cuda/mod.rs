@@ -85,6 +85,8 @@ const INT_ACTIVATIONS: QuantFormat = QuantFormat::Int {
     bits: 4,
     asym: false,
 };
+/// Rows up to which its decode takes the integer-activation builds (and `int_codes` holds).
+const INT_ACTIVATION_ROWS: usize = 4;
 /// Ring stages of the four-strip decode builds (QQUAD in qgemv.cu).
 const QG_QUAD_STAGES: usize = 4;
 /// Warps of the quantized decode kernel wanted per SM: what fits (3 blocks of 8 warps at its ~80
@@ -512,8 +514,8 @@ pub struct CudaBackend {
     /// Activations reordered for act-order weights (`with_stored_order`); sized for decode when
     /// such a weight is uploaded, grown by prefill.
     permuted: Mutex<Option<CudaSlice<u16>>>,
-    /// Up to four rows of activations as integer codes, then their chunks' scales
-    /// (`quantize_x_codes`); sized for four rows of the widest int4 weight uploaded.
+    /// Up to INT_ACTIVATION_ROWS rows of activations as integer codes, then their chunks' scales
+    /// (`quantize_x_codes`); sized for that many rows of the widest int4 weight uploaded.
     int_codes: Mutex<Option<CudaSlice<u16>>>,
     graphs: Mutex<Graphs>,
     /// Page-locked host memory that `read` copies into (grown on demand): a copy into pageable
@@ -902,7 +904,7 @@ impl CudaBackend {
         if t.format == INT_ACTIVATIONS {
             self.grow_scratch(
                 &mut self.int_codes.lock().unwrap(),
-                4 * int_codes_len(t.cols),
+                INT_ACTIVATION_ROWS * int_codes_len(t.cols),
             )?;
         }
         {
@@ -1876,7 +1878,7 @@ fn decode_plan(d: &DecodeShape, sms: usize, smem_per_sm: usize) -> DecodePlan {
     // `qglu_int4_1h`) 1-2 rows, H200, same calls: 8192 × 28672 79-82 → 90-92%, 28672 × 8192
     // 84-85 → 93-94%, 8192² 66-69 → 74-75%, 10240 × 8192 66-69 → 69-71%; llama3-70b-layer
     // int4 (g32) decode 4116 → 4429-4439 tok/s (78 → 84% of the bound).
-    let int_activations = (1..=4).contains(&rows)
+    let int_activations = (1..=INT_ACTIVATION_ROWS).contains(&rows)
         && (rows == 1 || !glu)
         && whole
         && (post || halves && rows <= 2)
