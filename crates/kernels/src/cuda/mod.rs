@@ -1703,7 +1703,7 @@ fn modules(arch: (i32, i32)) -> Vec<(String, Vec<String>)> {
         let mut gated = vec!["1", "1p"];
         if wide == Some(WideBuilds::UpTo8Rows) {
             source += &format!("QGLUW({tag}, {bits}, {asym}, {kind})\n");
-            gated.extend(["1w", "1pw"]);
+            gated.extend(["1w", "1pw", "8w"]);
         }
         if two_strip_builds(format) {
             gated.extend(["8", "8p", "16", "16p"]);
@@ -1712,7 +1712,7 @@ fn modules(arch: (i32, i32)) -> Vec<(String, Vec<String>)> {
             ("QWIDE1", &["1w", "1pw"][..], wide.is_some()),
             (
                 "QWIDE8",
-                &["8w", "8pw"],
+                &["8w", "8pw", "16w", "16pw"],
                 wide == Some(WideBuilds::UpTo8Rows),
             ),
             ("QPAIR16", &["16s", "16ps"], two_strip_builds(format)),
@@ -1847,9 +1847,15 @@ struct DecodePlan {
 fn decode_plan(d: &DecodeShape, sms: usize, smem_per_sm: usize) -> DecodePlan {
     // One row of whole chunks, 16-byte aligned: the kernel that streams the activations
     // through its copy ring (`_1`). The `w` builds (one row at 4 blocks an SM, 8 rows at 3)
-    // where the strips exceed a wave of 3-block slots (one row) or 4 blocks an SM (8 rows:
-    // H100, int4 g128, 14336×4096 17.9 → 17.2 µs and 28672×8192 57.7 → 55.3 at 3 blocks,
-    // but the 512-strip 8192×28672 49.6 → 62.9).
+    // where the strips exceed a wave of 3-block slots (one row) or of 2-block slots (2-8 rows,
+    // where the unbounded build's ~100 registers hold it to two an SM). H200, int4 at 2 / 4 / 8
+    // rows, unbounded against bounded, same call: g32 6144 × 4096 (384 blocks, llama3-8b's
+    // q/k/v) 10.1 / 10.2 / 10.2 → 7.6 µs, 5120 × 4096 9.4 / 9.6 / 9.5 → 6.8 / 6.8 / 6.9, g128
+    // 6144 × 4096 9.5 / 9.6 → 6.9 / 7.1 at 4 / 8; 8192 × 4096 (512) even; llama3-8b int4
+    // decode at batch 4 44.8-45.0 → 45.8% of the bound, at batch 8 40.0-40.1 → 41.0-41.2%
+    // (twenty-ninth session; before, from 4 blocks an SM: H100, int4 g128, 14336×4096 17.9 →
+    // 17.2 µs and 28672×8192 57.7 → 55.3, but the 512-strip 8192×28672 49.6 → 62.9, which now
+    // takes the ring and four-strip builds).
     let DecodeShape {
         format,
         post,
@@ -1985,10 +1991,23 @@ fn decode_plan(d: &DecodeShape, sms: usize, smem_per_sm: usize) -> DecodePlan {
             2 * quads >= 3 * sms
         }
         && ring_fits(format, RingBuild::Quad, smem_per_sm);
+    // 9-16 rows, one strip a block at three an SM (`_16w`) where the strips fill between two
+    // and three blocks an SM: there the two-strip blocks leave some SMs one and others two,
+    // and the unbounded one-strip build (~100 registers) takes two waves. H200, int4 g32 at
+    // 12 / 16 rows, same call: 5120 × 4096 13.4 / 13.7 → 7.5 / 8.2 µs, 6144 × 4096 (llama3-8b's
+    // q/k/v) 13.9 / 14.2 → 8.4 / 9.0; with fewer strips the two-strip blocks keep the lead
+    // (4096² 6.9 / 7.0 against 7.6 / 7.5, 4096 × 14336 16.8 / 17.2 against 21.7 / 23.0).
+    let wide16 = !glu
+        && !quad
+        && (9..=16).contains(&rows)
+        && wide_builds(format) == Some(WideBuilds::UpTo8Rows)
+        && (2 * sms + 1..=3 * sms).contains(&singles);
     let per_block = if ring_pairs {
         2
     } else if quad {
         4
+    } else if wide16 {
+        1
     } else if rows > 8 && two_strip_builds(format) && pairs * row_blocks >= sms {
         2
     } else {
@@ -2002,11 +2021,15 @@ fn decode_plan(d: &DecodeShape, sms: usize, smem_per_sm: usize) -> DecodePlan {
     };
     let wide = match wide_builds(format) {
         _ if per_block > 1 => false,
-        // The gated kernel's bounded build (QGLUW): one row, formats of 4 bits and more.
-        Some(WideBuilds::UpTo8Rows) if glu => one && blocks > 3 * sms,
+        // The gated kernel's bounded builds (QGLUW, QWIDE8): one row, and 2-8 rows scaled per
+        // weight (the `p` build spilled), 4 blocks an SM against 3. H200, llama3-8b int4 (g32)
+        // decode, gate/up 896 blocks: batch 4 45.6 → 46.5% of the bound, batch 8 40.9 →
+        // 41.4-41.5% (twenty-ninth session, same call).
+        Some(WideBuilds::UpTo8Rows) if glu => (one || rows <= 8 && !post) && blocks > 3 * sms,
+        _ if wide16 => true,
         _ if glu => false,
         Some(_) if one || ring_rows || int_activations => blocks > 3 * sms,
-        Some(WideBuilds::UpTo8Rows) if rows <= 8 => blocks > 4 * sms,
+        Some(WideBuilds::UpTo8Rows) if rows <= 8 => blocks > 2 * sms,
         _ => false,
     };
     // The deep ring where the blocks are at most two an SM (one row). Llama3-8b's o and down

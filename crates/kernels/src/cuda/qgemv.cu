@@ -1001,18 +1001,25 @@ struct QgArgs {
     QGEMV1(qgemv_##tag##_##R##pr, BITS, ASYM, KIND, 1, true, R, 2, (QG_MAXW * 32, 3), STAGES)
 // The host appends these lines where a format uses them. The bounded builds (suffix w), for the
 // formats whose kernels fit them without spilling: one row at 4 blocks an SM (symmetric
-// formats), 8 rows at 3 (symmetric formats of 4 bits and more).
+// formats), 8 rows at 3 and 16 rows of one strip a block at 3 (symmetric formats of 4 bits and
+// more; `_16pw` spills 8 bytes for mxfp4 and nvfp4, whose groups never cover a chunk, so the
+// host never takes it there).
 #define QWIDE1(tag, BITS, ASYM, KIND)                                                 \
     QGEMV1(qgemv_##tag##_1w, BITS, ASYM, KIND, 1, false, true, 1, (QG_MAXW * 32, 4), 0)  \
     QGEMV1(qgemv_##tag##_1pw, BITS, ASYM, KIND, 1, true, true, 1, (QG_MAXW * 32, 4), 0)
-// The gated kernel at 4 blocks an SM, for the formats whose build fits it without spilling
-// (symmetric, 4 bits and more; 2- and 3-bit chunks of two strips spilled 32-52 bytes).
+// The gated kernel at 4 blocks an SM, one row and (`_8w`, scaled per weight) 2-8 rows, for the
+// formats whose build fits it without spilling (symmetric, 4 bits and more, but fp4's `_8w`,
+// which spills 8 bytes; 2- and 3-bit chunks of two strips spilled 32-52 bytes, the `_8pw` of
+// int4 16).
 #define QGLUW(tag, BITS, ASYM, KIND)                                              \
     QGLU1(qglu_##tag##_1w, BITS, ASYM, KIND, 1, false, true, (QG_MAXW * 32, 4))  \
-    QGLU1(qglu_##tag##_1pw, BITS, ASYM, KIND, 1, true, true, (QG_MAXW * 32, 4))
+    QGLU1(qglu_##tag##_1pw, BITS, ASYM, KIND, 1, true, true, (QG_MAXW * 32, 4))  \
+    QGLU1(qglu_##tag##_8w, BITS, ASYM, KIND, 1, false, false, (QG_MAXW * 32, 4))
 #define QWIDE8(tag, BITS, ASYM, KIND)                                                 \
     QGEMV1(qgemv_##tag##_8w, BITS, ASYM, KIND, 1, false, false, 1, (QG_MAXW * 32, 3), 0) \
-    QGEMV1(qgemv_##tag##_8pw, BITS, ASYM, KIND, 1, true, false, 1, (QG_MAXW * 32, 3), 0)
+    QGEMV1(qgemv_##tag##_8pw, BITS, ASYM, KIND, 1, true, false, 1, (QG_MAXW * 32, 3), 0) \
+    QGEMV1(qgemv_##tag##_16w, BITS, ASYM, KIND, 2, false, false, 1, (QG_MAXW * 32, 3), 0) \
+    QGEMV1(qgemv_##tag##_16pw, BITS, ASYM, KIND, 2, true, false, 1, (QG_MAXW * 32, 3), 0)
 // The one-row kernel with a deeper ring (STAGES, the host's choice) in dynamic shared memory
 // (suffix d), for launches of at most two blocks an SM: there the static ring's 3 stages leave
 // about 32 KB of loads in flight an SM, short of what covers HBM's latency, and shared memory is
