@@ -39,8 +39,15 @@ fn cpu() -> CpuBackend {
     CpuBackend::new(2).unwrap()
 }
 
+/// Fresh random inputs each run; the seed is printed (shown when a test fails) and
+/// `MARLIN_TEST_SEED` replays it.
 fn rng() -> StdRng {
-    StdRng::seed_from_u64(rand::rng().random())
+    let seed = std::env::var("MARLIN_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    println!("seed {seed} (MARLIN_TEST_SEED replays it)");
+    StdRng::seed_from_u64(seed)
 }
 
 fn bf(v: f32) -> f32 {
