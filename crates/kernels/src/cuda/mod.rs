@@ -2021,7 +2021,7 @@ fn decode_plan(d: &DecodeShape, sms: usize, smem_per_sm: usize) -> DecodePlan {
     };
     let wide = match wide_builds(format) {
         _ if per_block > 1 => false,
-        // The gated kernel's bounded builds (QGLUW, QWIDE8): one row, and 2-8 rows scaled per
+        // The gated kernel's bounded builds (QGLUW): one row, and 2-8 rows scaled per
         // weight (the `p` build spilled), 4 blocks an SM against 3. H200, llama3-8b int4 (g32)
         // decode, gate/up 896 blocks: batch 4 45.6 → 46.5% of the bound, batch 8 40.9 →
         // 41.4-41.5% (twenty-ninth session, same call).
