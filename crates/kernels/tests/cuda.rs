@@ -46,7 +46,7 @@ fn rng() -> StdRng {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| rand::rng().random());
-    println!("seed {seed} (MARLIN_TEST_SEED replays it)");
+    eprintln!("seed {seed} (MARLIN_TEST_SEED replays it)");
     StdRng::seed_from_u64(seed)
 }
 

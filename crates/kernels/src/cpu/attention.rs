@@ -547,7 +547,7 @@ mod tests {
     use half::f16;
     use rand::rngs::StdRng;
     use rand::seq::SliceRandom;
-    use rand::{Rng, SeedableRng};
+    use rand::Rng;
 
     struct Case {
         layout: KvLayout,
@@ -691,9 +691,7 @@ mod tests {
 
     #[test]
     fn split_attention_matches_reference_and_is_batch_invariant() {
-        let seed = rand::random();
-        eprintln!("seed {seed}");
-        let mut rng = StdRng::seed_from_u64(seed);
+        let mut rng = crate::cpu::tests::rng();
         let p = PARTITION;
         // (heads, kv heads, head_dim, block size): SmolLM2's shape, then odd ones.
         for (heads, kv_heads, hd, bs) in [(9, 3, 64, 16), (4, 1, 17, 5), (6, 2, 40, 7)] {

@@ -13,9 +13,14 @@ use marlin_quant::{QuantFormat, PER_CHANNEL};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-fn rng() -> StdRng {
-    let seed = rand::random();
-    eprintln!("seed {seed}");
+/// Fresh random inputs each run; the seed is printed (shown when a test fails) and
+/// `MARLIN_TEST_SEED` replays it.
+pub(crate) fn rng() -> StdRng {
+    let seed = std::env::var("MARLIN_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("seed {seed} (MARLIN_TEST_SEED replays it)");
     StdRng::seed_from_u64(seed)
 }
 
