@@ -16,6 +16,11 @@ use std::io::Write;
 use std::sync::OnceLock;
 
 const BOUND: f64 = 1e-2;
+/// silu(gate) · up from two projections each within BOUND: their relative errors add (silu's
+/// slope scales the gate's by up to ~1.3 where the products are large). Measured on an H200, int2 50 × 224 g32 at one row, 3000
+/// draws: each projection 1.9-2.9e-3 (the matmul op's own error, rerun bit for bit alike), the
+/// product above 5e-3 in 596 of them, at most 1.10e-2.
+const SWIGLU_BOUND: f64 = 2.0 * BOUND;
 
 fn gpu(test: &str) -> Option<&'static CudaBackend> {
     static GPU: OnceLock<Result<CudaBackend, String>> = OnceLock::new();
@@ -1080,7 +1085,8 @@ fn matmul_swiglu_quant() {
                     g.read(&out, rows * n).unwrap()
                 };
                 let got = run();
-                assert_close(&what, &got, &swiglu_reference(&pair[0], &pair[1], &x, rows));
+                let e = rel_err(&got, &swiglu_reference(&pair[0], &pair[1], &x, rows));
+                assert!(e < SWIGLU_BOUND, "{what}: relative error {e:.2e}");
                 assert_same_bits(&what, &got, &run());
             }
         }
