@@ -360,7 +360,9 @@ fn paged_attention() {
 /// whose last block of a head combines its splits): contexts of 1 key (one split), 17 (one
 /// partial split), 700 and 3000 (many splits, the last partial), GQA groups 1, 4 and 12 (two
 /// group slices of at most 8 heads), head dims 64 and 128, sequences of different lengths in one
-/// step (blocks past a short sequence's keys write nothing). The queries (up to 6 in size) make
+/// step (blocks past a short sequence's keys write nothing); steps of 8 tokens or more go to the
+/// tensor-core kernel (`attention_tc_*`: a group of 12 in one block's rows, sequences of unlike
+/// lengths, one of two tokens). The queries (up to 6 in size) make
 /// the softmax peaked, so a wrong max rescaling between splits shows. Every case runs twice: the
 /// second run finds the counters of finished splits as the first left them (back at zero).
 #[test]
@@ -383,6 +385,25 @@ fn decode_attention_split() {
         // a group of 4, and one of 12 in two slices (8 + 4).
         (&[(1, 3000), (1, 2500), (1, 40), (1, 900)], 32, 8, 128, 16),
         (&[(1, 3000); 9], 24, 2, 128, 16),
+        // The tensor-core kernel at head dim 64 over sequences of different lengths (splits past
+        // the short ones' keys), one of them two tokens; and llama3-8b's heads at batch 8.
+        (
+            &[
+                (1, 700),
+                (1, 40),
+                (2, 300),
+                (1, 1),
+                (1, 90),
+                (1, 129),
+                (1, 256),
+                (1, 17),
+            ],
+            8,
+            2,
+            64,
+            16,
+        ),
+        (&[(1, 600); 8], 32, 8, 128, 16),
     ];
     for &(seqs, heads, kv_heads, hd, bs) in cases {
         for _ in 0..2 {

@@ -676,3 +676,253 @@ extern "C" __global__ void __launch_bounds__(1024, 1) attention_decode_w1(ATT_DE
 ATT_DEC(2, 4)
 ATT_DEC(4, 4)
 ATT_DEC(8, 4)
+
+// Decode attention of batched steps on tensor cores (attention_tc_*): a block takes one token's
+// GQA group (all `group` query heads of one kv head, up to 16) over one chunk of keys, and the 16
+// rows of each warp's mma are those heads, so each K and V row it copies serves the whole group
+// from one read. Warp w takes the chunk's 32-key tiles w, w + DTC_WARPS, ...: each tile is copied
+// into the warp's own shared memory (cp.async, swizzled as in attention_prefill), S = Q Kᵀ and
+// O += P V run on mma.sync with the running max and sum per row, then the block's warps meet in
+// shared memory and the splits combine as in attention_decode (records, counter, last block).
+// The first tile's rows of keys older than the step are copied before griddep_wait.
+//
+// Why: attention_decode's SIMT loop is a chain of dependent round trips (scores, then values,
+// 32 keys a pass) that at batch 16 read llama3-8b's ~38 MB of K and V a layer at ~18% of the
+// H200's copy bandwidth (Nsight Compute, the kernel alone: 52 us a layer, more than gate/up's
+// 34). Bound aimed at: those bytes at copy bandwidth (~9.4 us); the mma work, 16 rows of which a
+// group of 4 uses 4, is small beside it. Measured end to end (H200, llama3-8b int4, batch 16):
+// the step 4.03 -> 3.31 ms, 22.6 us a layer less, so still ~3x the bound: a warp's tiles run
+// one after another (copy, wait, mma), 237 registers leave two blocks an SM, and chunks sized
+// for the key bucket leave the later splits empty.
+#define DTC_WARPS 4
+
+template <int HD, bool ROPE>
+__device__ void attention_decode_tc(const bf16_t* q, bf16_t* kc, bf16_t* vc, const u32* positions,
+                                    const u32* first_pos, const u32* bt_off, const u32* tables, int heads,
+                                    int kv_heads, int bs, float scale, int chunk, int splits, float* part,
+                                    u32* counters, bf16_t* out, const bf16_t* kb, const bf16_t* vb,
+                                    const bf16_t* rope_table) {
+    constexpr int KS = HD / 16, DT = HD / 8, UNITS = HD / 8, ROWB = HD * 2, TILE = APF_KEYS * ROWB;
+    griddep_launch();
+    extern __shared__ __align__(16) unsigned char dtc_smem[];
+    __shared__ float wm[DTC_WARPS][16], wl[DTC_WARPS][16];
+    __shared__ int last;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int group = heads / kv_heads;
+    const int tok = blockIdx.x / kv_heads, kvh = blockIdx.x % kv_heads, split = blockIdx.y;
+    const int h0 = kvh * group, sw = kv_heads * HD;
+    const int pos = positions[tok], nkeys = pos + 1, c0 = split * chunk;
+    if (c0 >= nkeys) return;  // a shorter sequence of the batch: not counted, not combined
+    const int end = c0 + min(chunk, nkeys - c0), own = first_pos[tok];
+    const u32* table = tables + bt_off[tok];
+    const u32 ks = smem_u32(dtc_smem + warp * 2 * TILE), vs = ks + TILE;
+    bf16_t* qsm = (bf16_t*)(dtc_smem + DTC_WARPS * 2 * TILE);  // 16 rows x HD, rows >= group zero
+    // Copies the tile at k0's rows of keys below `below` (lane: key k0 + lane, past the chunk the
+    // chunk's last key, so that every row holds finite values).
+    auto copy_tile = [&](int k0, int from, int below) {
+        const int key = min(k0 + lane, end - 1);
+        if (key >= from && key < below) {
+            const u32 slot = table[key / bs] * (u32)bs + (u32)(key % bs);
+            const size_t off = (size_t)slot * sw + (size_t)kvh * HD;
+#pragma unroll
+            for (int u = 0; u < UNITS; u++) {
+                const u32 at = lane * ROWB + 16 * (u ^ (lane & 7));
+                cp_async16_at(ks + at, kc + off + 8 * u);
+                cp_async16_at(vs + at, vc + off + 8 * u);
+            }
+        }
+        cp_async_commit();
+    };
+    const int first_tile = c0 + APF_KEYS * warp;
+    if (first_tile < end) copy_tile(first_tile, 0, own);
+    griddep_wait();
+    const int half = HD / 2;
+    const bf16_t* qr = q + ((size_t)tok * heads + h0) * HD;
+    for (int i = tid; i < 16 * half; i += DTC_WARPS * 32) {
+        const int r = i / half, d = i % half;
+        float2 v = make_float2(0.0f, 0.0f);
+        if (r < group) {
+            v = ROPE ? rope_pair(qr + r * HD, rope_table + (size_t)pos * HD, d, half)
+                     : make_float2(bf2f(qr[r * HD + d]), bf2f(qr[r * HD + d + half]));
+        }
+        qsm[r * HD + d] = f2bf(v.x);
+        qsm[r * HD + d + half] = f2bf(v.y);
+    }
+    if (ROPE) {
+        // The chunk's keys of this step, rotated, and their values into their cache slots (as in
+        // attention_decode: blocks of later tokens of the sequence store the same bytes).
+        const int first = max(own, c0);
+        for (int i = tid; i < (end - first) * half; i += DTC_WARPS * 32) {
+            const int kj = first + i / half, d = i % half;
+            const size_t row = ((size_t)(tok - (pos - kj)) * kv_heads + kvh) * HD;
+            const size_t at = (size_t)(table[kj / bs] * (u32)bs + (u32)(kj % bs)) * sw + (size_t)kvh * HD;
+            const float2 k2 = rope_pair(kb + row, rope_table + (size_t)kj * HD, d, half);
+            kc[at + d] = f2bf(k2.x);
+            kc[at + d + half] = f2bf(k2.y);
+            vc[at + d] = vb[row + d];
+            vc[at + d + half] = vb[row + d + half];
+        }
+    }
+    __syncthreads();
+    if (first_tile < end) copy_tile(first_tile, own, end);
+    u32 qf[KS][4];
+    {
+        const u32* qa = (const u32*)(qsm + g * HD);
+        const u32* qb = (const u32*)(qsm + (g + 8) * HD);
+#pragma unroll
+        for (int s = 0; s < KS; s++) {
+            qf[s][0] = qa[8 * s + t];
+            qf[s][1] = qb[8 * s + t];
+            qf[s][2] = qa[8 * s + 4 + t];
+            qf[s][3] = qb[8 * s + 4 + t];
+        }
+    }
+    float o_acc[DT][4];
+#pragma unroll
+    for (int j = 0; j < DT; j++) o_acc[j][0] = o_acc[j][1] = o_acc[j][2] = o_acc[j][3] = 0.0f;
+    float ma = NEG_INF, mb = NEG_INF, la = 0.0f, lb = 0.0f;
+    for (int k0 = first_tile; k0 < end; k0 += APF_KEYS * DTC_WARPS) {
+        if (k0 != first_tile) copy_tile(k0, 0, end);
+        cp_async_wait<0>();
+        __syncwarp();
+        float sc[APF_KEYS / 8][4];
+#pragma unroll
+        for (int j = 0; j < APF_KEYS / 8; j++) {
+            sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+            const int kr = 8 * j + (lane & 7);
+#pragma unroll
+            for (int s = 0; s < KS; s += 2) {
+                u32 b[4];
+                const int u = 2 * s + (lane >> 3);
+                ldmatrix_x4(ks + kr * ROWB + 16 * (u ^ (kr & 7)), b);
+                mma_bf16(sc[j], qf[s], b[0], b[1]);
+                mma_bf16(sc[j], qf[s + 1], b[2], b[3]);
+            }
+        }
+        float mxa = NEG_INF, mxb = NEG_INF;
+#pragma unroll
+        for (int j = 0; j < APF_KEYS / 8; j++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const bool in = k0 + 8 * j + 2 * t + e < end;
+                sc[j][e] = in ? sc[j][e] * scale : NEG_INF;
+                sc[j][2 + e] = in ? sc[j][2 + e] * scale : NEG_INF;
+                mxa = fmaxf(mxa, sc[j][e]);
+                mxb = fmaxf(mxb, sc[j][2 + e]);
+            }
+#pragma unroll
+        for (int o = 1; o < 4; o <<= 1) {
+            mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, o));
+            mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, o));
+        }
+        // Every tile holds at least one key of the chunk, so the maxes are finite.
+        const float na = fmaxf(ma, mxa), nb = fmaxf(mb, mxb);
+        const float ca = __expf(ma - na), cb = __expf(mb - nb);
+        ma = na;
+        mb = nb;
+        float suma = 0.0f, sumb = 0.0f;
+        u32 pf[APF_KEYS / 16][4];
+#pragma unroll
+        for (int j = 0; j < APF_KEYS / 8; j++) {
+            const float p0 = __expf(sc[j][0] - na), p1 = __expf(sc[j][1] - na);
+            const float p2 = __expf(sc[j][2] - nb), p3 = __expf(sc[j][3] - nb);
+            suma += p0 + p1;
+            sumb += p2 + p3;
+            pf[j >> 1][(j & 1) * 2] = pack_bf2(p0, p1);
+            pf[j >> 1][(j & 1) * 2 + 1] = pack_bf2(p2, p3);
+        }
+        la = la * ca + suma;
+        lb = lb * cb + sumb;
+#pragma unroll
+        for (int j = 0; j < DT; j++) {
+            o_acc[j][0] *= ca;
+            o_acc[j][1] *= ca;
+            o_acc[j][2] *= cb;
+            o_acc[j][3] *= cb;
+        }
+#pragma unroll
+        for (int i = 0; i < APF_KEYS / 16; i++) {
+            const int kr = 16 * i + (lane & 7) + 8 * ((lane >> 3) & 1);
+#pragma unroll
+            for (int jj = 0; jj < DT / 2; jj++) {
+                u32 b[4];
+                const int u = 2 * jj + (lane >> 4);
+                ldmatrix_x4_trans(vs + kr * ROWB + 16 * (u ^ (kr & 7)), b);
+                mma_bf16(o_acc[2 * jj], pf[i], b[0], b[1]);
+                mma_bf16(o_acc[2 * jj + 1], pf[i], b[2], b[3]);
+            }
+        }
+        __syncwarp();
+    }
+#pragma unroll
+    for (int o = 1; o < 4; o <<= 1) {
+        la += __shfl_xor_sync(0xffffffffu, la, o);
+        lb += __shfl_xor_sync(0xffffffffu, lb, o);
+    }
+    // The warps' rows meet in shared memory (over the tiles, now read): warp w's unnormalised
+    // sums, max and sum per row; a warp with no tile leaves max -inf, sum 0.
+    __syncthreads();
+    float* red = (float*)dtc_smem;  // DTC_WARPS x 16 x HD
+    if (t == 0) {
+        wm[warp][g] = ma;
+        wm[warp][g + 8] = mb;
+        wl[warp][g] = la;
+        wl[warp][g + 8] = lb;
+    }
+#pragma unroll
+    for (int j = 0; j < DT; j++) {
+        float* ra = red + (warp * 16 + g) * HD + 8 * j + 2 * t;
+        float* rb = ra + 8 * HD;
+        ra[0] = o_acc[j][0];
+        ra[1] = o_acc[j][1];
+        rb[0] = o_acc[j][2];
+        rb[1] = o_acc[j][3];
+    }
+    __syncthreads();
+    for (int i = tid; i < group * HD; i += DTC_WARPS * 32) {
+        const int r = i / HD, d = i % HD;
+        float m = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < DTC_WARPS; w++) m = fmaxf(m, wm[w][r]);
+        float l = 0.0f, a = 0.0f;
+#pragma unroll
+        for (int w = 0; w < DTC_WARPS; w++) {
+            const float e = wm[w][r] == NEG_INF ? 0.0f : __expf(wm[w][r] - m);
+            l += e * wl[w][r];
+            a += e * red[(w * 16 + r) * HD + d];
+        }
+        const size_t row = (size_t)tok * heads + h0 + r;
+        if (splits == 1) {
+            out[row * HD + d] = f2bf(a / l);
+        } else {
+            float* p = part + (row * splits + split) * (HD + 4);  // the record combine_splits reads
+            p[d] = a;
+            if (d == 0) {
+                p[HD] = m;
+                p[HD + 1] = l;
+            }
+        }
+    }
+    if (splits == 1) return;
+    const int ns = (nkeys + chunk - 1) / chunk;
+    u32* counter = counters + blockIdx.x;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(counter, 1u) == (u32)(ns - 1);
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    if (tid == 0) *counter = 0;
+    combine_splits<2>(part, tok * heads + h0, group, ns, HD, splits, (float*)dtc_smem, out);
+}
+#define ATT_DEC_TC(HD)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(DTC_WARPS * 32, 2) attention_tc_decode_##HD(ATT_DEC_PARAMS) { \
+        attention_decode_tc<HD, false>(q, kc, vc, positions, first_pos, bt_off, tables, heads, kv_heads, bs,   \
+                                       scale, chunk, splits, part, counters, out, kb, vb, rope_table);         \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(DTC_WARPS * 32, 2) attention_tc_rope_##HD(ATT_DEC_PARAMS) {   \
+        attention_decode_tc<HD, true>(q, kc, vc, positions, first_pos, bt_off, tables, heads, kv_heads, bs,    \
+                                      scale, chunk, splits, part, counters, out, kb, vb, rope_table);          \
+    }
+ATT_DEC_TC(64)
+ATT_DEC_TC(128)
