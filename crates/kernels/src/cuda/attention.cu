@@ -125,11 +125,127 @@ __device__ __forceinline__ void ldmatrix_x4_trans(u32 addr, u32* r) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
 
+// The mma A fragments (m16n8k16, bf16) of a lane's rows g and g + 8 over HD columns, read from
+// those rows: slice s holds columns 16 s + 2 t, + 1 and 16 s + 8 + 2 t, + 1.
+template <int HD>
+__device__ __forceinline__ void a_fragments(u32 (&qf)[HD / 16][4], const bf16_t* row_g, const bf16_t* row_g8, int t) {
+    const u32 *qa = (const u32*)row_g, *qb = (const u32*)row_g8;
+#pragma unroll
+    for (int s = 0; s < HD / 16; s++) {
+        qf[s][0] = qa[8 * s + t];
+        qf[s][1] = qb[8 * s + t];
+        qf[s][2] = qa[8 * s + 4 + t];
+        qf[s][3] = qb[8 * s + 4 + t];
+    }
+}
+
+// The lane's K and V rows (HD values each) into row `lane` of the tiles at ks and vs, 16-byte
+// units swizzled by row (unit u at u ^ (lane & 7)) so that ldmatrix's 8-row reads hit distinct
+// banks; cp.async, not committed.
+template <int HD>
+__device__ __forceinline__ void copy_kv_row(u32 ks, u32 vs, int lane, const bf16_t* k, const bf16_t* v) {
+#pragma unroll
+    for (int u = 0; u < HD / 8; u++) {
+        const u32 at = lane * HD * 2 + 16 * (u ^ (lane & 7));
+        cp_async16_at(ks + at, k + 8 * u);
+        cp_async16_at(vs + at, v + 8 * u);
+    }
+}
+
+// One tile of APF_KEYS keys of flash attention for a warp's 16 mma rows (the lane's rows g and
+// g + 8), K and V in shared memory at ks and vs (rows of HD, 16-byte units swizzled by row as
+// attention_prefill copies them): S = Q Kᵀ, keys for which visible(key, row g + 8?) is false
+// masked, the running max and sum updated, O += P V. Shared by prefill and batched decode.
+template <int HD, typename Visible>
+__device__ __forceinline__ void flash_tile(u32 ks, u32 vs, const u32 (&qf)[HD / 16][4], int lane, int k0,
+                                           float scale, Visible visible, float& ma, float& mb, float& la,
+                                           float& lb, float (&o_acc)[HD / 8][4]) {
+    constexpr int KS = HD / 16, DT = HD / 8, ROWB = HD * 2;
+    const int t = lane & 3;
+    // S = Q Kᵀ: 4 tiles of 8 keys. ldmatrix x4 at (keys 8 j + (lane & 7), unit 2 s + (lane >> 3)
+    // for lanes 0-15 / 2 s + 1 ...): matrices (keys, dims 16 s .. +7), (keys, 16 s + 8 ..),
+    // then the next slice's two: b0 b1 of slices s and s + 1.
+    float sc[APF_KEYS / 8][4];
+#pragma unroll
+    for (int j = 0; j < APF_KEYS / 8; j++) {
+        sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+        const int kr = 8 * j + (lane & 7);
+#pragma unroll
+        for (int s = 0; s < KS; s += 2) {
+            u32 b[4];
+            const int u = 2 * s + (lane >> 3);
+            ldmatrix_x4(ks + kr * ROWB + 16 * (u ^ (kr & 7)), b);
+            mma_bf16(sc[j], qf[s], b[0], b[1]);
+            mma_bf16(sc[j], qf[s + 1], b[2], b[3]);
+        }
+    }
+    // Mask, running max and sum (rows g: elements 0, 1; g + 8: 2, 3; key 8 j + 2 t + e).
+    float mxa = NEG_INF, mxb = NEG_INF;
+#pragma unroll
+    for (int j = 0; j < APF_KEYS / 8; j++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            const int key = k0 + 8 * j + 2 * t + e;
+            sc[j][e] = visible(key, false) ? sc[j][e] * scale : NEG_INF;
+            sc[j][2 + e] = visible(key, true) ? sc[j][2 + e] * scale : NEG_INF;
+            mxa = fmaxf(mxa, sc[j][e]);
+            mxb = fmaxf(mxb, sc[j][2 + e]);
+        }
+#pragma unroll
+    for (int o = 1; o < 4; o <<= 1) {
+        mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, o));
+        mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, o));
+    }
+    const float na = fmaxf(ma, mxa), nb = fmaxf(mb, mxb);
+    // A row with no key yet keeps max -inf: shift by 0 so that exp gives 0, not NaN.
+    const float sa = na == NEG_INF ? 0.0f : na, sb = nb == NEG_INF ? 0.0f : nb;
+    const float ca = __expf(ma - sa), cb = __expf(mb - sb);
+    ma = na;
+    mb = nb;
+    float suma = 0.0f, sumb = 0.0f;
+    u32 pf[APF_KEYS / 16][4];
+#pragma unroll
+    for (int j = 0; j < APF_KEYS / 8; j++) {
+        const float p0 = __expf(sc[j][0] - sa), p1 = __expf(sc[j][1] - sa);
+        const float p2 = __expf(sc[j][2] - sb), p3 = __expf(sc[j][3] - sb);
+        suma += p0 + p1;
+        sumb += p2 + p3;
+        // P as the A fragment of keys 16 i .. 16 i + 15: tile 2 i in registers 0 and 1,
+        // tile 2 i + 1 in 2 and 3.
+        pf[j >> 1][(j & 1) * 2] = pack_bf2(p0, p1);
+        pf[j >> 1][(j & 1) * 2 + 1] = pack_bf2(p2, p3);
+    }
+    la = la * ca + suma;
+    lb = lb * cb + sumb;
+#pragma unroll
+    for (int j = 0; j < DT; j++) {
+        o_acc[j][0] *= ca;
+        o_acc[j][1] *= ca;
+        o_acc[j][2] *= cb;
+        o_acc[j][3] *= cb;
+    }
+    // O += P V: ldmatrix.trans at (keys 16 i + (lane & 7) + 8 (lane >> 3 & 1), unit 2 jj +
+    // (lane >> 4)): matrices (keys 16 i .., dims 16 jj ..), (keys 16 i + 8 .., same dims),
+    // (keys 16 i .., dims 16 jj + 8 ..), (keys 16 i + 8 .., dims 16 jj + 8 ..).
+#pragma unroll
+    for (int i = 0; i < APF_KEYS / 16; i++) {
+        const int kr = 16 * i + (lane & 7) + 8 * ((lane >> 3) & 1);
+#pragma unroll
+        for (int jj = 0; jj < DT / 2; jj++) {
+            u32 b[4];
+            const int u = 2 * jj + (lane >> 4);
+            ldmatrix_x4_trans(vs + kr * ROWB + 16 * (u ^ (kr & 7)), b);
+            mma_bf16(o_acc[2 * jj], pf[i], b[0], b[1]);
+            mma_bf16(o_acc[2 * jj + 1], pf[i], b[2], b[3]);
+        }
+    }
+}
+
 template <int HD>
 __device__ void attention_prefill(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* positions,
                                   const u32* bt_off, const u32* tables, int n, int heads, int kv_heads, int bs,
                                   float scale, bf16_t* out) {
-    constexpr int KS = HD / 16, DT = HD / 8, UNITS = HD / 8, ROWB = HD * 2;
+    constexpr int KS = HD / 16, DT = HD / 8, ROWB = HD * 2;
     // A tile of K (then V) rows: APF_KEYS rows of ROWB bytes, unit u of row r at u ^ (r & 7).
     constexpr int TILE = APF_KEYS * ROWB;
     extern __shared__ __align__(16) unsigned char apf_smem[];
@@ -141,17 +257,7 @@ __device__ void attention_prefill(const bf16_t* q, const bf16_t* kc, const bf16_
     // The lane's rows g and g + 8 (past n: the last token, never written).
     const int rowa = min(r0 + g, n - 1), rowb = min(r0 + g + 8, n - 1);
     u32 qf[KS][4];
-    {
-        const u32* qa = (const u32*)(q + ((size_t)rowa * heads + h) * HD);
-        const u32* qb = (const u32*)(q + ((size_t)rowb * heads + h) * HD);
-#pragma unroll
-        for (int s = 0; s < KS; s++) {
-            qf[s][0] = qa[8 * s + t];
-            qf[s][1] = qb[8 * s + t];
-            qf[s][2] = qa[8 * s + 4 + t];
-            qf[s][3] = qb[8 * s + 4 + t];
-        }
-    }
+    a_fragments<HD>(qf, q + ((size_t)rowa * heads + h) * HD, q + ((size_t)rowb * heads + h) * HD, t);
     const u32 offa = bt_off[rowa], offb = bt_off[rowb];
     const int posa = (int)positions[rowa], posb = (int)positions[rowb];
     // Rows of the warp not yet done (bit i: row r0 + i), the rows past n done from the start.
@@ -180,93 +286,13 @@ __device__ void attention_prefill(const bf16_t* q, const bf16_t* kc, const bf16_
                 const int key = min(k0 + lane, last);
                 const u32 slot = table[key / bs] * (u32)bs + (u32)(key % bs);
                 const size_t off = (size_t)slot * sw + (size_t)kvh * HD;
-#pragma unroll
-                for (int u = 0; u < UNITS; u++) {
-                    const u32 at = lane * ROWB + 16 * (u ^ (lane & 7));
-                    cp_async16_at(ks + at, kc + off + 8 * u);
-                    cp_async16_at(vs + at, vc + off + 8 * u);
-                }
+                copy_kv_row<HD>(ks, vs, lane, kc + off, vc + off);
                 cp_async_commit();
                 cp_async_wait<0>();
                 __syncwarp();
             }
-            // S = Q Kᵀ: 4 tiles of 8 keys. ldmatrix x4 at (keys 8 j + (lane & 7), unit 2 s + (lane >> 3)
-            // for lanes 0-15 / 2 s + 1 ...): matrices (keys, dims 16 s .. +7), (keys, 16 s + 8 ..),
-            // then the next slice's two: b0 b1 of slices s and s + 1.
-            float sc[APF_KEYS / 8][4];
-#pragma unroll
-            for (int j = 0; j < APF_KEYS / 8; j++) {
-                sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
-                const int kr = 8 * j + (lane & 7);
-#pragma unroll
-                for (int s = 0; s < KS; s += 2) {
-                    u32 b[4];
-                    const int u = 2 * s + (lane >> 3);
-                    ldmatrix_x4(ks + kr * ROWB + 16 * (u ^ (kr & 7)), b);
-                    mma_bf16(sc[j], qf[s], b[0], b[1]);
-                    mma_bf16(sc[j], qf[s + 1], b[2], b[3]);
-                }
-            }
-            // Mask, running max and sum (rows g: elements 0, 1; g + 8: 2, 3; key 8 j + 2 t + e).
-            float mxa = NEG_INF, mxb = NEG_INF;
-#pragma unroll
-            for (int j = 0; j < APF_KEYS / 8; j++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const int key = k0 + 8 * j + 2 * t + e;
-                    sc[j][e] = key <= pa ? sc[j][e] * scale : NEG_INF;
-                    sc[j][2 + e] = key <= pb ? sc[j][2 + e] * scale : NEG_INF;
-                    mxa = fmaxf(mxa, sc[j][e]);
-                    mxb = fmaxf(mxb, sc[j][2 + e]);
-                }
-#pragma unroll
-            for (int o = 1; o < 4; o <<= 1) {
-                mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, o));
-                mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, o));
-            }
-            const float na = fmaxf(ma, mxa), nb = fmaxf(mb, mxb);
-            // A row with no key yet keeps max -inf: shift by 0 so that exp gives 0, not NaN.
-            const float sa = na == NEG_INF ? 0.0f : na, sb = nb == NEG_INF ? 0.0f : nb;
-            const float ca = __expf(ma - sa), cb = __expf(mb - sb);
-            ma = na;
-            mb = nb;
-            float suma = 0.0f, sumb = 0.0f;
-            u32 pf[APF_KEYS / 16][4];
-#pragma unroll
-            for (int j = 0; j < APF_KEYS / 8; j++) {
-                const float p0 = __expf(sc[j][0] - sa), p1 = __expf(sc[j][1] - sa);
-                const float p2 = __expf(sc[j][2] - sb), p3 = __expf(sc[j][3] - sb);
-                suma += p0 + p1;
-                sumb += p2 + p3;
-                // P as the A fragment of keys 16 i .. 16 i + 15: tile 2 i in registers 0 and 1,
-                // tile 2 i + 1 in 2 and 3.
-                pf[j >> 1][(j & 1) * 2] = pack_bf2(p0, p1);
-                pf[j >> 1][(j & 1) * 2 + 1] = pack_bf2(p2, p3);
-            }
-            la = la * ca + suma;
-            lb = lb * cb + sumb;
-#pragma unroll
-            for (int j = 0; j < DT; j++) {
-                o_acc[j][0] *= ca;
-                o_acc[j][1] *= ca;
-                o_acc[j][2] *= cb;
-                o_acc[j][3] *= cb;
-            }
-            // O += P V: ldmatrix.trans at (keys 16 i + (lane & 7) + 8 (lane >> 3 & 1), unit 2 jj +
-            // (lane >> 4)): matrices (keys 16 i .., dims 16 jj ..), (keys 16 i + 8 .., same dims),
-            // (keys 16 i .., dims 16 jj + 8 ..), (keys 16 i + 8 .., dims 16 jj + 8 ..).
-#pragma unroll
-            for (int i = 0; i < APF_KEYS / 16; i++) {
-                const int kr = 16 * i + (lane & 7) + 8 * ((lane >> 3) & 1);
-#pragma unroll
-                for (int jj = 0; jj < DT / 2; jj++) {
-                    u32 b[4];
-                    const int u = 2 * jj + (lane >> 4);
-                    ldmatrix_x4_trans(vs + kr * ROWB + 16 * (u ^ (kr & 7)), b);
-                    mma_bf16(o_acc[2 * jj], pf[i], b[0], b[1]);
-                    mma_bf16(o_acc[2 * jj + 1], pf[i], b[2], b[3]);
-                }
-            }
+            flash_tile<HD>(ks, vs, qf, lane, k0, scale, [&](int key, bool hi) { return key <= (hi ? pb : pa); },
+                           ma, mb, la, lb, o_acc);
             __syncwarp();
         }
         // Row sums over the quad, then this pass's rows written.
@@ -364,6 +390,21 @@ ATTENTION_PREFILL(128)
 // fence in place of every thread's __threadfence (registers spilled: no gain at 512 keys, 2.4%
 // slower at 2048). What the combine still costs: ~2.7 us a layer (the decode step without it,
 // wrong results, ~4% faster), the count of finished splits ~1 us more.
+// Whether this block is the last of its head's `ns` splits to finish, counted on `counter`
+// (every split's partials visible to it then); that block sets the counter back to zero for the
+// next launch (and graph replays).
+__device__ __forceinline__ bool last_split(u32* counter, int ns) {
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == (u32)(ns - 1);
+    __syncthreads();
+    if (!last) return false;
+    __threadfence();
+    if (threadIdx.x == 0) *counter = 0;
+    return true;
+}
+
 template <int ROUNDS>
 __device__ void combine_splits(const float* part, int row0, int G, int ns, int hd, int splits, float* wts,
                                bf16_t* out) {
@@ -632,16 +673,8 @@ __device__ void attention_decode(const bf16_t* q, bf16_t* kc, bf16_t* vc, const 
     // common max and sums them (a separate combine kernel cost ~4.7 us a layer in the replayed
     // graph, mostly its launch and the wait for this one). The counter is restored to zero for
     // the next launch (and graph replays) by that block.
-    __shared__ int last;
     const int ns = (nkeys + chunk - 1) / chunk;
-    u32* counter = counters + blockIdx.x * gridDim.z + blockIdx.z;
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) last = atomicAdd(counter, 1u) == (u32)(ns - 1);
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    if (tid == 0) *counter = 0;
+    if (!last_split(counters + blockIdx.x * gridDim.z + blockIdx.z, ns)) return;
     // 5 records ahead fit the one-head build's 64 registers (20 splits, a 640-key bucket at
     // 32 keys a split); beside the 8-head build's sums more than 2 spill.
     combine_splits<MAXG == 1 ? 5 : 2>(part, t * heads + h0, G, ns, hd, splits, smem, out);
@@ -702,11 +735,10 @@ __device__ void attention_decode_tc(const bf16_t* q, bf16_t* kc, bf16_t* vc, con
                                     int kv_heads, int bs, float scale, int chunk, int splits, float* part,
                                     u32* counters, bf16_t* out, const bf16_t* kb, const bf16_t* vb,
                                     const bf16_t* rope_table) {
-    constexpr int KS = HD / 16, DT = HD / 8, UNITS = HD / 8, ROWB = HD * 2, TILE = APF_KEYS * ROWB;
+    constexpr int KS = HD / 16, DT = HD / 8, ROWB = HD * 2, TILE = APF_KEYS * ROWB;
     griddep_launch();
     extern __shared__ __align__(16) unsigned char dtc_smem[];
     __shared__ float wm[DTC_WARPS][16], wl[DTC_WARPS][16];
-    __shared__ int last;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int group = heads / kv_heads;
     const int tok = blockIdx.x / kv_heads, kvh = blockIdx.x % kv_heads, split = blockIdx.y;
@@ -724,12 +756,7 @@ __device__ void attention_decode_tc(const bf16_t* q, bf16_t* kc, bf16_t* vc, con
         if (key >= from && key < below) {
             const u32 slot = table[key / bs] * (u32)bs + (u32)(key % bs);
             const size_t off = (size_t)slot * sw + (size_t)kvh * HD;
-#pragma unroll
-            for (int u = 0; u < UNITS; u++) {
-                const u32 at = lane * ROWB + 16 * (u ^ (lane & 7));
-                cp_async16_at(ks + at, kc + off + 8 * u);
-                cp_async16_at(vs + at, vc + off + 8 * u);
-            }
+            copy_kv_row<HD>(ks, vs, lane, kc + off, vc + off);
         }
         cp_async_commit();
     };
@@ -766,17 +793,7 @@ __device__ void attention_decode_tc(const bf16_t* q, bf16_t* kc, bf16_t* vc, con
     __syncthreads();
     if (first_tile < end) copy_tile(first_tile, own, end);
     u32 qf[KS][4];
-    {
-        const u32* qa = (const u32*)(qsm + g * HD);
-        const u32* qb = (const u32*)(qsm + (g + 8) * HD);
-#pragma unroll
-        for (int s = 0; s < KS; s++) {
-            qf[s][0] = qa[8 * s + t];
-            qf[s][1] = qb[8 * s + t];
-            qf[s][2] = qa[8 * s + 4 + t];
-            qf[s][3] = qb[8 * s + 4 + t];
-        }
-    }
+    a_fragments<HD>(qf, qsm + g * HD, qsm + (g + 8) * HD, t);
     float o_acc[DT][4];
 #pragma unroll
     for (int j = 0; j < DT; j++) o_acc[j][0] = o_acc[j][1] = o_acc[j][2] = o_acc[j][3] = 0.0f;
@@ -785,73 +802,7 @@ __device__ void attention_decode_tc(const bf16_t* q, bf16_t* kc, bf16_t* vc, con
         if (k0 != first_tile) copy_tile(k0, 0, end);
         cp_async_wait<0>();
         __syncwarp();
-        float sc[APF_KEYS / 8][4];
-#pragma unroll
-        for (int j = 0; j < APF_KEYS / 8; j++) {
-            sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
-            const int kr = 8 * j + (lane & 7);
-#pragma unroll
-            for (int s = 0; s < KS; s += 2) {
-                u32 b[4];
-                const int u = 2 * s + (lane >> 3);
-                ldmatrix_x4(ks + kr * ROWB + 16 * (u ^ (kr & 7)), b);
-                mma_bf16(sc[j], qf[s], b[0], b[1]);
-                mma_bf16(sc[j], qf[s + 1], b[2], b[3]);
-            }
-        }
-        float mxa = NEG_INF, mxb = NEG_INF;
-#pragma unroll
-        for (int j = 0; j < APF_KEYS / 8; j++)
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const bool in = k0 + 8 * j + 2 * t + e < end;
-                sc[j][e] = in ? sc[j][e] * scale : NEG_INF;
-                sc[j][2 + e] = in ? sc[j][2 + e] * scale : NEG_INF;
-                mxa = fmaxf(mxa, sc[j][e]);
-                mxb = fmaxf(mxb, sc[j][2 + e]);
-            }
-#pragma unroll
-        for (int o = 1; o < 4; o <<= 1) {
-            mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, o));
-            mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, o));
-        }
-        // Every tile holds at least one key of the chunk, so the maxes are finite.
-        const float na = fmaxf(ma, mxa), nb = fmaxf(mb, mxb);
-        const float ca = __expf(ma - na), cb = __expf(mb - nb);
-        ma = na;
-        mb = nb;
-        float suma = 0.0f, sumb = 0.0f;
-        u32 pf[APF_KEYS / 16][4];
-#pragma unroll
-        for (int j = 0; j < APF_KEYS / 8; j++) {
-            const float p0 = __expf(sc[j][0] - na), p1 = __expf(sc[j][1] - na);
-            const float p2 = __expf(sc[j][2] - nb), p3 = __expf(sc[j][3] - nb);
-            suma += p0 + p1;
-            sumb += p2 + p3;
-            pf[j >> 1][(j & 1) * 2] = pack_bf2(p0, p1);
-            pf[j >> 1][(j & 1) * 2 + 1] = pack_bf2(p2, p3);
-        }
-        la = la * ca + suma;
-        lb = lb * cb + sumb;
-#pragma unroll
-        for (int j = 0; j < DT; j++) {
-            o_acc[j][0] *= ca;
-            o_acc[j][1] *= ca;
-            o_acc[j][2] *= cb;
-            o_acc[j][3] *= cb;
-        }
-#pragma unroll
-        for (int i = 0; i < APF_KEYS / 16; i++) {
-            const int kr = 16 * i + (lane & 7) + 8 * ((lane >> 3) & 1);
-#pragma unroll
-            for (int jj = 0; jj < DT / 2; jj++) {
-                u32 b[4];
-                const int u = 2 * jj + (lane >> 4);
-                ldmatrix_x4_trans(vs + kr * ROWB + 16 * (u ^ (kr & 7)), b);
-                mma_bf16(o_acc[2 * jj], pf[i], b[0], b[1]);
-                mma_bf16(o_acc[2 * jj + 1], pf[i], b[2], b[3]);
-            }
-        }
+        flash_tile<HD>(ks, vs, qf, lane, k0, scale, [&](int key, bool) { return key < end; }, ma, mb, la, lb, o_acc);
         __syncwarp();
     }
 #pragma unroll
@@ -905,14 +856,7 @@ __device__ void attention_decode_tc(const bf16_t* q, bf16_t* kc, bf16_t* vc, con
     }
     if (splits == 1) return;
     const int ns = (nkeys + chunk - 1) / chunk;
-    u32* counter = counters + blockIdx.x;
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) last = atomicAdd(counter, 1u) == (u32)(ns - 1);
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    if (tid == 0) *counter = 0;
+    if (!last_split(counters + blockIdx.x, ns)) return;
     combine_splits<2>(part, tok * heads + h0, group, ns, HD, splits, (float*)dtc_smem, out);
 }
 #define ATT_DEC_TC(HD)                                                                                          \

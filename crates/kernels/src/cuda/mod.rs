@@ -1183,11 +1183,15 @@ impl CudaBackend {
     /// holds about DEC_BLOCKS_PER_SM blocks per SM even for one sequence, then the splits
     /// combined. Sized for the step's key bucket, not its exact context, so that one launch
     /// shape serves (and one recording replays for) every step of the bucket; the blocks past a
-    /// sequence's keys return at once.
+    /// sequence's keys return at once. Steps of DTC_MIN_TOKENS or more (head dims 64 and 128)
+    /// run on tensor cores (attention_tc_*): a block per (token, kv head, chunk) takes the whole
+    /// GQA group, chunks of whole 128-key passes of its four warps, about DTC_BLOCKS_PER_SM
+    /// blocks an SM.
     ///
     /// With `rope`, the step's keys and values are not in the cache yet: the kernel
-    /// (attention_rope_g*) ropes q and the step's keys from the projections itself and stores
-    /// the keys and values in the cache before reading it (rope_write_kv in the same launch).
+    /// (attention_rope_g*, attention_tc_rope_*) ropes q and the step's keys from the
+    /// projections itself and stores the keys and values in the cache before reading it
+    /// (rope_write_kv in the same launch).
     #[allow(clippy::too_many_arguments)]
     fn attention_decode(
         &self,
@@ -1202,81 +1206,72 @@ impl CudaBackend {
         let layout = cache.layout;
         let (n, hd) = (step.batch.num_tokens(), layout.head_dim);
         let group = heads / layout.kv_heads;
-        // Query heads per block and blocks wanted per SM: while the step's keys and values
-        // (at most the bucket's for each token) fit the L2 a few times over, one head per block
-        // and 16 blocks per SM (each K/V row read `group` times, the repeats from the L2), else
-        // the whole group (up to DEC_MAXG) and 4, each row read from memory once. A function of
-        // the step's shape only, as a recording must be.
-        let kv_bytes = n * step.key_bucket * layout.kv_heads * hd * 4;
-        if self.arch.0 >= 8 && matches!(hd, 64 | 128) && group <= 16 && n >= DTC_MIN_TOKENS {
-            return self.attention_decode_tc(q, cache, step, heads, scale, rope, out);
-        }
-        let (hpb, per_sm) = if kv_bytes <= DEC_ONE_HEAD_BYTES {
-            (1, DEC_BLOCKS_PER_SM_ONE_HEAD)
-        } else {
-            (group.next_power_of_two().min(DEC_MAXG), DEC_BLOCKS_PER_SM)
-        };
-        let slices = group.div_ceil(hpb);
-        let want = (per_sm * self.sms).div_ceil(n * layout.kv_heads * slices);
         let max_keys = step.key_bucket;
-        // Short contexts, one head a block: a block of DEC_WHOLE_THREADS takes all of a head's
-        // keys, with no splits to combine.
-        let whole = hpb == 1 && max_keys <= DEC_WHOLE_MAX_KEYS;
-        let chunk = if whole {
-            max_keys
-        } else {
-            max_keys
+        let (kb, vb, table) = rope
+            .as_ref()
+            .map_or((0, 0, 0), |r| (r.k.ptr, r.v.ptr, r.table.ptr));
+        let what = if rope.is_some() { "rope" } else { "decode" };
+        let tensor_cores =
+            self.arch.0 >= 8 && matches!(hd, 64 | 128) && group <= 16 && n >= DTC_MIN_TOKENS;
+        let (name, chunk, slices, threads, smem) = if tensor_cores {
+            let want = (DTC_BLOCKS_PER_SM * self.sms).div_ceil(n * layout.kv_heads);
+            let chunk = max_keys
                 .div_ceil(want)
-                .next_multiple_of(32)
-                .clamp(DEC_MIN_CHUNK, DEC_CHUNK)
+                .next_multiple_of(DTC_WARPS * APF_KEYS);
+            let smem = decode_tc_smem(hd).expect("head dims 64 and 128");
+            let threads = (DTC_WARPS * 32) as u32;
+            (format!("attention_tc_{what}_{hd}"), chunk, 1, threads, smem)
+        } else {
+            // Query heads per block and blocks wanted per SM: while the step's keys and values
+            // (at most the bucket's for each token) fit the L2 a few times over, one head per
+            // block and 16 blocks per SM (each K/V row read `group` times, the repeats from the
+            // L2), else the whole group (up to DEC_MAXG) and 4, each row read from memory once.
+            // A function of the step's shape only, as a recording must be.
+            let kv_bytes = n * max_keys * layout.kv_heads * hd * 4;
+            let (hpb, per_sm) = if kv_bytes <= DEC_ONE_HEAD_BYTES {
+                (1, DEC_BLOCKS_PER_SM_ONE_HEAD)
+            } else {
+                (group.next_power_of_two().min(DEC_MAXG), DEC_BLOCKS_PER_SM)
+            };
+            let slices = group.div_ceil(hpb);
+            let want = (per_sm * self.sms).div_ceil(n * layout.kv_heads * slices);
+            // Short contexts, one head a block: a block of DEC_WHOLE_THREADS takes all of a
+            // head's keys, with no splits to combine.
+            let whole = hpb == 1 && max_keys <= DEC_WHOLE_MAX_KEYS;
+            let chunk = if whole {
+                max_keys
+            } else {
+                max_keys
+                    .div_ceil(want)
+                    .next_multiple_of(32)
+                    .clamp(DEC_MIN_CHUNK, DEC_CHUNK)
+            };
+            let threads = if whole {
+                DEC_WHOLE_THREADS
+            } else {
+                DEC_THREADS
+            };
+            let splits = max_keys.div_ceil(chunk);
+            let smem = ((hpb * (hd + chunk) + chunk) * 4)
+                .max(threads as usize / 32 * hpb * hd * 4)
+                .max((splits.next_multiple_of(4) + threads as usize / 32 * hd) * 4);
+            let name = if whole {
+                format!("attention_{what}_w1")
+            } else {
+                format!("attention_{what}_g{hpb}")
+            };
+            (name, chunk, slices, threads, smem as u32)
         };
         let splits = max_keys.div_ceil(chunk);
         let (part, counters) = if splits > 1 {
-            let need = n * heads * splits * (hd + 4);
-            let blocks = n * layout.kv_heads * slices;
-            let mut guard = self.att_part.lock().unwrap();
-            if guard
-                .as_ref()
-                .is_none_or(|(p, c)| p.len() < need || c.len() < blocks)
-            {
-                let (p0, c0) = guard.as_ref().map_or((0, 0), |(p, c)| (p.len(), c.len()));
-                self.before_realloc()?;
-                *guard = None;
-                *guard = Some((
-                    self.stream
-                        .alloc_zeros::<f32>(need.next_power_of_two().max(p0))
-                        .map_err(dev)?,
-                    self.stream
-                        .alloc_zeros::<u32>(blocks.next_power_of_two().max(c0))
-                        .map_err(dev)?,
-                ));
-            }
-            let (p, c) = guard.as_ref().unwrap();
-            (self.ptr(p), self.ptr(c))
+            self.split_scratch(n * heads * splits * (hd + 4), n * layout.kv_heads * slices)?
         } else {
             (0, 0)
         };
-        let threads = if whole {
-            DEC_WHOLE_THREADS
-        } else {
-            DEC_THREADS
-        };
-        let smem = ((hpb * (hd + chunk) + chunk) * 4)
-            .max(threads as usize / 32 * hpb * hd * 4)
-            .max((splits.next_multiple_of(4) + threads as usize / 32 * hd) * 4);
         let cfg = LaunchConfig {
             grid_dim: ((n * layout.kv_heads) as u32, splits as u32, slices as u32),
             block_dim: (threads, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
-        let (kernel, kb, vb, table) = match rope {
-            Some(r) => ("attention_rope", r.k.ptr, r.v.ptr, r.table.ptr),
-            None => ("attention_decode", 0, 0, 0),
-        };
-        let name = if whole {
-            format!("{kernel}_w1")
-        } else {
-            format!("{kernel}_g{hpb}")
+            shared_mem_bytes: smem,
         };
         launch!(
             self,
@@ -1306,87 +1301,28 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Decode attention on tensor cores (attention_tc_*): a block per (token, kv head, chunk of
-    /// keys) takes the whole GQA group; chunks of whole 128-key passes of its four warps, enough
-    /// that the grid holds about DTC_BLOCKS_PER_SM blocks an SM.
-    #[allow(clippy::too_many_arguments)]
-    fn attention_decode_tc(
-        &self,
-        q: &Buffer,
-        cache: &KvCache,
-        step: &Step,
-        heads: usize,
-        scale: f32,
-        rope: Option<RopeInputs>,
-        out: &mut Buffer,
-    ) -> Result<()> {
-        let layout = cache.layout;
-        let (n, hd) = (step.batch.num_tokens(), layout.head_dim);
-        let max_keys = step.key_bucket;
-        let pass = DTC_WARPS * APF_KEYS;
-        let want = (DTC_BLOCKS_PER_SM * self.sms).div_ceil(n * layout.kv_heads);
-        let chunk = max_keys.div_ceil(want).next_multiple_of(pass);
-        let splits = max_keys.div_ceil(chunk);
-        let blocks = n * layout.kv_heads;
-        let (part, counters) = if splits > 1 {
-            let need = n * heads * splits * (hd + 4);
-            let mut guard = self.att_part.lock().unwrap();
-            if guard
-                .as_ref()
-                .is_none_or(|(p, c)| p.len() < need || c.len() < blocks)
-            {
-                let (p0, c0) = guard.as_ref().map_or((0, 0), |(p, c)| (p.len(), c.len()));
-                self.before_realloc()?;
-                *guard = None;
-                *guard = Some((
-                    self.stream
-                        .alloc_zeros::<f32>(need.next_power_of_two().max(p0))
-                        .map_err(dev)?,
-                    self.stream
-                        .alloc_zeros::<u32>(blocks.next_power_of_two().max(c0))
-                        .map_err(dev)?,
-                ));
-            }
-            let (p, c) = guard.as_ref().unwrap();
-            (self.ptr(p), self.ptr(c))
-        } else {
-            (0, 0)
-        };
-        let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, splits as u32, 1),
-            block_dim: ((DTC_WARPS * 32) as u32, 1, 1),
-            shared_mem_bytes: decode_tc_smem(hd).expect("head dims 64 and 128"),
-        };
-        let (kernel, kb, vb, table) = match rope {
-            Some(r) => ("attention_tc_rope", r.k.ptr, r.v.ptr, r.table.ptr),
-            None => ("attention_tc_decode", 0, 0, 0),
-        };
-        launch!(
-            self,
-            &format!("{kernel}_{hd}"),
-            cfg,
-            q.ptr,
-            cache.kp,
-            cache.vp,
-            step.positions(self)?,
-            step.first_positions(self)?,
-            step.table_offsets(self)?,
-            step.tables(self)?,
-            heads as i32,
-            layout.kv_heads as i32,
-            hd as i32,
-            layout.block_size as i32,
-            scale,
-            chunk as i32,
-            splits as i32,
-            part,
-            counters,
-            out.ptr,
-            kb,
-            vb,
-            table
-        );
-        Ok(())
+    /// The split-key attention's scratch: `records` floats of partial results and `blocks`
+    /// counters of finished splits (zero between launches), grown as needed.
+    fn split_scratch(&self, records: usize, blocks: usize) -> Result<(u64, u64)> {
+        let mut guard = self.att_part.lock().unwrap();
+        if guard
+            .as_ref()
+            .is_none_or(|(p, c)| p.len() < records || c.len() < blocks)
+        {
+            let (p0, c0) = guard.as_ref().map_or((0, 0), |(p, c)| (p.len(), c.len()));
+            self.before_realloc()?;
+            *guard = None;
+            *guard = Some((
+                self.stream
+                    .alloc_zeros::<f32>(records.next_power_of_two().max(p0))
+                    .map_err(dev)?,
+                self.stream
+                    .alloc_zeros::<u32>(blocks.next_power_of_two().max(c0))
+                    .map_err(dev)?,
+            ));
+        }
+        let (p, c) = guard.as_ref().unwrap();
+        Ok((self.ptr(p), self.ptr(c)))
     }
 
     /// Grows a scratch buffer (act-order reordering, prefill's expansion or ordering) to `len`
