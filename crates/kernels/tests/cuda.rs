@@ -17,9 +17,9 @@ use std::sync::OnceLock;
 
 const BOUND: f64 = 1e-2;
 /// silu(gate) · up from two projections each within BOUND: their relative errors add (silu's
-/// slope scales the gate's by up to ~1.3 where the products are large). Measured on an H200, int2 50 × 224 g32 at one row, 3000
-/// draws: each projection 1.9-2.9e-3 (the matmul op's own error, rerun bit for bit alike), the
-/// product above 5e-3 in 596 of them, at most 1.10e-2.
+/// slope scales the gate's by up to ~1.3 where the products are large). Measured on an H200,
+/// int2 50 × 224 g32 at one row, 3000 draws: each projection 1.9-2.9e-3 (the matmul op's own
+/// error, rerun bit for bit alike), the product above 5e-3 in 596 of them, at most 1.10e-2.
 const SWIGLU_BOUND: f64 = 2.0 * BOUND;
 
 fn gpu(test: &str) -> Option<&'static CudaBackend> {
@@ -362,9 +362,9 @@ fn paged_attention() {
 /// group slices of at most 8 heads), head dims 64 and 128, sequences of different lengths in one
 /// step (blocks past a short sequence's keys write nothing); steps of 8 tokens or more go to the
 /// tensor-core kernel (`attention_tc_*`: a group of 12 in one block's rows, sequences of unlike
-/// lengths, one of two tokens). The queries (up to 6 in size) make
-/// the softmax peaked, so a wrong max rescaling between splits shows. Every case runs twice: the
-/// second run finds the counters of finished splits as the first left them (back at zero).
+/// lengths, one of two tokens). The queries (up to 6 in size) make the softmax peaked, so a
+/// wrong max rescaling between splits shows. Every case runs twice: the second run finds the
+/// counters of finished splits as the first left them (back at zero).
 #[test]
 fn decode_attention_split() {
     let Some(g) = gpu("decode_attention_split") else {

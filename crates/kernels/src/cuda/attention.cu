@@ -372,6 +372,21 @@ ATTENTION_PREFILL(128)
 // read the values from the v projection: its selects between the two sources took the one-head
 // build past 64 registers (28 bytes spilled) and it gained ~1% at batch 1 (llama3-8b int4, H100).
 
+// Whether this block is the last of its head's `ns` splits to finish, counted on `counter`
+// (every split's partials visible to it then); that block sets the counter back to zero for the
+// next launch (and graph replays).
+__device__ __forceinline__ bool last_split(u32* counter, int ns) {
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == (u32)(ns - 1);
+    __syncthreads();
+    if (!last) return false;
+    __threadfence();
+    if (threadIdx.x == 0) *counter = 0;
+    return true;
+}
+
 // The splits of heads row0 .. row0 + G (rows of token x head) rescaled to their common max and
 // summed, by the last block of attention_decode to finish them. Bound: the latency of one trip to
 // the L2 a head. A split's partials are a record of hd + 4 floats (its hd values, its max and its
@@ -390,21 +405,6 @@ ATTENTION_PREFILL(128)
 // fence in place of every thread's __threadfence (registers spilled: no gain at 512 keys, 2.4%
 // slower at 2048). What the combine still costs: ~2.7 us a layer (the decode step without it,
 // wrong results, ~4% faster), the count of finished splits ~1 us more.
-// Whether this block is the last of its head's `ns` splits to finish, counted on `counter`
-// (every split's partials visible to it then); that block sets the counter back to zero for the
-// next launch (and graph replays).
-__device__ __forceinline__ bool last_split(u32* counter, int ns) {
-    __shared__ int last;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == (u32)(ns - 1);
-    __syncthreads();
-    if (!last) return false;
-    __threadfence();
-    if (threadIdx.x == 0) *counter = 0;
-    return true;
-}
-
 template <int ROUNDS>
 __device__ void combine_splits(const float* part, int row0, int G, int ns, int hd, int splits, float* wts,
                                bf16_t* out) {
@@ -671,8 +671,7 @@ __device__ void attention_decode(const bf16_t* q, bf16_t* kc, bf16_t* vc, const 
     if (splits == 1) return;
     // The last block of this (token, kv head, slice) to finish rescales the splits to their
     // common max and sums them (a separate combine kernel cost ~4.7 us a layer in the replayed
-    // graph, mostly its launch and the wait for this one). The counter is restored to zero for
-    // the next launch (and graph replays) by that block.
+    // graph, mostly its launch and the wait for this one).
     const int ns = (nkeys + chunk - 1) / chunk;
     if (!last_split(counters + blockIdx.x * gridDim.z + blockIdx.z, ns)) return;
     // 5 records ahead fit the one-head build's 64 registers (20 splits, a 640-key bucket at

@@ -658,10 +658,8 @@ impl CudaBackend {
                             .and_then(|hd| prefill_attention_smem(hd.parse().ok()?))
                     })
                     .or_else(|| {
-                        let hd = name.rsplit('_').next()?.parse().ok()?;
-                        name.starts_with("attention_tc_")
-                            .then(|| decode_tc_smem(hd))
-                            .flatten()
+                        name.strip_prefix("attention_tc_")
+                            .and_then(|kind| decode_tc_smem(kind.rsplit('_').next()?.parse().ok()?))
                     });
                 if let Some(bytes) = big_smem {
                     f.set_attribute(
