@@ -360,9 +360,10 @@ fn paged_attention() {
 /// whose last block of a head combines its splits): contexts of 1 key (one split), 17 (one
 /// partial split), 700 and 3000 (many splits, the last partial), GQA groups 1, 4 and 12 (two
 /// group slices of at most 8 heads), head dims 64 and 128, sequences of different lengths in one
-/// step (blocks past a short sequence's keys write nothing); steps of 8 tokens or more go to the
-/// tensor-core kernel (`attention_tc_*`: a group of 12 in one block's rows, sequences of unlike
-/// lengths, one of two tokens). The queries (up to 6 in size) make the softmax peaked, so a
+/// step (blocks past a short sequence's keys write nothing); steps of 2 tokens or more with head
+/// dims 64 and 128 go to the tensor-core kernel (`attention_tc_*`: a group of 12 in one block's
+/// rows, sequences of unlike lengths, one of two tokens, the step's keys in a warp's first tile
+/// and in a later one), the others to the SIMT kernel's whole-group builds. The queries (up to 6 in size) make the softmax peaked, so a
 /// wrong max rescaling between splits shows. Every case runs twice: the second run finds the
 /// counters of finished splits as the first left them (back at zero).
 #[test]
@@ -381,8 +382,12 @@ fn decode_attention_split() {
         (&[(1, 3000)], 2, 2, 64, 32),
         (&[(1, 1), (1, 17), (1, 700), (1, 3000)], 8, 2, 64, 16),
         (&[(1, 700), (1, 40)], 24, 2, 128, 16),
-        // Keys and values past 32 MiB (counted at the key bucket): whole GQA groups per block,
-        // a group of 4, and one of 12 in two slices (8 + 4).
+        // Keys and values past 32 MiB (counted at the key bucket) on the SIMT kernel (head dim
+        // 256, a group over 16): whole GQA groups per block, a group of 4, and one of 24 in three
+        // slices of 8.
+        (&[(1, 3000), (1, 2500), (1, 40), (1, 900)], 32, 8, 256, 16),
+        (&[(1, 3000); 9], 48, 2, 128, 16),
+        // The same steps at head dim 128 and a group of 12 on tensor cores.
         (&[(1, 3000), (1, 2500), (1, 40), (1, 900)], 32, 8, 128, 16),
         (&[(1, 3000); 9], 24, 2, 128, 16),
         // The tensor-core kernel at head dim 64 over sequences of different lengths (splits past

@@ -463,6 +463,52 @@ __device__ void combine_splits(const float* part, int row0, int G, int ns, int h
     }
 }
 
+// The splits of heads row0 .. row0 + G (records as combine_splits reads them) combined by the
+// last block to finish them, one warp a head: lane l takes dimensions 4l .. 4l + 3 of every split
+// and issues its loads for eight splits at a time together, so that all heads' trips to the L2
+// overlap and no block barrier is needed. For the few splits (up to ~6 with 8 kv heads) of the
+// batched tensor-core kernel; combine_splits spreads one head's many splits over the block.
+template <int HD>
+__device__ void combine_heads(const float* part, int row0, int G, int ns, int splits, bf16_t* out) {
+    constexpr int RS = HD + 4, LANES = HD / 4;
+    const int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    const int l4 = min(lane, LANES - 1);
+    for (int g = threadIdx.x >> 5; g < G; g += nw) {
+        const size_t row = (size_t)row0 + g;
+        const float* pr = part + row * splits * RS;
+        float m = NEG_INF, l = 0.0f;
+        float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        for (int s0 = 0; s0 < ns; s0 += 8) {
+            float2 ml[8];
+            float4 v[8];
+#pragma unroll
+            for (int r = 0; r < 8; r++) {
+                const float* rec = pr + min(s0 + r, ns - 1) * RS;
+                ml[r] = __ldcg((const float2*)(rec + HD));
+                v[r] = __ldcg((const float4*)rec + l4);
+            }
+#pragma unroll
+            for (int r = 0; r < 8; r++) {
+                if (s0 + r < ns) {
+                    // Every split that ran has a key, so its max is finite: m is after the first.
+                    const float nm = fmaxf(m, ml[r].x), c = __expf(m - nm), e = __expf(ml[r].x - nm);
+                    l = l * c + e * ml[r].y;
+                    a.x = a.x * c + e * v[r].x;
+                    a.y = a.y * c + e * v[r].y;
+                    a.z = a.z * c + e * v[r].z;
+                    a.w = a.w * c + e * v[r].w;
+                    m = nm;
+                }
+            }
+        }
+        if (lane < LANES) {
+            const float inv = 1.0f / l;
+            const u32 lo = pack_bf2(a.x * inv, a.y * inv), hi = pack_bf2(a.z * inv, a.w * inv);
+            *(uint2*)(out + row * HD + 4 * lane) = make_uint2(lo, hi);
+        }
+    }
+}
+
 #define DEC_THREADS 128
 #define DEC_CHUNK 256
 #define DEC_UNROLL 4
@@ -715,17 +761,23 @@ ATT_DEC(8, 4)
 // from one read. Warp w takes the chunk's 32-key tiles w, w + DTC_WARPS, ...: each tile is copied
 // into the warp's own shared memory (cp.async, swizzled as in attention_prefill), S = Q Kᵀ and
 // O += P V run on mma.sync with the running max and sum per row, then the block's warps meet in
-// shared memory and the splits combine as in attention_decode (records, counter, last block).
-// The first tile's rows of keys older than the step are copied before griddep_wait.
+// shared memory and the splits combine (records and counter as in attention_decode; the last
+// block combines a warp a head, combine_heads). Trips to the memory kept off the chain: the first
+// tile's rows of keys older than the step are copied before griddep_wait, the step's own keys and
+// values (rope) go straight into the tile that holds them, q's loads are issued together, and
+// each later tile's slot is looked up a tile ahead.
 //
 // Why: attention_decode's SIMT loop is a chain of dependent round trips (scores, then values,
 // 32 keys a pass) that at batch 16 read llama3-8b's ~38 MB of K and V a layer at ~18% of the
 // H200's copy bandwidth (Nsight Compute, the kernel alone: 52 us a layer, more than gate/up's
 // 34). Bound aimed at: those bytes at copy bandwidth (~9.4 us); the mma work, 16 rows of which a
 // group of 4 uses 4, is small beside it. Measured end to end (H200, llama3-8b int4, batch 16):
-// the step 4.03 -> 3.31 ms, 22.6 us a layer less, so still ~3x the bound: a warp's tiles run
-// one after another (copy, wait, mma), 237 registers leave two blocks an SM, and chunks sized
-// for the key bucket leave the later splits empty.
+// the step 4.03 -> 3.15 ms, so still ~3x the bound. Where a block waits (Nsight Compute's warp
+// samples at batch 16, before the trips above came off the chain): the prologue up to its
+// copies 21%, q's rope 17%, the tile copies' wait 18%, the mma work 6%, warps waiting at the
+// barrier for the block's slowest 12%, the combine 21% (then one head after another, each with
+// its own trip and block barriers). What is left: a warp's tiles still run one after another
+// (copy, wait, mma), and 204 registers leave two blocks an SM.
 #define DTC_WARPS 4
 
 template <int HD, bool ROPE>
@@ -746,59 +798,105 @@ __device__ void attention_decode_tc(const bf16_t* q, bf16_t* kc, bf16_t* vc, con
     if (c0 >= nkeys) return;  // a shorter sequence of the batch: not counted, not combined
     const int end = c0 + min(chunk, nkeys - c0), own = first_pos[tok];
     const u32* table = tables + bt_off[tok];
-    const u32 ks = smem_u32(dtc_smem + warp * 2 * TILE), vs = ks + TILE;
+    unsigned char* kt = dtc_smem + warp * 2 * TILE;  // the warp's K tile, then its V tile
+    const u32 ks = smem_u32(kt), vs = ks + TILE;
     bf16_t* qsm = (bf16_t*)(dtc_smem + DTC_WARPS * 2 * TILE);  // 16 rows x HD, rows >= group zero
-    // Copies the tile at k0's rows of keys below `below` (lane: key k0 + lane, past the chunk the
-    // chunk's last key, so that every row holds finite values).
-    auto copy_tile = [&](int k0, int from, int below) {
-        const int key = min(k0 + lane, end - 1);
-        if (key >= from && key < below) {
-            const u32 slot = table[key / bs] * (u32)bs + (u32)(key % bs);
-            const size_t off = (size_t)slot * sw + (size_t)kvh * HD;
-            copy_kv_row<HD>(ks, vs, lane, kc + off, vc + off);
-        }
-        cp_async_commit();
+    constexpr int STRIDE = APF_KEYS * DTC_WARPS;  // keys between a warp's tiles
+    // Lane l copies row l of a tile, key k0 + l, through the block table; rows past the chunk's
+    // end are zeroed (masked keys' P V terms must stay finite).
+    auto slot_of = [&](int key) -> u32 { return key < end ? table[key / bs] * (u32)bs + (u32)(key % bs) : 0u; };
+    auto copy_row = [&](u32 slot) {
+        const size_t off = (size_t)slot * sw + (size_t)kvh * HD;
+        copy_kv_row<HD>(ks, vs, lane, kc + off, vc + off);
     };
-    const int first_tile = c0 + APF_KEYS * warp;
-    if (first_tile < end) copy_tile(first_tile, 0, own);
+    auto zero_row = [&]() {
+#pragma unroll
+        for (int u = 0; u < HD / 8; u++) {
+            *(uint4*)(kt + lane * ROWB + 16 * u) = make_uint4(0, 0, 0, 0);
+            *(uint4*)(kt + TILE + lane * ROWB + 16 * u) = make_uint4(0, 0, 0, 0);
+        }
+    };
+    const int first_tile = c0 + APF_KEYS * warp, key0 = first_tile + lane;
+    const u32 slot0 = first_tile < end ? slot_of(key0) : 0u;
+    if (first_tile < end) {
+        if (key0 >= end)
+            zero_row();
+        else if (key0 < own)
+            copy_row(slot0);
+        cp_async_commit();
+    }
     griddep_wait();
     const int half = HD / 2;
     const bf16_t* qr = q + ((size_t)tok * heads + h0) * HD;
-    for (int i = tid; i < 16 * half; i += DTC_WARPS * 32) {
-        const int r = i / half, d = i % half;
-        float2 v = make_float2(0.0f, 0.0f);
-        if (r < group) {
-            v = ROPE ? rope_pair(qr + r * HD, rope_table + (size_t)pos * HD, d, half)
-                     : make_float2(bf2f(qr[r * HD + d]), bf2f(qr[r * HD + d + half]));
+    {
+        // Every load of q (and its rope factors) is issued before the first store, in one trip.
+        constexpr int QIT = 16 * (HD / 2) / (DTC_WARPS * 32);
+        float2 qv[QIT];
+#pragma unroll
+        for (int it = 0; it < QIT; it++) {
+            const int i = tid + it * DTC_WARPS * 32, r = i / half, d = i % half;
+            qv[it] = make_float2(0.0f, 0.0f);
+            if (r < group) {
+                qv[it] = ROPE ? rope_pair(qr + r * HD, rope_table + (size_t)pos * HD, d, half)
+                              : make_float2(bf2f(qr[r * HD + d]), bf2f(qr[r * HD + d + half]));
+            }
         }
-        qsm[r * HD + d] = f2bf(v.x);
-        qsm[r * HD + d + half] = f2bf(v.y);
+#pragma unroll
+        for (int it = 0; it < QIT; it++) {
+            const int i = tid + it * DTC_WARPS * 32, r = i / half, d = i % half;
+            qsm[r * HD + d] = f2bf(qv[it].x);
+            qsm[r * HD + d + half] = f2bf(qv[it].y);
+        }
     }
     if (ROPE) {
         // The chunk's keys of this step, rotated, and their values into their cache slots (as in
-        // attention_decode: blocks of later tokens of the sequence store the same bytes).
+        // attention_decode: blocks of later tokens of the sequence store the same bytes), and
+        // straight into the tile of a warp whose first tile holds them (no copy back).
         const int first = max(own, c0);
         for (int i = tid; i < (end - first) * half; i += DTC_WARPS * 32) {
             const int kj = first + i / half, d = i % half;
             const size_t row = ((size_t)(tok - (pos - kj)) * kv_heads + kvh) * HD;
             const size_t at = (size_t)(table[kj / bs] * (u32)bs + (u32)(kj % bs)) * sw + (size_t)kvh * HD;
             const float2 k2 = rope_pair(kb + row, rope_table + (size_t)kj * HD, d, half);
-            kc[at + d] = f2bf(k2.x);
-            kc[at + d + half] = f2bf(k2.y);
-            vc[at + d] = vb[row + d];
-            vc[at + d + half] = vb[row + d + half];
+            const bf16_t klo = f2bf(k2.x), khi = f2bf(k2.y), vlo = vb[row + d], vhi = vb[row + d + half];
+            kc[at + d] = klo;
+            kc[at + d + half] = khi;
+            vc[at + d] = vlo;
+            vc[at + d + half] = vhi;
+            if (kj - c0 < STRIDE) {
+                const int r = (kj - c0) % APF_KEYS;
+                unsigned char* tile = dtc_smem + (kj - c0) / APF_KEYS * 2 * TILE + r * ROWB;
+                const int lo = 16 * ((d >> 3) ^ (r & 7)) + 2 * (d & 7);
+                const int hi = 16 * (((d + half) >> 3) ^ (r & 7)) + 2 * (d & 7);
+                *(bf16_t*)(tile + lo) = klo;
+                *(bf16_t*)(tile + hi) = khi;
+                *(bf16_t*)(tile + TILE + lo) = vlo;
+                *(bf16_t*)(tile + TILE + hi) = vhi;
+            }
         }
     }
     __syncthreads();
-    if (first_tile < end) copy_tile(first_tile, own, end);
+    if (!ROPE && first_tile < end) {
+        if (key0 >= own && key0 < end) copy_row(slot0);
+        cp_async_commit();
+    }
     u32 qf[KS][4];
     a_fragments<HD>(qf, qsm + g * HD, qsm + (g + 8) * HD, t);
     float o_acc[DT][4];
 #pragma unroll
     for (int j = 0; j < DT; j++) o_acc[j][0] = o_acc[j][1] = o_acc[j][2] = o_acc[j][3] = 0.0f;
     float ma = NEG_INF, mb = NEG_INF, la = 0.0f, lb = 0.0f;
-    for (int k0 = first_tile; k0 < end; k0 += APF_KEYS * DTC_WARPS) {
-        if (k0 != first_tile) copy_tile(k0, 0, end);
+    // The next tile's slot is looked up a tile ahead, so each later tile costs one trip.
+    u32 next_slot = slot_of(key0 + STRIDE);
+    for (int k0 = first_tile; k0 < end; k0 += STRIDE) {
+        if (k0 != first_tile) {
+            if (k0 + lane >= end)
+                zero_row();
+            else
+                copy_row(next_slot);
+            cp_async_commit();
+            next_slot = slot_of(k0 + STRIDE + lane);
+        }
         cp_async_wait<0>();
         __syncwarp();
         flash_tile<HD>(ks, vs, qf, lane, k0, scale, [&](int key, bool) { return key < end; }, ma, mb, la, lb, o_acc);
@@ -856,7 +954,7 @@ __device__ void attention_decode_tc(const bf16_t* q, bf16_t* kc, bf16_t* vc, con
     if (splits == 1) return;
     const int ns = (nkeys + chunk - 1) / chunk;
     if (!last_split(counters + blockIdx.x, ns)) return;
-    combine_splits<2>(part, tok * heads + h0, group, ns, HD, splits, (float*)dtc_smem, out);
+    combine_heads<HD>(part, tok * heads + h0, group, ns, splits, out);
 }
 #define ATT_DEC_TC(HD)                                                                                          \
     extern "C" __global__ void __launch_bounds__(DTC_WARPS * 32, 2) attention_tc_decode_##HD(ATT_DEC_PARAMS) { \

@@ -140,15 +140,22 @@ const DEC_BLOCKS_PER_SM_ONE_HEAD: usize = 16;
 const DEC_WHOLE_MAX_KEYS: usize = 256;
 const DEC_WHOLE_THREADS: u32 = 1024;
 /// attention_tc_*: warps of a block (DTC_WARPS in attention.cu), blocks wanted per SM (what its
-/// 237 registers a thread let fit), and the fewest tokens of a step that take it. H200,
-/// llama3-8b int4 decode at a 512-token prompt, tok/s against attention_decode in the same call:
-/// batch 16 3965-3969 -> 4830-4832, batch 8 2966-2967 -> 3085, batch 4 1668 -> 1689 (one call)
-/// and 1652 (the next), batch 2 891 -> 832. Blocks per SM at batch 16: 1 4628, 2 4832, 3 4664.
-/// Tried and not kept: Q's fragments read from shared memory each tile (168 registers, 3 blocks
-/// an SM: 4711 at batch 16, 3021 at 8), the values waited for only after the scores (4798, 3070).
+/// 204 registers a thread let fit), and the fewest tokens of a step that take it. H200,
+/// llama3-8b int4 decode at a 512-token prompt, tok/s against attention_decode in the same call
+/// (thirtieth session): batch 16 3965-3969 -> 4830-4832, batch 8 2966-2967 -> 3085; blocks per SM
+/// at batch 16: 1 4628, 2 4832, 3 4664. Since the step's keys go straight into the tiles, the
+/// next tile's slot is looked up ahead and the splits combine a warp a head (thirty-first
+/// session, same call): batch 2 892 -> 929, 4 1669 -> 1782, 8 3082 -> 3268, 16 4832 -> 5081; at
+/// batch 1 500 against 512 (one tile a block: three of its four warps idle), so one token stays
+/// on attention_decode. Chunks of whole tiles rather than whole passes of the four warps (more
+/// splits): batch 8 3267 -> 3311, 16 5050 -> 5100. Sizing the splits to one wave of blocks
+/// (fewer, longer chunks) was slower: batch 16 4827 -> 4633. Tried and not kept: Q's fragments
+/// read from shared memory each tile (168 registers, 3 blocks an SM: 4711 at batch 16, 3021 at
+/// 8), the values waited for only after the scores (4798, 3070), an acquire-release fence in
+/// place of `__threadfence` around the split counter (even).
 const DTC_WARPS: usize = 4;
 const DTC_BLOCKS_PER_SM: usize = 2;
-const DTC_MIN_TOKENS: usize = 8;
+const DTC_MIN_TOKENS: usize = 2;
 /// Threads of an argmax_rows block (ARGMAX_THREADS in ops.cu).
 const ARGMAX_THREADS: u32 = 1024;
 /// 16-byte words of a row each thread of the vector norms holds (NORM_V in ops.cu).
@@ -1183,8 +1190,7 @@ impl CudaBackend {
     /// shape serves (and one recording replays for) every step of the bucket; the blocks past a
     /// sequence's keys return at once. Steps of DTC_MIN_TOKENS or more (head dims 64 and 128)
     /// run on tensor cores (attention_tc_*): a block per (token, kv head, chunk) takes the whole
-    /// GQA group, chunks of whole 128-key passes of its four warps, about DTC_BLOCKS_PER_SM
-    /// blocks an SM.
+    /// GQA group, chunks of whole 32-key tiles, about DTC_BLOCKS_PER_SM blocks an SM.
     ///
     /// With `rope`, the step's keys and values are not in the cache yet: the kernel
     /// (attention_rope_g*, attention_tc_rope_*) ropes q and the step's keys from the
@@ -1213,9 +1219,7 @@ impl CudaBackend {
             self.arch.0 >= 8 && matches!(hd, 64 | 128) && group <= 16 && n >= DTC_MIN_TOKENS;
         let (name, chunk, slices, threads, smem) = if tensor_cores {
             let want = (DTC_BLOCKS_PER_SM * self.sms).div_ceil(n * layout.kv_heads);
-            let chunk = max_keys
-                .div_ceil(want)
-                .next_multiple_of(DTC_WARPS * APF_KEYS);
+            let chunk = max_keys.div_ceil(want).next_multiple_of(APF_KEYS);
             let smem = decode_tc_smem(hd).expect("head dims 64 and 128");
             let threads = (DTC_WARPS * 32) as u32;
             (format!("attention_tc_{what}_{hd}"), chunk, 1, threads, smem)
