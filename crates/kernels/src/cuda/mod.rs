@@ -152,7 +152,9 @@ const DEC_WHOLE_THREADS: u32 = 1024;
 /// (fewer, longer chunks) was slower: batch 16 4827 -> 4633. Tried and not kept: Q's fragments
 /// read from shared memory each tile (168 registers, 3 blocks an SM: 4711 at batch 16, 3021 at
 /// 8), the values waited for only after the scores (4798, 3070), an acquire-release fence in
-/// place of `__threadfence` around the split counter (even).
+/// place of `__threadfence` around the split counter (even), three blocks an SM (168 registers,
+/// a few spilled: batch 16 5078 -> 4843, batch 8 3269 -> 3183), splits planned for more blocks
+/// an SM than fit (batch 16 5079 -> 4805-4863).
 const DTC_WARPS: usize = 4;
 const DTC_BLOCKS_PER_SM: usize = 2;
 const DTC_MIN_TOKENS: usize = 2;
