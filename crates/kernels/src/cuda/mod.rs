@@ -1219,12 +1219,20 @@ impl CudaBackend {
         let what = if rope.is_some() { "rope" } else { "decode" };
         let tensor_cores =
             self.arch.0 >= 8 && matches!(hd, 64 | 128) && group <= 16 && n >= DTC_MIN_TOKENS;
-        let (name, chunk, slices, threads, smem) = if tensor_cores {
+        let (name, chunk, splits, slices, threads, smem) = if tensor_cores {
             let want = (DTC_BLOCKS_PER_SM * self.sms).div_ceil(n * layout.kv_heads);
             let chunk = max_keys.div_ceil(want).next_multiple_of(APF_KEYS);
             let smem = decode_tc_smem(hd).expect("head dims 64 and 128");
             let threads = (DTC_WARPS * 32) as u32;
-            (format!("attention_tc_{what}_{hd}"), chunk, 1, threads, smem)
+            let splits = max_keys.div_ceil(chunk);
+            (
+                format!("attention_tc_{what}_{hd}"),
+                chunk,
+                splits,
+                1,
+                threads,
+                smem,
+            )
         } else {
             // Query heads per block and blocks wanted per SM: while the step's keys and values
             // (at most the bucket's for each token) fit the L2 a few times over, one head per
@@ -1264,9 +1272,8 @@ impl CudaBackend {
             } else {
                 format!("attention_{what}_g{hpb}")
             };
-            (name, chunk, slices, threads, smem as u32)
+            (name, chunk, splits, slices, threads, smem as u32)
         };
-        let splits = max_keys.div_ceil(chunk);
         let (part, counters) = if splits > 1 {
             self.split_scratch(n * heads * splits * (hd + 4), n * layout.kv_heads * slices)?
         } else {
