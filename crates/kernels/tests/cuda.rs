@@ -409,6 +409,9 @@ fn decode_attention_split() {
             16,
         ),
         (&[(1, 600); 8], 32, 8, 128, 16),
+        // Batch 16 of llama3-8b's heads: a block per (token, kv head) on an H100/H200 (no splits
+        // to combine), each warp's tiles through its whole ring.
+        (&[(1, 600); 16], 32, 8, 128, 16),
     ];
     for &(seqs, heads, kv_heads, hd, bs) in cases {
         for _ in 0..2 {

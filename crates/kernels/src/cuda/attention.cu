@@ -758,35 +758,43 @@ ATT_DEC(8, 4)
 // Decode attention of batched steps on tensor cores (attention_tc_*): a block takes one token's
 // GQA group (all `group` query heads of one kv head, up to 16) over one chunk of keys, and the 16
 // rows of each warp's mma are those heads, so each K and V row it copies serves the whole group
-// from one read. Warp w takes the chunk's 32-key tiles w, w + DTC_WARPS, ...: each tile is copied
-// into the warp's own shared memory (cp.async, swizzled as in attention_prefill), S = Q Kᵀ and
-// O += P V run on mma.sync with the running max and sum per row, then the block's warps meet in
-// shared memory and the splits combine (records and counter as in attention_decode; the last
-// block combines a warp a head, combine_heads). Trips to the memory kept off the chain: the first
-// tile's rows of keys older than the step are copied before griddep_wait, the step's own keys and
-// values (rope) go straight into the tile that holds them, q's loads are issued together, and
-// each later tile's slot is looked up a tile ahead.
+// from one read. The host launches one block an SM (as many splits of each token's keys as that
+// allows); each block cuts its sequence's own keys into `splits` chunks of whole 32-key tiles, so
+// the splits of a sequence are about equally long whatever the key bucket the launch is shaped
+// for. Warp w takes the chunk's tiles w, w + DTC_WARPS, ... through a ring of DTC_STAGES tiles in
+// its own shared memory (cp.async, swizzled as in attention_prefill): the copy of tile i + S - 1
+// is issued before tile i is waited for, then S = Q Kᵀ and O += P V run on mma.sync with the
+// running max and sum per row. The block's warps meet in shared memory and the splits combine
+// (records and counter as in attention_decode; the last block combines a warp a head,
+// combine_heads). Trips to the memory kept off the chain: the first S - 1 tiles' rows of keys
+// older than the step are copied before griddep_wait, the step's own keys and values (rope) go
+// straight into those tiles when they fall there, q's loads are issued together, and each tile's
+// slot is looked up a tile before its copy.
 //
 // Why: attention_decode's SIMT loop is a chain of dependent round trips (scores, then values,
 // 32 keys a pass) that at batch 16 read llama3-8b's ~38 MB of K and V a layer at ~18% of the
 // H200's copy bandwidth (Nsight Compute, the kernel alone: 52 us a layer, more than gate/up's
 // 34). Bound aimed at: those bytes at copy bandwidth (~9.4 us); the mma work, 16 rows of which a
-// group of 4 uses 4, is small beside it. Measured end to end (H200, llama3-8b int4, batch 16):
-// the step 4.03 -> 3.15 ms, so still ~3x the bound. Where a block waits (Nsight Compute's warp
-// samples at batch 16, before the trips above came off the chain): the prologue up to its
-// copies 21%, q's rope 17%, the tile copies' wait 18%, the mma work 6%, warps waiting at the
-// barrier for the block's slowest 12%, the combine 21% (then one head after another, each with
-// its own trip and block barriers). What is left: a warp's tiles still run one after another
-// (copy, wait, mma), and 204 registers leave two blocks an SM.
+// group of 4 uses 4, is small beside it. Where it gets (Nsight Compute, the kernel alone with its
+// caches flushed, batch 16 at ~520 keys): 33 us with one tile a warp at two blocks an SM, 28-30
+// us with the ring (~30% of copy). End to end (H200, llama3-8b int4, batch 16) the step went 4.03
+// -> 3.08 ms over the thirtieth to thirty-second sessions. Where a block waited before the ring
+// (warp samples at batch 16): the prologue up to its copies 21%, q's rope 17%, the tile copies'
+// wait 18%, the mma work 6%, warps waiting at the barrier for the block's slowest 12%, the
+// combine 21%. Two tiles a warp (132 KB a block at head dim 128) rather than three: the next
+// GEMV's early blocks find room beside it.
 #define DTC_WARPS 4
+#ifndef DTC_STAGES
+#define DTC_STAGES 2
+#endif
 
 template <int HD, bool ROPE>
 __device__ void attention_decode_tc(const bf16_t* q, bf16_t* kc, bf16_t* vc, const u32* positions,
                                     const u32* first_pos, const u32* bt_off, const u32* tables, int heads,
-                                    int kv_heads, int bs, float scale, int chunk, int splits, float* part,
+                                    int kv_heads, int bs, float scale, int splits, float* part,
                                     u32* counters, bf16_t* out, const bf16_t* kb, const bf16_t* vb,
                                     const bf16_t* rope_table) {
-    constexpr int KS = HD / 16, DT = HD / 8, ROWB = HD * 2, TILE = APF_KEYS * ROWB;
+    constexpr int KS = HD / 16, DT = HD / 8, ROWB = HD * 2, TILE = APF_KEYS * ROWB, S = DTC_STAGES;
     griddep_launch();
     extern __shared__ __align__(16) unsigned char dtc_smem[];
     __shared__ float wm[DTC_WARPS][16], wl[DTC_WARPS][16];
@@ -794,35 +802,47 @@ __device__ void attention_decode_tc(const bf16_t* q, bf16_t* kc, bf16_t* vc, con
     const int group = heads / kv_heads;
     const int tok = blockIdx.x / kv_heads, kvh = blockIdx.x % kv_heads, split = blockIdx.y;
     const int h0 = kvh * group, sw = kv_heads * HD;
-    const int pos = positions[tok], nkeys = pos + 1, c0 = split * chunk;
-    if (c0 >= nkeys) return;  // a shorter sequence of the batch: not counted, not combined
+    // Each sequence's keys in `splits` chunks of whole tiles (its own length, not the bucket's
+    // the launch is shaped for: every split of a sequence about as long as its others).
+    const int pos = positions[tok], nkeys = pos + 1;
+    const int chunk = ((nkeys + splits - 1) / splits + APF_KEYS - 1) / APF_KEYS * APF_KEYS, c0 = split * chunk;
+    if (c0 >= nkeys) return;  // past a short sequence's keys: not counted, not combined
     const int end = c0 + min(chunk, nkeys - c0), own = first_pos[tok];
     const u32* table = tables + bt_off[tok];
-    unsigned char* kt = dtc_smem + warp * 2 * TILE;  // the warp's K tile, then its V tile
-    const u32 ks = smem_u32(kt), vs = ks + TILE;
-    bf16_t* qsm = (bf16_t*)(dtc_smem + DTC_WARPS * 2 * TILE);  // 16 rows x HD, rows >= group zero
+    // The warp's ring: S slots, each a K tile then a V tile; the warp's i-th tile goes to slot i % S.
+    unsigned char* ring = dtc_smem + warp * S * 2 * TILE;
+    bf16_t* qsm = (bf16_t*)(dtc_smem + DTC_WARPS * S * 2 * TILE);  // 16 rows x HD, rows >= group zero
     constexpr int STRIDE = APF_KEYS * DTC_WARPS;  // keys between a warp's tiles
+    const int first_tile = c0 + APF_KEYS * warp, key0 = first_tile + lane;
     // Lane l copies row l of a tile, key k0 + l, through the block table; rows past the chunk's
     // end are zeroed (masked keys' P V terms must stay finite).
     auto slot_of = [&](int key) -> u32 { return key < end ? table[key / bs] * (u32)bs + (u32)(key % bs) : 0u; };
-    auto copy_row = [&](u32 slot) {
+    auto copy_row = [&](int i, u32 slot) {
         const size_t off = (size_t)slot * sw + (size_t)kvh * HD;
-        copy_kv_row<HD>(ks, vs, lane, kc + off, vc + off);
+        const u32 ks = smem_u32(ring + (i % S) * 2 * TILE);
+        copy_kv_row<HD>(ks, ks + TILE, lane, kc + off, vc + off);
     };
-    auto zero_row = [&]() {
+    auto zero_row = [&](int i) {
+        unsigned char* kt = ring + (i % S) * 2 * TILE;
 #pragma unroll
         for (int u = 0; u < HD / 8; u++) {
             *(uint4*)(kt + lane * ROWB + 16 * u) = make_uint4(0, 0, 0, 0);
             *(uint4*)(kt + TILE + lane * ROWB + 16 * u) = make_uint4(0, 0, 0, 0);
         }
     };
-    const int first_tile = c0 + APF_KEYS * warp, key0 = first_tile + lane;
-    const u32 slot0 = first_tile < end ? slot_of(key0) : 0u;
-    if (first_tile < end) {
-        if (key0 >= end)
-            zero_row();
-        else if (key0 < own)
-            copy_row(slot0);
+    // The first S - 1 tiles' rows of keys older than the step, one commit group a tile (empty
+    // past the chunk, so that a tile's group is always the S - 1'th before the newest).
+    u32 pro_slot[S - 1];
+#pragma unroll
+    for (int i = 0; i < S - 1; i++) {
+        const int key = key0 + i * STRIDE;
+        pro_slot[i] = slot_of(key);
+        if (key - lane < end) {
+            if (key >= end)
+                zero_row(i);
+            else if (key < own)
+                copy_row(i, pro_slot[i]);
+        }
         cp_async_commit();
     }
     griddep_wait();
@@ -851,7 +871,7 @@ __device__ void attention_decode_tc(const bf16_t* q, bf16_t* kc, bf16_t* vc, con
     if (ROPE) {
         // The chunk's keys of this step, rotated, and their values into their cache slots (as in
         // attention_decode: blocks of later tokens of the sequence store the same bytes), and
-        // straight into the tile of a warp whose first tile holds them (no copy back).
+        // straight into the ring of a warp whose first S - 1 tiles hold them (no copy back).
         const int first = max(own, c0);
         for (int i = tid; i < (end - first) * half; i += DTC_WARPS * 32) {
             const int kj = first + i / half, d = i % half;
@@ -863,22 +883,30 @@ __device__ void attention_decode_tc(const bf16_t* q, bf16_t* kc, bf16_t* vc, con
             kc[at + d + half] = khi;
             vc[at + d] = vlo;
             vc[at + d + half] = vhi;
-            if (kj - c0 < STRIDE) {
+            const int tile = (kj - c0) / APF_KEYS, wi = tile / DTC_WARPS;
+            if (wi < S - 1) {
                 const int r = (kj - c0) % APF_KEYS;
-                unsigned char* tile = dtc_smem + (kj - c0) / APF_KEYS * 2 * TILE + r * ROWB;
+                unsigned char* kt = dtc_smem + ((tile % DTC_WARPS) * S + wi) * 2 * TILE + r * ROWB;
                 const int lo = 16 * ((d >> 3) ^ (r & 7)) + 2 * (d & 7);
                 const int hi = 16 * (((d + half) >> 3) ^ (r & 7)) + 2 * (d & 7);
-                *(bf16_t*)(tile + lo) = klo;
-                *(bf16_t*)(tile + hi) = khi;
-                *(bf16_t*)(tile + TILE + lo) = vlo;
-                *(bf16_t*)(tile + TILE + hi) = vhi;
+                *(bf16_t*)(kt + lo) = klo;
+                *(bf16_t*)(kt + hi) = khi;
+                *(bf16_t*)(kt + TILE + lo) = vlo;
+                *(bf16_t*)(kt + TILE + hi) = vhi;
             }
         }
     }
     __syncthreads();
-    if (!ROPE && first_tile < end) {
-        if (key0 >= own && key0 < end) copy_row(slot0);
+    if (!ROPE) {
+        // The first tiles' rows of the step's keys, which rope_write_kv stored: one more group,
+        // which the first tile waits for whole.
+#pragma unroll
+        for (int i = 0; i < S - 1; i++) {
+            const int key = key0 + i * STRIDE;
+            if (key >= own && key < end) copy_row(i, pro_slot[i]);
+        }
         cp_async_commit();
+        cp_async_wait<0>();
     }
     u32 qf[KS][4];
     a_fragments<HD>(qf, qsm + g * HD, qsm + (g + 8) * HD, t);
@@ -886,20 +914,23 @@ __device__ void attention_decode_tc(const bf16_t* q, bf16_t* kc, bf16_t* vc, con
 #pragma unroll
     for (int j = 0; j < DT; j++) o_acc[j][0] = o_acc[j][1] = o_acc[j][2] = o_acc[j][3] = 0.0f;
     float ma = NEG_INF, mb = NEG_INF, la = 0.0f, lb = 0.0f;
-    // The next tile's slot is looked up a tile ahead, so each later tile costs one trip.
-    u32 next_slot = slot_of(key0 + STRIDE);
-    for (int k0 = first_tile; k0 < end; k0 += STRIDE) {
-        if (k0 != first_tile) {
-            if (k0 + lane >= end)
-                zero_row();
+    // Tile i + S - 1 is issued into the slot tile i - 1 left, then tile i waited for: S - 1 tiles
+    // in flight while one is multiplied. Slots are looked up a tile before their copy is issued.
+    u32 next_slot = slot_of(key0 + (S - 1) * STRIDE);
+    for (int i = 0, k0 = first_tile; k0 < end; i++, k0 += STRIDE) {
+        const int kn = k0 + (S - 1) * STRIDE;
+        if (kn < end) {
+            if (kn + lane >= end)
+                zero_row(i + S - 1);
             else
-                copy_row(next_slot);
-            cp_async_commit();
-            next_slot = slot_of(k0 + STRIDE + lane);
+                copy_row(i + S - 1, next_slot);
+            next_slot = slot_of(kn + STRIDE + lane);
         }
-        cp_async_wait<0>();
+        cp_async_commit();
+        cp_async_wait<S - 1>();
         __syncwarp();
-        flash_tile<HD>(ks, vs, qf, lane, k0, scale, [&](int key, bool) { return key < end; }, ma, mb, la, lb, o_acc);
+        const u32 ks = smem_u32(ring + (i % S) * 2 * TILE);
+        flash_tile<HD>(ks, ks + TILE, qf, lane, k0, scale, [&](int key, bool) { return key < end; }, ma, mb, la, lb, o_acc);
         __syncwarp();
     }
 #pragma unroll
@@ -957,13 +988,13 @@ __device__ void attention_decode_tc(const bf16_t* q, bf16_t* kc, bf16_t* vc, con
     combine_heads<HD>(part, tok * heads + h0, group, ns, splits, out);
 }
 #define ATT_DEC_TC(HD)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(DTC_WARPS * 32, 2) attention_tc_decode_##HD(ATT_DEC_PARAMS) { \
+    extern "C" __global__ void __launch_bounds__(DTC_WARPS * 32, 1) attention_tc_decode_##HD(ATT_DEC_PARAMS) { \
         attention_decode_tc<HD, false>(q, kc, vc, positions, first_pos, bt_off, tables, heads, kv_heads, bs,   \
-                                       scale, chunk, splits, part, counters, out, kb, vb, rope_table);         \
+                                       scale, splits, part, counters, out, kb, vb, rope_table);         \
     }                                                                                                           \
-    extern "C" __global__ void __launch_bounds__(DTC_WARPS * 32, 2) attention_tc_rope_##HD(ATT_DEC_PARAMS) {   \
+    extern "C" __global__ void __launch_bounds__(DTC_WARPS * 32, 1) attention_tc_rope_##HD(ATT_DEC_PARAMS) {   \
         attention_decode_tc<HD, true>(q, kc, vc, positions, first_pos, bt_off, tables, heads, kv_heads, bs,    \
-                                      scale, chunk, splits, part, counters, out, kb, vb, rope_table);          \
+                                      scale, splits, part, counters, out, kb, vb, rope_table);          \
     }
 ATT_DEC_TC(64)
 ATT_DEC_TC(128)

@@ -139,24 +139,25 @@ const DEC_BLOCKS_PER_SM_ONE_HEAD: usize = 16;
 /// At most DEC_CHUNK: the kernel's chunk is then the whole bucket.
 const DEC_WHOLE_MAX_KEYS: usize = 256;
 const DEC_WHOLE_THREADS: u32 = 1024;
-/// attention_tc_*: warps of a block (DTC_WARPS in attention.cu), blocks wanted per SM (what its
-/// 204 registers a thread let fit), and the fewest tokens of a step that take it. H200,
-/// llama3-8b int4 decode at a 512-token prompt, tok/s against attention_decode in the same call
-/// (thirtieth session): batch 16 3965-3969 -> 4830-4832, batch 8 2966-2967 -> 3085; blocks per SM
-/// at batch 16: 1 4628, 2 4832, 3 4664. Since the step's keys go straight into the tiles, the
-/// next tile's slot is looked up ahead and the splits combine a warp a head (thirty-first
-/// session, same call): batch 2 892 -> 929, 4 1669 -> 1782, 8 3082 -> 3268, 16 4832 -> 5081; at
-/// batch 1 500 against 512 (one tile a block: three of its four warps idle), so one token stays
-/// on attention_decode. Chunks of whole tiles rather than whole passes of the four warps (more
-/// splits): batch 8 3267 -> 3311, 16 5050 -> 5100. Sizing the splits to one wave of blocks
-/// (fewer, longer chunks) was slower: batch 16 4827 -> 4633. Tried and not kept: Q's fragments
-/// read from shared memory each tile (168 registers, 3 blocks an SM: 4711 at batch 16, 3021 at
-/// 8), the values waited for only after the scores (4798, 3070), an acquire-release fence in
-/// place of `__threadfence` around the split counter (even), three blocks an SM (168 registers,
-/// a few spilled: batch 16 5078 -> 4843, batch 8 3269 -> 3183), splits planned for more blocks
-/// an SM than fit (batch 16 5079 -> 4805-4863).
+/// attention_tc_*: warps of a block (DTC_WARPS in attention.cu), tiles of each warp's ring
+/// (DTC_STAGES) and the fewest tokens of a step that take it. H200, llama3-8b int4 decode at a
+/// 512-token prompt, tok/s against attention_decode in the same call (thirtieth session): batch 16
+/// 3965-3969 -> 4830-4832, batch 8 2966-2967 -> 3085. Since the step's keys go straight into the
+/// tiles, the next tile's slot is looked up ahead and the splits combine a warp a head
+/// (thirty-first session): batch 2 892 -> 929, 4 1669 -> 1782, 8 3082 -> 3268, 16 4832 -> 5081;
+/// at batch 1 500 against 512 (one tile a block: three of its four warps idle), so one token
+/// stays on attention_decode. A ring of two tiles a warp at one block an SM, each sequence's keys
+/// split evenly (thirty-second session, same call): batch 2 931 -> 956, 4 1782 -> 1822, 8 3264
+/// -> 3372, 16 5064 -> 5192; three tiles a warp 5134 at 16 (the next GEMV's early blocks find
+/// less room), twice the splits (two waves) 3158 at 8. Before the ring: one tile a warp at two
+/// blocks an SM, chunks cut from the key bucket; one block an SM then lost (4628 against 4832 at
+/// batch 16), as did three blocks at 168 registers (4843 against 5078), more splits than fit
+/// (4805-4863 against 5079), Q's fragments read from shared memory each tile (4711), the values
+/// waited for only after the scores (4798), and an acquire-release fence in place of
+/// `__threadfence` around the split counter (even).
 const DTC_WARPS: usize = 4;
-const DTC_BLOCKS_PER_SM: usize = 2;
+/// Tiles of each warp's ring (DTC_STAGES in attention.cu).
+const DTC_STAGES: usize = 2;
 const DTC_MIN_TOKENS: usize = 2;
 /// Threads of an argmax_rows block (ARGMAX_THREADS in ops.cu).
 const ARGMAX_THREADS: u32 = 1024;
@@ -1191,8 +1192,9 @@ impl CudaBackend {
     /// combined. Sized for the step's key bucket, not its exact context, so that one launch
     /// shape serves (and one recording replays for) every step of the bucket; the blocks past a
     /// sequence's keys return at once. Steps of DTC_MIN_TOKENS or more (head dims 64 and 128)
-    /// run on tensor cores (attention_tc_*): a block per (token, kv head, chunk) takes the whole
-    /// GQA group, chunks of whole 32-key tiles, about DTC_BLOCKS_PER_SM blocks an SM.
+    /// run on tensor cores (attention_tc_*): a block per (token, kv head, split) takes the whole
+    /// GQA group, one block an SM, and the kernel cuts each sequence's own keys into `splits`
+    /// chunks of whole 32-key tiles (so `chunk` is not passed).
     ///
     /// With `rope`, the step's keys and values are not in the cache yet: the kernel
     /// (attention_rope_g*, attention_tc_rope_*) ropes q and the step's keys from the
@@ -1220,14 +1222,13 @@ impl CudaBackend {
         let tensor_cores =
             self.arch.0 >= 8 && matches!(hd, 64 | 128) && group <= 16 && n >= DTC_MIN_TOKENS;
         let (name, chunk, splits, slices, threads, smem) = if tensor_cores {
-            let want = (DTC_BLOCKS_PER_SM * self.sms).div_ceil(n * layout.kv_heads);
-            let chunk = max_keys.div_ceil(want).next_multiple_of(APF_KEYS);
+            // One wave of one block an SM: as many splits of each (token, kv head) as fit.
+            let splits = (self.sms / (n * layout.kv_heads)).clamp(1, max_keys.div_ceil(APF_KEYS));
             let smem = decode_tc_smem(hd).expect("head dims 64 and 128");
             let threads = (DTC_WARPS * 32) as u32;
-            let splits = max_keys.div_ceil(chunk);
             (
                 format!("attention_tc_{what}_{hd}"),
-                chunk,
+                0,
                 splits,
                 1,
                 threads,
@@ -1855,10 +1856,11 @@ fn prefill_attention_smem(hd: usize) -> Option<u32> {
     matches!(hd, 64 | 128).then_some((APF_WARPS * 2 * APF_KEYS * hd * 2) as u32)
 }
 
-/// Dynamic shared memory of attention_tc_* at head dim `hd`: each warp's K and V tile, then the
-/// group's 16 query rows in bf16.
+/// Dynamic shared memory of attention_tc_* at head dim `hd`: each warp's ring of K and V tiles,
+/// then the group's 16 query rows in bf16.
 fn decode_tc_smem(hd: usize) -> Option<u32> {
-    matches!(hd, 64 | 128).then_some((DTC_WARPS * 2 * APF_KEYS * hd * 2 + 16 * hd * 2) as u32)
+    matches!(hd, 64 | 128)
+        .then_some((DTC_WARPS * DTC_STAGES * 2 * APF_KEYS * hd * 2 + 16 * hd * 2) as u32)
 }
 
 /// What the choice of a decode kernel depends on (`decode_plan`).
