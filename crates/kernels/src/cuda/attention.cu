@@ -782,7 +782,11 @@ ATT_DEC(8, 4)
 // (warp samples at batch 16): the prologue up to its copies 21%, q's rope 17%, the tile copies'
 // wait 18%, the mma work 6%, warps waiting at the barrier for the block's slowest 12%, the
 // combine 21%. Two tiles a warp (132 KB a block at head dim 128) rather than three: the next
-// GEMV's early blocks find room beside it.
+// GEMV's early blocks find room beside it. With the ring, Nsight Compute at batch 16 (26.3 us,
+// caches warm, boost clocks; 30% of the DRAM bandwidth, 7% of issue slots busy) sampled the warps
+// mostly in the LSU queue behind the tile copies (a lane a row: each cp.async instruction 32
+// rows' pieces), hence the whole-row copies of long chunks (`fill`). Per-lane bulk copies
+// (cp.async.bulk, one a row) are not an answer: the compiler serialises them over the lanes.
 #define DTC_WARPS 4
 #ifndef DTC_STAGES
 #define DTC_STAGES 2
@@ -813,21 +817,54 @@ __device__ void attention_decode_tc(const bf16_t* q, bf16_t* kc, bf16_t* vc, con
     unsigned char* ring = dtc_smem + warp * S * 2 * TILE;
     bf16_t* qsm = (bf16_t*)(dtc_smem + DTC_WARPS * S * 2 * TILE);  // 16 rows x HD, rows >= group zero
     constexpr int STRIDE = APF_KEYS * DTC_WARPS;  // keys between a warp's tiles
-    const int first_tile = c0 + APF_KEYS * warp, key0 = first_tile + lane;
-    // Lane l copies row l of a tile, key k0 + l, through the block table; rows past the chunk's
-    // end are zeroed (masked keys' P V terms must stay finite).
+    const int first_tile = c0 + APF_KEYS * warp;
+    // Each lane looks up the slot of its row of a tile (key k0 + lane) through the block table.
+    // Rows with keys in [lo, hi) are copied, rows past the chunk's end zeroed (masked keys' P V
+    // terms must stay finite), the others left to the rope stores. Chunks of four passes of the
+    // warps or more (`rows_together`): the warp copies the tile's rows RPI at a time, lane l
+    // taking 16-byte unit l % UPR of row j RPI + l / UPR with the row's slot from its lane, so
+    // that each cp.async instruction covers whole rows rather than 32 rows' pieces (32 lines an
+    // instruction: the loop's most common stall, in the LSU queue, at batch 16). Shorter chunks
+    // (more splits: small batches) keep a lane a row, each copy issued as soon as its lane's slot
+    // is known, with fewer instructions between the slot and the copy. H200, llama3-8b int4
+    // decode (thirty-second session, one call each): always rows together, batch 16 5207 -> 5505
+    // tok/s (576-key chunks), batch 8 3381 -> 3372 (288), batch 4 1833 -> 1805 (160), batch 2
+    // 958 -> 953 (96); from two passes, batch 16 5213 -> 5485, 8 3373 -> 3345, 4 and 2 even;
+    // from four (kept), batch 16 5198 -> 5479, 8 3373 -> 3372.
+    constexpr int UPR = HD / 8, RPI = 32 / UPR;
+    const bool rows_together = chunk >= 4 * STRIDE;
     auto slot_of = [&](int key) -> u32 { return key < end ? table[key / bs] * (u32)bs + (u32)(key % bs) : 0u; };
-    auto copy_row = [&](int i, u32 slot) {
-        const size_t off = (size_t)slot * sw + (size_t)kvh * HD;
-        const u32 ks = smem_u32(ring + (i % S) * 2 * TILE);
-        copy_kv_row<HD>(ks, ks + TILE, lane, kc + off, vc + off);
-    };
-    auto zero_row = [&](int i) {
-        unsigned char* kt = ring + (i % S) * 2 * TILE;
+    auto fill = [&](int i, int k0, u32 lane_slot, int lo, int hi) {
+        unsigned char* tile = ring + (i % S) * 2 * TILE;
+        const u32 ks = smem_u32(tile);
+        if (rows_together) {
+            const int u = lane % UPR;
 #pragma unroll
-        for (int u = 0; u < HD / 8; u++) {
-            *(uint4*)(kt + lane * ROWB + 16 * u) = make_uint4(0, 0, 0, 0);
-            *(uint4*)(kt + TILE + lane * ROWB + 16 * u) = make_uint4(0, 0, 0, 0);
+            for (int j = 0; j < APF_KEYS / RPI; j++) {
+                const int r = j * RPI + lane / UPR, key = k0 + r;
+                const u32 slot = __shfl_sync(0xffffffffu, lane_slot, r);
+                const u32 at = r * ROWB + 16 * (u ^ (r & 7));
+                if (key >= end) {
+                    *(uint4*)(tile + at) = make_uint4(0, 0, 0, 0);
+                    *(uint4*)(tile + TILE + at) = make_uint4(0, 0, 0, 0);
+                } else if (key >= lo && key < hi) {
+                    const size_t off = (size_t)slot * sw + (size_t)kvh * HD + 8 * u;
+                    cp_async16_at(ks + at, kc + off);
+                    cp_async16_at(ks + TILE + at, vc + off);
+                }
+            }
+        } else {
+            const int key = k0 + lane;
+            if (key >= end) {
+#pragma unroll
+                for (int u = 0; u < UPR; u++) {
+                    *(uint4*)(tile + lane * ROWB + 16 * u) = make_uint4(0, 0, 0, 0);
+                    *(uint4*)(tile + TILE + lane * ROWB + 16 * u) = make_uint4(0, 0, 0, 0);
+                }
+            } else if (key >= lo && key < hi) {
+                const size_t off = (size_t)lane_slot * sw + (size_t)kvh * HD;
+                copy_kv_row<HD>(ks, ks + TILE, lane, kc + off, vc + off);
+            }
         }
     };
     // The first S - 1 tiles' rows of keys older than the step, one commit group a tile (empty
@@ -835,14 +872,9 @@ __device__ void attention_decode_tc(const bf16_t* q, bf16_t* kc, bf16_t* vc, con
     u32 pro_slot[S - 1];
 #pragma unroll
     for (int i = 0; i < S - 1; i++) {
-        const int key = key0 + i * STRIDE;
-        pro_slot[i] = slot_of(key);
-        if (key - lane < end) {
-            if (key >= end)
-                zero_row(i);
-            else if (key < own)
-                copy_row(i, pro_slot[i]);
-        }
+        const int k0 = first_tile + i * STRIDE;
+        pro_slot[i] = slot_of(k0 + lane);
+        if (k0 < end) fill(i, k0, pro_slot[i], c0, own);
         cp_async_commit();
     }
     griddep_wait();
@@ -902,8 +934,8 @@ __device__ void attention_decode_tc(const bf16_t* q, bf16_t* kc, bf16_t* vc, con
         // which the first tile waits for whole.
 #pragma unroll
         for (int i = 0; i < S - 1; i++) {
-            const int key = key0 + i * STRIDE;
-            if (key >= own && key < end) copy_row(i, pro_slot[i]);
+            const int k0 = first_tile + i * STRIDE;
+            if (k0 < end) fill(i, k0, pro_slot[i], own, end);
         }
         cp_async_commit();
         cp_async_wait<0>();
@@ -916,14 +948,11 @@ __device__ void attention_decode_tc(const bf16_t* q, bf16_t* kc, bf16_t* vc, con
     float ma = NEG_INF, mb = NEG_INF, la = 0.0f, lb = 0.0f;
     // Tile i + S - 1 is issued into the slot tile i - 1 left, then tile i waited for: S - 1 tiles
     // in flight while one is multiplied. Slots are looked up a tile before their copy is issued.
-    u32 next_slot = slot_of(key0 + (S - 1) * STRIDE);
+    u32 next_slot = slot_of(first_tile + (S - 1) * STRIDE + lane);
     for (int i = 0, k0 = first_tile; k0 < end; i++, k0 += STRIDE) {
         const int kn = k0 + (S - 1) * STRIDE;
         if (kn < end) {
-            if (kn + lane >= end)
-                zero_row(i + S - 1);
-            else
-                copy_row(i + S - 1, next_slot);
+            fill(i + S - 1, kn, next_slot, c0, end);
             next_slot = slot_of(kn + STRIDE + lane);
         }
         cp_async_commit();
