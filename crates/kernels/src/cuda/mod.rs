@@ -149,7 +149,8 @@ const DEC_WHOLE_THREADS: u32 = 1024;
 /// stays on attention_decode. A ring of two tiles a warp at one block an SM, each sequence's keys
 /// split evenly (thirty-second session, same call): batch 2 931 -> 956, 4 1782 -> 1822, 8 3264
 /// -> 3372, 16 5064 -> 5192; three tiles a warp 5134 at 16 (the next GEMV's early blocks find
-/// less room), twice the splits (two waves) 3158 at 8. Before the ring: one tile a warp at two
+/// less room), twice the splits (two waves) 3158 at 8. Long chunks copying whole rows an
+/// instruction: batch 16 5198 -> 5479, 8 even. Before the ring: one tile a warp at two
 /// blocks an SM, chunks cut from the key bucket; one block an SM then lost (4628 against 4832 at
 /// batch 16), as did three blocks at 168 registers (4843 against 5078), more splits than fit
 /// (4805-4863 against 5079), Q's fragments read from shared memory each tile (4711), the values
