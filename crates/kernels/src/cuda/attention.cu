@@ -152,6 +152,29 @@ __device__ __forceinline__ void copy_kv_row(u32 ks, u32 vs, int lane, const bf16
     }
 }
 
+// The tile rows r for which pick(r) holds into ks and vs (swizzled as copy_kv_row places them),
+// whole rows an instruction: lane l takes 16-byte unit l % (HD / 8) of rows j (32 / (HD / 8)) +
+// l / (HD / 8), each row's slot (`lane_slot`, rows of `sw` values from k and v) shuffled from the
+// lane that looked it up. A lane a row, each 16-byte cp.async instruction touches 32 rows' lines,
+// and the LSU queue behind them was the batched decode attention's most common stall (see `fill`
+// in attention_decode_tc). cp.async, not committed.
+template <int HD, typename Pick>
+__device__ __forceinline__ void copy_kv_rows(u32 ks, u32 vs, int lane, u32 lane_slot, const bf16_t* k, const bf16_t* v,
+                                             int sw, Pick pick) {
+    constexpr int UPR = HD / 8, RPI = 32 / UPR;
+    const int u = lane % UPR;
+#pragma unroll
+    for (int j = 0; j < APF_KEYS / RPI; j++) {
+        const int r = j * RPI + lane / UPR;
+        const size_t off = (size_t)__shfl_sync(0xffffffffu, lane_slot, r) * sw + 8 * u;
+        const u32 at = r * HD * 2 + 16 * (u ^ (r & 7));
+        if (pick(r)) {
+            cp_async16_at(ks + at, k + off);
+            cp_async16_at(vs + at, v + off);
+        }
+    }
+}
+
 // One tile of APF_KEYS keys of flash attention for a warp's 16 mma rows (the lane's rows g and
 // g + 8), K and V in shared memory at ks and vs (rows of HD, 16-byte units swizzled by row as
 // attention_prefill copies them): S = Q Kᵀ, keys for which visible(key, row g + 8?) is false
@@ -281,12 +304,14 @@ __device__ void attention_prefill(const bf16_t* q, const bf16_t* kc, const bf16_
         for (int j = 0; j < DT; j++) o_acc[j][0] = o_acc[j][1] = o_acc[j][2] = o_acc[j][3] = 0.0f;
         float ma = NEG_INF, mb = NEG_INF, la = 0.0f, lb = 0.0f;
         for (int k0 = 0; k0 <= last; k0 += APF_KEYS) {
-            // Copy the tile's K and V rows: lane takes key k0 + lane (APF_KEYS == 32), all units.
+            // Copy the tile's K and V rows: lane l looks up key k0 + l (APF_KEYS == 32), and the
+            // warp copies whole rows an instruction. H200, llama3-8b int4, 16 prompts of 512
+            // tokens (thirty-second session, one call): 25758 -> 29026 tok/s against a lane a row.
             {
                 const int key = min(k0 + lane, last);
                 const u32 slot = table[key / bs] * (u32)bs + (u32)(key % bs);
-                const size_t off = (size_t)slot * sw + (size_t)kvh * HD;
-                copy_kv_row<HD>(ks, vs, lane, kc + off, vc + off);
+                copy_kv_rows<HD>(ks, vs, lane, slot, kc + (size_t)kvh * HD, vc + (size_t)kvh * HD, sw,
+                                 [](int) { return true; });
                 cp_async_commit();
                 cp_async_wait<0>();
                 __syncwarp();
@@ -821,50 +846,33 @@ __device__ void attention_decode_tc(const bf16_t* q, bf16_t* kc, bf16_t* vc, con
     // Each lane looks up the slot of its row of a tile (key k0 + lane) through the block table.
     // Rows with keys in [lo, hi) are copied, rows past the chunk's end zeroed (masked keys' P V
     // terms must stay finite), the others left to the rope stores. Chunks of four passes of the
-    // warps or more (`rows_together`): the warp copies the tile's rows RPI at a time, lane l
-    // taking 16-byte unit l % UPR of row j RPI + l / UPR with the row's slot from its lane, so
-    // that each cp.async instruction covers whole rows rather than 32 rows' pieces (32 lines an
-    // instruction: the loop's most common stall, in the LSU queue, at batch 16). Shorter chunks
-    // (more splits: small batches) keep a lane a row, each copy issued as soon as its lane's slot
-    // is known, with fewer instructions between the slot and the copy. H200, llama3-8b int4
+    // warps or more (`rows_together`) copy whole rows an instruction (copy_kv_rows); shorter
+    // chunks (more splits: small batches) keep a lane a row, each copy issued as soon as its
+    // lane's slot is known, with no shuffles between the slot and the copy. H200, llama3-8b int4
     // decode (thirty-second session, one call each): always rows together, batch 16 5207 -> 5505
     // tok/s (576-key chunks), batch 8 3381 -> 3372 (288), batch 4 1833 -> 1805 (160), batch 2
     // 958 -> 953 (96); from two passes, batch 16 5213 -> 5485, 8 3373 -> 3345, 4 and 2 even;
     // from four (kept), batch 16 5198 -> 5479, 8 3373 -> 3372.
-    constexpr int UPR = HD / 8, RPI = 32 / UPR;
     const bool rows_together = chunk >= 4 * STRIDE;
     auto slot_of = [&](int key) -> u32 { return key < end ? table[key / bs] * (u32)bs + (u32)(key % bs) : 0u; };
     auto fill = [&](int i, int k0, u32 lane_slot, int lo, int hi) {
         unsigned char* tile = ring + (i % S) * 2 * TILE;
         const u32 ks = smem_u32(tile);
+        const int key = k0 + lane;
+        if (key >= end) {
+#pragma unroll
+            for (int u = 0; u < HD / 8; u++) {
+                *(uint4*)(tile + lane * ROWB + 16 * u) = make_uint4(0, 0, 0, 0);
+                *(uint4*)(tile + TILE + lane * ROWB + 16 * u) = make_uint4(0, 0, 0, 0);
+            }
+        }
+        hi = min(hi, end);
         if (rows_together) {
-            const int u = lane % UPR;
-#pragma unroll
-            for (int j = 0; j < APF_KEYS / RPI; j++) {
-                const int r = j * RPI + lane / UPR, key = k0 + r;
-                const u32 slot = __shfl_sync(0xffffffffu, lane_slot, r);
-                const u32 at = r * ROWB + 16 * (u ^ (r & 7));
-                if (key >= end) {
-                    *(uint4*)(tile + at) = make_uint4(0, 0, 0, 0);
-                    *(uint4*)(tile + TILE + at) = make_uint4(0, 0, 0, 0);
-                } else if (key >= lo && key < hi) {
-                    const size_t off = (size_t)slot * sw + (size_t)kvh * HD + 8 * u;
-                    cp_async16_at(ks + at, kc + off);
-                    cp_async16_at(ks + TILE + at, vc + off);
-                }
-            }
-        } else {
-            const int key = k0 + lane;
-            if (key >= end) {
-#pragma unroll
-                for (int u = 0; u < UPR; u++) {
-                    *(uint4*)(tile + lane * ROWB + 16 * u) = make_uint4(0, 0, 0, 0);
-                    *(uint4*)(tile + TILE + lane * ROWB + 16 * u) = make_uint4(0, 0, 0, 0);
-                }
-            } else if (key >= lo && key < hi) {
-                const size_t off = (size_t)lane_slot * sw + (size_t)kvh * HD;
-                copy_kv_row<HD>(ks, ks + TILE, lane, kc + off, vc + off);
-            }
+            copy_kv_rows<HD>(ks, ks + TILE, lane, lane_slot, kc + (size_t)kvh * HD, vc + (size_t)kvh * HD, sw,
+                             [&](int r) { return k0 + r >= lo && k0 + r < hi; });
+        } else if (key >= lo && key < hi) {
+            const size_t off = (size_t)lane_slot * sw + (size_t)kvh * HD;
+            copy_kv_row<HD>(ks, ks + TILE, lane, kc + off, vc + off);
         }
     };
     // The first S - 1 tiles' rows of keys older than the step, one commit group a tile (empty
