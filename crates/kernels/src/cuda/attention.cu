@@ -813,9 +813,7 @@ ATT_DEC(8, 4)
 // rows' pieces), hence the whole-row copies of long chunks (`fill`). Per-lane bulk copies
 // (cp.async.bulk, one a row) are not an answer: the compiler serialises them over the lanes.
 #define DTC_WARPS 4
-#ifndef DTC_STAGES
 #define DTC_STAGES 2
-#endif
 
 template <int HD, bool ROPE>
 __device__ void attention_decode_tc(const bf16_t* q, bf16_t* kc, bf16_t* vc, const u32* positions,
