@@ -1025,11 +1025,11 @@ __device__ void attention_decode_tc(const bf16_t* q, bf16_t* kc, bf16_t* vc, con
 #define ATT_DEC_TC(HD)                                                                                          \
     extern "C" __global__ void __launch_bounds__(DTC_WARPS * 32, 1) attention_tc_decode_##HD(ATT_DEC_PARAMS) { \
         attention_decode_tc<HD, false>(q, kc, vc, positions, first_pos, bt_off, tables, heads, kv_heads, bs,   \
-                                       scale, splits, part, counters, out, kb, vb, rope_table);         \
+                                       scale, splits, part, counters, out, kb, vb, rope_table);                \
     }                                                                                                           \
     extern "C" __global__ void __launch_bounds__(DTC_WARPS * 32, 1) attention_tc_rope_##HD(ATT_DEC_PARAMS) {   \
         attention_decode_tc<HD, true>(q, kc, vc, positions, first_pos, bt_off, tables, heads, kv_heads, bs,    \
-                                      scale, splits, part, counters, out, kb, vb, rope_table);          \
+                                      scale, splits, part, counters, out, kb, vb, rope_table);                 \
     }
 ATT_DEC_TC(64)
 ATT_DEC_TC(128)
